@@ -1,0 +1,3 @@
+from twisted.application.service import ServiceMaker
+
+webchat = ServiceMaker("webchat", "webchat.tap", "WebSocket chat server", "webchat")
