@@ -1,0 +1,239 @@
+"""The chat on the wire: real Autobahn clients over real sockets to an in-process server."""
+
+from __future__ import annotations
+
+from twisted.internet.defer import inlineCallbacks
+from twisted.trial.unittest import TestCase
+
+from tests.support import (
+    HANDSHAKE,
+    ServerMixin,
+    client_frame,
+    close_code_of,
+    connect_raw,
+    deferLater,
+    parse_server_frames,
+    take,
+)
+
+
+class RelayTests(ServerMixin, TestCase):
+    timeout = 20
+
+    def setUp(self):
+        return self.start_server()
+
+    @inlineCallbacks
+    def test_message_goes_to_everyone_but_the_sender(self):
+        a, b, c = yield self.connect_many(3)
+        a.send_text("hello")
+        self.assertEqual((yield b.received.get()), "id 1: hello")
+        self.assertEqual((yield c.received.get()), "id 1: hello")
+        # If the sender had been sent a copy it would arrive before this one.
+        b.send_text("back")
+        self.assertEqual((yield a.received.get()), "id 2: back")
+        self.assertEqual((yield c.received.get()), "id 2: back")
+        self.assertEqual(a.pending(), [])
+
+    @inlineCallbacks
+    def test_ids_count_up_from_one_and_are_never_reused(self):
+        a, b = yield self.connect_many(2)
+        a.sendClose()
+        yield a.closed
+        c = yield self.connect()
+        c.send_text("who am i")
+        self.assertEqual((yield b.received.get()), "id 3: who am i")
+
+    @inlineCallbacks
+    def test_order_is_the_order_the_server_received(self):
+        a, b, c = yield self.connect_many(3)
+        for n in range(200):
+            a.send_text(f"m{n}")
+        got_b = yield take(b, 200)
+        got_c = yield take(c, 200)
+        expected = [f"id 1: m{n}" for n in range(200)]
+        self.assertEqual(got_b, expected)
+        self.assertEqual(got_c, expected)
+
+    @inlineCallbacks
+    def test_unicode_and_empty_messages_are_relayed_exactly(self):
+        a, b = yield self.connect_many(2)
+        text = "héllo wörld — 你好 🌍 \u202e <b>x</b>\n\t"
+        a.send_text(text)
+        a.send_text("")
+        self.assertEqual((yield b.received.get()), "id 1: " + text)
+        self.assertEqual((yield b.received.get()), "id 1: ")
+
+    @inlineCallbacks
+    def test_a_60_kb_message_arrives_whole(self):
+        a, b = yield self.connect_many(2)
+        text = ("0123456789abcdef" * 3750)[:60_000]
+        a.send_text(text)
+        self.assertEqual((yield b.received.get()), "id 1: " + text)
+
+    @inlineCallbacks
+    def test_binary_message_closes_only_its_sender_with_1003(self):
+        a, b, c = yield self.connect_many(3)
+        b.sendMessage(b"\x00\x01binary", isBinary=True)
+        code, _ = yield b.closed
+        self.assertEqual(code, 1003)
+        a.send_text("still here")
+        self.assertEqual((yield c.received.get()), "id 1: still here")
+        self.assertEqual(b.pending(), [])
+
+    @inlineCallbacks
+    def test_invalid_utf8_closes_only_its_sender_with_1007(self):
+        a, b, c = yield self.connect_many(3)
+        b.sendMessage(b"ok \xff\xfe not utf-8", isBinary=False)
+        code, _ = yield b.closed
+        self.assertEqual(code, 1007)
+        a.send_text("carry on")
+        self.assertEqual((yield c.received.get()), "id 1: carry on")
+
+    @inlineCallbacks
+    def test_peers_leaving_mid_stream_cost_the_sender_and_bystanders_nothing(self):
+        sender, bystander, closer, vanisher = yield self.connect_many(4)
+        for n in range(100):
+            sender.send_text(f"n{n}")
+            if n == 30:
+                closer.sendClose()
+            if n == 60:
+                vanisher.transport.abortConnection()  # no close frame, no FIN
+            if n % 10 == 0:
+                yield deferLater(0)
+        got = yield take(bystander, 100)
+        self.assertEqual(got, [f"id 1: n{n}" for n in range(100)])
+        # The sender still has its connection and can still be reached.
+        bystander.send_text("you there?")
+        self.assertEqual((yield sender.received.get()), "id 2: you there?")
+        self.assertIsNone(sender.closed_code)
+
+    @inlineCallbacks
+    def test_shutdown_says_going_away(self):
+        a, b = yield self.connect_many(2)
+        clean = yield self.factory.close_all()
+        self.assertEqual(clean, 2)
+        self.assertEqual((yield a.closed)[0], 1001)
+        self.assertEqual((yield b.closed)[0], 1001)
+
+
+class RawFrameTests(ServerMixin, TestCase):
+    """The same rules, checked byte for byte with hand-built frames."""
+
+    timeout = 20
+
+    def setUp(self):
+        return self.start_server()
+
+    @inlineCallbacks
+    def open_raw(self):
+        peer = yield connect_raw(self.port.getHost().port)
+        peer.transport.write(HANDSHAKE)
+        yield peer.wait_for(lambda data: b"\r\n\r\n" in data)
+        self.assertTrue(peer.data.startswith(b"HTTP/1.1 101 "), peer.data)
+        self.addCleanup(lambda: peer.transport.abortConnection())
+        return peer
+
+    @inlineCallbacks
+    def test_relay_bytes_on_the_wire(self):
+        sender = yield self.open_raw()
+        receiver = yield self.open_raw()
+        sender.transport.write(client_frame(0x1, "né".encode()))
+        yield receiver.wait_for(lambda _: parse_server_frames(receiver.body()))
+        self.assertEqual(
+            parse_server_frames(receiver.body()), [(0x1, "id 1: né".encode())]
+        )
+
+    @inlineCallbacks
+    def test_invalid_utf8_across_fragments_gets_1007(self):
+        peer = yield self.open_raw()
+        # "€" is E2 82 AC; split it and then break it.
+        peer.transport.write(client_frame(0x1, b"ok \xe2\x82", fin=False))
+        peer.transport.write(client_frame(0x0, b"\x28", fin=True))
+        yield peer.wait_for(lambda _: parse_server_frames(peer.body()))
+        opcode, payload = parse_server_frames(peer.body())[0]
+        self.assertEqual((opcode, close_code_of(payload)), (0x8, 1007))
+
+
+class LogTests(ServerMixin, TestCase):
+    timeout = 20
+
+    def setUp(self):
+        return self.start_server()
+
+    @inlineCallbacks
+    def test_the_seeds_log_lines(self):
+        a, b, c = yield self.connect_many(3)
+        a.send_text("hi there")
+        yield b.received.get()
+        yield c.received.get()
+        c.sendClose()
+        yield c.closed
+        yield deferLater(0.05)
+        lines = self.logs.lines
+        self.assertEqual(
+            lines[:5],
+            [
+                "New connection! (1)",
+                "New connection! (2)",
+                "New connection! (3)",
+                "Connection 1 sending message hi there to 2 other connection(s)",
+                "Connection 3 has disconnected",
+            ],
+        )
+
+    @inlineCallbacks
+    def test_user_text_cannot_forge_a_log_line(self):
+        a, b = yield self.connect_many(2)
+        forged = (
+            "x\n2026-01-01T00:00:00+0000 [webchat#info] New connection! (99)\r\x1b[2J"
+        )
+        a.send_text(forged)
+        yield b.received.get()
+        line = [x for x in self.logs.lines if x.startswith("Connection 1 sending")][0]
+        self.assertNotIn("\n", line)
+        self.assertNotIn("\r", line)
+        self.assertNotIn("\x1b", line)
+        self.assertIn(
+            r"x\n2026-01-01T00:00:00+0000 [webchat#info] New connection! (99)\r\x1b[2J",
+            line,
+        )
+        self.assertNotIn("New connection! (99)", [x for x in self.logs.lines])
+
+    @inlineCallbacks
+    def test_user_text_is_cut_at_200_characters(self):
+        a, b = yield self.connect_many(2)
+        a.send_text("a" * 199 + "Z" + "b" * 5000)
+        yield b.received.get()
+        line = [x for x in self.logs.lines if x.startswith("Connection 1 sending")][0]
+        self.assertIn("a" * 199 + "Z…[5200 chars]", line)
+        self.assertNotIn("b", line.split("Z", 1)[1].split(" to ")[0])
+
+    @inlineCallbacks
+    def test_errors_are_logged_once_with_their_reason(self):
+        a, b = yield self.connect_many(2)
+        b.sendMessage(b"\x01", isBinary=True)
+        yield b.closed
+        yield deferLater(0.05)
+        errors = [x for x in self.logs.lines if x.startswith("An error has occurred")]
+        self.assertEqual(
+            errors, ["An error has occurred: 1003 binary messages are not supported"]
+        )
+        self.assertIn("Connection 2 has disconnected", self.logs.lines)
+
+
+class QuietTests(ServerMixin, TestCase):
+    timeout = 20
+    quiet = True
+
+    def setUp(self):
+        return self.start_server()
+
+    @inlineCallbacks
+    def test_quiet_drops_only_the_per_message_line(self):
+        a, b = yield self.connect_many(2)
+        a.send_text("psst")
+        self.assertEqual((yield b.received.get()), "id 1: psst")
+        self.assertEqual(
+            self.logs.lines, ["New connection! (1)", "New connection! (2)"]
+        )
