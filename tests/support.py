@@ -121,9 +121,9 @@ def cancel_batched_timers() -> None:
 
 
 def deferLater(seconds: float, value: Any = None) -> Deferred:
-    from twisted.internet.task import deferLater as _later
+    from twisted.internet import task
 
-    return _later(reactor, seconds, lambda: value)
+    return task.deferLater(reactor, seconds, lambda: value)
 
 
 # -- a real WebSocket client (Autobahn) ------------------------------------------

@@ -1,4 +1,4 @@
-"""The chat on the wire: real Autobahn clients over real sockets to an in-process server."""
+"""The chat on the wire: real Autobahn clients, real sockets, in-process server."""
 
 from __future__ import annotations
 
@@ -190,7 +190,7 @@ class LogTests(ServerMixin, TestCase):
         )
         a.send_text(forged)
         yield b.received.get()
-        line = [x for x in self.logs.lines if x.startswith("Connection 1 sending")][0]
+        line = next(x for x in self.logs.lines if x.startswith("Connection 1 sending"))
         self.assertNotIn("\n", line)
         self.assertNotIn("\r", line)
         self.assertNotIn("\x1b", line)
@@ -205,13 +205,13 @@ class LogTests(ServerMixin, TestCase):
         a, b = yield self.connect_many(2)
         a.send_text("a" * 199 + "Z" + "b" * 5000)
         yield b.received.get()
-        line = [x for x in self.logs.lines if x.startswith("Connection 1 sending")][0]
+        line = next(x for x in self.logs.lines if x.startswith("Connection 1 sending"))
         self.assertIn("a" * 199 + "Z…[5200 chars]", line)
         self.assertNotIn("b", line.split("Z", 1)[1].split(" to ")[0])
 
     @inlineCallbacks
     def test_errors_are_logged_once_with_their_reason(self):
-        a, b = yield self.connect_many(2)
+        _a, b = yield self.connect_many(2)
         b.sendMessage(b"\x01", isBinary=True)
         yield b.closed
         yield deferLater(0.05)
