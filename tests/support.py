@@ -290,6 +290,7 @@ class Twistd:
     def __init__(
         self, workdir: Path, *args: str, env: dict[str, str] | None = None, **popen: Any
     ) -> None:
+        workdir = Path(workdir).resolve()  # trial's mktemp() paths are relative
         self.logfile = workdir / "twistd.log"
         self.command = [
             *twistd_command(),
