@@ -73,7 +73,7 @@ def makeService(options: Options) -> IService:
 
     top = MultiService()
     factory = WebChatFactory(reactor, quiet=options["quiet"])
-    ChatService(factory).setServiceParent(top)
+    ChatService(factory, handle_signals=True).setServiceParent(top)
     site = make_site(factory, options["web-root"])
     for description in options["port"]:
         endpoint = serverFromString(reactor, description)
