@@ -1,0 +1,35 @@
+# The README's commands.  Each creates what it needs (a virtualenv in .venv)
+# on a fresh machine, so `make serve` and `make test` are all there is to it.
+
+PYTHON ?= python3
+VENV   ?= .venv
+BIN    := $(VENV)/bin
+PORT   ?= 8080
+
+.PHONY: serve test lint format clean
+
+$(BIN)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+	$(BIN)/python -m pip install --quiet -e '.[test]'
+	touch $@
+
+## serve: run the chat on http://localhost:$(PORT)/ (Ctrl-C stops it)
+serve: $(BIN)/.installed
+	$(BIN)/twistd --nodaemon --pidfile= webchat --port $(PORT)
+
+## test: the whole suite, under pytest and under trial, plus ruff
+test: $(BIN)/.installed
+	$(BIN)/python -m pytest
+	$(BIN)/python -m twisted.trial tests
+	$(BIN)/ruff check src tests twisted
+
+lint: $(BIN)/.installed
+	$(BIN)/ruff check src tests twisted
+	$(BIN)/ruff format --check src tests twisted
+
+format: $(BIN)/.installed
+	$(BIN)/ruff format src tests twisted
+
+clean:
+	rm -rf $(VENV) _trial_temp* tests.test_*/ twisted/plugins/dropin.cache
