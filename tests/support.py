@@ -42,7 +42,7 @@ def require(what: str, reason: str) -> SkipTest:
 
 
 class LogCapture:
-    """Collects formatted log events of the webchat namespace."""
+    """Collects the events of the `webchat` namespace: our own log lines."""
 
     def __init__(self) -> None:
         from twisted.logger import formatEvent
@@ -51,7 +51,7 @@ class LogCapture:
         self.events: list[dict[str, Any]] = []
 
     def __call__(self, event: dict[str, Any]) -> None:
-        if event.get("log_namespace", "").startswith("webchat"):
+        if event.get("log_namespace") == "webchat":
             self.events.append(event)
 
     @property

@@ -15,13 +15,15 @@ from tests.support import (
     parse_server_frames,
     take,
 )
+from webchat.limits import Limits
 
 
 class RelayTests(ServerMixin, TestCase):
     timeout = 20
 
     def setUp(self):
-        return self.start_server()
+        # These tests send faster than any person types.
+        return self.start_server(limits=Limits(rate_limit=0))
 
     @inlineCallbacks
     def test_message_goes_to_everyone_but_the_sender(self):
@@ -217,7 +219,11 @@ class LogTests(ServerMixin, TestCase):
         yield deferLater(0.05)
         errors = [x for x in self.logs.lines if x.startswith("An error has occurred")]
         self.assertEqual(
-            errors, ["An error has occurred: 1003 binary messages are not supported"]
+            errors,
+            [
+                "An error has occurred: connection 2 from 127.0.0.1: "
+                "1003 binary messages are not supported"
+            ],
         )
         self.assertIn("Connection 2 has disconnected", self.logs.lines)
 

@@ -1,7 +1,7 @@
 """The WebSocket side of the chat: one protocol per browser, one factory per server.
 
-Wire protocol (see docs/protocol.md for the long form)
--------------------------------------------------------
+Wire protocol (docs/protocol.md has the long form)
+--------------------------------------------------
 
 * A client opens a WebSocket on ``/`` or ``/ws``.  No subprotocol, no
   extensions.  On open it is given the next connection id ``N`` (1, 2, ...),
@@ -9,39 +9,67 @@ Wire protocol (see docs/protocol.md for the long form)
 * Client → server: a *text* message ``M`` (any UTF-8, empty included).
 * Server → every *other* open client: the text message ``id N: M``, in the
   order the server received the originals.  The sender gets nothing back.
-* Client → server: a *binary* message.  The server closes that connection
-  with 1003 (unsupported data).
-* Client → server: a text message that is not valid UTF-8.  Close 1007.
-* Other protocol violations get the RFC 6455 close codes (1002 and friends).
-* Server shutdown: every client gets close 1001 (going away).
+* Client → server: a *binary* message.  Close 1003 (unsupported data).
+* A text message that is not valid UTF-8: close 1007.
+* A message or frame over ``--max-message-size``: close 1009.
+* More than ``--rate-limit`` messages a second (beyond ``--rate-burst``):
+  close 1008, reason "rate limit exceeded".
+* A client that lets more than ``--max-send-buffer`` bytes pile up unread:
+  close 1008, reason "too slow".
+* Other protocol violations: close 1002.
+* No sign of life within ``--ping-timeout`` of a ping: the TCP connection is
+  dropped (the peer is gone; there is nobody to send a close frame to).
+* Server shutdown: close 1001 (going away) to everyone.
+
+Refused opening handshakes get an HTTP status instead: 403 for a foreign
+``Origin``, 503 when the server is full, 429 when one address holds too many.
 """
 
 from __future__ import annotations
 
+from collections import Counter
 from typing import Any
 
 import txaio
 from autobahn.twisted.websocket import WebSocketServerFactory, WebSocketServerProtocol
 from autobahn.websocket.protocol import WebSocketProtocol
+from autobahn.websocket.types import ConnectionDeny
 from twisted.internet.defer import Deferred, DeferredList, succeed
-from twisted.internet.interfaces import IReactorTime
+from twisted.internet.interfaces import (
+    IDelayedCall,
+    IPushProducer,
+    IReactorTime,
+    ISSLTransport,
+)
 from twisted.logger import Logger
+from zope.interface import implementer
 
+from webchat.access import AccessPolicy
 from webchat.hub import Hub
+from webchat.limits import Limits
 from webchat.logtext import escape_for_log
+from webchat.ratelimit import TokenBucket
 
 #: Close codes that mean "the server closed this connection because of
 #: something the client did": these get the seed's ``An error has occurred``.
 ERROR_CLOSE_CODES = frozenset({1002, 1003, 1007, 1008, 1009, 1011})
 
-#: How long shutdown waits for clients to answer close 1001 before it drops them.
-SHUTDOWN_GRACE = 5.0
+#: How each error close is counted (``WebChatFactory.dropped``).
+_DROP_KIND = {
+    1002: "protocol_error",
+    1003: "unsupported_data",
+    1007: "invalid_utf8",
+    1009: "message_too_big",
+    1011: "internal_error",
+}
 
 _OPEN = WebSocketProtocol.STATE_OPEN
+_CLOSED = WebSocketProtocol.STATE_CLOSED
 
 log = Logger(namespace="webchat")
 
 
+@implementer(IPushProducer)
 class WebChatProtocol(WebSocketServerProtocol):
     """One chat participant.  Everything it learns it reports to the factory."""
 
@@ -53,19 +81,56 @@ class WebChatProtocol(WebSocketServerProtocol):
 
     #: 0 until the opening handshake completes; then the id others see.
     chat_id = 0
+    #: The address this connection is accounted to (see AccessPolicy).
+    client_address = "-"
+    #: Why the server ended this connection itself, when it did: (kind, text).
+    drop_reason: tuple[str, str] | None = None
+
+    _admitted = False
+    _bucket: TokenBucket | None = None
+    _paused = False
+    _backlog = 0
+    _heard = True
+    _keepalive: IDelayedCall | None = None
+
+    # -- connection lifetime ------------------------------------------------------
+
+    def connectionMade(self) -> None:
+        super().connectionMade()
+        peer = self.transport.getPeer()
+        self.client_address = getattr(peer, "host", None) or "unix"
+        self.factory.connections.add(self)
+        # Take the transport's flow-control signals over from the HTTP channel
+        # that handed us the connection: they are how we spot slow readers.
+        self.transport.unregisterProducer()
+        self.transport.registerProducer(self, True)
 
     def onConnect(self, request: Any) -> None:
         self.factory.admit(self, request)
+        self._admitted = True
 
     def onOpen(self) -> None:
+        limits = self.factory.limits
+        if limits.rate_limit > 0:
+            self._bucket = TokenBucket(
+                limits.rate_limit, limits.rate_burst, self.factory.reactor
+            )
+        if limits.ping_interval > 0:
+            self._keepalive = self.factory.reactor.callLater(
+                limits.ping_interval, self._keepalive_tick
+            )
         self.factory.register(self)
 
+    def dataReceived(self, data: bytes) -> None:
+        self._heard = True
+        super().dataReceived(data)
+
     def onMessage(self, payload: bytes, isBinary: bool) -> None:
+        if self._bucket is not None and not self._bucket.take():
+            self.close_with(1008, "rate limit exceeded", kind="rate_limited")
+            return
         if isBinary:
-            self.close_with(
-                WebSocketProtocol.CLOSE_STATUS_CODE_UNSUPPORTED_DATA,
-                "binary messages are not supported",
-            )
+            self.close_with(1003, "binary messages are not supported")
             return
         try:
             self.factory.relay(self, payload)
@@ -73,23 +138,48 @@ class WebChatProtocol(WebSocketServerProtocol):
             # A bug in relaying one message must not take the reactor's
             # read loop down with it: report it and end just this connection.
             log.failure("An error has occurred: relaying a message failed")
-            self.close_with(
-                WebSocketProtocol.CLOSE_STATUS_CODE_INTERNAL_ERROR, "internal error"
-            )
+            self.close_with(1011, "internal error")
+
+    def onPing(self, payload: bytes) -> None:
+        # Every ping costs us a pong: pings draw on the same budget as messages.
+        if self._bucket is not None and not self._bucket.take():
+            self.close_with(1008, "rate limit exceeded", kind="rate_limited")
 
     def onClose(self, wasClean: bool, code: int | None, reason: str | None) -> None:
         self.factory.unregister(self)
 
-    def close_with(self, code: int, reason: str) -> None:
+    def connectionLost(self, reason: Any = None) -> None:
+        if self._keepalive is not None and self._keepalive.active():
+            self._keepalive.cancel()
+        self._keepalive = None
+        super().connectionLost(reason)
+        self.factory.forget(self)
+
+    # -- closing ------------------------------------------------------------------
+
+    def close_with(self, code: int, reason: str, kind: str | None = None) -> None:
         """
         Start the closing handshake with any RFC 6455 code.
 
         Autobahn's ``sendClose`` only lets applications use 1000 and
         3000-4999; the codes this server owes its clients (1001, 1003, 1008,
-        1011, ...) go through the frame-level call instead.
+        1011, ...) go through the frame-level call instead.  ``kind`` names
+        the policy that closed it, for the log and the counters.
         """
-        if self.state == _OPEN:
-            self.sendCloseFrame(code=code, reasonUtf8=reason.encode("utf-8")[:123])
+        if self.state != _OPEN:
+            return
+        if kind is not None:
+            self.drop_reason = (kind, f"{code} {reason}")
+        self.sendCloseFrame(code=code, reasonUtf8=reason.encode("utf-8")[:123])
+
+    def drop(self, kind: str, reason: str) -> None:
+        """End a connection whose peer cannot be talked to any more."""
+        self.drop_reason = (kind, reason)
+        self.factory.unregister(self)  # gone for everyone now, not at FIN
+        if self.transport is not None:
+            self.transport.abortConnection()
+
+    # -- sending, and noticing who cannot keep up ---------------------------------
 
     def deliver(self, frame: Any) -> bool:
         """
@@ -100,13 +190,75 @@ class WebChatProtocol(WebSocketServerProtocol):
         """
         if self.state != _OPEN:
             return False
+        if self._paused:
+            self._backlog += len(frame.payloadHybi)
+            if self._backlog > self._backlog_limit():
+                self._too_slow()
+                return False
         self.sendPreparedMessage(frame)
         return True
+
+    def _backlog_limit(self) -> int:
+        # The transport pauses us once it holds ``bufferSize`` unsent bytes;
+        # what we queue after that is the rest of the allowance.
+        limit = self.factory.limits.max_send_buffer
+        if limit <= 0:
+            return 1 << 62
+        return max(limit - getattr(self.transport, "bufferSize", 0), 0)
+
+    def _too_slow(self) -> None:
+        self.close_with(1008, "too slow", kind="too_slow")
+        self.factory.unregister(self)  # no more messages pile up behind it
+        # The close frame sits behind everything unread; Autobahn's close
+        # handshake timeout drops the connection (and its buffer) soon after.
+
+    def pauseProducing(self) -> None:
+        self._paused = True
+        self._backlog = 0
+
+    def resumeProducing(self) -> None:
+        self._paused = False
+        self._backlog = 0
+
+    def stopProducing(self) -> None:
+        self._paused = False
+
+    # -- dead peers ---------------------------------------------------------------
+
+    def _keepalive_tick(self) -> None:
+        """Every ping interval: ping a client we have not heard from."""
+        self._keepalive = None
+        if self.state != _OPEN:
+            return
+        limits = self.factory.limits
+        if self._heard:
+            self._heard = False
+            self._keepalive = self.factory.reactor.callLater(
+                limits.ping_interval, self._keepalive_tick
+            )
+            return
+        self.sendPing()
+        self._keepalive = self.factory.reactor.callLater(
+            limits.ping_timeout, self._keepalive_check
+        )
+
+    def _keepalive_check(self) -> None:
+        self._keepalive = None
+        if self.state != _OPEN:
+            return
+        limits = self.factory.limits
+        if self._heard:
+            self._heard = False
+            self._keepalive = self.factory.reactor.callLater(
+                limits.ping_interval, self._keepalive_tick
+            )
+            return
+        self.drop("ping_timeout", f"no answer to ping within {limits.ping_timeout:g} s")
 
 
 class WebChatFactory(WebSocketServerFactory):
     """
-    One chat room: tracks its protocols and fans each message out.
+    One chat room: admits connections, tracks them, and fans messages out.
 
     ``reactor`` is kept on the factory (never imported here) so tests can run
     several servers in one process, or hand in a fake clock.
@@ -115,18 +267,81 @@ class WebChatFactory(WebSocketServerFactory):
     protocol = WebChatProtocol
     log = txaio.make_logger(level="error")
 
-    def __init__(self, reactor: IReactorTime, *, quiet: bool = False) -> None:
+    def __init__(
+        self,
+        reactor: IReactorTime,
+        *,
+        quiet: bool = False,
+        limits: Limits | None = None,
+        access: AccessPolicy | None = None,
+    ) -> None:
         super().__init__(reactor=reactor)
         self.hub = Hub()
         self.quiet = quiet
-        # Without failByDrop=False Autobahn answers a protocol violation by
-        # dropping TCP, and the client never learns the close code.
-        self.setProtocolOptions(failByDrop=False)
+        self.limits = limits or Limits()
+        self.access = access or AccessPolicy()
+        #: Every connection from TCP accept to close, open or still handshaking.
+        self.connections: set[WebChatProtocol] = set()
+        self.per_address: Counter[str] = Counter()
+        #: Handshakes refused, by reason; connections ended by policy, by kind.
+        self.refused: Counter[str] = Counter()
+        self.dropped: Counter[str] = Counter()
+        size = self.limits.max_message_size
+        self.setProtocolOptions(
+            # Without failByDrop=False Autobahn answers a protocol violation by
+            # dropping TCP, and the client never learns the close code.
+            failByDrop=False,
+            maxMessagePayloadSize=size,
+            maxFramePayloadSize=size,
+            # The site's handshake deadline covers the whole opening handshake,
+            # and our own keepalive (on self.reactor) replaces Autobahn's.
+            openHandshakeTimeout=0,
+            autoPingInterval=0,
+        )
 
     # -- what the protocols report -------------------------------------------------
 
     def admit(self, protocol: WebChatProtocol, request: Any) -> None:
-        """Decide whether a handshake may proceed (raise ``ConnectionDeny`` if not)."""
+        """Let a handshake proceed, or raise ``ConnectionDeny`` with the HTTP status."""
+        headers = request.headers
+        peer = protocol.client_address
+        address = self.access.client_address(peer, headers.get("x-forwarded-for"))
+        protocol.client_address = address
+        secure = ISSLTransport.providedBy(protocol.transport)
+        if self.access.is_trusted_proxy(peer):
+            proto = headers.get("x-forwarded-proto", "").strip().lower()
+            secure = secure or proto in ("https", "wss")
+        scheme = "https" if secure else "http"
+        origin = headers.get("origin")
+        limits = self.limits
+        if not self.access.origin_allowed(origin, headers.get("host"), scheme):
+            detail = f"origin {escape_for_log(origin or '')} not allowed"
+            self._refuse(address, 403, "origin", "origin not allowed", detail)
+        if limits.max_connections and len(self.connections) > limits.max_connections:
+            self._refuse(address, 503, "max_connections", "server is full")
+        per_ip = limits.max_connections_per_ip
+        if per_ip and self.per_address[address] >= per_ip:
+            self._refuse(
+                address,
+                429,
+                "max_connections_per_ip",
+                "too many connections",
+                f"already {per_ip} connection(s) from this address",
+            )
+        self.per_address[address] += 1
+
+    def _refuse(
+        self, address: str, status: int, kind: str, reason: str, detail: str = ""
+    ) -> None:
+        """Count and log a refused handshake, then refuse it with ``status``."""
+        self.refused[kind] += 1
+        log.warn(
+            "Refused connection from {peer}: {reason} (HTTP {status})",
+            peer=escape_for_log(address),
+            reason=detail or reason,
+            status=status,
+        )
+        raise ConnectionDeny(status, reason)
 
     def register(self, protocol: WebChatProtocol) -> None:
         protocol.chat_id = self.hub.allocate_id()
@@ -136,17 +351,34 @@ class WebChatFactory(WebSocketServerFactory):
     def unregister(self, protocol: WebChatProtocol) -> None:
         if not protocol.chat_id or not self.hub.leave(protocol):
             return  # never opened, or already gone
-        code = protocol.localCloseCode
-        if code in ERROR_CLOSE_CODES:
+        error = None
+        if protocol.drop_reason is not None:
+            kind, error = protocol.drop_reason
+            self.dropped[kind] += 1
+        elif protocol.localCloseCode in ERROR_CLOSE_CODES:
+            code = protocol.localCloseCode
             reason = protocol.localCloseReason or b""
             if isinstance(reason, bytes):
                 reason = reason.decode("utf-8", "replace")
+            error = f"{code} {reason}".strip()
+            self.dropped[_DROP_KIND.get(code, f"close_{code}")] += 1
+        if error is not None:
             log.error(
-                "An error has occurred: {error}",
-                error=escape_for_log(f"{code} {reason}".strip()),
+                "An error has occurred: connection {id} from {peer}: {error}",
                 id=protocol.chat_id,
+                peer=escape_for_log(protocol.client_address),
+                error=escape_for_log(error),
             )
         log.info("Connection {id} has disconnected", id=protocol.chat_id)
+
+    def forget(self, protocol: WebChatProtocol) -> None:
+        """The TCP connection is gone: release what it held against the caps."""
+        self.connections.discard(protocol)
+        if protocol._admitted:
+            address = protocol.client_address
+            self.per_address[address] -= 1
+            if self.per_address[address] <= 0:
+                del self.per_address[address]
 
     def relay(self, sender: WebChatProtocol, payload: bytes) -> int:
         """Send ``id N: payload`` to everyone but ``sender``; return how many got it."""
@@ -165,9 +397,9 @@ class WebChatFactory(WebSocketServerFactory):
 
     def close_all(
         self,
-        code: int = WebSocketProtocol.CLOSE_STATUS_CODE_GOING_AWAY,
+        code: int = 1001,
         reason: str = "server shutting down",
-        grace: float = SHUTDOWN_GRACE,
+        grace: float | None = None,
     ) -> Deferred[int]:
         """
         Start the closing handshake with every client and wait for it.
@@ -175,27 +407,29 @@ class WebChatFactory(WebSocketServerFactory):
         Fires with how many finished cleanly within ``grace`` seconds; the
         rest are dropped then, so a dead peer cannot hold shutdown hostage.
         """
+        if grace is None:
+            grace = self.limits.shutdown_grace
         protocols = list(self.hub)
-        waits = []
+        if not protocols:
+            return succeed(0)
         for protocol in protocols:
             protocol.close_with(code, reason)
-            waits.append(protocol.is_closed)
-        if not waits:
-            return succeed(0)
-
         done: Deferred[int] = Deferred()
-        finished = DeferredList(waits, consumeErrors=True)
+        finished = DeferredList([p.is_closed for p in protocols], consumeErrors=True)
+
+        def clean_count() -> int:
+            return sum(1 for p in protocols if p.wasClean)
 
         def on_finished(_: object) -> None:
             if not done.called:
                 timer.cancel()
-                done.callback(sum(1 for p in protocols if p.wasClean))
+                done.callback(clean_count())
 
         def on_timeout() -> None:
             for protocol in protocols:
-                if protocol.state != WebSocketProtocol.STATE_CLOSED:
+                if protocol.state != _CLOSED:
                     protocol.dropConnection(abort=True)
-            done.callback(sum(1 for p in protocols if p.wasClean))
+            done.callback(clean_count())
 
         timer = self.reactor.callLater(grace, on_timeout)
         finished.addCallback(on_finished)

@@ -10,7 +10,7 @@ from twisted.application.service import Service
 from twisted.internet.defer import Deferred
 from twisted.logger import Logger
 
-from webchat.protocol import SHUTDOWN_GRACE, WebChatFactory
+from webchat.protocol import WebChatFactory
 
 log = Logger(namespace="webchat")
 
@@ -23,7 +23,7 @@ class ChatService(Service):
     Owns the chat's factory for the life of the process.
 
     Stopping it tells every client "going away" (1001) and holds the reactor
-    until they answer or ``grace`` runs out, so browsers see a proper close
+    until they answer or the shutdown grace runs out, so browsers see a proper close
     instead of a reset.
 
     With ``handle_signals`` it also takes SIGTERM and SIGINT over from the
@@ -32,15 +32,9 @@ class ChatService(Service):
     every connection properly has succeeded, and says so with exit status 0.
     """
 
-    def __init__(
-        self,
-        factory: WebChatFactory,
-        grace: float = SHUTDOWN_GRACE,
-        handle_signals: bool = False,
-    ) -> None:
+    def __init__(self, factory: WebChatFactory, handle_signals: bool = False) -> None:
         self.factory = factory
         self.reactor: Any = factory.reactor
-        self.grace = grace
         self.handle_signals = handle_signals
 
     def startService(self) -> None:
@@ -66,7 +60,7 @@ class ChatService(Service):
         super().stopService()
         count = len(self.factory.hub)
         log.info("Shutting down: closing {count} connection(s)", count=count)
-        d = self.factory.close_all(grace=self.grace)
+        d = self.factory.close_all()
 
         def report(clean: int) -> None:
             log.info(

@@ -9,14 +9,21 @@ any static file is looked at.
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 from autobahn.twisted.resource import WebSocketResource
+from twisted.internet.interfaces import IDelayedCall
+from twisted.logger import Logger
+from twisted.web.http import HTTPChannel
 from twisted.web.pages import errorPage
 from twisted.web.resource import IResource, Resource
 from twisted.web.server import Request, Site
 from twisted.web.static import File
 
+from webchat.logtext import escape_for_log
 from webchat.protocol import WebChatFactory
+
+log = Logger(namespace="webchat")
 
 #: Paths on which a WebSocket upgrade is accepted.
 WEBSOCKET_PATHS = (b"", b"ws")
@@ -82,10 +89,76 @@ class _WithHeader(Resource):
         return self._inner.render(request)
 
 
-def make_site(factory: WebChatFactory, web_root: Path | str | None = None) -> Site:
-    """Build the ``Site`` that serves the page and the chat on one port."""
+class ChatChannel(HTTPChannel):
+    """
+    An HTTP connection with a deadline for each request (slowloris defence).
+
+    Twisted's own timeout is an *idle* timeout: a client that dribbles one
+    header byte every few seconds never trips it and holds a file descriptor
+    forever.  Here a request must arrive complete within the handshake
+    timeout of the connection opening (or of the previous response), or the
+    connection is closed.  Once a WebSocket takes the connection over this
+    channel is out of the picture, and so is its deadline.
+    """
+
+    site: ChatSite
+    _deadline: IDelayedCall | None = None
+
+    def connectionMade(self) -> None:
+        super().connectionMade()
+        self._start_deadline()
+
+    def allContentReceived(self) -> None:
+        self._stop_deadline()
+        super().allContentReceived()
+
+    def requestDone(self, request: Request) -> None:
+        super().requestDone(request)
+        if self.transport is not None and not self.transport.disconnecting:
+            self._start_deadline()
+
+    def connectionLost(self, reason: Any) -> None:
+        self._stop_deadline()
+        super().connectionLost(reason)
+
+    def _start_deadline(self) -> None:
+        self._stop_deadline()
+        timeout = self.factory.chat.limits.handshake_timeout
+        if timeout > 0:
+            self._deadline = self.factory.reactor.callLater(timeout, self._expired)
+
+    def _stop_deadline(self) -> None:
+        if self._deadline is not None and self._deadline.active():
+            self._deadline.cancel()
+        self._deadline = None
+
+    def _expired(self) -> None:
+        self._deadline = None
+        chat = self.factory.chat
+        chat.dropped["handshake_timeout"] += 1
+        peer = self.transport.getPeer()
+        log.warn(
+            "Closed connection from {peer}: no complete request within {timeout:g} s",
+            peer=escape_for_log(str(getattr(peer, "host", None) or "unix")),
+            timeout=chat.limits.handshake_timeout,
+        )
+        self.transport.abortConnection()
+
+
+class ChatSite(Site):
+    """The site, knowing the chat it serves (for its limits and counters)."""
+
+    protocol = ChatChannel
+
+    def __init__(self, resource: IResource, chat: WebChatFactory) -> None:
+        # Nothing here takes form posts: never parse (and buffer) their bodies.
+        super().__init__(resource, reactor=chat.reactor, parsePOSTFormSubmission=False)
+        self.chat = chat
+        self.displayTracebacks = False
+
+
+def make_site(factory: WebChatFactory, web_root: Path | str | None = None) -> ChatSite:
+    """Build the site that serves the page and the chat on one port."""
     root = Path(web_root) if web_root is not None else default_web_root()
     files = File(str(root))
-    site = Site(ChatRoot(files, WebSocketResource(factory)))
-    site.displayTracebacks = False
-    return site
+    return ChatSite(ChatRoot(files, WebSocketResource(factory)), factory)
