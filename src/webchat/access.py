@@ -43,6 +43,19 @@ def _split_host(host: str, scheme: str) -> tuple[str, int] | None:
     return parts.hostname.lower(), port or _DEFAULT_PORTS[scheme]
 
 
+def canonical_address(address: str) -> str:
+    """
+    An IP address as one spelling: IPv4-mapped IPv6 (``::ffff:1.2.3.4``, how
+    IPv4 clients arrive on a dual-stack socket) becomes plain IPv4.
+    """
+    try:
+        ip = ipaddress.ip_address(address)
+    except ValueError:
+        return address
+    mapped = getattr(ip, "ipv4_mapped", None)
+    return str(mapped or ip)
+
+
 def _parse_network(text: str) -> Network:
     return ipaddress.ip_network(text.strip(), strict=False)
 
@@ -74,7 +87,7 @@ class AccessPolicy:
 
     def is_trusted_proxy(self, address: str) -> bool:
         try:
-            ip = ipaddress.ip_address(address)
+            ip = ipaddress.ip_address(canonical_address(address))
         except ValueError:
             return False
         return any(ip in network for network in self.trusted_proxies)
@@ -93,7 +106,7 @@ class AccessPolicy:
         for hop in reversed(hops):
             if not self.is_trusted_proxy(hop):
                 try:
-                    return str(ipaddress.ip_address(hop))
+                    return canonical_address(str(ipaddress.ip_address(hop)))
                 except ValueError:
                     return peer  # garbage in the header: account to the proxy
         return hops[0] if hops else peer

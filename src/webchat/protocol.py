@@ -44,7 +44,7 @@ from twisted.internet.interfaces import (
 from twisted.logger import Logger
 from zope.interface import implementer
 
-from webchat.access import AccessPolicy
+from webchat.access import AccessPolicy, canonical_address
 from webchat.hub import Hub
 from webchat.limits import Limits
 from webchat.logtext import escape_for_log
@@ -90,7 +90,8 @@ class WebChatProtocol(WebSocketServerProtocol):
     _bucket: TokenBucket | None = None
     _paused = False
     _backlog = 0
-    _heard = True
+    _last_heard = 0.0
+    _pinged_at = 0.0
     _keepalive: IDelayedCall | None = None
 
     # -- connection lifetime ------------------------------------------------------
@@ -98,11 +99,14 @@ class WebChatProtocol(WebSocketServerProtocol):
     def connectionMade(self) -> None:
         super().connectionMade()
         peer = self.transport.getPeer()
-        self.client_address = getattr(peer, "host", None) or "unix"
+        self.client_address = canonical_address(getattr(peer, "host", None) or "unix")
         self.factory.connections.add(self)
         # Take the transport's flow-control signals over from the HTTP channel
         # that handed us the connection: they are how we spot slow readers.
-        self.transport.unregisterProducer()
+        try:
+            self.transport.unregisterProducer()
+        except RuntimeError:
+            pass  # nobody was registered (test transports say so loudly)
         self.transport.registerProducer(self, True)
 
     def onConnect(self, request: Any) -> None:
@@ -115,14 +119,12 @@ class WebChatProtocol(WebSocketServerProtocol):
             self._bucket = TokenBucket(
                 limits.rate_limit, limits.rate_burst, self.factory.reactor
             )
-        if limits.ping_interval > 0:
-            self._keepalive = self.factory.reactor.callLater(
-                limits.ping_interval, self._keepalive_tick
-            )
+        self._start_keepalive()
         self.factory.register(self)
 
     def dataReceived(self, data: bytes) -> None:
-        self._heard = True
+        # Any bytes at all prove the peer alive: a busy client is never pinged.
+        self._last_heard = self.factory.reactor.seconds()
         super().dataReceived(data)
 
     def onMessage(self, payload: bytes, isBinary: bool) -> None:
@@ -172,6 +174,18 @@ class WebChatProtocol(WebSocketServerProtocol):
             self.drop_reason = (kind, f"{code} {reason}")
         self.sendCloseFrame(code=code, reasonUtf8=reason.encode("utf-8")[:123])
 
+    def sendCloseFrame(
+        self,
+        code: int | None = None,
+        reasonUtf8: bytes | None = None,
+        isReply: bool = False,
+    ) -> None:
+        super().sendCloseFrame(code=code, reasonUtf8=reasonUtf8, isReply=isReply)
+        if not isReply and code in ERROR_CLOSE_CODES:
+            # Closing for cause (ours or Autobahn's): the connection leaves the
+            # chat now, not when the peer gets round to answering.
+            self.factory.unregister(self)
+
     def drop(self, kind: str, reason: str) -> None:
         """End a connection whose peer cannot be talked to any more."""
         self.drop_reason = (kind, reason)
@@ -208,13 +222,15 @@ class WebChatProtocol(WebSocketServerProtocol):
 
     def _too_slow(self) -> None:
         self.close_with(1008, "too slow", kind="too_slow")
-        self.factory.unregister(self)  # no more messages pile up behind it
         # The close frame sits behind everything unread; Autobahn's close
         # handshake timeout drops the connection (and its buffer) soon after.
 
     def pauseProducing(self) -> None:
-        self._paused = True
-        self._backlog = 0
+        # Twisted calls this on every write while its buffer is over the mark;
+        # only the first call starts the count.
+        if not self._paused:
+            self._paused = True
+            self._backlog = 0
 
     def resumeProducing(self) -> None:
         self._paused = False
@@ -225,35 +241,41 @@ class WebChatProtocol(WebSocketServerProtocol):
 
     # -- dead peers ---------------------------------------------------------------
 
+    def _start_keepalive(self) -> None:
+        interval = self.factory.limits.ping_interval
+        if interval > 0:
+            self._last_heard = self.factory.reactor.seconds()
+            self._keepalive = self.factory.reactor.callLater(
+                interval, self._keepalive_tick
+            )
+
     def _keepalive_tick(self) -> None:
-        """Every ping interval: ping a client we have not heard from."""
+        """Ping a client that has been silent for a whole ping interval."""
         self._keepalive = None
         if self.state != _OPEN:
             return
+        reactor = self.factory.reactor
         limits = self.factory.limits
-        if self._heard:
-            self._heard = False
-            self._keepalive = self.factory.reactor.callLater(
-                limits.ping_interval, self._keepalive_tick
+        silent_until = self._last_heard + limits.ping_interval
+        now = reactor.seconds()
+        if now < silent_until:
+            self._keepalive = reactor.callLater(
+                silent_until - now, self._keepalive_tick
             )
             return
         self.sendPing()
-        self._keepalive = self.factory.reactor.callLater(
-            limits.ping_timeout, self._keepalive_check
-        )
+        self._pinged_at = now
+        self._keepalive = reactor.callLater(limits.ping_timeout, self._keepalive_check)
 
     def _keepalive_check(self) -> None:
         self._keepalive = None
         if self.state != _OPEN:
             return
-        limits = self.factory.limits
-        if self._heard:
-            self._heard = False
-            self._keepalive = self.factory.reactor.callLater(
-                limits.ping_interval, self._keepalive_tick
-            )
-            return
-        self.drop("ping_timeout", f"no answer to ping within {limits.ping_timeout:g} s")
+        if self._last_heard < self._pinged_at:  # not a byte since the ping
+            timeout = self.factory.limits.ping_timeout
+            self.drop("ping_timeout", f"no answer to ping within {timeout:g} s")
+        else:
+            self._keepalive_tick()
 
 
 class WebChatFactory(WebSocketServerFactory):
@@ -417,20 +439,21 @@ class WebChatFactory(WebSocketServerFactory):
         done: Deferred[int] = Deferred()
         finished = DeferredList([p.is_closed for p in protocols], consumeErrors=True)
 
-        def clean_count() -> int:
-            return sum(1 for p in protocols if p.wasClean)
-
-        def on_finished(_: object) -> None:
-            if not done.called:
+        def finish(_: object = None) -> None:
+            # Reached twice when the grace runs out: dropping the stragglers
+            # completes the list of closes too.
+            if done.called:
+                return
+            if timer.active():
                 timer.cancel()
-                done.callback(clean_count())
+            done.callback(sum(1 for p in protocols if p.wasClean))
 
         def on_timeout() -> None:
             for protocol in protocols:
                 if protocol.state != _CLOSED:
                     protocol.dropConnection(abort=True)
-            done.callback(clean_count())
+            finish()
 
         timer = self.reactor.callLater(grace, on_timeout)
-        finished.addCallback(on_finished)
+        finished.addCallback(finish)
         return done

@@ -4,6 +4,10 @@ from __future__ import annotations
 
 from twisted.internet.interfaces import IReactorTime
 
+# A token that is one rounding error short is still a token: a client sending
+# at exactly the allowed rate must not be cut off by float arithmetic.
+_ONE = 1.0 - 1e-9
+
 
 class TokenBucket:
     """
@@ -31,7 +35,7 @@ class TokenBucket:
         self._stamp = now
         if tokens > self._burst:
             tokens = self._burst
-        if tokens < 1.0:
+        if tokens < _ONE:
             self._tokens = tokens
             return False
         self._tokens = tokens - 1.0

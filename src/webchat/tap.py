@@ -154,7 +154,7 @@ class Options(usage.Options):
     @_help(
         f"""Listen on this endpoint: a port number, or a Twisted endpoint string
         such as tcp:8080:interface=127.0.0.1, ssl:8443:privateKey=key.pem,
-        unix:/run/webchat.sock or systemd:domain=INET:index=0. Repeat to listen
+        unix:/run/webchat.sock or systemd:domain=INET6:index=0. Repeat to listen
         on several. [default: {DEFAULT_PORT}]"""
     )
     def opt_port(self, value: str) -> None:
@@ -231,6 +231,13 @@ def makeService(options: Options) -> IService:
     ChatService(factory, handle_signals=True).setServiceParent(top)
     site = make_site(factory, options["web-root"])
     for description in options["port"]:
-        endpoint = serverFromString(reactor, description)
+        try:
+            endpoint = serverFromString(reactor, description)
+        except (IndexError, KeyError) as e:
+            # Twisted's systemd parser fails with a bare IndexError/KeyError.
+            raise usage.UsageError(
+                f"--port {description}: no such socket was passed in by systemd "
+                f"({e!r}); start webchat through webchat.socket"
+            ) from None
         StreamServerEndpointService(endpoint, site).setServiceParent(top)
     return top

@@ -1,0 +1,388 @@
+"""Every rejection over real sockets: the exact status or close code, and a
+bystander pair that chats throughout without noticing a thing."""
+
+from __future__ import annotations
+
+import socket
+
+from twisted.internet import reactor
+from twisted.internet.defer import inlineCallbacks
+from twisted.internet.threads import deferToThread
+from twisted.trial.unittest import TestCase
+
+from tests.support import (
+    HANDSHAKE,
+    ServerMixin,
+    client_frame,
+    close_code_of,
+    connect_raw,
+    deferLater,
+    parse_server_frames,
+    take,
+)
+from webchat.access import AccessPolicy
+from webchat.limits import Limits
+
+
+class LimitsMixin(ServerMixin):
+    timeout = 30
+    limits = Limits(rate_limit=0)
+    access = AccessPolicy()
+
+    @inlineCallbacks
+    def setUp(self):
+        yield self.start_server(limits=self.limits, access=self.access)
+        self.alice, self.bob = yield self.connect_many(2)
+        self._said = 0
+
+    @inlineCallbacks
+    def assert_bystanders_chat(self):
+        """Alice and Bob, connected throughout, still hear each other."""
+        self._said += 1
+        text = f"still chatting {self._said}"
+        self.alice.send_text(text)
+        got = yield self.bob.received.get()
+        self.assertEqual(got, f"id 1: {text}")  # Alice is always the first
+        self.assertIsNone(self.alice.closed_code)
+        self.assertIsNone(self.bob.closed_code)
+
+    @inlineCallbacks
+    def handshake(self, extra: bytes = b"", host: bytes = b"127.0.0.1"):
+        """Send an opening handshake with ``extra`` headers; return the reply head."""
+        peer = yield connect_raw(self.port.getHost().port)
+        self.addCleanup(peer.transport.abortConnection)
+        request = HANDSHAKE.replace(b"Host: 127.0.0.1\r\n", b"Host: " + host + b"\r\n")
+        request = (
+            request.replace(b"\r\n\r\n", b"\r\n" + extra + b"\r\n")
+            if extra
+            else request
+        )
+        peer.transport.write(request)
+        data = yield peer.wait_for(lambda d: b"\r\n\r\n" in d)
+        return data.split(b"\r\n\r\n")[0], peer
+
+    @inlineCallbacks
+    def open_raw(self):
+        head, peer = yield self.handshake()
+        self.assertTrue(head.startswith(b"HTTP/1.1 101 "), head)
+        return peer
+
+    @inlineCallbacks
+    def close_frame_of(self, peer) -> tuple[int, bytes]:
+        def has_close(_: bytes) -> bool:
+            return any(op == 0x8 for op, _ in parse_server_frames(peer.body()))
+
+        yield peer.wait_for(lambda d: has_close(d) or peer.lost.called)
+        closes = [p for op, p in parse_server_frames(peer.body()) if op == 0x8]
+        self.assertTrue(closes, f"no close frame in {peer.body()!r}")
+        return close_code_of(closes[0]), closes[0][2:]
+
+
+class OriginTests(LimitsMixin, TestCase):
+    @inlineCallbacks
+    def test_foreign_origin_gets_403(self):
+        head, _ = yield self.handshake(b"Origin: http://evil.example\r\n")
+        self.assertTrue(head.startswith(b"HTTP/1.1 403 "), head)
+        self.assertEqual(self.factory.refused["origin"], 1)
+        refusals = [x for x in self.logs.lines if x.startswith("Refused connection")]
+        self.assertEqual(
+            refusals,
+            [
+                "Refused connection from 127.0.0.1: origin http://evil.example "
+                "not allowed (HTTP 403)"
+            ],
+        )
+        yield self.assert_bystanders_chat()
+
+    @inlineCallbacks
+    def test_same_origin_and_no_origin_are_accepted(self):
+        port = self.port.getHost().port
+        head, _ = yield self.handshake(
+            f"Origin: http://127.0.0.1:{port}\r\n".encode(),
+            host=f"127.0.0.1:{port}".encode(),
+        )
+        self.assertTrue(head.startswith(b"HTTP/1.1 101 "), head)
+        head, _ = yield self.handshake()
+        self.assertTrue(head.startswith(b"HTTP/1.1 101 "), head)
+        yield self.assert_bystanders_chat()
+
+    @inlineCallbacks
+    def test_a_refused_handshake_uses_no_id(self):
+        yield self.handshake(b"Origin: http://evil.example\r\n")
+        carol = yield self.connect()
+        carol.send_text("hi")
+        self.assertEqual((yield self.bob.received.get()), "id 3: hi")
+
+
+class AllowedOriginTests(LimitsMixin, TestCase):
+    access = AccessPolicy.from_options(["http://127.0.0.1:8000"])
+
+    @inlineCallbacks
+    def test_allowed_origin_is_accepted_others_are_not(self):
+        head, _ = yield self.handshake(b"Origin: http://127.0.0.1:8000\r\n")
+        self.assertTrue(head.startswith(b"HTTP/1.1 101 "), head)
+        head, _ = yield self.handshake(b"Origin: http://127.0.0.1:8001\r\n")
+        self.assertTrue(head.startswith(b"HTTP/1.1 403 "), head)
+        yield self.assert_bystanders_chat()
+
+
+class ConnectionCapTests(LimitsMixin, TestCase):
+    limits = Limits(rate_limit=0, max_connections=3)
+
+    @inlineCallbacks
+    def test_server_full_gets_503(self):
+        head, _ = yield self.handshake()
+        self.assertTrue(head.startswith(b"HTTP/1.1 101 "), head)
+        head, _ = yield self.handshake()
+        self.assertTrue(head.startswith(b"HTTP/1.1 503 "), head)
+        self.assertEqual(self.factory.refused["max_connections"], 1)
+        yield self.assert_bystanders_chat()
+
+
+class PerAddressCapTests(LimitsMixin, TestCase):
+    limits = Limits(rate_limit=0, max_connections_per_ip=3)
+
+    @inlineCallbacks
+    def test_one_address_over_its_share_gets_429(self):
+        head, _ = yield self.handshake()
+        self.assertTrue(head.startswith(b"HTTP/1.1 101 "), head)
+        head, _ = yield self.handshake()
+        self.assertTrue(head.startswith(b"HTTP/1.1 429 "), head)
+        self.assertEqual(self.factory.refused["max_connections_per_ip"], 1)
+        yield self.assert_bystanders_chat()
+
+    @inlineCallbacks
+    def test_forwarded_for_is_ignored_from_an_untrusted_peer(self):
+        head, _ = yield self.handshake(b"X-Forwarded-For: 203.0.113.1\r\n")
+        self.assertTrue(head.startswith(b"HTTP/1.1 101 "), head)
+        head, _ = yield self.handshake(b"X-Forwarded-For: 203.0.113.2\r\n")
+        self.assertTrue(head.startswith(b"HTTP/1.1 429 "), head)
+
+
+class TrustedProxyTests(LimitsMixin, TestCase):
+    limits = Limits(rate_limit=0, max_connections_per_ip=1)
+    access = AccessPolicy.from_options(proxies=["127.0.0.1"])
+
+    @inlineCallbacks
+    def setUp(self):
+        # Alice and Bob come through the proxy from two addresses of their own.
+        yield self.start_server(limits=self.limits, access=self.access)
+        self.alice = yield self.connect(**{"X-Forwarded-For": "198.51.100.1"})
+        self.bob = yield self.connect(**{"X-Forwarded-For": "198.51.100.2"})
+        self._said = 0
+
+    @inlineCallbacks
+    def test_caps_count_the_forwarded_address(self):
+        head, _ = yield self.handshake(b"X-Forwarded-For: 203.0.113.1\r\n")
+        self.assertTrue(head.startswith(b"HTTP/1.1 101 "), head)
+        head, _ = yield self.handshake(b"X-Forwarded-For: 9.9.9.9, 203.0.113.1\r\n")
+        self.assertTrue(head.startswith(b"HTTP/1.1 429 "), head)
+        self.assertIn(
+            "Refused connection from 203.0.113.1: already 1 connection(s) from this "
+            "address (HTTP 429)",
+            self.logs.lines,
+        )
+        yield self.assert_bystanders_chat()
+
+
+class MessageSizeTests(LimitsMixin, TestCase):
+    limits = Limits(rate_limit=0, max_message_size=1000)
+
+    @inlineCallbacks
+    def test_message_at_the_limit_is_relayed(self):
+        self.alice.send_text("x" * 1000)
+        self.assertEqual((yield self.bob.received.get()), "id 1: " + "x" * 1000)
+
+    @inlineCallbacks
+    def test_message_over_the_limit_gets_1009(self):
+        carol = yield self.connect()
+        carol.send_text("x" * 1001)
+        code, _ = yield carol.closed
+        self.assertEqual(code, 1009)
+        self.assertEqual(self.factory.dropped["message_too_big"], 1)
+        yield self.assert_bystanders_chat()
+
+    @inlineCallbacks
+    def test_oversized_frame_is_refused_from_its_header_alone(self):
+        # Announce 2 GiB and send none of it: the server must not wait to
+        # buffer the payload before answering.
+        peer = yield self.open_raw()
+        peer.transport.write(b"\x81\xff" + (2**31).to_bytes(8, "big") + b"mask")
+        code, _ = yield self.close_frame_of(peer)
+        self.assertEqual(code, 1009)
+        yield self.assert_bystanders_chat()
+
+    @inlineCallbacks
+    def test_fragments_adding_up_past_the_limit_get_1009(self):
+        peer = yield self.open_raw()
+        peer.transport.write(client_frame(0x1, b"a" * 600, fin=False))
+        peer.transport.write(client_frame(0x0, b"a" * 600, fin=True))
+        code, _ = yield self.close_frame_of(peer)
+        self.assertEqual(code, 1009)
+        yield self.assert_bystanders_chat()
+
+
+class RateLimitTests(LimitsMixin, TestCase):
+    limits = Limits(rate_limit=1, rate_burst=10)
+
+    @inlineCallbacks
+    def test_flooder_gets_1008_after_its_burst(self):
+        carol = yield self.connect()
+        for n in range(30):
+            carol.send_text(f"flood {n}")
+        code, reason = yield carol.closed
+        self.assertEqual((code, reason), (1008, "rate limit exceeded"))
+        got = yield take(self.bob, 10)
+        self.assertEqual(got, [f"id 3: flood {n}" for n in range(10)])
+        self.assertEqual(self.factory.dropped["rate_limited"], 1)
+        yield self.assert_bystanders_chat()
+
+    @inlineCallbacks
+    def test_ping_flood_counts_too(self):
+        peer = yield self.open_raw()
+        peer.transport.write(b"".join(client_frame(0x9, b"p") for _ in range(30)))
+        code, reason = yield self.close_frame_of(peer)
+        self.assertEqual((code, reason), (1008, b"rate limit exceeded"))
+        yield self.assert_bystanders_chat()
+
+
+class ProtocolViolationTests(LimitsMixin, TestCase):
+    @inlineCallbacks
+    def assert_closes_with(self, data: bytes, expected: int):
+        peer = yield self.open_raw()
+        peer.transport.write(data)
+        code, _ = yield self.close_frame_of(peer)
+        self.assertEqual(code, expected, data[:20])
+        yield self.assert_bystanders_chat()
+
+    def test_reserved_bits(self):
+        return self.assert_closes_with(client_frame(0x1, b"x", rsv=0b100), 1002)
+
+    def test_reserved_opcode(self):
+        return self.assert_closes_with(client_frame(0x3, b"x"), 1002)
+
+    def test_unmasked_client_frame(self):
+        return self.assert_closes_with(client_frame(0x1, b"x", mask=False), 1002)
+
+    def test_fragmented_control_frame(self):
+        return self.assert_closes_with(client_frame(0x9, b"x", fin=False), 1002)
+
+    def test_oversized_control_frame(self):
+        return self.assert_closes_with(client_frame(0x9, b"x" * 126), 1002)
+
+    def test_continuation_without_start(self):
+        return self.assert_closes_with(client_frame(0x0, b"x"), 1002)
+
+    def test_invalid_utf8_across_fragments(self):
+        data = client_frame(0x1, b"\xe2\x82", fin=False) + client_frame(0x0, b"(")
+        return self.assert_closes_with(data, 1007)
+
+    @inlineCallbacks
+    def test_no_traceback_in_the_log(self):
+        yield self.test_reserved_bits()
+        yield self.test_invalid_utf8_across_fragments()
+        self.assertFalse([x for x in self.logs.lines if "Traceback" in x])
+        errors = [x for x in self.logs.lines if x.startswith("An error has occurred")]
+        self.assertEqual(len(errors), 2, errors)
+
+
+class GarbageTests(LimitsMixin, TestCase):
+    @inlineCallbacks
+    def send_garbage(self, data: bytes) -> bytes:
+        peer = yield connect_raw(self.port.getHost().port)
+        peer.transport.write(data)
+        yield peer.wait_for(lambda d: b"\r\n\r\n" in d or peer.lost.called)
+        peer.transport.abortConnection()
+        return peer.data
+
+    @inlineCallbacks
+    def test_garbage_gets_a_4xx_or_nothing(self):
+        for data in (
+            b"\x00\xff\x13\x37" * 64 + b"\r\n\r\n",
+            b"GET\r\n\r\n",
+            b"GET / HTTP/9.9\r\n\r\n",
+            b"GET / HTTP/1.1\r\nHost: x\r\n" + b"X: " + b"y" * 20000 + b"\r\n\r\n",
+            HANDSHAKE.replace(b"Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n", b""),
+            HANDSHAKE.replace(
+                b"Sec-WebSocket-Version: 13", b"Sec-WebSocket-Version: 7"
+            ),
+        ):
+            reply = yield self.send_garbage(data)
+            status = reply[9:12]
+            self.assertTrue(reply == b"" or status.startswith(b"4"), (data[:40], reply))
+        yield self.assert_bystanders_chat()
+
+
+class SlowReaderTests(LimitsMixin, TestCase):
+    limits = Limits(rate_limit=0, max_send_buffer=256 * 1024, max_message_size=65536)
+
+    @inlineCallbacks
+    def test_a_reader_that_never_reads_is_dropped_and_others_get_everything(self):
+        # A real socket with a tiny receive window that nobody ever reads.
+        port = self.port.getHost().port
+
+        def open_stuck_socket() -> socket.socket:
+            s = socket.socket()
+            s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+            s.connect(("127.0.0.1", port))
+            s.sendall(HANDSHAKE)
+            return s
+
+        stuck = yield deferToThread(open_stuck_socket)
+        self.addCleanup(stuck.close)
+        yield deferLater(0.1)
+        chunk = "z" * 60000
+        sent = 0
+        # Loopback's kernel buffers swallow megabytes before Twisted's fills:
+        # keep talking (up to 30 MB) until the server gives up on the reader.
+        while not self.factory.dropped["too_slow"] and sent < 500:
+            for _ in range(10):
+                self.alice.send_text(f"{sent} {chunk}")
+                sent += 1
+            yield deferLater(0.005)
+        got = yield take(self.bob, sent)
+        self.assertEqual(
+            [g.split(" ", 3)[2] for g in got], [str(n) for n in range(sent)]
+        )
+        self.assertEqual(self.factory.dropped["too_slow"], 1)
+        self.assertTrue(
+            [x for x in self.logs.lines if x.endswith("1008 too slow")], self.logs.lines
+        )
+        # Gone for everyone at once ...
+        self.assertEqual(len(self.factory.hub), 2)
+        # ... and its buffer is freed: the server ends the TCP connection soon.
+        for _ in range(50):
+            if not [p for p in self.factory.connections if p.chat_id == 3]:
+                break
+            yield deferLater(0.1)
+        self.assertEqual(sorted(p.chat_id for p in self.factory.connections), [1, 2])
+        yield self.assert_bystanders_chat()
+
+
+class DeadPeerTests(LimitsMixin, TestCase):
+    limits = Limits(rate_limit=0, ping_interval=0.2, ping_timeout=0.2)
+
+    @inlineCallbacks
+    def test_a_peer_that_never_answers_pings_is_dropped(self):
+        peer = yield self.open_raw()  # a raw peer answers nothing, pings included
+        yield peer.lost
+        pings = [op for op, _ in parse_server_frames(peer.body()) if op == 0x9]
+        self.assertEqual(len(pings), 1)
+        self.assertEqual(self.factory.dropped["ping_timeout"], 1)
+        # Alice and Bob answer pings (Autobahn does) and stay.
+        yield deferLater(0.5)
+        yield self.assert_bystanders_chat()
+
+
+class HandshakeTimeoutTests(LimitsMixin, TestCase):
+    limits = Limits(rate_limit=0, handshake_timeout=0.3)
+
+    @inlineCallbacks
+    def test_a_half_open_handshake_is_closed(self):
+        peer = yield connect_raw(self.port.getHost().port)
+        peer.transport.write(HANDSHAKE[:30])
+        started = reactor.seconds()
+        yield peer.lost
+        self.assertLess(reactor.seconds() - started, 2)
+        self.assertEqual(self.factory.dropped["handshake_timeout"], 1)
+        yield self.assert_bystanders_chat()

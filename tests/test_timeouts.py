@@ -1,0 +1,159 @@
+"""Time-dependent rules on a fake clock: pings, handshake deadline, shutdown grace.
+
+No sockets and no sleeping: the server's reactor is a ``Clock`` and its
+connections are ``StringTransport``s, so each test says exactly when time
+passes and looks at exactly the bytes the server wrote.
+"""
+
+from __future__ import annotations
+
+from twisted.internet.address import IPv4Address
+from twisted.internet.error import ConnectionDone
+from twisted.internet.task import Clock
+from twisted.internet.testing import StringTransport
+from twisted.logger import globalLogPublisher
+from twisted.python.failure import Failure
+from twisted.trial.unittest import SynchronousTestCase
+
+from tests.support import HANDSHAKE, LogCapture, client_frame, parse_server_frames
+from webchat.limits import Limits
+from webchat.protocol import WebChatFactory
+from webchat.web import make_site
+
+PEER = IPv4Address("TCP", "192.0.2.7", 50000)
+
+
+class Transport(StringTransport):
+    """A StringTransport that, like TCP's, says whether it was aborted."""
+
+    aborted = False
+    protocol = None  # WebSocketResource swaps this on takeover
+
+    def abortConnection(self) -> None:
+        self.aborted = True
+        super().abortConnection()
+
+
+class FakeClockMixin:
+    def make_factory(self, **limits) -> WebChatFactory:
+        self.clock = Clock()
+        self.logs = LogCapture()
+        globalLogPublisher.addObserver(self.logs)
+        self.addCleanup(globalLogPublisher.removeObserver, self.logs)
+        self.factory = WebChatFactory(self.clock, limits=Limits(**limits))
+        return self.factory
+
+    def open_connection(self):
+        protocol = self.factory.buildProtocol(PEER)
+        transport = Transport(peerAddress=PEER)
+        protocol.makeConnection(transport)
+        protocol.dataReceived(HANDSHAKE)
+        self.assertTrue(transport.value().startswith(b"HTTP/1.1 101 "))
+        transport.clear()
+        return protocol, transport
+
+
+class KeepaliveTests(FakeClockMixin, SynchronousTestCase):
+    def setUp(self):
+        self.make_factory(ping_interval=30, ping_timeout=10)
+
+    def test_silent_peer_is_pinged_then_dropped(self):
+        _protocol, transport = self.open_connection()
+        self.clock.advance(29.9)
+        self.assertEqual(transport.value(), b"")
+        self.clock.advance(0.1)
+        self.assertEqual(parse_server_frames(transport.value()), [(0x9, b"")])
+        self.clock.advance(9.9)
+        self.assertFalse(transport.aborted)
+        self.clock.advance(0.2)
+        self.assertTrue(transport.aborted)
+        # Gone for everyone at once, not when (if ever) TCP notices.
+        self.assertEqual(len(self.factory.hub), 0)
+        self.assertEqual(self.factory.dropped["ping_timeout"], 1)
+        self.assertIn(
+            "An error has occurred: connection 1 from 192.0.2.7: "
+            "no answer to ping within 10 s",
+            self.logs.lines,
+        )
+
+    def test_a_pong_keeps_the_connection_and_restarts_the_interval(self):
+        protocol, transport = self.open_connection()
+        self.clock.advance(30)
+        transport.clear()
+        self.clock.advance(5)
+        protocol.dataReceived(client_frame(0xA, b""))
+        self.clock.advance(10)
+        self.assertFalse(transport.aborted)
+        self.assertEqual(transport.value(), b"")
+        self.clock.advance(20)  # 30 s after the pong: the next ping
+        self.assertEqual(parse_server_frames(transport.value()), [(0x9, b"")])
+
+    def test_a_chatty_peer_is_never_pinged(self):
+        protocol, transport = self.open_connection()
+        for _ in range(20):
+            self.clock.advance(20)
+            protocol.dataReceived(client_frame(0x1, b"still here"))
+        frames = parse_server_frames(transport.value())
+        self.assertNotIn(0x9, [opcode for opcode, _ in frames])
+        self.assertFalse(transport.aborted)
+
+
+class HandshakeDeadlineTests(FakeClockMixin, SynchronousTestCase):
+    def setUp(self):
+        self.make_factory(handshake_timeout=10)
+        self.site = make_site(self.factory)
+
+    def connect(self):
+        channel = self.site.buildProtocol(PEER)
+        transport = Transport(peerAddress=PEER)
+        channel.makeConnection(transport)
+        return channel, transport
+
+    def test_slowloris_is_cut_off_at_the_deadline(self):
+        channel, transport = self.connect()
+        request = b"GET / HTTP/1.1\r\nHost: x\r\nX-Slow: " + b"a" * 20
+        for byte in request[:9]:
+            channel.dataReceived(bytes([byte]))
+            self.clock.advance(1)  # a byte a second: never idle, never done
+        self.assertFalse(transport.aborted)
+        self.clock.advance(1)
+        self.assertTrue(transport.aborted)
+        self.assertEqual(self.factory.dropped["handshake_timeout"], 1)
+        self.assertIn(
+            "Closed connection from 192.0.2.7: no complete request within 10 s",
+            self.logs.lines,
+        )
+
+    def test_a_complete_upgrade_is_not_cut_off(self):
+        channel, transport = self.connect()
+        self.clock.advance(9)
+        channel.dataReceived(HANDSHAKE)
+        self.assertTrue(transport.value().startswith(b"HTTP/1.1 101 "))
+        self.clock.advance(60)
+        self.assertFalse(transport.aborted)
+        self.assertEqual(len(self.factory.hub), 1)
+
+
+class ShutdownGraceTests(FakeClockMixin, SynchronousTestCase):
+    def setUp(self):
+        self.make_factory(shutdown_grace=5)
+
+    def test_clients_that_answer_close_cleanly(self):
+        protocol, transport = self.open_connection()
+        done = self.factory.close_all()
+        frames = parse_server_frames(transport.value())
+        self.assertEqual(frames, [(0x8, b"\x03\xe9server shutting down")])
+        self.assertNoResult(done)
+        protocol.dataReceived(client_frame(0x8, b"\x03\xe9"))
+        protocol.connectionLost(Failure(ConnectionDone()))
+        self.assertEqual(self.successResultOf(done), 1)
+
+    def test_clients_that_do_not_answer_are_dropped_after_the_grace(self):
+        _, silent = self.open_connection()
+        done = self.factory.close_all()
+        self.clock.advance(4.9)
+        self.assertNoResult(done)
+        self.assertFalse(silent.aborted)
+        self.clock.advance(0.1)
+        self.assertTrue(silent.aborted)
+        self.assertEqual(self.successResultOf(done), 0)
