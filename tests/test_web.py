@@ -31,6 +31,14 @@ class RoutingTests(ServerMixin, TestCase):
         self.assertEqual(body, (default_web_root() / "index.html").read_bytes())
 
     @inlineCallbacks
+    def test_pages_carry_security_headers(self):
+        reply = yield self.request(b"GET / HTTP/1.0\r\nHost: x\r\n\r\n")
+        head = reply.split(b"\r\n\r\n")[0].lower()
+        self.assertIn(b"x-content-type-options: nosniff", head)
+        self.assertIn(b"frame-ancestors 'none'", head)
+        self.assertIn(b"content-security-policy: default-src 'self';", head)
+
+    @inlineCallbacks
     def test_script_and_style_are_served(self):
         for name, kind in (
             (b"webchat.js", b"javascript"),
