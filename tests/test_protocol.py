@@ -147,6 +147,13 @@ class RawFrameTests(ServerMixin, TestCase):
         )
 
     @inlineCallbacks
+    def test_a_ping_gets_its_pong(self):
+        peer = yield self.open_raw()
+        peer.transport.write(client_frame(0x9, b"are you there?"))
+        yield peer.wait_for(lambda _: parse_server_frames(peer.body()))
+        self.assertEqual(parse_server_frames(peer.body()), [(0xA, b"are you there?")])
+
+    @inlineCallbacks
     def test_invalid_utf8_across_fragments_gets_1007(self):
         peer = yield self.open_raw()
         # "€" is E2 82 AC; split it and then break it.

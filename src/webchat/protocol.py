@@ -146,6 +146,8 @@ class WebChatProtocol(WebSocketServerProtocol):
         # Every ping costs us a pong: pings draw on the same budget as messages.
         if self._bucket is not None and not self._bucket.take():
             self.close_with(1008, "rate limit exceeded", kind="rate_limited")
+            return
+        super().onPing(payload)  # the pong
 
     def onClose(self, wasClean: bool, code: int | None, reason: str | None) -> None:
         self.factory.unregister(self)
