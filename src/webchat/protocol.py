@@ -28,6 +28,7 @@ Refused opening handshakes get an HTTP status instead: 403 for a foreign
 from __future__ import annotations
 
 from collections import Counter
+from time import perf_counter
 from typing import Any
 
 import txaio
@@ -48,6 +49,7 @@ from webchat.access import AccessPolicy, canonical_address
 from webchat.hub import Hub
 from webchat.limits import Limits
 from webchat.logtext import escape_for_log
+from webchat.metrics import ChatStats
 from webchat.ratelimit import TokenBucket
 
 #: Close codes that mean "the server closed this connection because of
@@ -125,6 +127,7 @@ class WebChatProtocol(WebSocketServerProtocol):
     def dataReceived(self, data: bytes) -> None:
         # Any bytes at all prove the peer alive: a busy client is never pinged.
         self._last_heard = self.factory.reactor.seconds()
+        self.factory.stats.bytes_received += len(data)
         super().dataReceived(data)
 
     def onMessage(self, payload: bytes, isBinary: bool) -> None:
@@ -280,6 +283,13 @@ class WebChatProtocol(WebSocketServerProtocol):
             self._keepalive_tick()
 
 
+def _close_code(protocol: WebChatProtocol) -> int:
+    """The code a connection ended with: the server's, else the client's, else 1006."""
+    if protocol.drop_reason is not None and protocol.localCloseCode is None:
+        return 1006  # dropped without a close frame (dead peer)
+    return protocol.localCloseCode or protocol.remoteCloseCode or 1006
+
+
 class WebChatFactory(WebSocketServerFactory):
     """
     One chat room: admits connections, tracks them, and fans messages out.
@@ -307,9 +317,11 @@ class WebChatFactory(WebSocketServerFactory):
         #: Every connection from TCP accept to close, open or still handshaking.
         self.connections: set[WebChatProtocol] = set()
         self.per_address: Counter[str] = Counter()
-        #: Handshakes refused, by reason; connections ended by policy, by kind.
-        self.refused: Counter[str] = Counter()
-        self.dropped: Counter[str] = Counter()
+        self.stats = ChatStats()
+        #: When the server started, for /healthz's uptime.
+        self.started_at = reactor.seconds()
+        #: Set at shutdown: new handshakes get 503 and /healthz says so.
+        self.draining = False
         size = self.limits.max_message_size
         self.setProtocolOptions(
             # Without failByDrop=False Autobahn answers a protocol violation by
@@ -322,6 +334,16 @@ class WebChatFactory(WebSocketServerFactory):
             openHandshakeTimeout=0,
             autoPingInterval=0,
         )
+
+    @property
+    def refused(self) -> Counter[str]:
+        """Handshakes refused, by reason."""
+        return self.stats.refused
+
+    @property
+    def dropped(self) -> Counter[str]:
+        """Connections the server ended for cause, by kind."""
+        return self.stats.dropped
 
     # -- what the protocols report -------------------------------------------------
 
@@ -338,6 +360,8 @@ class WebChatFactory(WebSocketServerFactory):
         scheme = "https" if secure else "http"
         origin = headers.get("origin")
         limits = self.limits
+        if self.draining:
+            self._refuse(address, 503, "draining", "server is shutting down")
         if not self.access.origin_allowed(origin, headers.get("host"), scheme):
             detail = f"origin {escape_for_log(origin or '')} not allowed"
             self._refuse(address, 403, "origin", "origin not allowed", detail)
@@ -370,11 +394,13 @@ class WebChatFactory(WebSocketServerFactory):
     def register(self, protocol: WebChatProtocol) -> None:
         protocol.chat_id = self.hub.allocate_id()
         self.hub.join(protocol)
+        self.stats.opened += 1
         log.info("New connection! ({id})", id=protocol.chat_id)
 
     def unregister(self, protocol: WebChatProtocol) -> None:
         if not protocol.chat_id or not self.hub.leave(protocol):
             return  # never opened, or already gone
+        self.stats.closed[_close_code(protocol)] += 1
         error = None
         if protocol.drop_reason is not None:
             kind, error = protocol.drop_reason
@@ -406,8 +432,14 @@ class WebChatFactory(WebSocketServerFactory):
 
     def relay(self, sender: WebChatProtocol, payload: bytes) -> int:
         """Send ``id N: payload`` to everyone but ``sender``; return how many got it."""
+        started = perf_counter()
         frame = self.prepareMessage(b"id %d: %b" % (sender.chat_id, payload))
         count = self.hub.broadcast(sender, frame)
+        stats = self.stats
+        stats.fanout_seconds.observe(perf_counter() - started)
+        stats.messages_received += 1
+        stats.deliveries += count
+        stats.bytes_sent += count * len(frame.payloadHybi)
         if not self.quiet:
             log.info(
                 "Connection {id} sending message {text} to {count} other connection(s)",

@@ -1,4 +1,5 @@
-"""The chat as a Twisted service, so shutdown is part of the service tree."""
+"""The chat as a Twisted service: the listeners hang off it, so shutdown can
+drain the chat before the ports close."""
 
 from __future__ import annotations
 
@@ -6,7 +7,7 @@ import signal
 from types import FrameType
 from typing import Any
 
-from twisted.application.service import Service
+from twisted.application.service import MultiService
 from twisted.internet.defer import Deferred
 from twisted.logger import Logger
 
@@ -18,13 +19,15 @@ log = Logger(namespace="webchat")
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT)
 
 
-class ChatService(Service):
+class ChatService(MultiService):
     """
-    Owns the chat's factory for the life of the process.
+    Owns the chat's factory, and the listening services as its children.
 
-    Stopping it tells every client "going away" (1001) and holds the reactor
-    until they answer or the shutdown grace runs out, so browsers see a proper close
-    instead of a reset.
+    Stopping it first marks the node as draining (``/healthz`` answers 503,
+    new WebSockets get 503), tells every client "going away" (1001) and waits
+    until they answer or the shutdown grace runs out; only then do the ports
+    close.  Browsers see a proper close instead of a reset, and a balancer
+    polling ``/healthz`` sees the node leave before its port does.
 
     With ``handle_signals`` it also takes SIGTERM and SIGINT over from the
     reactor.  Twisted's own handlers make twistd re-raise the signal after a
@@ -33,6 +36,7 @@ class ChatService(Service):
     """
 
     def __init__(self, factory: WebChatFactory, handle_signals: bool = False) -> None:
+        super().__init__()
         self.factory = factory
         self.reactor: Any = factory.reactor
         self.handle_signals = handle_signals
@@ -57,16 +61,17 @@ class ChatService(Service):
             self.reactor.stop()
 
     def stopService(self) -> Deferred[None]:
-        super().stopService()
+        self.factory.draining = True
         count = len(self.factory.hub)
         log.info("Shutting down: closing {count} connection(s)", count=count)
         d = self.factory.close_all()
 
-        def report(clean: int) -> None:
+        def report(clean: int) -> Deferred[None]:
             log.info(
                 "Closed {clean} of {count} connection(s) cleanly",
                 clean=clean,
                 count=count,
             )
+            return MultiService.stopService(self)  # now close the ports
 
         return d.addCallback(report)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 from twisted.application.internet import StreamServerEndpointService
 from twisted.application.service import IService, MultiService
 from twisted.internet.endpoints import serverFromString
@@ -10,9 +12,10 @@ from twisted.python import usage
 
 from webchat import __version__, limits
 from webchat.access import AccessPolicy
+from webchat.metrics import make_registry
 from webchat.protocol import WebChatFactory
 from webchat.service import ChatService
-from webchat.web import default_web_root, make_site
+from webchat.web import default_web_root, make_metrics_site, make_site
 
 #: Where the server listens when no --port is given.
 DEFAULT_PORT = "tcp:8080"
@@ -60,8 +63,16 @@ class Options(usage.Options):
 
     optFlags = [
         ["quiet", "q", "Do not log a line for every relayed message."],
+        ["no-metrics", None, "Do not serve /metrics at all."],
     ]
     optParameters = [
+        [
+            "metrics-port",
+            None,
+            None,
+            "Serve /metrics (and /healthz) on this endpoint instead of on the "
+            "chat's own port, e.g. tcp:9100:interface=127.0.0.1.",
+        ],
         [
             "web-root",
             None,
@@ -185,6 +196,8 @@ class Options(usage.Options):
     def postOptions(self) -> None:
         if not self["port"]:
             self["port"] = [DEFAULT_PORT]
+        if self["no-metrics"] and self["metrics-port"]:
+            raise usage.UsageError("--no-metrics and --metrics-port contradict")
         if self["web-root"] is None:
             self["web-root"] = str(default_web_root())
         try:
@@ -211,6 +224,9 @@ class Options(usage.Options):
 
 
 def makeService(options: Options) -> IService:
+    # Imported here, not at the top: both install the global reactor, which
+    # must wait until twistd has chosen one (--reactor).
+    from prometheus_client.twisted import MetricsResource
     from twisted.internet import reactor
 
     chosen = options.limits()
@@ -224,20 +240,33 @@ def makeService(options: Options) -> IService:
             files=open_files,
             max=chosen.max_connections,
         )
-    top = MultiService()
     factory = WebChatFactory(
         reactor, quiet=options["quiet"], limits=chosen, access=options["access"]
     )
-    ChatService(factory, handle_signals=True).setServiceParent(top)
-    site = make_site(factory, options["web-root"])
+    # The listeners are children of the chat service: it drains the chat
+    # before they stop listening.
+    top = ChatService(factory, handle_signals=True)
+    metrics = None
+    if not options["no-metrics"]:
+        metrics = MetricsResource(make_registry(factory))
+    if options["metrics-port"]:
+        listen(
+            reactor, top, options["metrics-port"], make_metrics_site(factory, metrics)
+        )
+        metrics = None  # not on the public port, then
+    site = make_site(factory, options["web-root"], metrics)
     for description in options["port"]:
-        try:
-            endpoint = serverFromString(reactor, description)
-        except (IndexError, KeyError) as e:
-            # Twisted's systemd parser fails with a bare IndexError/KeyError.
-            raise usage.UsageError(
-                f"--port {description}: no such socket was passed in by systemd "
-                f"({e!r}); start webchat through webchat.socket"
-            ) from None
-        StreamServerEndpointService(endpoint, site).setServiceParent(top)
+        listen(reactor, top, description, site)
     return top
+
+
+def listen(reactor: Any, parent: MultiService, description: str, factory: Any) -> None:
+    try:
+        endpoint = serverFromString(reactor, description)
+    except (IndexError, KeyError) as e:
+        # Twisted's systemd parser fails with a bare IndexError/KeyError.
+        raise usage.UsageError(
+            f"{description}: no such socket was passed in by systemd "
+            f"({e!r}); start webchat through webchat.socket"
+        ) from None
+    StreamServerEndpointService(endpoint, factory).setServiceParent(parent)

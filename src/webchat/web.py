@@ -20,10 +20,14 @@ from twisted.web.resource import IResource, Resource
 from twisted.web.server import Request, Site
 from twisted.web.static import File
 
+from webchat.health import HealthResource
 from webchat.logtext import escape_for_log
 from webchat.protocol import WebChatFactory
 
 log = Logger(namespace="webchat")
+
+#: Paths polled by machines, left out of the access log.
+QUIET_PATHS = frozenset({b"/healthz", b"/metrics"})
 
 #: Paths on which a WebSocket upgrade is accepted.
 WEBSOCKET_PATHS = (b"", b"ws")
@@ -48,12 +52,21 @@ def wants_websocket(request: Request) -> bool:
 
 
 class ChatRoot(Resource):
-    """Route upgrades on ``/`` and ``/ws`` to the chat, everything else to files."""
+    """
+    Route upgrades on ``/`` and ``/ws`` to the chat, the operational endpoints
+    (``/healthz``, ``/metrics``) to theirs, and everything else to files.
+    """
 
-    def __init__(self, files: File, websocket: WebSocketResource) -> None:
+    def __init__(
+        self,
+        files: File,
+        websocket: WebSocketResource,
+        endpoints: dict[bytes, IResource] | None = None,
+    ) -> None:
         super().__init__()
         self._files = files
         self._websocket = websocket
+        self._endpoints = endpoints or {}
 
     def getChildWithDefault(self, path: bytes, request: Request) -> IResource:
         at_end = not request.postpath
@@ -62,6 +75,9 @@ class ChatRoot(Resource):
                 return self._websocket
             if path == b"ws":
                 return _upgrade_required()
+        endpoint = self._endpoints.get(path)
+        if endpoint is not None and at_end:
+            return endpoint
         return self._files.getChildWithDefault(path, request)
 
     def render(self, request: Request) -> bytes:
@@ -180,9 +196,32 @@ class ChatSite(Site):
         self.chat = chat
         self.displayTracebacks = False
 
+    def log(self, request: Request) -> None:
+        # Probes and scrapes every few seconds would drown the access log.
+        if request.path not in QUIET_PATHS:
+            super().log(request)
 
-def make_site(factory: WebChatFactory, web_root: Path | str | None = None) -> ChatSite:
-    """Build the site that serves the page and the chat on one port."""
+
+def make_site(
+    factory: WebChatFactory,
+    web_root: Path | str | None = None,
+    metrics: IResource | None = None,
+) -> ChatSite:
+    """
+    Build the site that serves the page, the chat and ``/healthz`` on one
+    port, and ``/metrics`` too when given one.
+    """
     root = Path(web_root) if web_root is not None else default_web_root()
+    endpoints: dict[bytes, IResource] = {b"healthz": HealthResource(factory)}
+    if metrics is not None:
+        endpoints[b"metrics"] = metrics
     files = File(str(root))
-    return ChatSite(ChatRoot(files, WebSocketResource(factory)), factory)
+    return ChatSite(ChatRoot(files, WebSocketResource(factory), endpoints), factory)
+
+
+def make_metrics_site(factory: WebChatFactory, metrics: IResource) -> ChatSite:
+    """A site with only ``/metrics`` and ``/healthz``, for ``--metrics-port``."""
+    root = Resource()
+    root.putChild(b"metrics", metrics)
+    root.putChild(b"healthz", HealthResource(factory))
+    return ChatSite(root, factory)

@@ -1,0 +1,39 @@
+"""``GET /healthz``: is this node fit to take new chats?
+
+Load balancers and Kubernetes probes poll it.  It answers 503 from the
+moment shutdown begins, while the node is still closing its chats, so a
+balancer stops sending new users here before the port goes away.
+"""
+
+from __future__ import annotations
+
+import json
+
+from twisted.web.resource import Resource
+from twisted.web.server import Request
+
+from webchat import __version__
+from webchat.protocol import WebChatFactory
+
+
+class HealthResource(Resource):
+    isLeaf = True
+
+    def __init__(self, factory: WebChatFactory) -> None:
+        super().__init__()
+        self._factory = factory
+
+    def render_GET(self, request: Request) -> bytes:
+        factory = self._factory
+        body = {
+            "status": "shutting_down" if factory.draining else "ok",
+            "connections": len(factory.hub),
+            "uptime": round(factory.reactor.seconds() - factory.started_at, 3),
+            "version": __version__,
+        }
+        request.setResponseCode(503 if factory.draining else 200)
+        request.setHeader(b"Content-Type", b"application/json")
+        request.setHeader(b"Cache-Control", b"no-store")
+        return json.dumps(body).encode() + b"\n"
+
+    render_HEAD = render_GET

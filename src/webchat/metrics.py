@@ -1,0 +1,154 @@
+"""What the server counts, and how Prometheus reads it.
+
+The hot path only bumps plain integers on a ``ChatStats``; nothing is
+formatted or locked per message.  A custom collector turns those numbers
+into metric families when ``/metrics`` is scraped, so each server (and each
+test) has its own registry and no module-level state exists.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from collections.abc import Iterator
+from typing import TYPE_CHECKING
+
+from prometheus_client import CollectorRegistry, Histogram
+from prometheus_client.core import (
+    CounterMetricFamily,
+    GaugeMetricFamily,
+    InfoMetricFamily,
+    Metric,
+)
+from prometheus_client.gc_collector import GCCollector
+from prometheus_client.platform_collector import PlatformCollector
+from prometheus_client.process_collector import ProcessCollector
+from prometheus_client.registry import Collector
+
+from webchat import __version__
+
+if TYPE_CHECKING:
+    from webchat.protocol import WebChatFactory
+
+#: Every reason a handshake can be refused, so each series exists from zero.
+REFUSAL_REASONS = ("origin", "max_connections", "max_connections_per_ip", "draining")
+#: Every kind of connection the server ends for cause.
+DROP_REASONS = (
+    "too_slow",
+    "rate_limited",
+    "ping_timeout",
+    "handshake_timeout",
+    "message_too_big",
+    "invalid_utf8",
+    "protocol_error",
+    "unsupported_data",
+    "internal_error",
+)
+#: Fan-out time buckets, in seconds: 10 µs .. 1 s.
+FANOUT_BUCKETS = (
+    1e-5, 2.5e-5, 5e-5, 1e-4, 2.5e-4, 5e-4, 1e-3, 2.5e-3, 5e-3, 0.01, 0.025, 0.05,
+    0.1, 0.25, 0.5, 1.0,
+)  # fmt: skip
+
+
+class ChatStats:
+    """The server's counters: plain numbers, cheap to bump."""
+
+    def __init__(self) -> None:
+        self.opened = 0
+        self.closed: Counter[int] = Counter()
+        self.refused: Counter[str] = Counter()
+        self.dropped: Counter[str] = Counter()
+        self.messages_received = 0
+        self.deliveries = 0
+        self.bytes_received = 0
+        self.bytes_sent = 0
+        # Not registered anywhere: the collector below reports it.
+        self.fanout_seconds = Histogram(
+            "webchat_fanout_seconds",
+            "Time from receiving a message to handing its last copy to the transports.",
+            buckets=FANOUT_BUCKETS,
+            registry=None,
+        )
+
+
+class ChatCollector(Collector):
+    """Reads one factory's ``ChatStats`` at scrape time."""
+
+    def __init__(self, factory: WebChatFactory) -> None:
+        self._factory = factory
+
+    def collect(self) -> Iterator[Metric]:
+        factory = self._factory
+        stats = factory.stats
+        yield InfoMetricFamily(
+            "webchat_build", "webchat version", {"version": __version__}
+        )
+        yield GaugeMetricFamily(
+            "webchat_connections", "Open WebSocket connections.", len(factory.hub)
+        )
+        yield CounterMetricFamily(
+            "webchat_connections_opened",
+            "WebSocket connections opened (handshake completed).",
+            stats.opened,
+        )
+        closed = CounterMetricFamily(
+            "webchat_connections_closed",
+            "WebSocket connections closed, by close code (1006: dropped without "
+            "a close frame).",
+            labels=["code"],
+        )
+        for code, count in sorted(dict(stats.closed).items()):
+            closed.add_metric([str(code)], count)
+        yield closed
+        yield _by_reason(
+            "webchat_handshakes_refused",
+            "Opening handshakes refused, by reason.",
+            REFUSAL_REASONS,
+            stats.refused,
+        )
+        yield _by_reason(
+            "webchat_connections_dropped",
+            "Connections the server ended for cause, by reason (too_slow: slow "
+            "readers; rate_limited: flooders).",
+            DROP_REASONS,
+            stats.dropped,
+        )
+        yield CounterMetricFamily(
+            "webchat_messages_received",
+            "Chat messages received.",
+            stats.messages_received,
+        )
+        yield CounterMetricFamily(
+            "webchat_deliveries",
+            "Copies of chat messages handed to recipients' transports.",
+            stats.deliveries,
+        )
+        yield CounterMetricFamily(
+            "webchat_received_bytes",
+            "WebSocket bytes received (after the handshake).",
+            stats.bytes_received,
+        )
+        yield CounterMetricFamily(
+            "webchat_sent_bytes", "WebSocket bytes sent.", stats.bytes_sent
+        )
+        yield from stats.fanout_seconds.collect()
+
+
+def _by_reason(
+    name: str, documentation: str, reasons: tuple[str, ...], counts: Counter[str]
+) -> CounterMetricFamily:
+    family = CounterMetricFamily(name, documentation, labels=["reason"])
+    snapshot = dict(counts)  # one atomic copy: scrapes run in a thread
+    for reason in dict.fromkeys((*reasons, *snapshot)):
+        family.add_metric([reason], snapshot.get(reason, 0))
+    return family
+
+
+def make_registry(factory: WebChatFactory) -> CollectorRegistry:
+    """A registry of this server's metrics plus the process's own (RSS, CPU, fds)."""
+    registry = CollectorRegistry(auto_describe=True)
+    registry.register(ChatCollector(factory))
+    ProcessCollector(registry=registry)
+    PlatformCollector(registry=registry)
+    GCCollector(registry=registry)
+    return registry
