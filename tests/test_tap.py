@@ -126,3 +126,18 @@ class TwistdTests(SynchronousTestCase):
         server.wait_for_log("Site starting on")
         self.assertEqual(server.stop(signal.SIGINT), 0, server.log())
         self.assertIn("Received SIGINT, shutting down.", server.log())
+
+    def test_version_is_the_package_version(self):
+        import subprocess
+        from importlib.metadata import version
+
+        import webchat
+
+        out = subprocess.run(
+            [*twistd_command(), "webchat", "--version"],
+            capture_output=True,
+            text=True,
+            check=True,
+        ).stdout
+        self.assertEqual(out.strip(), f"webchat {version('webchat')}")
+        self.assertEqual(webchat.__version__, version("webchat"))

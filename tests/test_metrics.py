@@ -1,0 +1,115 @@
+"""/metrics after a scripted chat: every counter moved by exactly the right amount.
+
+Scraped over HTTP from a real server and parsed with prometheus_client's own
+text parser, the way Prometheus would read it.
+"""
+
+from __future__ import annotations
+
+from prometheus_client.parser import text_string_to_metric_families
+from prometheus_client.twisted import MetricsResource
+from twisted.internet import reactor
+from twisted.internet.defer import inlineCallbacks
+from twisted.internet.endpoints import TCP4ServerEndpoint
+from twisted.trial.unittest import TestCase
+
+from tests.support import HANDSHAKE, ServerMixin, connect_raw, deferLater
+from webchat.limits import Limits
+from webchat.metrics import make_registry
+from webchat.web import make_site
+
+
+class MetricsTests(ServerMixin, TestCase):
+    timeout = 30
+
+    @inlineCallbacks
+    def setUp(self):
+        yield self.start_server(limits=Limits(rate_limit=0, max_message_size=100))
+        # The same server, with /metrics mounted, on a second port.
+        metrics = MetricsResource(make_registry(self.factory))
+        endpoint = TCP4ServerEndpoint(reactor, 0, interface="127.0.0.1")
+        self.metrics_port = yield endpoint.listen(
+            make_site(self.factory, metrics=metrics)
+        )
+        self.addCleanup(self.metrics_port.stopListening)
+
+    @inlineCallbacks
+    def get(self, path: bytes) -> bytes:
+        peer = yield connect_raw(self.metrics_port.getHost().port)
+        peer.transport.write(b"GET " + path + b" HTTP/1.0\r\n\r\n")
+        yield peer.lost
+        return peer.data
+
+    @inlineCallbacks
+    def scrape(self) -> dict[str, float]:
+        reply = yield self.get(b"/metrics")
+        self.assertTrue(reply.startswith(b"HTTP/1.0 200 "), reply[:100])
+        text = reply.split(b"\r\n\r\n", 1)[1].decode()
+        samples = {}
+        for family in text_string_to_metric_families(text):
+            for sample in family.samples:
+                labels = ",".join(f"{k}={v}" for k, v in sorted(sample.labels.items()))
+                samples[f"{sample.name}{{{labels}}}" if labels else sample.name] = (
+                    sample.value
+                )
+        return samples
+
+    @inlineCallbacks
+    def test_counters_move_by_exactly_the_chat(self):
+        before = yield self.scrape()
+        a, b, c = yield self.connect_many(3)
+        a.send_text("hello")  # 2 deliveries of "id 1: hello" (11 bytes + 2 header)
+        b.send_text("hi")  # 2 deliveries of "id 2: hi" (8 + 2)
+        yield b.received.get()
+        yield c.received.get()
+        yield a.received.get()
+        yield c.received.get()
+        c.sendClose()  # 1000
+        yield c.closed
+        b.send_text("x" * 101)  # too big: 1009
+        yield b.closed
+        peer = yield connect_raw(self.port.getHost().port)
+        peer.transport.write(
+            HANDSHAKE.replace(b"\r\n\r\n", b"\r\nOrigin: http://evil.example\r\n\r\n")
+        )
+        yield peer.lost
+        yield deferLater(0.05)
+        after = yield self.scrape()
+
+        def moved(name: str) -> float:
+            return after.get(name, 0) - before.get(name, 0)
+
+        self.assertEqual(after["webchat_connections"], 1)
+        self.assertEqual(moved("webchat_connections_opened_total"), 3)
+        self.assertEqual(moved("webchat_connections_closed_total{code=1000}"), 1)
+        self.assertEqual(moved("webchat_connections_closed_total{code=1009}"), 1)
+        self.assertEqual(moved("webchat_handshakes_refused_total{reason=origin}"), 1)
+        self.assertEqual(
+            moved("webchat_connections_dropped_total{reason=message_too_big}"), 1
+        )
+        self.assertEqual(moved("webchat_connections_dropped_total{reason=too_slow}"), 0)
+        self.assertEqual(moved("webchat_messages_received_total"), 2)
+        self.assertEqual(moved("webchat_deliveries_total"), 4)
+        self.assertEqual(moved("webchat_sent_bytes_total"), 2 * 13 + 2 * 10)
+        self.assertEqual(moved("webchat_fanout_seconds_count"), 2)
+        self.assertGreater(moved("webchat_received_bytes_total"), 0)
+        self.assertGreater(after["process_resident_memory_bytes"], 0)
+        self.assertIn("process_open_fds", after)
+
+    @inlineCallbacks
+    def test_healthz(self):
+        import json
+
+        yield self.connect_many(2)
+        reply = yield self.get(b"/healthz")
+        self.assertTrue(reply.startswith(b"HTTP/1.0 200 "), reply[:100])
+        body = json.loads(reply.split(b"\r\n\r\n", 1)[1])
+        self.assertEqual(body["status"], "ok")
+        self.assertEqual(body["connections"], 2)
+        self.assertGreaterEqual(body["uptime"], 0)
+        self.factory.draining = True
+        reply = yield self.get(b"/healthz")
+        self.assertTrue(reply.startswith(b"HTTP/1.0 503 "), reply[:100])
+        self.assertEqual(
+            json.loads(reply.split(b"\r\n\r\n", 1)[1])["status"], "shutting_down"
+        )
