@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import re
+import shutil
+import tempfile
 import signal
 import socket
 from pathlib import Path
@@ -98,7 +100,10 @@ class TwistdTests(SynchronousTestCase):
         site = workdir / "site"
         site.mkdir()
         (site / "index.html").write_text("<p>another page</p>")
-        sock = workdir / "chat.sock"
+        # AF_UNIX paths are short (108 bytes); trial's temp paths are not.
+        sockdir = Path(tempfile.mkdtemp(prefix="webchat-"))
+        self.addCleanup(shutil.rmtree, sockdir, True)
+        sock = sockdir / "chat.sock"
         server = Twistd(
             workdir,
             "--port",
