@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import re
 import shutil
-import tempfile
 import signal
 import socket
+import tempfile
 from pathlib import Path
 
 from twisted.trial.unittest import SynchronousTestCase
