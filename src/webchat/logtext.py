@@ -43,3 +43,28 @@ def escape_for_log(text: str, limit: int = LOG_TEXT_LIMIT) -> str:
         suffix = f"…[{len(text)} chars]"
         text = text[:limit]
     return _UNSAFE.sub(_escape_one, text) + suffix
+
+
+class LogText:
+    """
+    Message bytes for a log event, decoded and escaped only if the event is
+    ever formatted.
+
+    The per-message log line is the one on the hot path: with its level
+    filtered out (or the observer dropping it) no user text is decoded,
+    escaped or cut at all.
+    """
+
+    __slots__ = ("_payload",)
+
+    def __init__(self, payload: bytes) -> None:
+        self._payload = payload
+
+    def __str__(self) -> str:
+        return escape_for_log(self._payload.decode("utf-8", "replace"))
+
+    def __format__(self, spec: str) -> str:
+        return format(str(self), spec)
+
+    def __repr__(self) -> str:
+        return repr(str(self))

@@ -27,14 +27,15 @@ Refused opening handshakes get an HTTP status instead: 403 for a foreign
 
 from __future__ import annotations
 
+import socket
 from collections import Counter
-from time import perf_counter
 from typing import Any
 
 import txaio
 from autobahn.twisted.websocket import WebSocketServerFactory, WebSocketServerProtocol
 from autobahn.websocket.protocol import WebSocketProtocol
 from autobahn.websocket.types import ConnectionDeny
+from twisted.internet import tcp
 from twisted.internet.defer import Deferred, DeferredList, succeed
 from twisted.internet.interfaces import (
     IDelayedCall,
@@ -46,9 +47,10 @@ from twisted.logger import Logger
 from zope.interface import implementer
 
 from webchat.access import AccessPolicy, canonical_address
+from webchat.frames import text_frame
 from webchat.hub import Hub
 from webchat.limits import Limits
-from webchat.logtext import escape_for_log
+from webchat.logtext import LogText, escape_for_log
 from webchat.metrics import ChatStats
 from webchat.ratelimit import TokenBucket
 
@@ -95,6 +97,8 @@ class WebChatProtocol(WebSocketServerProtocol):
     _last_heard = 0.0
     _pinged_at = 0.0
     _keepalive: IDelayedCall | None = None
+    #: The raw socket, for plain TCP/Unix transports (see ``deliver``).
+    _socket: socket.socket | None = None
 
     # -- connection lifetime ------------------------------------------------------
 
@@ -110,6 +114,8 @@ class WebChatProtocol(WebSocketServerProtocol):
         except RuntimeError:
             pass  # nobody was registered (test transports say so loudly)
         self.transport.registerProducer(self, True)
+        if isinstance(self.transport, tcp.Connection) and not self.transport.TLS:
+            self._socket = self.transport.socket
 
     def onConnect(self, request: Any) -> None:
         self.factory.admit(self, request)
@@ -200,21 +206,46 @@ class WebChatProtocol(WebSocketServerProtocol):
 
     # -- sending, and noticing who cannot keep up ---------------------------------
 
-    def deliver(self, frame: Any) -> bool:
+    def deliver(self, data: bytes) -> bool:
         """
-        Queue a prepared frame; refuse it if this connection is closing.
+        Send whole frames built by the hub; refuse them if this connection is
+        closing.
 
-        Autobahn raises for a send on a closing connection; checking first
-        keeps that exception from ever surfacing in the *sender's* stack.
+        Twisted's ``transport.write`` does not write: it buffers, registers
+        the socket with epoll and sends on a later iteration, inside its
+        logging wrapper, and that bookkeeping costs more than the send.  So
+        when Twisted holds nothing unsent for this connection the bytes go
+        straight to the socket, and only what the kernel does not take goes
+        through ``transport.write``.  Once anything is buffered everything
+        goes through Twisted, so the order of bytes on the wire and Twisted's
+        back-pressure signals (which find slow readers) stay intact.  TLS
+        transports always take ``transport.write``: their bytes must pass
+        through the TLS layer.
+
+        Autobahn raises for a send on a closing connection; checking the
+        state first keeps that from ever surfacing in the *sender's* stack.
         """
         if self.state != _OPEN:
             return False
+        transport = self.transport
         if self._paused:
-            self._backlog += len(frame.payloadHybi)
+            self._backlog += len(data)
             if self._backlog > self._backlog_limit():
                 self._too_slow()
                 return False
-        self.sendPreparedMessage(frame)
+        elif (
+            self._socket is not None
+            and not transport._tempDataLen
+            and not transport.dataBuffer
+        ):
+            try:
+                sent = self._socket.send(data)
+            except OSError:
+                sent = 0  # EAGAIN, or a reset Twisted will notice and report
+            if sent == len(data):
+                return True
+            data = data[sent:]
+        transport.write(data)
         return True
 
     def _backlog_limit(self) -> int:
@@ -310,14 +341,14 @@ class WebChatFactory(WebSocketServerFactory):
         access: AccessPolicy | None = None,
     ) -> None:
         super().__init__(reactor=reactor)
-        self.hub = Hub()
+        self.stats = ChatStats()
+        self.hub = Hub(reactor, self.stats)
         self.quiet = quiet
         self.limits = limits or Limits()
         self.access = access or AccessPolicy()
         #: Every connection from TCP accept to close, open or still handshaking.
         self.connections: set[WebChatProtocol] = set()
         self.per_address: Counter[str] = Counter()
-        self.stats = ChatStats()
         #: When the server started, for /healthz's uptime.
         self.started_at = reactor.seconds()
         #: Set at shutdown: new handshakes get 503 and /healthz says so.
@@ -431,20 +462,16 @@ class WebChatFactory(WebSocketServerFactory):
                 del self.per_address[address]
 
     def relay(self, sender: WebChatProtocol, payload: bytes) -> int:
-        """Send ``id N: payload`` to everyone but ``sender``; return how many got it."""
-        started = perf_counter()
-        frame = self.prepareMessage(b"id %d: %b" % (sender.chat_id, payload))
-        count = self.hub.broadcast(sender, frame)
-        stats = self.stats
-        stats.fanout_seconds.observe(perf_counter() - started)
-        stats.messages_received += 1
-        stats.deliveries += count
-        stats.bytes_sent += count * len(frame.payloadHybi)
+        """Send ``id N: payload`` to everyone but ``sender``; return how many get it."""
+        count = self.hub.broadcast(
+            sender, text_frame(b"id %d: " % sender.chat_id, payload)
+        )
+        self.stats.messages_received += 1
         if not self.quiet:
             log.info(
                 "Connection {id} sending message {text} to {count} other connection(s)",
                 id=sender.chat_id,
-                text=escape_for_log(payload.decode("utf-8")),
+                text=LogText(payload),
                 count=count,
             )
         return count

@@ -1,0 +1,88 @@
+"""The fan-out engine without sockets: who gets what, in which order, in one write."""
+
+from __future__ import annotations
+
+from twisted.internet.task import Clock
+from twisted.trial.unittest import SynchronousTestCase
+
+from webchat.frames import text_frame
+from webchat.hub import Hub
+from webchat.metrics import ChatStats
+
+
+class Recorder:
+    def __init__(self, chat_id: int, closing: bool = False) -> None:
+        self.chat_id = chat_id
+        self.closing = closing
+        self.writes: list[bytes] = []
+
+    def deliver(self, data: bytes) -> bool:
+        if self.closing:
+            return False
+        self.writes.append(data)
+        return True
+
+
+class HubTests(SynchronousTestCase):
+    def setUp(self):
+        self.clock = Clock()
+        self.stats = ChatStats()
+        self.hub = Hub(self.clock, self.stats)
+        self.members = [Recorder(self.hub.allocate_id()) for _ in range(4)]
+        for member in self.members:
+            self.hub.join(member)
+
+    def test_nothing_is_sent_before_the_end_of_the_turn_and_nothing_waits_longer(self):
+        a = self.members[0]
+        self.assertEqual(self.hub.broadcast(a, b"F1"), 3)
+        self.assertEqual([m.writes for m in self.members], [[], [], [], []])
+        self.clock.advance(0)  # the end of this reactor iteration, not a timer
+        self.assertEqual(
+            [m.writes for m in self.members], [[], [b"F1"], [b"F1"], [b"F1"]]
+        )
+
+    def test_one_write_per_member_per_turn_without_its_own_frames(self):
+        a, b, c, d = self.members
+        self.hub.broadcast(a, b"A1")
+        self.hub.broadcast(b, b"B1")
+        self.hub.broadcast(a, b"A2")
+        self.hub.broadcast(None, b"R1")  # from another node: goes to everyone
+        self.clock.advance(0)
+        self.assertEqual(a.writes, [b"B1R1"])
+        self.assertEqual(b.writes, [b"A1A2R1"])
+        self.assertEqual(c.writes, [b"A1B1A2R1"])
+        self.assertEqual(d.writes, [b"A1B1A2R1"])
+        # 4 messages to 4 members, less the 3 that were the member's own.
+        self.assertEqual(self.stats.deliveries, 13)
+        self.assertEqual(self.stats.bytes_sent, 4 + 6 + 8 + 8)
+        (histogram,) = self.stats.fanout_seconds.collect()
+        counts = [s.value for s in histogram.samples if s.name.endswith("_count")]
+        self.assertEqual(counts, [4])  # one fan-out time per message
+
+    def test_a_member_on_its_way_out_costs_nobody_anything(self):
+        a, b, c, d = self.members
+        b.closing = True
+        self.hub.broadcast(a, b"A1")
+        self.clock.advance(0)
+        self.assertEqual((b.writes, c.writes, d.writes), ([], [b"A1"], [b"A1"]))
+        self.assertEqual(self.stats.deliveries, 2)
+
+    def test_a_sender_that_left_before_the_flush_still_reaches_the_others(self):
+        a, b, _c, _d = self.members
+        self.hub.broadcast(a, b"A1")
+        self.hub.leave(a)
+        self.clock.advance(0)
+        self.assertEqual((a.writes, b.writes), ([], [b"A1"]))
+
+    def test_ids_count_up_and_are_never_reused(self):
+        self.hub.leave(self.members[3])
+        self.assertEqual(self.hub.allocate_id(), 5)
+
+
+class FrameTests(SynchronousTestCase):
+    def test_lengths(self):
+        self.assertEqual(text_frame(b"id 1: ", b"hi"), b"\x81\x08id 1: hi")
+        self.assertEqual(text_frame(b"x" * 126)[:4], b"\x81\x7e\x00\x7e")
+        self.assertEqual(
+            text_frame(b"x" * 65536)[:10], b"\x81\x7f" + (65536).to_bytes(8, "big")
+        )
