@@ -147,6 +147,19 @@ class RawFrameTests(ServerMixin, TestCase):
         )
 
     @inlineCallbacks
+    def test_a_compression_offer_is_declined_not_fatal(self):
+        # Browsers offer permessage-deflate; the server answers without it.
+        peer = yield connect_raw(self.port.getHost().port)
+        self.addCleanup(peer.transport.abortConnection)
+        offer = (
+            b"Sec-WebSocket-Extensions: permessage-deflate; client_max_window_bits\r\n"
+        )
+        peer.transport.write(HANDSHAKE.replace(b"\r\n\r\n", b"\r\n" + offer + b"\r\n"))
+        head = yield peer.wait_for(lambda data: b"\r\n\r\n" in data)
+        self.assertTrue(head.startswith(b"HTTP/1.1 101 "), head)
+        self.assertNotIn(b"sec-websocket-extensions", head.lower())
+
+    @inlineCallbacks
     def test_a_ping_gets_its_pong(self):
         peer = yield self.open_raw()
         peer.transport.write(client_frame(0x9, b"are you there?"))
