@@ -164,9 +164,50 @@ class Frame(NamedTuple):
 CLIENT_CLOSE = Frame(0x8, struct.pack("!H", 1000) + b"bye")
 
 
+def _browser_handshake(*lines: bytes) -> bytes:
+    return b"\r\n".join([b"GET / HTTP/1.1", *lines]) + b"\r\n\r\n"
+
+
+#: Opening handshakes as browsers send them: more headers, other spellings,
+#: and an offer of permessage-deflate, which this server must decline.
+BROWSER_HANDSHAKES = (
+    _browser_handshake(
+        b"Host: 127.0.0.1",
+        b"Connection: Upgrade",
+        b"Pragma: no-cache",
+        b"Cache-Control: no-cache",
+        b"User-Agent: Mozilla/5.0 (X11; Linux x86_64) Chrome/131.0 Safari/537.36",
+        b"Upgrade: websocket",
+        b"Origin: http://127.0.0.1",
+        b"Sec-WebSocket-Version: 13",
+        b"Accept-Encoding: gzip, deflate, br, zstd",
+        b"Accept-Language: en-GB,en;q=0.9",
+        b"Sec-WebSocket-Key: x3JJHMbDL1EzLkh9GBhXDw==",
+        b"Sec-WebSocket-Extensions: permessage-deflate; client_max_window_bits",
+    ),
+    _browser_handshake(
+        b"Host: 127.0.0.1",
+        b"User-Agent: Mozilla/5.0 (X11; Linux x86_64; rv:133.0) Firefox/133.0",
+        b"Accept: */*",
+        b"Sec-WebSocket-Version: 13",
+        b"Origin: http://127.0.0.1",
+        b"Sec-WebSocket-Extensions: permessage-deflate",
+        b"Sec-WebSocket-Key: AQIDBAUGBwgJCgsMDQ4PEC==",
+        b"Connection: keep-alive, Upgrade",
+        b"Sec-Fetch-Mode: websocket",
+        b"Pragma: no-cache",
+        b"Upgrade: websocket",
+    ),
+)
+#: The handshakes a frame example may open with.
+HANDSHAKES = (HANDSHAKE, *BROWSER_HANDSHAKES)
+
+
 class FrameExample(NamedTuple):
     """Frames sent after a good handshake, then ``CLIENT_CLOSE``."""
 
+    #: Which of ``HANDSHAKES`` opens the connection.
+    handshake: int
     frames: tuple[Frame, ...]
     #: A last frame whose header promises more bytes than ever come (and
     #: more than the limit), so the server must decide on the header alone.
@@ -339,6 +380,7 @@ _lying_tails = _frames(
 
 frame_examples = st.builds(
     FrameExample,
+    handshake=st.sampled_from((0, 0, 1, 2)),
     frames=st.one_of(
         # A good client; one that goes wrong once; one that never goes right.
         _valid_frames(),
@@ -471,6 +513,9 @@ raw_examples = st.one_of(
     _bloated(),
     st.binary(min_size=1, max_size=60).map(
         lambda b: RawExample(HANDSHAKE + b, "upgrade", "handshake, then raw bytes")
+    ),
+    st.sampled_from(BROWSER_HANDSHAKES).map(
+        lambda b: RawExample(b, "upgrade", "a browser's handshake")
     ),
 )
 
@@ -817,6 +862,8 @@ class FuzzTests(ServerMixin, TestCase):
             mixed += rest_frames[:2] + rest_raws[:1]
             rest_frames, rest_raws = rest_frames[2:], rest_raws[1:]
         for label, example in warmup:
+            if len(self.failures) >= 5:
+                break
             yield self.run_example(label, example)
         yield self.check_bystanders("after the warm-up")
         gc.collect()
@@ -887,12 +934,19 @@ class FuzzTests(ServerMixin, TestCase):
         runs once more with far more patience before it counts as failed.
         """
         peer = yield connect_raw(self.port.getHost().port)
-        peer.transport.write(HANDSHAKE)
+        # Without it, Nagle's algorithm holds a split write back for the
+        # delayed ACK (40 ms): the server would look slow when it is not.
+        peer.transport.setTcpNoDelay(True)
+        peer.transport.write(HANDSHAKES[example.handshake])
         yield within(peer.wait_for(lambda data: b"\r\n\r\n" in data), 3)
         status, _ = split_response(peer.data)
-        if status != 101:
+        head = peer.data.partition(b"\r\n\r\n")[0].lower()
+        if status != 101 or b"sec-websocket-extensions" in head:
+            # (The model knows no extensions: with one, RSV bits mean something.)
             peer.transport.abortConnection()
-            self.fail_example(label, example, [f"handshake got {peer.data[:200]!r}"])
+            self.fail_example(
+                label, example, [f"handshake got {shorten(peer.data, 300)}"]
+            )
             return
         chat_id = next(
             p.chat_id
@@ -920,7 +974,9 @@ class FuzzTests(ServerMixin, TestCase):
             peer.transport.abortConnection()
         frames, rest = parse_frames_strictly(peer.body())
         code = close_code(frames)
-        lost = code is None and expected.close_may_be_lost and ended and not frames
+        # The known bug discards whatever the server had not sent yet: the
+        # close, and any pongs still queued in front of it.
+        lost = code is None and expected.close_may_be_lost and ended
         self.seen["frames: lost close" if lost else f"frames: close {code}"] += 1
         self.seen["frames: retried"] += patience == SLOW_PATIENCE
         if code is None and not lost and patience < SLOW_PATIENCE:
@@ -934,9 +990,12 @@ class FuzzTests(ServerMixin, TestCase):
         elif code not in expected.codes:
             problems.append(f"close code {code}, expected one of {set(expected.codes)}")
         pongs = [f.payload for f in frames if f.opcode == 0xA]
-        if pongs[: len(expected.pongs)] != list(expected.pongs):
-            problems.append(f"pongs {pongs}, expected {expected.pongs} first")
-        elif any(p not in expected.later_pings for p in pongs[len(expected.pongs) :]):
+        owed = list(expected.pongs)
+        if pongs[: len(owed)] != owed[: len(pongs)]:
+            problems.append(f"pongs {pongs}, expected {owed} first")
+        elif len(pongs) < len(owed) and not lost:
+            problems.append(f"pongs {pongs}, expected {owed}")
+        elif any(p not in expected.later_pings for p in pongs[len(owed) :]):
             problems.append(f"pongs {pongs} answer pings that were never sent")
         if problems:
             self.fail_example(
