@@ -26,12 +26,12 @@ channel (``webchat`` unless ``channel`` says otherwise)::
 * ``<text>``: the message exactly as the client sent it: UTF-8, possibly
   empty, spaces and newlines included; it runs to the end of the payload.
 
-Why not JSON: encoding an envelope as JSON costs about 18 times as much as
-this format and decoding about 6 times (docs/relay-protocol.md has the
-numbers), the text would be decoded and re-encoded on both sides, and every
-node reads every other node's messages.  This format leaves the text as
-bytes from the sender's socket to the receivers' frames, and a node spots
-its own echo by comparing a prefix.
+Why not JSON: every node decodes every other node's messages, and JSON costs
+3.0 µs to encode and 2.3 µs to decode (with checks) where this format costs
+0.2 and 1.0 (docs/relay-protocol.md has the details); it would also turn the
+text into ``str`` and back on both sides.  This format keeps the text as the
+bytes from the sender's socket to the receivers' frames, and a node spots its
+own echo by comparing a prefix.
 
 Connection ids across nodes
 ---------------------------
