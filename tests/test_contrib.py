@@ -9,17 +9,31 @@ from __future__ import annotations
 import re
 import shlex
 import shutil
+import socket
 import subprocess
 import tempfile
 from pathlib import Path
 
-from twisted.trial.unittest import SynchronousTestCase
+from autobahn.twisted.websocket import WebSocketClientFactory
+from twisted.internet import reactor
+from twisted.internet.defer import inlineCallbacks
+from twisted.internet.endpoints import (
+    TCP4ClientEndpoint,
+    TCP4ServerEndpoint,
+    wrapClientTLS,
+)
+from twisted.internet.ssl import Certificate, optionsForClientTLS
+from twisted.internet.task import deferLater
+from twisted.trial.unittest import SynchronousTestCase, TestCase
 
-from tests.support import ROOT, require
+from tests.support import ROOT, ChatClient, cancel_batched_timers, free_port, require
 from tests.test_systemd import SERVICE, seconds, unit_values, with_local_binary
 from tests.tls_cert import make_certificate
+from webchat.access import AccessPolicy
 from webchat.limits import SHUTDOWN_GRACE
+from webchat.protocol import WebChatFactory
 from webchat.relay import parse_redis_url
+from webchat.web import make_site
 
 TEMPLATE = ROOT / "contrib" / "systemd" / "webchat@.service"
 NGINX = ROOT / "contrib" / "nginx" / "webchat-cluster.conf"
@@ -159,3 +173,153 @@ class BalancerTests(SynchronousTestCase):
         )
         self.assertNotEqual(replaced, text)
         return replaced
+
+
+# -- nginx, running, in front of real nodes ------------------------------------------
+
+
+class NginxInFrontTests(TestCase):
+    """
+    The shipped nginx config, running, in front of two webchat nodes in this
+    process.  Only addresses change: nginx listens on a free loopback port and
+    its upstream names the nodes' ports, the certificate is a throwaway one.
+    """
+
+    @inlineCallbacks
+    def test_websockets_pass_through_and_spread_over_the_nodes(self):
+        nginx = shutil.which("nginx") or shutil.which("nginx", path="/usr/sbin")
+        if nginx is None:
+            raise require("nginx", "apt-get install nginx-light")
+        first = yield self.start_node()
+        second = yield self.start_node()
+        port = self.start_nginx(nginx, [first, second])
+        yield self.wait_for_port(port)
+
+        # Through TLS, Upgrade, Host and X-Forwarded-Proto: a browser on
+        # https://localhost is let in (its Origin is the host it reached).
+        one = yield self.connect(port)
+        two = yield self.connect(port)
+        # least_conn: the second goes to the node that had none.
+        self.assertEqual(sorted([len(first.hub), len(second.hub)]), [1, 1])
+
+        three = yield self.connect(port)
+        four = yield self.connect(port)
+        self.assertEqual([len(first.hub), len(second.hub)], [2, 2])
+        # Two on one node hear each other, through nginx; the others, on the
+        # other node, cannot without a relay between the nodes.
+        one.send_text("hello through nginx")
+        yield deferLater(reactor, 0.3, lambda: None)
+        heard = [c.pending() for c in (two, three, four)]
+        self.assertEqual(sorted(map(len, heard)), [0, 0, 1], heard)
+        self.assertRegex(max(heard)[0], r"^id \d+: hello through nginx$")
+
+        # A node that is gone (refuses connections) is skipped.
+        yield first.listening.stopListening()
+        for _ in range(3):
+            yield self.connect(port)
+        self.assertEqual([len(first.hub), len(second.hub)], [2, 5])
+
+    # -- helpers ----------------------------------------------------------------------
+
+    @inlineCallbacks
+    def start_node(self):
+        factory = WebChatFactory(
+            reactor, quiet=True, access=AccessPolicy.from_options(proxies=["127.0.0.1"])
+        )
+        endpoint = TCP4ServerEndpoint(reactor, 0, interface="127.0.0.1")
+        factory.listening = yield endpoint.listen(make_site(factory))
+        self.addCleanup(self.stop_node, factory)
+        return factory
+
+    @inlineCallbacks
+    def stop_node(self, factory):
+        if factory.listening.connected:
+            yield factory.listening.stopListening()
+        yield factory.close_all(grace=1.0)
+        yield deferLater(reactor, 0, lambda: None)
+        cancel_batched_timers()
+
+    def start_nginx(self, nginx: str, nodes: list[WebChatFactory]) -> int:
+        directory = workdir(self, "webchat-nginx-")
+        cert = make_certificate(directory)
+        port, redirect_port = free_port(), free_port()
+        site = NGINX.read_text()
+        upstreams = "".join(
+            f"    server 127.0.0.1:{node.listening.getHost().port} "
+            "max_fails=1 fail_timeout=10s;\n"
+            for node in nodes
+        )
+        site = re.sub(r"(?m)^    server 127\.0\.0\.1:808\d .*\n", "", site, count=4)
+        site = site.replace("    least_conn;\n", "    least_conn;\n" + upstreams)
+        site = (
+            site.replace("listen 443 ssl;", f"listen 127.0.0.1:{port} ssl;")
+            .replace("listen [::]:443 ssl;", "")
+            .replace("listen 80;", f"listen 127.0.0.1:{redirect_port};")
+            .replace("listen [::]:80;", "")
+            .replace("/etc/ssl/chat.example.com/fullchain.pem", str(cert.cert))
+            .replace("/etc/ssl/chat.example.com/privkey.pem", str(cert.key))
+        )
+        self.assertIn(upstreams, site)
+        (directory / "site.conf").write_text(site)
+        (directory / "nginx.conf").write_text(
+            f"pid {directory}/nginx.pid;\n"
+            "error_log stderr;\n"
+            "events {}\n"
+            f"http {{ access_log off; include {directory}/site.conf; }}\n"
+        )
+        process = subprocess.Popen(
+            [nginx, "-p", str(directory), "-e", "stderr", "-c",
+             str(directory / "nginx.conf"), "-g", "daemon off; master_process off;"],
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE,
+        )  # fmt: skip
+        self.nginx = process
+        self.addCleanup(self.stop_nginx, process)
+        self.ca = cert.ca
+        return port
+
+    def stop_nginx(self, process: subprocess.Popen[bytes]) -> None:
+        process.terminate()
+        try:
+            process.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()
+        if process.stderr is not None:
+            process.stderr.close()
+
+    @inlineCallbacks
+    def wait_for_port(self, port: int):
+        for _ in range(500):
+            if self.nginx.poll() is not None:
+                error = self.nginx.stderr.read().decode(errors="replace")
+                self.fail(f"nginx exited with {self.nginx.returncode}: {error}")
+            with socket.socket() as probe:
+                if probe.connect_ex(("127.0.0.1", port)) == 0:
+                    return
+            yield deferLater(reactor, 0.02, lambda: None)
+        self.fail("nginx did not start listening")
+
+    @inlineCallbacks
+    def connect(self, port: int):
+        factory = WebSocketClientFactory(
+            f"wss://localhost:{port}/", origin="https://localhost"
+        )
+        factory.protocol = ChatClient
+        factory.setProtocolOptions(failByDrop=False, openHandshakeTimeout=5)
+        trust = Certificate.loadPEM(self.ca.read_bytes())
+        endpoint = wrapClientTLS(
+            optionsForClientTLS("localhost", trustRoot=trust),
+            TCP4ClientEndpoint(reactor, "127.0.0.1", port, timeout=5),
+        )
+        client = yield endpoint.connect(factory)
+        self.addCleanup(self.close_client, client)
+        yield client.opened
+        return client
+
+    @inlineCallbacks
+    def close_client(self, client: ChatClient):
+        if client.transport is not None and not client.closed.called:
+            client.transport.abortConnection()
+        yield client.closed

@@ -7,6 +7,7 @@ import random
 import time
 from collections import Counter
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 from twisted.internet import reactor
@@ -16,6 +17,8 @@ from twisted.logger import formatEvent, globalLogPublisher
 from twisted.trial.unittest import SynchronousTestCase, TestCase
 
 from tests.redis_server import RedisServer
+from tests.support import free_port
+from tests.tls_cert import make_certificate
 from webchat.relay import (
     FALLBACK_PER_NODE,
     MAX_CHAT_ID,
@@ -566,6 +569,39 @@ class ConnectionFormsTests(RedisTestCase):
         self.assertEqual(got, [Envelope(other.node_id, 9, b"over a unix socket")])
         yield wait_until(lambda: relay.ids.ready, what="ids")
         self.assertIsNotNone(_get_in_db(server, 1, "webchat:webchat:ids"))
+
+    @inlineCallbacks
+    def test_tls(self):
+        """rediss:// with a private CA: verified, and refused without the CA."""
+        directory = Path(self.mktemp()).resolve()
+        directory.mkdir()
+        cert = make_certificate(directory)
+        tls_port = free_port()
+        server = self.start_redis(
+            extra=(
+                "--tls-port", str(tls_port),
+                "--tls-cert-file", str(cert.cert),
+                "--tls-key-file", str(cert.key),
+                "--tls-ca-cert-file", str(cert.ca),
+                "--tls-auth-clients", "no",
+            )
+        )  # fmt: skip
+        url = f"rediss://127.0.0.1:{tls_port}/0?ssl_ca_certs={cert.ca}"
+        (relay, got), (other, _) = self.start_relay(url), self.start_relay(url)
+        yield self.wait_up(relay, other)
+        self.assertTrue(other.publish(3, b"encrypted"))
+        yield wait_until(lambda: got, what="the message")
+        self.assertEqual(got, [Envelope(other.node_id, 3, b"encrypted")])
+        self.assertEqual(server.command("GET", "webchat:webchat:nodes"), b"2")
+
+        untrusting, _ = self.start_relay(
+            f"rediss://127.0.0.1:{tls_port}/0", retry_initial=0.05, retry_max=0.1
+        )
+        yield wait_until(lambda: untrusting.state == "down", what="a TLS failure")
+        yield sleep(0.3)
+        (failed,) = self.logs.matching("Redis connection failed", untrusting)
+        self.assertIn("certificate verify failed", failed)
+        self.assertEqual(untrusting.state, "down")
 
     @inlineCallbacks
     def test_channels_are_separate_chats(self):
