@@ -90,12 +90,6 @@ CHECK_EVERY = 10
 #: its own; and the longer wait before an example is judged a failure.
 QUIET = 0.02
 SLOW_PATIENCE = 0.5
-#: When the client's close frame reaches the server together with (or as) the
-#: frame the server rejects, the server's error close never leaves the host
-#: (see ``KnownServerBugs``).  Until that is fixed, such examples may end with
-#: the TCP connection and no close frame.
-SERVER_LOSES_ITS_CLOSE = True
-
 #: Close codes the server may end a fuzzed connection with.
 ALLOWED_CLOSE_CODES = frozenset({1000, 1002, 1003, 1007, 1008, 1009})
 
@@ -554,8 +548,6 @@ class Outcome(NamedTuple):
     pongs: tuple[bytes, ...]
     #: ... and of later pings it may answer.
     later_pings: tuple[bytes, ...]
-    #: Whether the server's close frame may go missing (a known bug).
-    close_may_be_lost: bool = False
 
 
 def expected_outcome(example: FrameExample) -> Outcome:
@@ -580,16 +572,7 @@ def expected_outcome(example: FrameExample) -> Outcome:
     def decided(codes: Iterable[int], more: bool, at: int) -> Outcome:
         """The outcome, once frame ``at`` decided how the connection ends."""
         later = tuple(f.payload for f in frames[at + 1 :] if f.opcode == 0x9)
-        # The server closes with an error, and the client sent a close frame
-        # of its own along with (or as) the frame at fault: see KnownServerBugs.
-        lost = (
-            SERVER_LOSES_ITS_CLOSE
-            and set(codes) != {1000}
-            and any(f.opcode == 0x8 for f in frames[at:-1])
-        )
-        return Outcome(
-            frozenset(codes), tuple(relayed), more, tuple(pongs), later, lost
-        )
+        return Outcome(frozenset(codes), tuple(relayed), more, tuple(pongs), later)
 
     for index, frame in enumerate(frames):
         length = frame.length
@@ -974,26 +957,22 @@ class FuzzTests(ServerMixin, TestCase):
             peer.transport.abortConnection()
         frames, rest = parse_frames_strictly(peer.body())
         code = close_code(frames)
-        # The known bug discards whatever the server had not sent yet: the
-        # close, and any pongs still queued in front of it.
-        lost = code is None and expected.close_may_be_lost and ended
-        self.seen["frames: lost close" if lost else f"frames: close {code}"] += 1
+        self.seen[f"frames: close {code}"] += 1
         self.seen["frames: retried"] += patience == SLOW_PATIENCE
-        if code is None and not lost and patience < SLOW_PATIENCE:
+        if code is None and patience < SLOW_PATIENCE:
             return (yield self.run_frames(f"{label} (again)", example, SLOW_PATIENCE))
         problems = frame_problems(frames, rest)
         if not ended:
             problems.append("the server neither closed nor answered within 3 s")
         if code is None:
-            if not lost:
-                problems.append("no close frame with a code")
+            problems.append("no close frame with a code")
         elif code not in expected.codes:
             problems.append(f"close code {code}, expected one of {set(expected.codes)}")
         pongs = [f.payload for f in frames if f.opcode == 0xA]
         owed = list(expected.pongs)
         if pongs[: len(owed)] != owed[: len(pongs)]:
             problems.append(f"pongs {pongs}, expected {owed} first")
-        elif len(pongs) < len(owed) and not lost:
+        elif len(pongs) < len(owed):
             problems.append(f"pongs {pongs}, expected {owed}")
         elif any(p not in expected.later_pings for p in pongs[len(owed) :]):
             problems.append(f"pongs {pongs} answer pings that were never sent")
@@ -1095,9 +1074,9 @@ class KnownServerBugs(ServerMixin, TestCase):
     """
     What the fuzz test found, as small reproductions.
 
-    Each is marked ``todo`` until ``src/`` is fixed: trial counts it as an
-    expected failure; once fixed, it is an unexpected success (a failure under
-    pytest), the signal to drop the ``todo`` and ``SERVER_LOSES_ITS_CLOSE``.
+    Both were real: Autobahn aborted the connection when the client's close
+    arrived right behind the frame at fault, discarding the server's own close
+    frame.  ``WebChatProtocol._closeConnection`` now lets it drain first.
     """
 
     timeout = 20
@@ -1131,12 +1110,3 @@ class KnownServerBugs(ServerMixin, TestCase):
         yield within(peer.lost, 3)
         frames, _ = parse_frames_strictly(peer.body())
         self.assertEqual(close_code(frames), 1002)
-
-    _LOST_CLOSE = (
-        "after failing the connection Autobahn reads on, takes the client's "
-        "close frame as the reply to its own and aborts the TCP connection "
-        "(dropConnection(abort=True)), which discards the server's close frame "
-        "still waiting in Twisted's write buffer"
-    )
-    test_a_close_frame_with_a_reserved_code_gets_1002.todo = _LOST_CLOSE  # type: ignore[attr-defined]
-    test_a_close_right_behind_a_bad_frame_still_gets_the_code.todo = _LOST_CLOSE  # type: ignore[attr-defined]

@@ -160,6 +160,25 @@ class RawFrameTests(ServerMixin, TestCase):
         self.assertNotIn(b"sec-websocket-extensions", head.lower())
 
     @inlineCallbacks
+    def test_nothing_is_relayed_from_a_connection_closed_for_cause(self):
+        offender = yield self.open_raw()
+        listener = yield self.connect()
+        # Binary (close 1003), then text in the same write: the text must
+        # not reach anyone, and the 1003 must reach the offender even though
+        # its own close frame follows right behind.
+        offender.transport.write(
+            client_frame(0x2, b"bin")
+            + client_frame(0x1, b"after")
+            + client_frame(0x8, b"")
+        )
+        yield offender.lost
+        frames = parse_server_frames(offender.body())
+        self.assertEqual([(op, close_code_of(p)) for op, p in frames], [(0x8, 1003)])
+        other = yield self.connect()
+        other.send_text("next")
+        self.assertEqual((yield listener.received.get()), "id 3: next")
+
+    @inlineCallbacks
     def test_a_ping_gets_its_pong(self):
         peer = yield self.open_raw()
         peer.transport.write(client_frame(0x9, b"are you there?"))

@@ -67,6 +67,9 @@ _DROP_KIND = {
     1011: "internal_error",
 }
 
+#: Seconds a cleanly closed connection may take to send what it still holds.
+CLOSE_LINGER = 2.0
+
 #: What Autobahn keeps after the opening handshake but never reads again.
 _HANDSHAKE_ONLY = (
     "http_request_data",
@@ -114,6 +117,9 @@ class WebChatProtocol(WebSocketServerProtocol):
     _last_heard = 0.0
     _pinged_at = 0.0
     _keepalive: IDelayedCall | None = None
+    _linger: IDelayedCall | None = None
+    #: Unsent bytes the kernel may hold for us (see ``connectionMade``).
+    _kernel_share = 0
     #: The raw socket, for plain TCP/Unix transports (see ``deliver``).
     _socket: socket.socket | None = None
 
@@ -133,6 +139,16 @@ class WebChatProtocol(WebSocketServerProtocol):
         self.transport.registerProducer(self, True)
         if isinstance(self.transport, tcp.Connection) and not self.transport.TLS:
             self._socket = self.transport.socket
+            limit = self.factory.limits.max_send_buffer
+            if limit > 0:
+                # Unsent data lives in two places: Twisted's buffer, which we
+                # count, and the kernel's, which Linux grows by itself to
+                # several MiB.  Fix the kernel's at half the allowance (Linux
+                # doubles what it is given) so the two together stay bounded.
+                self._socket.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, limit // 4)
+                self._kernel_share = self._socket.getsockopt(
+                    socket.SOL_SOCKET, socket.SO_SNDBUF
+                )
 
     def onConnect(self, request: Any) -> None:
         self.factory.admit(self, request)
@@ -175,6 +191,10 @@ class WebChatProtocol(WebSocketServerProtocol):
         super().dataReceived(data)
 
     def onMessage(self, payload: bytes, isBinary: bool) -> None:
+        if self.state != _OPEN:
+            # We are closing this connection (for cause, or shutting down): what
+            # the client still sends before it reads our close is not relayed.
+            return
         if self._bucket is not None and not self._bucket.take():
             self.close_with(1008, "rate limit exceeded", kind="rate_limited")
             return
@@ -200,9 +220,10 @@ class WebChatProtocol(WebSocketServerProtocol):
         self.factory.unregister(self)
 
     def connectionLost(self, reason: Any = None) -> None:
-        if self._keepalive is not None and self._keepalive.active():
-            self._keepalive.cancel()
-        self._keepalive = None
+        for timer in (self._keepalive, self._linger):
+            if timer is not None and timer.active():
+                timer.cancel()
+        self._keepalive = self._linger = None
         super().connectionLost(reason)
         self.factory.forget(self)
 
@@ -234,6 +255,21 @@ class WebChatProtocol(WebSocketServerProtocol):
             # Closing for cause (ours or Autobahn's): the connection leaves the
             # chat now, not when the peer gets round to answering.
             self.factory.unregister(self)
+
+    def _closeConnection(self, abort: bool = False) -> None:
+        # Autobahn aborts the TCP connection the moment the client answers our
+        # close frame.  An abort throws away whatever Twisted still holds
+        # unsent, which can be our own close frame when the client's answer
+        # arrived in the same read as the frame that earned it (a client doing
+        # send(binary); close() would see 1006 instead of 1003).  After a
+        # clean closing handshake, let the buffer drain, but not for long.
+        if abort and self.wasClean and self.transport is not None:
+            self.transport.loseConnection()
+            self._linger = self.factory.reactor.callLater(
+                CLOSE_LINGER, self.transport.abortConnection
+            )
+            return
+        super()._closeConnection(abort)
 
     def drop(self, kind: str, reason: str) -> None:
         """End a connection whose peer cannot be talked to any more."""
@@ -287,12 +323,14 @@ class WebChatProtocol(WebSocketServerProtocol):
         return True
 
     def _backlog_limit(self) -> int:
-        # The transport pauses us once it holds ``bufferSize`` unsent bytes;
-        # what we queue after that is the rest of the allowance.
+        # We are paused once the kernel's buffer is full and Twisted holds
+        # ``bufferSize`` more; what we queue after that is the rest of the
+        # allowance.
         limit = self.factory.limits.max_send_buffer
         if limit <= 0:
             return 1 << 62
-        return max(limit - getattr(self.transport, "bufferSize", 0), 0)
+        held = self._kernel_share + getattr(self.transport, "bufferSize", 0)
+        return max(limit - held, 0)
 
     def _too_slow(self) -> None:
         self.close_with(1008, "too slow", kind="too_slow")
