@@ -91,8 +91,6 @@ from twisted.python.failure import Failure
 
 from webchat.logtext import escape_for_log
 
-log = Logger(namespace="webchat")
-
 #: The pub/sub channel (and the middle of the id keys' names) by default.
 DEFAULT_CHANNEL = "webchat"
 #: Seconds between PINGs on each connection: how a dead link is noticed ...
