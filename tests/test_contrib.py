@@ -124,7 +124,7 @@ class BalancerTests(SynchronousTestCase):
     def test_nginx_accepts_its_config(self) -> None:
         nginx = shutil.which("nginx") or shutil.which("nginx", path="/usr/sbin")
         if nginx is None:
-            raise require("nginx", "apt-get install nginx-light")
+            raise require("nginx", "apt-get install nginx")
         directory = workdir(self, "webchat-nginx-")
         site = self.with_test_certificate(NGINX.read_text(), directory)
         (directory / "webchat-cluster.conf").write_text(site)
@@ -189,7 +189,7 @@ class NginxInFrontTests(TestCase):
     def test_websockets_pass_through_and_spread_over_the_nodes(self):
         nginx = shutil.which("nginx") or shutil.which("nginx", path="/usr/sbin")
         if nginx is None:
-            raise require("nginx", "apt-get install nginx-light")
+            raise require("nginx", "apt-get install nginx")
         first = yield self.start_node()
         second = yield self.start_node()
         port = self.start_nginx(nginx, [first, second])
