@@ -6,7 +6,7 @@ VENV   ?= .venv
 BIN    := $(VENV)/bin
 PORT   ?= 8080
 
-.PHONY: serve test lint format clean
+.PHONY: serve test soak lint format clean
 
 $(BIN)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -22,14 +22,18 @@ serve: $(BIN)/.installed
 test: $(BIN)/.installed
 	$(BIN)/python -m pytest
 	$(BIN)/python -m twisted.trial tests
-	$(BIN)/ruff check src tests twisted
+	$(BIN)/ruff check src tests twisted bench
+
+## soak: 60 s of chat, a never-reading client and connection churn; RSS before/after
+soak: $(BIN)/.installed
+	$(BIN)/python -m bench.soak --duration 60 --out bench-results/soak.json
 
 lint: $(BIN)/.installed
-	$(BIN)/ruff check src tests twisted
-	$(BIN)/ruff format --check src tests twisted
+	$(BIN)/ruff check src tests twisted bench
+	$(BIN)/ruff format --check src tests twisted bench
 
 format: $(BIN)/.installed
-	$(BIN)/ruff format src tests twisted
+	$(BIN)/ruff format src tests twisted bench
 
 clean:
 	rm -rf $(VENV) _trial_temp* tests.test_*/ twisted/plugins/dropin.cache
