@@ -31,6 +31,10 @@ class HealthResource(Resource):
             "uptime": round(factory.reactor.seconds() - factory.started_at, 3),
             "version": __version__,
         }
+        if factory.link is not None:
+            # Reported, not judged: with Redis down the node still serves
+            # its own clients, so it stays "ok" for a balancer.
+            body["redis"] = factory.link.state
         request.setResponseCode(503 if factory.draining else 200)
         request.setHeader(b"Content-Type", b"application/json")
         request.setHeader(b"Cache-Control", b"no-store")

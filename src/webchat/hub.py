@@ -18,7 +18,7 @@ falls with every message that shares the write.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from time import perf_counter
 from typing import TYPE_CHECKING, Any, Protocol
 
@@ -51,6 +51,9 @@ class Hub:
         self._reactor = reactor
         self._stats = stats
         self._next_id = 1
+        #: Where ids come from when several nodes share the chat (the Redis
+        #: relay's allocator); ``None`` for this process's own counter.
+        self.id_source: Callable[[], int] | None = None
         # dict keeps insertion order: members hear messages in join order,
         # which makes fan-out deterministic for tests and logs.
         self._members: dict[int, Member] = {}
@@ -60,6 +63,8 @@ class Hub:
 
     def allocate_id(self) -> int:
         """Hand out the next connection id."""
+        if self.id_source is not None:
+            return self.id_source()
         chat_id = self._next_id
         self._next_id += 1
         return chat_id

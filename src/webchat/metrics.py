@@ -59,6 +59,8 @@ class ChatStats:
         self.refused: Counter[str] = Counter()
         self.dropped: Counter[str] = Counter()
         self.messages_received = 0
+        #: Messages from other nodes' clients, delivered here (--redis).
+        self.messages_relayed_in = 0
         self.deliveries = 0
         self.bytes_received = 0
         self.bytes_sent = 0
@@ -132,6 +134,38 @@ class ChatCollector(Collector):
             "webchat_sent_bytes", "WebSocket bytes sent.", stats.bytes_sent
         )
         yield from stats.fanout_seconds.collect()
+        link = factory.link
+        if link is not None:
+            yield GaugeMetricFamily(
+                "webchat_redis_up",
+                "1 while both connections to Redis work, else 0.",
+                1 if link.state == "up" else 0,
+            )
+            yield CounterMetricFamily(
+                "webchat_redis_published",
+                "Messages published to other nodes.",
+                link.published,
+            )
+            yield CounterMetricFamily(
+                "webchat_redis_received",
+                "Messages received from other nodes.",
+                stats.messages_relayed_in,
+            )
+            yield CounterMetricFamily(
+                "webchat_redis_relay_failures",
+                "Messages that could not be published (Redis down or stalled).",
+                link.relay_failures,
+            )
+            yield CounterMetricFamily(
+                "webchat_redis_reconnects",
+                "Times a connection to Redis was re-established.",
+                link.reconnects,
+            )
+            yield CounterMetricFamily(
+                "webchat_redis_malformed",
+                "Payloads on the channel that were not envelopes, dropped.",
+                link.malformed,
+            )
 
 
 def _by_reason(

@@ -29,7 +29,7 @@ from __future__ import annotations
 
 import socket
 from collections import Counter
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import txaio
 from autobahn.twisted.websocket import WebSocketServerFactory, WebSocketServerProtocol
@@ -53,6 +53,9 @@ from webchat.limits import Limits
 from webchat.logtext import LogText, escape_for_log
 from webchat.metrics import ChatStats
 from webchat.ratelimit import TokenBucket
+
+if TYPE_CHECKING:
+    from webchat.relay import Envelope, RedisRelay
 
 #: Close codes that mean "the server closed this connection because of
 #: something the client did": these get the seed's ``An error has occurred``.
@@ -429,6 +432,8 @@ class WebChatFactory(WebSocketServerFactory):
         self.started_at = reactor.seconds()
         #: Set at shutdown: new handshakes get 503 and /healthz says so.
         self.draining = False
+        #: The Redis relay to other nodes, when there is one (``attach_link``).
+        self.link: RedisRelay | None = None
         size = self.limits.max_message_size
         self.setProtocolOptions(
             # Without failByDrop=False Autobahn answers a protocol violation by
@@ -555,6 +560,8 @@ class WebChatFactory(WebSocketServerFactory):
             sender, text_frame(b"id %d: " % sender.chat_id, payload)
         )
         self.stats.messages_received += 1
+        if self.link is not None:
+            self.link.publish(sender.chat_id, payload)
         if not self.quiet:
             log.info(
                 "Connection {id} sending message {text} to {count} other connection(s)",
@@ -563,6 +570,33 @@ class WebChatFactory(WebSocketServerFactory):
                 count=count,
             )
         return count
+
+    # -- other nodes (--redis) -----------------------------------------------------
+
+    def attach_link(self, link: RedisRelay) -> None:
+        """
+        Share this chat with other nodes through ``link``: publish what local
+        clients say, deliver what other nodes' clients say, and take
+        connection ids from the cluster-wide allocator.
+        """
+        self.link = link
+        self.hub.id_source = link.ids.next_id
+
+    def deliver_remote(self, envelope: Envelope) -> None:
+        """A message from a client of another node: everyone here gets it."""
+        count = self.hub.broadcast(
+            None, text_frame(b"id %d: " % envelope.chat_id, envelope.text)
+        )
+        self.stats.messages_relayed_in += 1
+        if not self.quiet:
+            log.info(
+                "Connection {id} on node {node} sending message {text} to {count} "
+                "connection(s) here",
+                id=envelope.chat_id,
+                node=envelope.node,
+                text=LogText(envelope.text),
+                count=count,
+            )
 
     # -- shutdown ------------------------------------------------------------------
 

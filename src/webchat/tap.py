@@ -14,6 +14,13 @@ from webchat import __version__, limits
 from webchat.access import AccessPolicy
 from webchat.metrics import make_registry
 from webchat.protocol import WebChatFactory
+from webchat.relay import (
+    DEFAULT_CHANNEL,
+    RedisRelay,
+    check_channel,
+    check_node_id,
+    parse_redis_url,
+)
 from webchat.service import ChatService
 from webchat.web import default_web_root, make_metrics_site, make_site
 
@@ -148,6 +155,26 @@ class Options(usage.Options):
             _float,
         ],
         [
+            "redis",
+            None,
+            None,
+            "Share the chat with other webchat processes through Redis pub/sub: "
+            "redis://[:password@]host:port/db, rediss://... (TLS) or "
+            "unix:///path. Without it this process is the whole chat.",
+        ],
+        [
+            "redis-channel",
+            None,
+            DEFAULT_CHANNEL,
+            "The Redis channel (and key prefix) the nodes of one chat share.",
+        ],
+        [
+            "node-id",
+            None,
+            None,
+            "This node's name in relayed messages [default: host-pid-random].",
+        ],
+        [
             "shutdown-grace",
             None,
             limits.SHUTDOWN_GRACE,
@@ -204,6 +231,11 @@ class Options(usage.Options):
             self["access"] = AccessPolicy.from_options(
                 self["allowed-origin"], self["trust-proxy"]
             )
+            if self["redis"]:
+                parse_redis_url(self["redis"])
+                check_channel(self["redis-channel"])
+                if self["node-id"]:
+                    check_node_id(self["node-id"])
         except ValueError as e:
             raise usage.UsageError(str(e)) from None
 
@@ -246,6 +278,17 @@ def makeService(options: Options) -> IService:
     # The listeners are children of the chat service: it drains the chat
     # before they stop listening.
     top = ChatService(factory, handle_signals=True)
+    if options["redis"]:
+        link = RedisRelay(
+            reactor,
+            options["redis"],
+            options["redis-channel"],
+            options["node-id"],
+            on_envelope=factory.deliver_remote,
+        )
+        factory.attach_link(link)
+        # Before the listeners: it starts first, and stops after the drain.
+        link.setServiceParent(top)
     metrics = None
     if not options["no-metrics"]:
         metrics = MetricsResource(make_registry(factory))
