@@ -8,7 +8,7 @@ a ``RedisRelay`` service that keeps two connections to Redis open (one for
 commands, one subscribed to the channel), and an ``IdAllocator`` that hands
 out connection ids that are unique across all the nodes.
 
-Envelope (docs/relay-protocol.md has the long form)
+Envelope (docs/protocol.md ("Between nodes") has the long form)
 ---------------------------------------------------
 
 Each accepted chat message is published once, as one Redis message on the
@@ -28,7 +28,7 @@ channel (``webchat`` unless ``channel`` says otherwise)::
 
 Why not JSON: every node decodes every other node's messages, and JSON costs
 3.0 µs to encode and 2.3 µs to decode (with checks) where this format costs
-0.2 and 1.0 (docs/relay-protocol.md has the details); it would also turn the
+0.2 and 1.0 (docs/protocol.md ("Between nodes") has the details); it would also turn the
 text into ``str`` and back on both sides.  This format keeps the text as the
 bytes from the sender's socket to the receivers' frames, and a node spots its
 own echo by comparing a prefix.
