@@ -1,0 +1,18 @@
+"""webchat's benchmark (issue #5): ``webchat-bench`` / ``python -m webchat.bench``.
+
+It starts the server itself (``twistd webchat`` pinned to one CPU, rate limit
+off), drives it from a compiled load generator pinned to another, and runs
+the same scenarios against naive baselines in the same invocation, so every
+number comes with webchat's ratio to something run on the same machine:
+
+* ``fanout``: 1000 receivers, 1 or 10 senders, an offered-rate ramp; the
+  highest deliveries/s with p99 <= 100 ms and no loss.
+* ``connect``: 15,000 connections, 50 handshakes in flight; conn/s,
+  handshake latency, server RSS per idle connection.
+* ``echo``: one-way latency between two clients at 10 msg/s.
+* ``calibrate``: the fan-out ramp against a trivial C server, to show how much
+  the load generator itself can absorb.
+
+Modules: ``cli`` (options, the run), ``scenarios``, ``loadgen`` (+ the C
+source ``loadgen.c``), ``servers``, ``processes``, ``baselines``, ``report``.
+"""

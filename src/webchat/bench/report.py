@@ -1,0 +1,464 @@
+"""The end of a run: webchat's ratio to each baseline, the issue's targets, a table."""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import subprocess
+import sys
+from importlib import metadata
+from pathlib import Path
+from typing import Any
+
+#: Issue #5's targets for webchat (1000 receivers, 64 B, server on one core).
+TARGET_FANOUT_DELIVERIES = 2_000_000
+TARGET_ECHO_P50_MS = 1.0
+TARGET_ECHO_P99_MS = 5.0
+TARGET_RSS_PER_CONN = 8 * 1024
+TARGET_RSS_CONNECTIONS = 15_000
+TARGET_CONN_PER_S = 3_000
+TARGET_HANDSHAKE_P99_MS = 50.0
+
+SATURATION_MARK = "!"
+DISTURBED_MARK = "~"
+
+
+def run_metadata() -> dict[str, Any]:
+    """What a reader needs to tell two result files apart: machine, versions, commit."""
+    meta: dict[str, Any] = {
+        "python": sys.version.split()[0],
+        "platform": platform.platform(),
+        "cpu_count": os.cpu_count(),
+        "cpu_model": _cpu_model(),
+        "versions": {},
+    }
+    for package in ("webchat", "twisted", "autobahn", "websockets"):
+        try:
+            meta["versions"][package] = metadata.version(package)
+        except metadata.PackageNotFoundError:
+            meta["versions"][package] = None
+    meta["git"] = _git_describe(Path(__file__).resolve().parents[3])
+    return meta
+
+
+def _cpu_model() -> str | None:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return None
+
+
+def _git_describe(tree: Path) -> dict[str, Any] | None:
+    if not (tree / ".git").exists():
+        return None
+    try:
+        commit = subprocess.run(
+            ["git", "-C", str(tree), "rev-parse", "HEAD"],
+            capture_output=True,
+            text=True,
+            check=True,
+            timeout=10,
+        ).stdout.strip()
+        dirty = subprocess.run(
+            ["git", "-C", str(tree), "status", "--porcelain", "--untracked-files=no"],
+            capture_output=True,
+            text=True,
+            check=True,
+            timeout=10,
+        ).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return {"commit": commit, "dirty": bool(dirty)}
+
+
+def fanout_key(run: dict[str, Any]) -> str:
+    return f"fanout S={run['senders']}" + (" +slow" if run.get("slow_reader") else "")
+
+
+def _ratio(ours: float | None, theirs: float | None) -> float | None:
+    if ours is None or theirs is None or theirs <= 0 or ours < 0:
+        return None
+    return round(ours / theirs, 3)
+
+
+def compute_ratios(results: dict[str, Any], baselines: list[str]) -> dict[str, Any]:
+    """webchat / baseline for each headline metric (>1 is better for ↑ metrics)."""
+    ratios: dict[str, Any] = {}
+    fanout = results.get("fanout", {})
+    ours_runs = {fanout_key(r): r for r in fanout.get("webchat", [])}
+    for baseline in baselines:
+        for run in fanout.get(baseline, []):
+            key = fanout_key(run)
+            ours = ours_runs.get(key)
+            if ours is None:
+                continue
+            ratios.setdefault(key, {})[baseline] = {
+                "deliveries_per_s": _ratio(
+                    ours.get("deliveries_per_s"), run.get("deliveries_per_s")
+                ),
+            }
+    for scenario, metrics in (
+        ("connect", ("conn_per_s", "handshake_p99_ms", "rss_per_conn_bytes")),
+        ("echo", ("p50_ms", "p99_ms")),
+    ):
+        table = results.get(scenario, {})
+        ours = table.get("webchat")
+        for baseline in baselines:
+            theirs = table.get(baseline)
+            if not ours or not theirs:
+                continue
+            ratios.setdefault(scenario, {})[baseline] = {
+                m: _ratio(ours.get(m), theirs.get(m)) for m in metrics
+            }
+    return ratios
+
+
+def check_targets(results: dict[str, Any]) -> list[dict[str, Any]]:
+    """Issue #5's targets, for webchat, where this run measured them."""
+    checks: list[dict[str, Any]] = []
+
+    def check(
+        name: str, value: Any, shown: str, met: bool | None, note: str = ""
+    ) -> None:
+        checks.append(
+            {"target": name, "value": value, "shown": shown, "met": met, "note": note}
+        )
+
+    for run in results.get("fanout", {}).get("webchat", []):
+        if run.get("slow_reader") or run.get("receivers") != 1000 or "error" in run:
+            continue
+        value = run.get("deliveries_per_s")
+        check(
+            f"fan-out S={run['senders']} >= 2,000,000 deliveries/s"
+            " (p99 <= 100 ms, no loss)",
+            value,
+            f"{_rate(value)} deliveries/s",
+            value is not None and value >= TARGET_FANOUT_DELIVERIES,
+            "load generator saturated" if run.get("loadgen_saturated") else "",
+        )
+    echo = results.get("echo", {}).get("webchat")
+    if echo and "error" not in echo:
+        check(
+            "echo p50 <= 1 ms",
+            echo["p50_ms"],
+            f"{echo['p50_ms']:.3f} ms",
+            0 <= echo["p50_ms"] <= TARGET_ECHO_P50_MS,
+        )
+        check(
+            "echo p99 <= 5 ms",
+            echo["p99_ms"],
+            f"{echo['p99_ms']:.3f} ms",
+            0 <= echo["p99_ms"] <= TARGET_ECHO_P99_MS,
+        )
+    connect = results.get("connect", {}).get("webchat")
+    if connect and "error" not in connect:
+        per_conn = connect.get("rss_per_conn_bytes")
+        full = connect["opened"] >= TARGET_RSS_CONNECTIONS
+        check(
+            "<= 8 KiB RSS per idle connection, 15,000 held",
+            per_conn,
+            "-" if per_conn is None else f"{per_conn / 1024:.1f} KiB",
+            (per_conn is not None and per_conn <= TARGET_RSS_PER_CONN)
+            if full
+            else None,
+            "" if full else f"only {connect['opened']:,} held: not comparable",
+        )
+        check(
+            ">= 3,000 new connections/s",
+            connect["conn_per_s"],
+            f"{connect['conn_per_s']:,.0f}/s",
+            connect["conn_per_s"] >= TARGET_CONN_PER_S,
+        )
+        check(
+            "handshake p99 <= 50 ms at 50 in flight",
+            connect["handshake_p99_ms"],
+            f"{connect['handshake_p99_ms']:.1f} ms",
+            0 <= connect["handshake_p99_ms"] <= TARGET_HANDSHAKE_P99_MS,
+        )
+    return checks
+
+
+def write_json(path: Path, document: dict[str, Any]) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    partial = path.with_name(f".{path.name}.partial")
+    partial.write_text(json.dumps(document, indent=2, sort_keys=False) + "\n")
+    os.replace(partial, path)
+
+
+# -- the table -------------------------------------------------------------------
+
+
+def _rate(value: float | None) -> str:
+    if value is None:
+        return "-"
+    if value >= 1e6:
+        return f"{value / 1e6:.2f}M"
+    if value >= 1e4:
+        return f"{value / 1e3:.0f}k"
+    return f"{value:,.0f}"
+
+
+def _ms(value: float | None) -> str:
+    if value is None or value < 0:
+        return "-"
+    return f"{value:.2f}" if value < 10 else f"{value:.0f}"
+
+
+def _times(value: float | None) -> str:
+    return "-" if value is None else f"{value:.2f}x"
+
+
+def _cell(entry: dict[str, Any] | None, render: Any) -> str:
+    if entry is None:
+        return ""
+    if "error" in entry and entry.get("deliveries_per_s") is None:
+        return "error"
+    text = render(entry)
+    if entry.get("loadgen_saturated"):
+        text += SATURATION_MARK
+    if entry.get("disturbed"):
+        text += DISTURBED_MARK
+    return text
+
+
+def render_table(document: dict[str, Any]) -> str:
+    results = document["results"]
+    targets = document["targets"]
+    baselines = [t for t in targets if t != "webchat"]
+    ratios = document.get("ratios", {})
+    head = ["scenario", "metric", *targets, *(f"webchat/{b}" for b in baselines)]
+    rows: list[list[str]] = []
+
+    def add(
+        scenario: str,
+        metric: str,
+        cells: list[str],
+        ratio_key: str | None,
+        key: str | None,
+    ):
+        ratio_cells = []
+        for b in baselines:
+            r = (
+                ratios.get(ratio_key or "", {}).get(b, {}).get(key or "")
+                if key
+                else None
+            )
+            ratio_cells.append(_times(r) if key else "")
+        rows.append([scenario, metric, *cells, *ratio_cells])
+
+    cfg = document["config"]
+    fanout = results.get("fanout", {})
+    keys: list[str] = []
+    for runs in fanout.values():
+        for run in runs:
+            if fanout_key(run) not in keys:
+                keys.append(fanout_key(run))
+    for key in keys:
+        by_target = {
+            t: next((r for r in fanout.get(t, []) if fanout_key(r) == key), None)
+            for t in targets
+        }
+        add(
+            key,
+            "deliveries/s (higher better)",
+            [
+                _cell(by_target[t], lambda r: _rate(r.get("deliveries_per_s")))
+                for t in targets
+            ],
+            key,
+            "deliveries_per_s",
+        )
+        add(
+            f"  C={cfg['receivers']}, {cfg['payload']} B",
+            "  p50 / p99 / max ms",
+            [
+                _cell(
+                    by_target[t],
+                    lambda r: (
+                        f"{_ms(r.get('p50_ms'))}/{_ms(r.get('p99_ms'))}/{_ms(r.get('max_ms'))}"
+                    ),
+                )
+                for t in targets
+            ],
+            None,
+            None,
+        )
+        add(
+            "",
+            "  CPU server (core) / loadgen",
+            [
+                _cell(
+                    by_target[t],
+                    lambda r: (
+                        f"{_pct(r.get('server_cpu'))}"
+                        f" ({_pct(r.get('server_core_busy'))})"
+                        f"/{_pct(r.get('loadgen_cpu'))}"
+                    ),
+                )
+                for t in targets
+            ],
+            None,
+            None,
+        )
+        add(
+            "",
+            "  limited by",
+            [
+                _cell(by_target[t], lambda r: r.get("limited_by") or "-")
+                for t in targets
+            ],
+            None,
+            None,
+        )
+        slow_cells = [_slow_cell(by_target[t]) for t in targets]
+        if any(slow_cells):
+            add("", "  slow reader", slow_cells, None, None)
+    connect = results.get("connect", {})
+    if connect:
+        c = {t: connect.get(t) for t in targets}
+        add(
+            "connect",
+            "connections held",
+            [
+                _cell(c[t], lambda r: f"{r['opened']:,}/{r['requested']:,}")
+                for t in targets
+            ],
+            None,
+            None,
+        )
+        add(
+            f"  {cfg['concurrency']} in flight",
+            "conn/s (higher better)",
+            [_cell(c[t], lambda r: _rate(r["conn_per_s"])) for t in targets],
+            "connect",
+            "conn_per_s",
+        )
+        add(
+            "",
+            "handshake p50 / p99 ms",
+            [
+                _cell(
+                    c[t],
+                    lambda r: (
+                        f"{_ms(r['handshake_p50_ms'])}/{_ms(r['handshake_p99_ms'])}"
+                    ),
+                )
+                for t in targets
+            ],
+            "connect",
+            "handshake_p99_ms",
+        )
+        add(
+            "",
+            "RSS per idle conn KiB",
+            [
+                _cell(
+                    c[t],
+                    lambda r: (
+                        "-"
+                        if r["rss_per_conn_bytes"] is None
+                        else f"{r['rss_per_conn_bytes'] / 1024:.1f}"
+                    ),
+                )
+                for t in targets
+            ],
+            "connect",
+            "rss_per_conn_bytes",
+        )
+    echo = results.get("echo", {})
+    if echo:
+        e = {t: echo.get(t) for t in targets}
+        add(
+            f"echo {cfg['echo_rate']:g} msg/s",
+            "p50 ms",
+            [_cell(e[t], lambda r: f"{r['p50_ms']:.3f}") for t in targets],
+            "echo",
+            "p50_ms",
+        )
+        add(
+            "",
+            "p99 / max ms",
+            [
+                _cell(e[t], lambda r: f"{r['p99_ms']:.3f}/{r['max_ms']:.3f}")
+                for t in targets
+            ],
+            "echo",
+            "p99_ms",
+        )
+    calibrate = results.get("calibrate")
+    lines = [_format_rows(head, rows)] if rows else []
+    if calibrate:
+        lines.append(_calibration_line(calibrate))
+    cells = [cell for row in rows for cell in row[2 : 2 + len(targets)]]
+    if any(SATURATION_MARK in cell for cell in cells):
+        lines.append(
+            f"{SATURATION_MARK} the load generator was saturated (> 90% of a core, or"
+            " its core > 95% busy): that number may be its limit, not the server's."
+        )
+    if any(DISTURBED_MARK in cell for cell in cells):
+        lines.append(
+            f"{DISTURBED_MARK} other processes used > 10% of a benchmark core during"
+            " (some of) that run: its numbers are disturbed."
+        )
+    background = document.get("background_load") or {}
+    if any(v > 0.10 for v in background.values()):
+        lines.append(
+            "Warning: the cores were already busy before the run: "
+            + ", ".join(f"{k} {_pct(v)}" for k, v in background.items())
+        )
+    lines.append(
+        "Ratios are webchat / baseline: above 1 is better for rates, below 1 for "
+        "latency and memory."
+    )
+    checks = document.get("issue_targets") or []
+    if checks:
+        lines.append("Issue #5 targets (webchat):")
+        for item in checks:
+            verdict = {True: "met", False: "NOT met", None: "n/a"}[item["met"]]
+            note = f" ({item['note']})" if item["note"] else ""
+            lines.append(f"  {verdict:8} {item['target']}: {item['shown']}{note}")
+    return "\n".join(lines)
+
+
+def _slow_cell(run: dict[str, Any] | None) -> str:
+    if not run or not run.get("slow"):
+        return ""
+    slow = run["slow"]
+    state = {"established": "kept", "close_wait": "closed", "closed": "reset"}.get(
+        slow.get("tcp_state"), slow.get("tcp_state") or "?"
+    )
+    return f"{state}, {slow['owed_bytes'] / 1048576:.1f} MiB owed"
+
+
+def _calibration_line(calibrate: dict[str, Any]) -> str:
+    best = calibrate.get("deliveries_per_s") or 0
+    cpu = calibrate.get("loadgen_cpu") or 0
+    estimate = best / cpu if cpu else None
+    return (
+        f"Load generator calibration (C fan-out server): {_rate(best)} deliveries/s"
+        f" passed at {_pct(cpu)} loadgen CPU"
+        + (f" -> ceiling ~{_rate(estimate)} deliveries/s at 100%" if estimate else "")
+    )
+
+
+def _pct(value: float | None) -> str:
+    return "?" if value is None else f"{value * 100:.0f}%"
+
+
+def _format_rows(head: list[str], rows: list[list[str]]) -> str:
+    widths = [max(len(r[i]) for r in [head, *rows]) for i in range(len(head))]
+    out = []
+    for n, row in enumerate([head, *rows]):
+        out.append(
+            "  ".join(
+                cell.ljust(widths[i]) if i < 2 else cell.rjust(widths[i])
+                for i, cell in enumerate(row)
+            ).rstrip()
+        )
+        if n == 0:
+            out.append("  ".join("-" * w for w in widths))
+    return "\n".join(out)

@@ -1,0 +1,176 @@
+"""The servers a benchmark measures: webchat itself, the baselines, or a given URL."""
+
+from __future__ import annotations
+
+import shutil
+import socket
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from urllib.parse import urlsplit
+
+from webchat.bench.processes import ProcessRegistry, process_rss_kb
+
+#: How long a freshly started server has to start accepting connections.
+STARTUP_TIMEOUT = 30.0
+
+#: The baselines ``webchat.bench.baselines`` can run, in report order.
+BASELINES = ("autobahn", "websockets")
+#: Also runnable, but not a default baseline: the C fan-out server that
+#: ``--scenario calibrate`` uses to find the load generator's own ceiling.
+EXTRA_BASELINES = ("c",)
+
+
+@dataclass
+class Server:
+    """A server under test, and what can be observed of it."""
+
+    name: str
+    url: str
+    pid: int | None = None
+    command: list[str] = field(default_factory=list)
+    log_path: Path | None = None
+    process: subprocess.Popen[bytes] | None = None
+
+    @property
+    def ip(self) -> str:
+        host = urlsplit(self.url).hostname or "127.0.0.1"
+        return socket.gethostbyname(host)
+
+    @property
+    def port(self) -> int:
+        parts = urlsplit(self.url)
+        return parts.port or (443 if parts.scheme == "wss" else 80)
+
+    @property
+    def host_header(self) -> str:
+        return urlsplit(self.url).netloc
+
+    @property
+    def path(self) -> str:
+        return urlsplit(self.url).path or "/"
+
+    def rss_kb(self) -> int | None:
+        return None if self.pid is None else process_rss_kb(self.pid)
+
+    def alive(self) -> bool:
+        return self.process is None or self.process.poll() is None
+
+    def log_text(self) -> str:
+        if self.log_path is None or not self.log_path.exists():
+            return ""
+        return self.log_path.read_text(errors="replace")
+
+    def describe(self) -> dict[str, object]:
+        return {
+            "name": self.name,
+            "url": self.url,
+            "pid": self.pid,
+            "command": self.command,
+        }
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def twistd_path() -> str:
+    """The twistd next to this Python (the venv's), else the one on PATH."""
+    found = shutil.which("twistd", path=str(Path(sys.executable).parent))
+    found = found or shutil.which("twistd")
+    if found is None:
+        raise RuntimeError("twistd is not installed next to this Python nor on PATH")
+    return found
+
+
+def webchat_command(port: int, logfile: Path, extra: list[str]) -> list[str]:
+    """
+    ``twistd webchat`` with only what the load would trip turned off: the
+    per-connection rate limit (senders far exceed 20 msg/s) and the log line
+    per relayed message (a benchmark of the log file is not the point).  Every
+    other default — ping, timeouts, send-buffer cap, metrics — stays on.
+    """
+    return [
+        twistd_path(),
+        "-n",
+        "--pidfile=",
+        f"--logfile={logfile}",
+        "webchat",
+        "--port",
+        f"tcp:{port}:interface=127.0.0.1",
+        "--rate-limit",
+        "0",
+        "--quiet",
+        *extra,
+    ]
+
+
+def baseline_command(name: str, port: int) -> list[str]:
+    return [sys.executable, "-m", "webchat.bench.baselines", name, "--port", str(port)]
+
+
+def start_server(
+    name: str,
+    registry: ProcessRegistry,
+    workdir: Path,
+    cpu: int | None,
+    extra_args: list[str] | None = None,
+) -> Server:
+    """Start ``webchat`` or a baseline on a free port, pinned to ``cpu``; await it."""
+    port = free_port()
+    log_path = workdir / f"{name}-{port}.log"
+    if name == "webchat":
+        command = webchat_command(port, log_path, extra_args or [])
+        stdout = subprocess.DEVNULL
+    else:
+        command = baseline_command(name, port)
+        stdout = log_path.open("wb")
+    try:
+        process = registry.start(
+            command, cpu, cwd=workdir, stdout=stdout, stderr=subprocess.STDOUT
+        )
+    finally:
+        if stdout is not subprocess.DEVNULL:
+            stdout.close()
+    server = Server(
+        name=name,
+        url=f"ws://127.0.0.1:{port}/",
+        pid=process.pid,
+        command=command,
+        log_path=log_path,
+        process=process,
+    )
+    wait_until_listening(server)
+    return server
+
+
+def external_server(url: str, pid: int | None) -> Server:
+    """A server someone else runs: measured over the wire, and via /proc if ``pid``."""
+    parts = urlsplit(url)
+    if parts.scheme != "ws":
+        raise ValueError(
+            f"--url must be a ws:// URL (the load generator has no TLS): {url}"
+        )
+    return Server(name="webchat", url=url, pid=pid)
+
+
+def wait_until_listening(server: Server, timeout: float = STARTUP_TIMEOUT) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if not server.alive():
+            raise RuntimeError(
+                f"{server.name} exited with status {server.process.returncode} "
+                f"before listening:\n{server.log_text()[-2000:]}"
+            )
+        try:
+            with socket.create_connection((server.ip, server.port), timeout=1.0):
+                return
+        except OSError:
+            time.sleep(0.05)
+    raise RuntimeError(
+        f"{server.name} did not listen on {server.url} within {timeout} s"
+    )

@@ -1,0 +1,212 @@
+"""The benchmark (webchat.bench): a real tiny run, its baselines, and its ramp."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from contextlib import ExitStack
+from pathlib import Path
+
+from twisted.trial.unittest import SynchronousTestCase
+from websockets.sync.client import connect
+
+from tests.support import ROOT, free_port, require
+from webchat.bench.scenarios import judge_step, ramp
+
+
+class QuickRunTests(SynchronousTestCase):
+    """``python -m webchat.bench --quick --scenario echo`` end to end (~5 s)."""
+
+    def test_quick_echo_writes_sane_json(self):
+        if shutil.which(os.environ.get("CC", "gcc")) is None:
+            raise require("gcc", "the benchmark compiles its C load generator")
+        with tempfile.TemporaryDirectory() as tmp:
+            out = Path(tmp) / "bench.json"
+            result = subprocess.run(
+                [
+                    sys.executable,
+                    "-m",
+                    "webchat.bench",
+                    "--quick",
+                    "--scenario",
+                    "echo",
+                    "--no-baselines",
+                    "--out",
+                    str(out),
+                ],
+                cwd=ROOT,
+                capture_output=True,
+                text=True,
+                timeout=120,
+                check=False,
+            )
+            self.assertEqual(result.returncode, 0, result.stderr + result.stdout)
+            document = json.loads(out.read_text())
+
+        self.assertEqual(document["status"], "complete")
+        self.assertEqual(document["targets"], ["webchat"])
+        self.assertEqual(document["scenarios"], ["echo"])
+        self.assertTrue(document["config"]["quick"])
+        self.assertNotEqual(document["cpus"]["server"], document["cpus"]["loadgen"])
+        echo = document["results"]["echo"]["webchat"]
+        # 10 msg/s for 2 s: every one of them arrives, none twice.
+        self.assertGreaterEqual(echo["sent"], 18)
+        self.assertLessEqual(echo["sent"], 22)
+        self.assertEqual(echo["received"], echo["sent"])
+        self.assertEqual(echo["lost"], 0)
+        self.assertEqual(echo["raw"]["bad"], 0)
+        # Latencies are real, ordered, and far below a second on loopback.
+        self.assertGreater(echo["p50_ms"], 0)
+        self.assertLessEqual(echo["p50_ms"], echo["p99_ms"])
+        self.assertLessEqual(echo["p99_ms"], echo["max_ms"] * 1.01)
+        self.assertLess(echo["max_ms"], 1000)
+        self.assertIn("echo", result.stdout)
+        self.assertEqual(
+            {t["target"] for t in document["issue_targets"]},
+            {"echo p50 <= 1 ms", "echo p99 <= 5 ms"},
+        )
+
+
+class BaselineProtocolTests(SynchronousTestCase):
+    """Each baseline speaks the chat's protocol: ``id N: M`` to everyone else."""
+
+    def check_baseline(self, name: str) -> None:
+        port = free_port()
+        server = subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                "webchat.bench.baselines",
+                name,
+                "--port",
+                str(port),
+            ],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
+        self.addCleanup(_stop, server)
+        url = f"ws://127.0.0.1:{port}/"
+        clients = ExitStack()
+        self.addCleanup(clients.close)
+        first = clients.enter_context(_connect_when_up(url, server))
+        second = clients.enter_context(connect(url, open_timeout=5))
+        time.sleep(0.2)  # both registered before the first message
+        second.send("hello")
+        self.assertEqual(first.recv(timeout=5), "id 2: hello")
+        first.send("back")
+        self.assertEqual(second.recv(timeout=5), "id 1: back")
+        # The sender never hears itself.
+        with self.assertRaises(TimeoutError):
+            first.recv(timeout=0.3)
+
+    def test_autobahn(self):
+        self.check_baseline("autobahn")
+
+    def test_websockets(self):
+        self.check_baseline("websockets")
+
+
+def _connect_when_up(url: str, server: subprocess.Popen):
+    deadline = time.monotonic() + 15
+    while True:
+        try:
+            return connect(url, open_timeout=5)
+        except OSError:
+            if server.poll() is not None or time.monotonic() > deadline:
+                raise
+            time.sleep(0.05)
+
+
+def _stop(server: subprocess.Popen) -> None:
+    server.terminate()
+    try:
+        server.wait(10)
+    except subprocess.TimeoutExpired:
+        server.kill()
+        server.wait()
+
+
+class RampTests(SynchronousTestCase):
+    """The offered-rate search, against a fake server that passes up to a capacity."""
+
+    def run_ramp(self, capacity: float, **kwargs):
+        tried = []
+
+        def step(rate: float) -> dict:
+            tried.append(rate)
+            return {"passed": rate <= capacity, "loadgen_saturated": False}
+
+        ramp(step, **{"start": 1000, "limit": 1e6, "bisections": 3, **kwargs})
+        return tried
+
+    def test_doubles_then_bisects(self):
+        tried = self.run_ramp(5000)
+        self.assertEqual(tried[:4], [1000, 2000, 4000, 8000])
+        self.assertEqual(tried[4:], [6000, 5000, 5500])
+
+    def test_halves_when_the_first_step_fails(self):
+        tried = self.run_ramp(300)
+        self.assertEqual(tried[:3], [1000, 500, 250])
+        self.assertEqual(len(tried), 3 + 3)  # then bisects between 250 and 500
+
+    def test_stops_at_the_limit(self):
+        tried = self.run_ramp(1e9, limit=8000)
+        self.assertEqual(tried, [1000, 2000, 4000, 8000])
+
+    def test_stops_when_the_load_generator_saturates(self):
+        tried = []
+
+        def step(rate: float) -> dict:
+            tried.append(rate)
+            return {"passed": True, "loadgen_saturated": rate >= 4000}
+
+        ramp(step, start=1000, limit=1e6, bisections=3)
+        self.assertEqual(tried, [1000, 2000, 4000])
+
+    def test_lost_connections_end_the_ramp(self):
+        tried = []
+
+        def step(rate: float) -> dict:
+            tried.append(rate)
+            return {"passed": False, "fatal": True}
+
+        ramp(step, start=1000, limit=1e6, bisections=3)
+        self.assertEqual(tried, [1000])
+
+
+class JudgeTests(SynchronousTestCase):
+    def raw(self, **changes):
+        raw = {
+            "lost": 0,
+            "expected": 1000,
+            "overflow": 0,
+            "bad": 0,
+            "closed": {"recv": 0, "send": 0, "slow": 0},
+            "latency": {"p99_ms": 12.0},
+        }
+        raw.update(changes)
+        return raw
+
+    def test_pass(self):
+        self.assertEqual(judge_step(self.raw(), 100), (True, []))
+
+    def test_loss_latency_and_closes_fail(self):
+        passed, reasons = judge_step(
+            self.raw(
+                lost=3,
+                latency={"p99_ms": 150.0},
+                closed={"recv": 1, "send": 0, "slow": 1},
+            ),
+            100,
+        )
+        self.assertFalse(passed)
+        self.assertEqual(len(reasons), 3)
+
+    def test_a_dropped_slow_reader_is_not_a_failure(self):
+        raw = self.raw(closed={"recv": 0, "send": 0, "slow": 1})
+        self.assertEqual(judge_step(raw, 100), (True, []))
