@@ -6,7 +6,7 @@ VENV   ?= .venv
 BIN    := $(VENV)/bin
 PORT   ?= 8080
 
-.PHONY: serve test soak lint format clean
+.PHONY: serve test soak bench bench-quick lint format clean
 
 $(BIN)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -23,6 +23,14 @@ test: $(BIN)/.installed
 	$(BIN)/python -m pytest
 	$(BIN)/python -m twisted.trial tests
 	$(BIN)/ruff check src tests twisted bench
+
+## bench: issue #5's benchmark against naive baselines (~5 min, needs gcc);
+##        BENCH_ARGS="--scenario fanout --senders 1" and so on for options
+bench: $(BIN)/.installed
+	$(BIN)/webchat-bench $(BENCH_ARGS)
+
+bench-quick: $(BIN)/.installed
+	$(BIN)/webchat-bench --quick $(BENCH_ARGS)
 
 ## soak: 60 s of chat, a never-reading client and connection churn; RSS before/after
 soak: $(BIN)/.installed
