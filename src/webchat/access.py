@@ -47,13 +47,18 @@ def canonical_address(address: str) -> str:
     """
     An IP address as one spelling: IPv4-mapped IPv6 (``::ffff:1.2.3.4``, how
     IPv4 clients arrive on a dual-stack socket) becomes plain IPv4.
+
+    Called for every new connection, so the common case is a string test,
+    not a parse.
     """
-    try:
-        ip = ipaddress.ip_address(address)
-    except ValueError:
-        return address
-    mapped = getattr(ip, "ipv4_mapped", None)
-    return str(mapped or ip)
+    if address[:7].lower() == "::ffff:" and "." in address:
+        return address[7:]
+    return address
+
+
+def _plain(ip: Address) -> Address:
+    """A parsed address with IPv4-mapped IPv6 turned into IPv4."""
+    return getattr(ip, "ipv4_mapped", None) or ip
 
 
 def _parse_network(text: str) -> Network:
@@ -86,8 +91,10 @@ class AccessPolicy:
         return cls(frozenset(normalized), tuple(_parse_network(p) for p in proxies))
 
     def is_trusted_proxy(self, address: str) -> bool:
+        if not self.trusted_proxies:
+            return False
         try:
-            ip = ipaddress.ip_address(canonical_address(address))
+            ip = _plain(ipaddress.ip_address(address))
         except ValueError:
             return False
         return any(ip in network for network in self.trusted_proxies)
@@ -106,7 +113,7 @@ class AccessPolicy:
         for hop in reversed(hops):
             if not self.is_trusted_proxy(hop):
                 try:
-                    return canonical_address(str(ipaddress.ip_address(hop)))
+                    return str(_plain(ipaddress.ip_address(hop)))
                 except ValueError:
                     return peer  # garbage in the header: account to the proxy
         return hops[0] if hops else peer

@@ -8,12 +8,15 @@ any static file is looked at.
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 from typing import Any
 
 from autobahn.twisted.resource import WebSocketResource
 from twisted.internet.interfaces import IDelayedCall
+from twisted.internet.protocol import Protocol
 from twisted.logger import Logger
+from twisted.protocols.policies import ProtocolWrapper
 from twisted.web.http import HTTPChannel
 from twisted.web.pages import errorPage
 from twisted.web.resource import IResource, Resource
@@ -105,16 +108,110 @@ class _WithHeader(Resource):
         return self._inner.render(request)
 
 
-class ChatChannel(HTTPChannel):
+def start_deadline(site: ChatSite, transport: Any) -> IDelayedCall | None:
     """
-    An HTTP connection with a deadline for each request (slowloris defence).
+    Give the connection on ``transport`` the handshake timeout to deliver a
+    complete request (slowloris defence).
 
     Twisted's own timeout is an *idle* timeout: a client that dribbles one
     header byte every few seconds never trips it and holds a file descriptor
-    forever.  Here a request must arrive complete within the handshake
-    timeout of the connection opening (or of the previous response), or the
-    connection is closed.  Once a WebSocket takes the connection over this
-    channel is out of the picture, and so is its deadline.
+    forever.  This one runs from the start of the wait, whatever arrives.
+    """
+    timeout = site.chat.limits.handshake_timeout
+    if timeout <= 0:
+        return None
+    return site.reactor.callLater(timeout, _deadline_passed, site, transport)
+
+
+def _deadline_passed(site: ChatSite, transport: Any) -> None:
+    chat = site.chat
+    chat.dropped["handshake_timeout"] += 1
+    peer = transport.getPeer()
+    log.warn(
+        "Closed connection from {peer}: no complete request within {timeout:g} s",
+        peer=escape_for_log(str(getattr(peer, "host", None) or "unix")),
+        timeout=chat.limits.handshake_timeout,
+    )
+    transport.abortConnection()
+
+
+def _cancel(call: IDelayedCall | None) -> None:
+    if call is not None and call.active():
+        call.cancel()
+
+
+#: The most header bytes the doorway reads before it lets the HTTP parser
+#: answer (Twisted's limit is the same; it says 400).
+MAX_HEAD = 16384
+
+_UPGRADE_LINE = re.compile(rb"\r\nupgrade:[ \t]*websocket[ \t]*\r\n")
+_REQUEST_LINE = re.compile(rb"^GET (/|/ws)(\?[^ ]*)? HTTP/1\.1$")
+
+
+def is_chat_upgrade(head: bytes) -> bool:
+    """Is this request head a WebSocket upgrade on one of the chat's paths?"""
+    request_line, _, _ = head.partition(b"\r\n")
+    if _REQUEST_LINE.match(request_line) is None:
+        return False
+    return _UPGRADE_LINE.search(head.lower() + b"\r\n") is not None
+
+
+class Doorway(Protocol):
+    """
+    The first protocol of every connection: reads the request head and hands
+    the connection to the chat or to the web site.
+
+    A WebSocket upgrade on ``/`` or ``/ws`` goes straight to the chat's
+    Autobahn protocol, which parses the handshake itself; everything else
+    (the page, ``/healthz``, ``/metrics``, garbage) goes to Twisted's HTTP
+    channel.  Letting twisted.web parse an upgrade first would build a
+    request object, headers and a channel that the WebSocket immediately
+    throws away, and that is most of what a new chat connection costs.
+    """
+
+    def __init__(self, site: ChatSite, address: Any) -> None:
+        self._site = site
+        self._address = address
+        self._head = b""
+        self._deadline: IDelayedCall | None = None
+
+    def connectionMade(self) -> None:
+        self._deadline = start_deadline(self._site, self.transport)
+
+    def dataReceived(self, data: bytes) -> None:
+        self._head += data
+        end = self._head.find(b"\r\n\r\n")
+        if end < 0 and len(self._head) <= MAX_HEAD:
+            return
+        _cancel(self._deadline)
+        if end >= 0 and is_chat_upgrade(self._head[:end]):
+            successor = self._site.chat.buildProtocol(self._address)
+        else:
+            successor = self._site.build_channel(self._address)
+        self._hand_over(successor)
+
+    def connectionLost(self, reason: Any = None) -> None:
+        _cancel(self._deadline)
+
+    def _hand_over(self, successor: Any) -> None:
+        transport = self.transport
+        # Where the reactor (or the TLS layer under it) will deliver from now on.
+        if isinstance(transport, ProtocolWrapper):
+            transport.wrappedProtocol = successor
+        elif isinstance(getattr(transport, "protocol", None), ProtocolWrapper):
+            transport.protocol.wrappedProtocol = successor
+        else:
+            transport.protocol = successor
+        successor.makeConnection(transport)
+        head, self._head = self._head, b""
+        successor.dataReceived(head)
+
+
+class ChatChannel(HTTPChannel):
+    """
+    An HTTP connection whose every request must arrive complete within the
+    handshake timeout of the connection opening (or of the previous
+    response, on a keep-alive connection).
     """
 
     site: ChatSite
@@ -122,43 +219,21 @@ class ChatChannel(HTTPChannel):
 
     def connectionMade(self) -> None:
         super().connectionMade()
-        self._start_deadline()
+        self._deadline = start_deadline(self.factory, self.transport)
 
     def allContentReceived(self) -> None:
-        self._stop_deadline()
+        _cancel(self._deadline)
         super().allContentReceived()
 
     def requestDone(self, request: Request) -> None:
         super().requestDone(request)
         if self.transport is not None and not self.transport.disconnecting:
-            self._start_deadline()
+            _cancel(self._deadline)
+            self._deadline = start_deadline(self.factory, self.transport)
 
     def connectionLost(self, reason: Any) -> None:
-        self._stop_deadline()
+        _cancel(self._deadline)
         super().connectionLost(reason)
-
-    def _start_deadline(self) -> None:
-        self._stop_deadline()
-        timeout = self.factory.chat.limits.handshake_timeout
-        if timeout > 0:
-            self._deadline = self.factory.reactor.callLater(timeout, self._expired)
-
-    def _stop_deadline(self) -> None:
-        if self._deadline is not None and self._deadline.active():
-            self._deadline.cancel()
-        self._deadline = None
-
-    def _expired(self) -> None:
-        self._deadline = None
-        chat = self.factory.chat
-        chat.dropped["handshake_timeout"] += 1
-        peer = self.transport.getPeer()
-        log.warn(
-            "Closed connection from {peer}: no complete request within {timeout:g} s",
-            peer=escape_for_log(str(getattr(peer, "host", None) or "unix")),
-            timeout=chat.limits.handshake_timeout,
-        )
-        self.transport.abortConnection()
 
 
 #: Sent with every page and file.  The page never needs anything but its own
@@ -195,6 +270,13 @@ class ChatSite(Site):
         super().__init__(resource, reactor=chat.reactor, parsePOSTFormSubmission=False)
         self.chat = chat
         self.displayTracebacks = False
+
+    def buildProtocol(self, addr: Any) -> Doorway:
+        return Doorway(self, addr)
+
+    def build_channel(self, addr: Any) -> Any:
+        """The HTTP channel for a connection that is not a chat upgrade."""
+        return super().buildProtocol(addr)
 
     def log(self, request: Request) -> None:
         # Probes and scrapes every few seconds would drown the access log.
