@@ -100,6 +100,17 @@ class ServerMixin:
         return client
 
     @inlineCallbacks
+    def open_raw(self):
+        """A raw TCP peer that has completed the opening handshake."""
+        peer = yield connect_raw(self.port.getHost().port)
+        self.addCleanup(lambda: peer.transport.abortConnection())
+        peer.transport.write(HANDSHAKE)
+        yield peer.wait_for(lambda data: b"\r\n\r\n" in data)
+        if not peer.data.startswith(b"HTTP/1.1 101 "):
+            raise AssertionError(f"handshake refused: {peer.data[:200]!r}")
+        return peer
+
+    @inlineCallbacks
     def connect_many(self, count: int):
         clients = []
         for _ in range(count):

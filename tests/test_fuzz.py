@@ -1085,15 +1085,6 @@ class KnownServerBugs(ServerMixin, TestCase):
         return self.start_server(limits=Limits(max_message_size=LIMIT))
 
     @inlineCallbacks
-    def open_raw(self):
-        peer = yield connect_raw(self.port.getHost().port)
-        self.addCleanup(lambda: peer.transport.abortConnection())
-        peer.transport.write(HANDSHAKE)
-        yield peer.wait_for(lambda data: b"\r\n\r\n" in data)
-        self.assertEqual(split_response(peer.data)[0], 101)
-        return peer
-
-    @inlineCallbacks
     def test_a_close_frame_with_a_reserved_code_gets_1002(self):
         peer = yield self.open_raw()
         # 1005 may never be sent (RFC 6455 7.4.1): a protocol error.

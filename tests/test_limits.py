@@ -62,12 +62,6 @@ class LimitsMixin(ServerMixin):
         return data.split(b"\r\n\r\n")[0], peer
 
     @inlineCallbacks
-    def open_raw(self):
-        head, peer = yield self.handshake()
-        self.assertTrue(head.startswith(b"HTTP/1.1 101 "), head)
-        return peer
-
-    @inlineCallbacks
     def close_frame_of(self, peer) -> tuple[int, bytes]:
         def has_close(_: bytes) -> bool:
             return any(op == 0x8 for op, _ in parse_server_frames(peer.body()))

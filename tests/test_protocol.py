@@ -128,15 +128,6 @@ class RawFrameTests(ServerMixin, TestCase):
         return self.start_server()
 
     @inlineCallbacks
-    def open_raw(self):
-        peer = yield connect_raw(self.port.getHost().port)
-        peer.transport.write(HANDSHAKE)
-        yield peer.wait_for(lambda data: b"\r\n\r\n" in data)
-        self.assertTrue(peer.data.startswith(b"HTTP/1.1 101 "), peer.data)
-        self.addCleanup(lambda: peer.transport.abortConnection())
-        return peer
-
-    @inlineCallbacks
     def test_relay_bytes_on_the_wire(self):
         sender = yield self.open_raw()
         receiver = yield self.open_raw()
