@@ -2,8 +2,9 @@
 
 The seed's client opens ``ws://host:port`` with no path, so an upgrade is
 accepted on ``/`` as well as on ``/ws``; a plain GET on ``/`` still gets the
-page.  The choice is made per request from the ``Upgrade`` header, before
-any static file is looked at.
+page.  The choice is made from the ``Upgrade`` header: by the ``Doorway`` for
+a connection's first request (an upgrade then never touches twisted.web),
+and by ``ChatRoot`` for any later request on a keep-alive connection.
 """
 
 from __future__ import annotations
