@@ -146,3 +146,34 @@ class TwistdTests(SynchronousTestCase):
         ).stdout
         self.assertEqual(out.strip(), f"webchat {version('webchat')}")
         self.assertEqual(webchat.__version__, version("webchat"))
+
+
+class TlsTests(SynchronousTestCase):
+    """wss:// through the ssl: endpoint: the path that must use transport.write."""
+
+    def test_chat_and_page_over_tls(self):
+        import ssl
+        from urllib.request import urlopen
+
+        from tests.tls_cert import make_certificate
+
+        workdir = Path(self.mktemp()).resolve()
+        workdir.mkdir(parents=True)
+        cert = make_certificate(workdir)
+        server = Twistd(
+            workdir, "--port",
+            f"ssl:0:interface=127.0.0.1:privateKey={cert.key}:certKey={cert.cert}",
+        )  # fmt: skip
+        self.addCleanup(server.stop, signal.SIGKILL)
+        log = server.wait_for_log("Site (TLS) starting on")
+        port = int(re.search(r"\(TLS\) starting on (\d+)", log).group(1))
+        context = ssl.create_default_context(cafile=str(cert.ca))
+        url = f"wss://localhost:{port}/ws"
+        with connect(url, ssl=context) as a, connect(url, ssl=context) as b:
+            a.send("over tls " + "x" * 60000)  # several TLS records
+            self.assertEqual(b.recv(timeout=5), "id 1: over tls " + "x" * 60000)
+            b.send("and back")
+            self.assertEqual(a.recv(timeout=5), "id 2: and back")
+        with urlopen(f"https://localhost:{port}/", context=context, timeout=5) as page:
+            self.assertEqual(page.status, 200)
+        self.assertEqual(server.stop(signal.SIGTERM), 0)
