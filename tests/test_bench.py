@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import socket
 import subprocess
 import sys
 import tempfile
@@ -72,6 +73,82 @@ class QuickRunTests(SynchronousTestCase):
         )
 
 
+class ClusterQuickRunTests(SynchronousTestCase):
+    """``--scenario cluster`` at toy size: Redis, two nodes, one node (~8 s)."""
+
+    def test_quick_cluster_relays_through_redis_and_cleans_up(self):
+        if shutil.which(os.environ.get("CC", "gcc")) is None:
+            raise require("gcc", "the benchmark compiles its C load generator")
+        if shutil.which("redis-server") is None:
+            raise require("redis-server", "apt-get install redis-server")
+        with tempfile.TemporaryDirectory() as tmp:
+            out = Path(tmp) / "bench.json"
+            result = subprocess.run(
+                [
+                    sys.executable,
+                    "-m",
+                    "webchat.bench",
+                    "--quick",
+                    "--scenario",
+                    "cluster",
+                    "--no-baselines",
+                    "--receivers",
+                    "20",
+                    "--cluster-rates",
+                    "2000",
+                    # No search for a maximum above the one fixed rate.
+                    "--max-rate",
+                    "2000",
+                    "--publish-requests",
+                    "2000",
+                    "--out",
+                    str(out),
+                ],
+                cwd=ROOT,
+                capture_output=True,
+                text=True,
+                timeout=120,
+                check=False,
+            )
+            self.assertEqual(result.returncode, 0, result.stderr + result.stdout)
+            document = json.loads(out.read_text())
+
+        self.assertEqual(document["status"], "complete")
+        cluster = document["results"]["cluster"]
+        self.assertNotIn("error", cluster)
+        alone, shared = (
+            cluster["setups"]["1 node"],
+            cluster["setups"]["2 nodes + Redis"],
+        )
+        self.assertEqual(alone["receivers_per_node"], [20])
+        self.assertEqual(shared["receivers_per_node"], [10, 10])
+        # 2000 deliveries/s to 20 receivers: 100 messages/s for 1 s, all delivered.
+        for setup in (alone, shared):
+            (step,) = setup["steps"]
+            self.assertEqual(setup["search"], [])
+            self.assertTrue(step["passed"], step["reasons"])
+            self.assertGreaterEqual(step["sent"], 90)
+            self.assertEqual(step["lost"], 0)
+            self.assertEqual(step["received"], step["sent"] * 20)
+        # Half the deliveries crossed Redis to node 2, and took longer.
+        (step,) = shared["steps"]
+        self.assertEqual(set(step["by_node"]), {"local", "remote"})
+        remote = step["by_node"]["remote"]
+        self.assertEqual(remote["received"], step["sent"] * 10)
+        self.assertGreater(remote["p50_ms"], 0)
+        self.assertLessEqual(remote["p50_ms"], remote["max_ms"] * 1.01)
+        # Redis's own PUBLISH rate was measured (redis-tools comes with it).
+        if shutil.which("redis-benchmark") is not None:
+            runs = cluster["publish"]["runs"]
+            self.assertTrue(all(r["requests_per_s"] > 0 for r in runs), runs)
+        self.assertIn("not the capacity of N machines", result.stdout)
+        # Nothing is left running: neither Redis nor the nodes.
+        with self.assertRaises(OSError):
+            socket.create_connection(("127.0.0.1", cluster["redis"]["port"]), 1).close()
+        for node in alone["nodes"] + shared["nodes"]:
+            self.assertNotIn(b"twistd", _cmdline(node["pid"]), node)
+
+
 class BaselineProtocolTests(SynchronousTestCase):
     """Each baseline speaks the chat's protocol: ``id N: M`` to everyone else."""
 
@@ -109,6 +186,14 @@ class BaselineProtocolTests(SynchronousTestCase):
 
     def test_websockets(self):
         self.check_baseline("websockets")
+
+
+def _cmdline(pid: int) -> bytes:
+    """What process ``pid`` runs, or b"" if there is none (any more)."""
+    try:
+        return Path(f"/proc/{pid}/cmdline").read_bytes()
+    except OSError:
+        return b""
 
 
 def _connect_when_up(url: str, server: subprocess.Popen):

@@ -12,7 +12,11 @@ number comes with webchat's ratio to something run on the same machine:
 * ``echo``: one-way latency between two clients at 10 msg/s.
 * ``calibrate``: the fan-out ramp against a trivial C server, to show how much
   the load generator itself can absorb.
+* ``cluster`` (issue #6, not part of ``all``): two nodes + Redis against one
+  node at the same offered rates; local vs remote latency, Redis's own
+  PUBLISH rate.
 
-Modules: ``cli`` (options, the run), ``scenarios``, ``loadgen`` (+ the C
-source ``loadgen.c``), ``servers``, ``processes``, ``baselines``, ``report``.
+Modules: ``cli`` (options, the run), ``scenarios``, ``cluster``, ``loadgen``
+(+ the C source ``loadgen.c``), ``servers``, ``processes``, ``baselines``,
+``report``.
 """

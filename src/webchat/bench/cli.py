@@ -3,6 +3,7 @@
     webchat-bench                          # everything, with both baselines (~10 min)
     webchat-bench --quick                  # a smoke run (~1-2 min)
     webchat-bench --scenario fanout --senders 1,10 --slow-reader
+    webchat-bench --scenario cluster       # 2 nodes + Redis vs 1 node (~1 min)
     webchat-bench --url ws://127.0.0.1:8080/ --pid 1234 --no-baselines
 
 Progress goes to stderr, the table to stdout, everything measured to the
@@ -23,6 +24,7 @@ from pathlib import Path
 from typing import Any
 
 from webchat.bench import loadgen
+from webchat.bench.cluster import run_cluster
 from webchat.bench.processes import ProcessRegistry, background_load, pick_cpus
 from webchat.bench.report import (
     check_targets,
@@ -42,6 +44,8 @@ from webchat.bench.scenarios import (
 from webchat.bench.servers import BASELINES, EXTRA_BASELINES
 
 SCENARIOS = ("fanout", "connect", "echo")
+#: Run only when named: not part of "all" (``make bench``).
+EXTRA_SCENARIOS = ("calibrate", "cluster")
 DEFAULT_OUT = Path("bench-results") / "bench.json"
 
 #: Why the load generator is a C program, for the JSON.
@@ -55,6 +59,23 @@ LOADGEN_CHOICE = (
 
 def _csv(text: str) -> list[str]:
     return [part.strip() for part in text.split(",") if part.strip()]
+
+
+def _rate_list(text: str) -> list[float]:
+    """``100k,1M,2.5M``: deliveries/s."""
+    scale = {"k": 1e3, "m": 1e6}
+    try:
+        values = [
+            float(part[:-1]) * scale[part[-1].lower()]
+            if part[-1].lower() in scale
+            else float(part)
+            for part in _csv(text)
+        ]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a list of rates: {text!r}") from None
+    if not values or min(values) <= 0:
+        raise argparse.ArgumentTypeError(f"need rates > 0: {text!r}")
+    return values
 
 
 def _int_list(text: str) -> list[int]:
@@ -78,8 +99,9 @@ def build_parser() -> argparse.ArgumentParser:
     what.add_argument(
         "--scenario",
         default="all",
-        help="fanout, connect, echo, all (= those three) or calibrate (the load "
-        "generator against the C server); comma-separated [all]",
+        help="fanout, connect, echo, all (= those three), calibrate (the load "
+        "generator against the C server) or cluster (2 nodes + Redis vs 1 node, "
+        "issue #6); comma-separated [all]",
     )
     what.add_argument(
         "--baselines",
@@ -130,6 +152,23 @@ def build_parser() -> argparse.ArgumentParser:
     )
     fan.add_argument("--p99-limit-ms", type=float, help="a step's p99 bound [100]")
 
+    cluster = parser.add_argument_group("cluster")
+    cluster.add_argument(
+        "--cluster-rates",
+        type=_rate_list,
+        help="fixed offered rates, deliveries/s [100k,1M,5M,20M; quick: 100k,1M]",
+    )
+    cluster.add_argument(
+        "--publish-requests",
+        type=int,
+        help="redis-benchmark -n [200000; quick: 20000]",
+    )
+    cluster.add_argument(
+        "--node2-cpu",
+        type=int,
+        help="CPU for node 2 [the server's, with node 1 and Redis]",
+    )
+
     conn = parser.add_argument_group("connect / echo")
     conn.add_argument(
         "--connections", type=int, help="for webchat [15000; quick: 2000]"
@@ -177,6 +216,8 @@ def make_config(args: argparse.Namespace) -> BenchConfig:
         "concurrency": args.concurrency,
         "hold_seconds": args.hold,
         "echo_seconds": args.echo_seconds,
+        "cluster_rates": args.cluster_rates,
+        "publish_requests": args.publish_requests,
     }
     for name, value in overrides.items():
         if value is not None:
@@ -193,12 +234,14 @@ def _validate(parser: argparse.ArgumentParser, args: argparse.Namespace) -> list
     for name in _csv(args.scenario):
         if name == "all":
             scenarios.extend(SCENARIOS)
-        elif name in (*SCENARIOS, "calibrate"):
+        elif name in (*SCENARIOS, *EXTRA_SCENARIOS):
             scenarios.append(name)
         else:
             parser.error(f"unknown scenario {name!r}")
     if args.pid is not None and not args.url:
         parser.error("--pid only goes with --url")
+    if args.url and "cluster" in scenarios:
+        parser.error("the cluster scenario starts its own nodes: not with --url")
     if args.payload is not None and not 30 <= args.payload <= 60000:
         parser.error(
             "--payload must be 30..60000 (it carries a step id and a timestamp)"
@@ -270,6 +313,7 @@ def main(argv: list[str] | None = None) -> int:
             url=args.url,
             pid=args.pid,
             server_args=args.server_arg,
+            node2_cpu=args.node2_cpu,
         )
         for scenario in scenarios:
             _run_scenario(bench, scenario, targets, document, args.out)
@@ -305,6 +349,10 @@ def _run_scenario(
         results["calibrate"] = _guarded(
             run_fanout, bench, "c", 1, start_rate=250_000, max_rate=64_000_000
         )
+        write_json(out, document)
+        return
+    if scenario == "cluster":
+        results["cluster"] = _guarded(run_cluster, bench)
         write_json(out, document)
         return
     table = results.setdefault(scenario, {})

@@ -18,8 +18,11 @@
  * Client commands, each answered by exactly one JSON line (progress lines,
  * {"type": "progress", ...}, may come before it):
  *
- *   open ROLE N CONCURRENCY TIMEOUT_S
- *       Open N WebSockets, at most CONCURRENCY handshakes in flight.
+ *   open ROLE N CONCURRENCY TIMEOUT_S [PORT]
+ *       Open N WebSockets, at most CONCURRENCY handshakes in flight; to PORT
+ *       on the same IP if given (another node of a cluster), else to PORT
+ *       of the command line.  Each port is a "target": a step reports its
+ *       receivers' counts and latencies per target too ("targets").
  *       ROLE recv: counts and times every message of the current step.
  *       ROLE send: sends the step's messages; reads (and drops) the rest.
  *       ROLE slow: never reads a byte after its handshake.
@@ -252,6 +255,7 @@ typedef struct {
 typedef struct conn {
     int fd;
     uint8_t role, state, dirty;
+    uint8_t target;      /* index into target_ports (client mode) */
     uint16_t close_code; /* from the peer's close frame, 0 if none */
     uint32_t interest;   /* epoll events registered, 0 = not in the epoll set */
     int index;           /* position in its list (server mode) */
@@ -344,6 +348,13 @@ static int queue_frame(conn_t *c, int opcode, const uint8_t *payload, size_t len
 /* -- client state ----------------------------------------------------------- */
 
 static struct sockaddr_in server_addr;
+/* The ports connections go to: [0] is the command line's, the rest come from
+   "open ... PORT".  Latencies are kept per target and merged for "latency". */
+#define MAX_TARGETS 8
+static uint16_t target_ports[MAX_TARGETS];
+static int ntargets = 1;
+static hist_t target_lat[MAX_TARGETS];
+static uint64_t target_received[MAX_TARGETS];
 static const char *host_header = "127.0.0.1";
 static const char *url_path = "/";
 
@@ -467,7 +478,8 @@ static void client_text(conn_t *c, const uint8_t *p, uint64_t len, uint64_t t) {
     }
     c->got++;
     step_received++;
-    hist_add(&lat, t > ts ? t - ts : 0, 1);
+    target_received[c->target]++;
+    hist_add(&target_lat[c->target], t > ts ? t - ts : 0, 1);
 }
 
 /* Parse the frames in p[0..n); return how many bytes were consumed. */
@@ -641,9 +653,10 @@ static void client_event(conn_t *c, uint32_t events) {
     if (c->state != ST_CLOSED && events & (EPOLLIN | EPOLLHUP | EPOLLERR)) client_readable(c);
 }
 
-static conn_t *client_connect(int role) {
+static conn_t *client_connect(int role, int target) {
     conn_t *c = calloc(1, sizeof *c);
     c->role = (uint8_t)role;
+    c->target = (uint8_t)target;
     c->t_start = now_ns();
     c->fd = socket(AF_INET, SOCK_STREAM | SOCK_NONBLOCK | SOCK_CLOEXEC, 0);
     if (nconns == conns_cap) {
@@ -665,7 +678,9 @@ static conn_t *client_connect(int role) {
         setsockopt(c->fd, SOL_SOCKET, SO_RCVBUF, &small, sizeof small);
     }
     c->state = ST_CONNECTING;
-    int r = connect(c->fd, (struct sockaddr *)&server_addr, sizeof server_addr);
+    struct sockaddr_in addr = server_addr;
+    addr.sin_port = htons(target_ports[target]);
+    int r = connect(c->fd, (struct sockaddr *)&addr, sizeof addr);
     if (r < 0 && errno != EINPROGRESS) {
         if (errno == ECONNREFUSED) err_refused++;
         conn_close(c, "connect failed", 0);
@@ -725,7 +740,8 @@ static void progress(const char *phase, uint64_t t0, uint64_t sent, double cpu0)
     fflush(stdout);
 }
 
-static void cmd_open(int role, uint64_t count, uint64_t concurrency, double timeout_s) {
+static void cmd_open(int role, uint64_t count, uint64_t concurrency, double timeout_s,
+                     int target) {
     memset(&hs, 0, sizeof hs);
     open_ok = open_failed = open_inflight = 0;
     err_refused = err_reset = err_timeout = err_http = 0;
@@ -736,7 +752,7 @@ static void cmd_open(int role, uint64_t count, uint64_t concurrency, double time
     double cpu0 = cpu_seconds();
     while (open_ok + open_failed < count && now < deadline) {
         while (open_inflight < concurrency && started < count) {
-            client_connect(role);
+            client_connect(role, target);
             started++;
         }
         poll_once(10, client_event);
@@ -787,6 +803,8 @@ static void cmd_step(uint32_t id, double rate, double seconds, uint32_t payload,
     step_id = id;
     payload_bytes = payload;
     memset(&lat, 0, sizeof lat);
+    memset(target_lat, 0, sizeof target_lat);
+    memset(target_received, 0, sizeof target_received);
     memset(&send_lag, 0, sizeof send_lag);
     step_received = step_stale = step_bad = step_other = step_bytes = 0;
     memset(step_closed, 0, sizeof step_closed);
@@ -880,6 +898,23 @@ static void cmd_step(uint32_t id, double rate, double seconds, uint32_t payload,
            (unsigned long long)step_closed[0], (unsigned long long)step_closed[1],
            (unsigned long long)step_closed[2], send_cpu, drain_wall,
            (unsigned long long)total_sent_all_steps);
+    size_t target_recv[MAX_TARGETS] = {0};
+    for (size_t i = 0; i < nconns; i++)
+        if (conns[i]->role == ROLE_RECV && conns[i]->state == ST_OPEN)
+            target_recv[conns[i]->target]++;
+    for (int g = 0; g < ntargets; g++) { /* "latency": all targets together */
+        for (int i = 0; i < HBUCKETS; i++) lat.count[i] += target_lat[g].count[i];
+        lat.n += target_lat[g].n;
+        if (target_lat[g].max > lat.max) lat.max = target_lat[g].max;
+    }
+    printf("\"targets\": [");
+    for (int g = 0; g < ntargets; g++) {
+        printf("%s{\"port\": %u, \"receivers\": %zu, \"received\": %llu, ", g ? ", " : "",
+               target_ports[g], target_recv[g], (unsigned long long)target_received[g]);
+        hist_json("latency", &target_lat[g]);
+        printf("}");
+    }
+    printf("], ");
     hist_json("latency", &lat);
     printf(", ");
     hist_json("send_lag", &send_lag);
@@ -988,6 +1023,7 @@ static int client_main(int argc, char **argv) {
     }
     server_addr.sin_family = AF_INET;
     server_addr.sin_port = htons((uint16_t)atoi(argv[3]));
+    target_ports[0] = (uint16_t)atoi(argv[3]);
     if (inet_pton(AF_INET, argv[2], &server_addr.sin_addr) != 1) {
         fprintf(stderr, "bad address %s\n", argv[2]);
         return 2;
@@ -999,11 +1035,19 @@ static int client_main(int argc, char **argv) {
     while (next_command()) {
         char role[16];
         unsigned long long count, concurrency;
-        unsigned id, payload;
+        unsigned id, payload, port = target_ports[0];
         double a, b, c, d;
-        if (sscanf(line, "open %15s %llu %llu %lf", role, &count, &concurrency, &a) == 4) {
+        if (sscanf(line, "open %15s %llu %llu %lf %u", role, &count, &concurrency, &a, &port) >= 4) {
             int r = strcmp(role, "send") == 0 ? ROLE_SEND : strcmp(role, "slow") == 0 ? ROLE_SLOW : ROLE_RECV;
-            cmd_open(r, count, concurrency, a);
+            int target = 0;
+            while (target < ntargets && target_ports[target] != port) target++;
+            if (target == ntargets && (ntargets == MAX_TARGETS || port == 0 || port > 65535)) {
+                printf("{\"type\": \"error\", \"error\": \"bad port, or too many ports\"}\n");
+                fflush(stdout);
+            } else {
+                if (target == ntargets) target_ports[ntargets++] = (uint16_t)port;
+                cmd_open(r, count, concurrency, a, target);
+            }
         } else if (sscanf(line, "step %u %lf %lf %u %lf %lf", &id, &a, &b, &payload, &c, &d) == 6) {
             if (payload < 30 || payload > 60000 || a <= 0 || b <= 0) {
                 printf("{\"type\": \"error\", \"error\": \"bad step: payload 30..60000, rate > 0\"}\n");

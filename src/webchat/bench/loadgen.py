@@ -128,10 +128,17 @@ class LoadGen:
         concurrency: int,
         timeout: float,
         on_progress: Progress | None = None,
+        port: int | None = None,
     ) -> dict[str, Any]:
-        """Open ``count`` connections of ``role`` (recv, send or slow)."""
+        """
+        Open ``count`` connections of ``role`` (recv, send or slow), to ``port``
+        on the same IP if given (another node), else to the generator's server.
+        """
+        target = "" if port is None else f" {port}"
         return self.command(
-            f"open {role} {count} {concurrency} {timeout:g}", timeout + 30, on_progress
+            f"open {role} {count} {concurrency} {timeout:g}{target}",
+            timeout + 30,
+            on_progress,
         )
 
     def step(

@@ -394,6 +394,7 @@ def render_table(document: dict[str, Any]) -> str:
             "p99_ms",
         )
     calibrate = results.get("calibrate")
+    cluster = results.get("cluster")
     lines = [_format_rows(head, rows)] if rows else []
     if calibrate:
         lines.append(_calibration_line(calibrate))
@@ -414,10 +415,13 @@ def render_table(document: dict[str, Any]) -> str:
             "Warning: the cores were already busy before the run: "
             + ", ".join(f"{k} {_pct(v)}" for k, v in background.items())
         )
-    lines.append(
-        "Ratios are webchat / baseline: above 1 is better for rates, below 1 for "
-        "latency and memory."
-    )
+    if rows:
+        lines.append(
+            "Ratios are webchat / baseline: above 1 is better for rates, below 1 for "
+            "latency and memory."
+        )
+    if cluster:
+        lines.append(render_cluster(cluster))
     checks = document.get("issue_targets") or []
     if checks:
         lines.append("Issue #5 targets (webchat):")
@@ -426,6 +430,135 @@ def render_table(document: dict[str, Any]) -> str:
             note = f" ({item['note']})" if item["note"] else ""
             lines.append(f"  {verdict:8} {item['target']}: {item['shown']}{note}")
     return "\n".join(lines)
+
+
+def render_cluster(cluster: dict[str, Any]) -> str:
+    """The cluster scenario: each rate on both setups, then Redis's PUBLISH rate."""
+    if "error" in cluster and not cluster.get("setups"):
+        return f"cluster: error: {cluster['error']}"
+    cpus = cluster["cpus"]
+    setups = cluster.get("setups", {})
+    split = next(
+        (s["receivers_per_node"] for s in setups.values() if len(s["nodes"]) > 1),
+        None,
+    )
+    lines = [
+        "",
+        f"Cluster (issue #6): {cluster['receivers']} receivers"
+        + (f" ({' + '.join(map(str, split))} on 2 nodes)" if split else "")
+        + f", {cluster['senders']} sender(s) on node 1, {cluster['payload_bytes']} B,"
+        f" {cluster['step_seconds']:g} s per rate.  CPUs: node 1 + Redis"
+        f" {cpus['redis']}, node 2 {cpus['node2']}, load generator {cpus['loadgen']}.",
+    ]
+    head = [
+        "offered/s",
+        "setup",
+        "deliveries/s",
+        "lost",
+        "p50/p99/max ms",
+        "local p50/p99/max",
+        "remote (Redis) p50/p99/max",
+        "CPU node1/node2/redis (core)",
+        "loadgen",
+        "",
+    ]
+    rows: list[list[str]] = []
+    rates = cluster.get("rates", [])
+    by_rate = {
+        name: {s["offered_deliveries_per_s"]: s for s in setup.get("steps", [])}
+        for name, setup in setups.items()
+    }
+    for rate in rates:
+        for n, name in enumerate(setups):
+            step = by_rate[name].get(round(rate, 1))
+            rows.append(_cluster_row(_rate(rate) if n == 0 else "", name, step))
+    for n, (name, setup) in enumerate(setups.items()):
+        if "error" in setup:
+            rows.append(["max passing" if n == 0 else "", name, "error"])
+            continue
+        rows.append(
+            _cluster_row(
+                "max passing" if n == 0 else "", name, setup.get("max_passing")
+            )
+        )
+    width = len(head)
+    lines.append(_format_rows(head, [r + [""] * (width - len(r)) for r in rows]))
+    marks = [c for r in rows for c in r[2:3]]
+    if any(SATURATION_MARK in c for c in marks):
+        lines.append(
+            f"{SATURATION_MARK} the load generator was saturated: that rate may be its"
+            " limit, not the servers'."
+        )
+    if any(DISTURBED_MARK in c for c in marks):
+        lines.append(
+            f"{DISTURBED_MARK} other processes used > 10% of a benchmark core."
+        )
+    lines.append(
+        "deliveries/s: the step's deliveries over the time they took (sending, then"
+        " draining); max passing: the highest rate with p99 <= 100 ms, nothing lost."
+    )
+    lines.extend(_publish_lines(cluster.get("publish") or {}))
+    lines.append(cluster["note"])
+    return "\n".join(lines)
+
+
+def _cluster_row(rate: str, name: str, step: dict[str, Any] | None) -> list[str]:
+    if step is None:
+        return [rate, name, "-"]
+
+    def latency(r: dict[str, Any] | None) -> str:
+        if not r:
+            return "-"
+        return f"{_ms(r['p50_ms'])}/{_ms(r['p99_ms'])}/{_ms(r['max_ms'])}"
+
+    by_node = step.get("by_node", {})
+    cpu = step.get("cpu", {})
+    shares = "/".join(
+        "-" if cpu.get(k) is None else _pct(cpu[k]) for k in ("node1", "node2", "redis")
+    )
+    rate_cell = _rate(step["deliveries_per_s"])
+    if step.get("loadgen_saturated"):
+        rate_cell += SATURATION_MARK
+    if step.get("disturbed"):
+        rate_cell += DISTURBED_MARK
+    lost = step["lost"]
+    return [
+        rate,
+        name,
+        rate_cell,
+        f"{lost:,}" if lost else "0",
+        latency(step),
+        latency(by_node.get("local")),
+        latency(by_node.get("remote")),
+        f"{shares} ({_pct(step.get('server_core_busy'))})",
+        _pct(step.get("loadgen_cpu")),
+        "pass" if step["passed"] else "FAIL",
+    ]
+
+
+def _publish_lines(publish: dict[str, Any]) -> list[str]:
+    if not publish:
+        return []
+    if "error" in publish and not publish.get("runs"):
+        return [f"redis-benchmark: {publish['error']}"]
+    lines = [
+        f"Redis PUBLISH, {publish['message_bytes']} B messages, redis-benchmark -q -n"
+        f" {publish['requests']:,} (Redis on CPU {publish['redis_cpu']},"
+        f" redis-benchmark and subscribers on CPU {publish['benchmark_cpu']}):"
+    ]
+    for run in publish["runs"]:
+        how = f"-P {run['pipeline']}" if run["pipeline"] else "no -P (50 clients)"
+        rate = run.get("requests_per_s")
+        shown = "?" if rate is None else f"{_rate(rate)}/s"
+        note = f" ({run['error']})" if "error" in run else ""
+        lines.append(f"  {how:18} {run['subscribers']} subscriber(s): {shown}{note}")
+    if "publish_per_subscriber_us" in publish:
+        lines.append(
+            f"  -> Redis spends ~{publish['publish_base_us']:.2f} µs per PUBLISH"
+            f" + {publish['publish_per_subscriber_us']:.2f} µs per subscriber"
+            " (pipelined)"
+        )
+    return lines
 
 
 def _slow_cell(run: dict[str, Any] | None) -> str:

@@ -58,6 +58,11 @@ class BenchConfig:
     hold_seconds: float = 3.0
     echo_rate: float = 10.0
     echo_seconds: float = 5.0
+    #: cluster: the fixed offered rates (deliveries/s), and redis-benchmark's -n.
+    cluster_rates: list[float] = field(
+        default_factory=lambda: [100_000.0, 1_000_000.0, 5_000_000.0, 20_000_000.0]
+    )
+    publish_requests: int = 200_000
     quick: bool = False
 
     @classmethod
@@ -73,6 +78,8 @@ class BenchConfig:
             baseline_connections=2000,
             hold_seconds=1.0,
             echo_seconds=2.0,
+            cluster_rates=[100_000.0, 1_000_000.0],
+            publish_requests=20_000,
             quick=True,
         )
 
@@ -124,6 +131,8 @@ class Bench:
     url: str | None = None
     pid: int | None = None
     server_args: list[str] = field(default_factory=list)
+    #: cluster: node 2's CPU (None: the server's, with node 1 and Redis).
+    node2_cpu: int | None = None
 
     @property
     def cores(self) -> dict[str, int]:
