@@ -20,34 +20,30 @@ from tests.support import ROOT, free_port, require
 from webchat.bench.scenarios import judge_step, ramp
 
 
+def run_bench(*args: str) -> tuple[dict, str]:
+    """Run ``python -m webchat.bench ARGS --out TMP``: its JSON and what it printed."""
+    if shutil.which(os.environ.get("CC", "gcc")) is None:
+        raise require("gcc", "the benchmark compiles its C load generator")
+    with tempfile.TemporaryDirectory() as tmp:
+        out = Path(tmp) / "bench.json"
+        result = subprocess.run(
+            [sys.executable, "-m", "webchat.bench", *args, "--out", str(out)],
+            cwd=ROOT,
+            capture_output=True,
+            text=True,
+            timeout=120,
+            check=False,
+        )
+        if result.returncode:
+            raise AssertionError(result.stderr + result.stdout)
+        return json.loads(out.read_text()), result.stdout
+
+
 class QuickRunTests(SynchronousTestCase):
     """``python -m webchat.bench --quick --scenario echo`` end to end (~5 s)."""
 
     def test_quick_echo_writes_sane_json(self):
-        if shutil.which(os.environ.get("CC", "gcc")) is None:
-            raise require("gcc", "the benchmark compiles its C load generator")
-        with tempfile.TemporaryDirectory() as tmp:
-            out = Path(tmp) / "bench.json"
-            result = subprocess.run(
-                [
-                    sys.executable,
-                    "-m",
-                    "webchat.bench",
-                    "--quick",
-                    "--scenario",
-                    "echo",
-                    "--no-baselines",
-                    "--out",
-                    str(out),
-                ],
-                cwd=ROOT,
-                capture_output=True,
-                text=True,
-                timeout=120,
-                check=False,
-            )
-            self.assertEqual(result.returncode, 0, result.stderr + result.stdout)
-            document = json.loads(out.read_text())
+        document, output = run_bench("--quick", "--scenario", "echo", "--no-baselines")
 
         self.assertEqual(document["status"], "complete")
         self.assertEqual(document["targets"], ["webchat"])
@@ -66,7 +62,7 @@ class QuickRunTests(SynchronousTestCase):
         self.assertLessEqual(echo["p50_ms"], echo["p99_ms"])
         self.assertLessEqual(echo["p99_ms"], echo["max_ms"] * 1.01)
         self.assertLess(echo["max_ms"], 1000)
-        self.assertIn("echo", result.stdout)
+        self.assertIn("echo", output)
         self.assertEqual(
             {t["target"] for t in document["issue_targets"]},
             {"echo p50 <= 1 ms", "echo p99 <= 5 ms"},
@@ -77,41 +73,23 @@ class ClusterQuickRunTests(SynchronousTestCase):
     """``--scenario cluster`` at toy size: Redis, two nodes, one node (~8 s)."""
 
     def test_quick_cluster_relays_through_redis_and_cleans_up(self):
-        if shutil.which(os.environ.get("CC", "gcc")) is None:
-            raise require("gcc", "the benchmark compiles its C load generator")
         if shutil.which("redis-server") is None:
             raise require("redis-server", "apt-get install redis-server")
-        with tempfile.TemporaryDirectory() as tmp:
-            out = Path(tmp) / "bench.json"
-            result = subprocess.run(
-                [
-                    sys.executable,
-                    "-m",
-                    "webchat.bench",
-                    "--quick",
-                    "--scenario",
-                    "cluster",
-                    "--no-baselines",
-                    "--receivers",
-                    "20",
-                    "--cluster-rates",
-                    "2000",
-                    # No search for a maximum above the one fixed rate.
-                    "--max-rate",
-                    "2000",
-                    "--publish-requests",
-                    "2000",
-                    "--out",
-                    str(out),
-                ],
-                cwd=ROOT,
-                capture_output=True,
-                text=True,
-                timeout=120,
-                check=False,
-            )
-            self.assertEqual(result.returncode, 0, result.stderr + result.stdout)
-            document = json.loads(out.read_text())
+        document, output = run_bench(
+            "--quick",
+            "--scenario",
+            "cluster",
+            "--no-baselines",
+            "--receivers",
+            "20",
+            "--cluster-rates",
+            "2000",
+            # No search for a maximum above the one fixed rate.
+            "--max-rate",
+            "2000",
+            "--publish-requests",
+            "2000",
+        )
 
         self.assertEqual(document["status"], "complete")
         cluster = document["results"]["cluster"]
@@ -141,7 +119,7 @@ class ClusterQuickRunTests(SynchronousTestCase):
         if shutil.which("redis-benchmark") is not None:
             runs = cluster["publish"]["runs"]
             self.assertTrue(all(r["requests_per_s"] > 0 for r in runs), runs)
-        self.assertIn("not the capacity of N machines", result.stdout)
+        self.assertIn("not the capacity of N machines", output)
         # Nothing is left running: neither Redis nor the nodes.
         with self.assertRaises(OSError):
             socket.create_connection(("127.0.0.1", cluster["redis"]["port"]), 1).close()
