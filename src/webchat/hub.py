@@ -131,10 +131,3 @@ class Hub:
         stats.deliveries += copies
         stats.bytes_sent += sent
         return copies
-
-    def cancel(self) -> None:
-        """Drop anything queued (shutdown: the recipients are being closed)."""
-        if self._flush_call is not None and self._flush_call.active():
-            self._flush_call.cancel()
-        self._flush_call = None
-        self._pending = []
