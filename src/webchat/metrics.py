@@ -42,6 +42,9 @@ DROP_REASONS = (
     "protocol_error",
     "unsupported_data",
     "internal_error",
+    "response_timeout",
+    "request_body",
+    "header_too_large",
 )
 #: Fan-out time buckets, in seconds: 10 µs .. 1 s.
 FANOUT_BUCKETS = (

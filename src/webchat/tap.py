@@ -155,6 +155,14 @@ class Options(usage.Options):
             _float,
         ],
         [
+            "response-timeout",
+            None,
+            limits.RESPONSE_TIMEOUT,
+            "Seconds a plain HTTP response (page, /healthz, /metrics) may take "
+            "to be sent; a client that stops reading is cut off. 0 = off.",
+            _float,
+        ],
+        [
             "redis",
             None,
             None,
@@ -249,6 +257,7 @@ class Options(usage.Options):
             ping_interval=self["ping-interval"],
             ping_timeout=self["ping-timeout"],
             handshake_timeout=self["handshake-timeout"],
+            response_timeout=self["response-timeout"],
             shutdown_grace=self["shutdown-grace"],
             max_connections=self["max-connections"] or 0,
             max_connections_per_ip=self["max-connections-per-ip"],
