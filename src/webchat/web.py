@@ -134,6 +134,13 @@ class ChatWebSocketResource(WebSocketResource):
     def render(self, request: Request) -> Any:
         channel = request.channel
         if request.clientproto != b"HTTP/1.1" or channel.transport is None:
+            chat = self._factory
+            chat.refused["http_version"] += 1
+            log.warn(
+                "Refused connection from {peer}: WebSocket over {version} (HTTP 426)",
+                peer=_peer_of(request.transport),
+                version=escape_for_log(request.clientproto.decode("latin-1")),
+            )
             request.setResponseCode(426)
             request.setHeader(b"Upgrade", b"websocket")
             request.setHeader(b"Connection", b"close")
