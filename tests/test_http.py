@@ -9,7 +9,9 @@ from __future__ import annotations
 
 import os
 import re
+import signal
 import socket
+import time
 from pathlib import Path
 
 from prometheus_client.twisted import MetricsResource
@@ -21,7 +23,7 @@ from twisted.logger import formatEvent, globalLogPublisher
 from twisted.python.failure import Failure
 from twisted.trial.unittest import SynchronousTestCase, TestCase
 
-from tests.support import HANDSHAKE, client_frame, connect_raw, deferLater
+from tests.support import HANDSHAKE, Twistd, client_frame, connect_raw, deferLater
 from tests.test_limits import LimitsMixin
 from tests.test_timeouts import PEER, FakeClockMixin, Transport
 from webchat.access import AccessPolicy
@@ -417,3 +419,58 @@ class ResponseDeadlineClockTests(FakeClockMixin, SynchronousTestCase):
         self.assertTrue(self.transport.aborted)
         self.assertEqual(self.factory.dropped["handshake_timeout"], 1)
         self.assertEqual(self.factory.dropped["response_timeout"], 0)
+
+
+class TwistdHTTPTests(SynchronousTestCase):
+    """The same defences in the real twistd, its descriptors read from /proc."""
+
+    def test_stalled_download_and_huge_post_leave_no_descriptor_behind(self):
+        workdir = Path(self.mktemp()).resolve()
+        root = workdir / "web"
+        root.mkdir(parents=True)
+        (root / "index.html").write_bytes(PAGE)
+        with open(root / "big.bin", "wb") as big:
+            big.truncate(64 * 1024 * 1024)
+        server = Twistd(
+            workdir,
+            "--port", "tcp:0:interface=127.0.0.1",
+            "--web-root", str(root),
+            "--response-timeout", "1",
+        )  # fmt: skip
+        self.addCleanup(server.stop, signal.SIGKILL)
+        log = server.wait_for_log("Site starting on")
+        port = int(re.search(r"Site starting on (\d+)", log).group(1))
+        fd_dir = Path(f"/proc/{server.process.pid}/fd")
+
+        def fds() -> int:
+            return len(list(fd_dir.iterdir()))
+
+        before = fds()
+        with socket.socket() as reader:
+            reader.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+            reader.connect(("127.0.0.1", port))
+            reader.sendall(b"GET /big.bin HTTP/1.1\r\nHost: x\r\n\r\n")
+            server.wait_for_log("Aborted response to 127.0.0.1: not sent within 1 s")
+            deadline = time.monotonic() + 5
+            while fds() != before and time.monotonic() < deadline:
+                time.sleep(0.05)
+            self.assertEqual(fds(), before)  # socket and file both closed
+
+        with socket.create_connection(("127.0.0.1", port), timeout=5) as poster:
+            poster.sendall(
+                b"POST / HTTP/1.1\r\nHost: x\r\nContent-Length: 3000000000\r\n\r\n"
+                + b"x" * 1000
+            )
+            reply = b""
+            while chunk := poster.recv(4096):  # until the server closes
+                reply += chunk
+        self.assertTrue(reply.startswith(b"HTTP/1.1 405 "), reply[:80])
+        server.wait_for_log("Refused request from 127.0.0.1: POST with a body")
+        self.assertEqual(fds(), before)
+        with socket.create_connection(("127.0.0.1", port), timeout=5) as page:
+            page.sendall(b"GET / HTTP/1.0\r\n\r\n")
+            reply = b""
+            while chunk := page.recv(65536):
+                reply += chunk
+        self.assertTrue(reply.endswith(PAGE))
+        self.assertNotIn("Traceback", server.log())

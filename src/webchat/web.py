@@ -133,7 +133,9 @@ class ChatWebSocketResource(WebSocketResource):
 
     def render(self, request: Request) -> Any:
         channel = request.channel
-        if request.clientproto != b"HTTP/1.1" or channel.transport is None:
+        if channel.transport is None:
+            return super().render(request)  # Autobahn's 426 for a gone channel
+        if request.clientproto != b"HTTP/1.1":
             chat = self._factory
             chat.refused["http_version"] += 1
             log.warn(
@@ -156,15 +158,18 @@ class ChatWebSocketResource(WebSocketResource):
         else:
             transport.protocol = protocol
         protocol.makeConnection(transport)
-        if hasattr(transport, "resumeProducing"):
-            transport.resumeProducing()  # the channel may have paused it
+        # The channel may have paused reading (as Autobahn's resource does).
+        if hasattr(transport, "_networkProducer"):
+            transport._networkProducer.resumeProducing()
+        elif hasattr(transport, "resumeProducing"):
+            transport.resumeProducing()
         head = [request.method + b" " + request.uri + b" HTTP/1.1\r\n"]
         for name, values in request.requestHeaders.getAllRawHeaders():
             head.append(name + b": " + b",".join(values) + b"\r\n")
         head.append(b"\r\n")
-        # What followed the request: already buffered by the channel, and
-        # whatever its line parser still holds (delivered after we return,
-        # through rawDataReceived, which hand_over points at the chat).
+        # What followed the request: what the channel already buffered, now;
+        # what its line parser still holds, once we return, through its
+        # rawDataReceived, from now on the chat's.
         pending = b"".join(channel._dataBuffer)
         channel._dataBuffer = []
         protocol.dataReceived(b"".join(head) + pending)
