@@ -225,8 +225,9 @@ class Options(usage.Options):
 
     @_help(
         """Also accept WebSockets from pages of this origin (scheme://host[:port]);
-        '*' accepts any. Repeatable. By default only same-origin pages and
-        clients sending no Origin (non-browsers) may connect; others get 403."""
+        '*' accepts any, 'null' the null origin (sandboxed frames, file: pages).
+        Repeatable. By default only same-origin pages and clients sending no
+        Origin (non-browsers) may connect; others get 403."""
     )
     def opt_allowed_origin(self, value: str) -> None:
         self["allowed-origin"].append(value)
