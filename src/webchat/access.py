@@ -13,6 +13,10 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 from urllib.parse import urlsplit
 
+#: What browsers send as ``Origin`` from ``file:`` pages and sandboxed
+#: frames; allowed only by ``*`` or by naming it (``--allowed-origin null``).
+NULL_ORIGIN = "null"
+
 _DEFAULT_PORTS = {"http": 80, "https": 443, "ws": 80, "wss": 443}
 
 Address = ipaddress.IPv4Address | ipaddress.IPv6Address
@@ -81,8 +85,8 @@ class AccessPolicy:
     ) -> AccessPolicy:
         normalized = set()
         for origin in origins:
-            if origin.strip() == "*":
-                normalized.add("*")
+            if origin.strip().lower() in ("*", NULL_ORIGIN):
+                normalized.add(origin.strip().lower())
                 continue
             value = normalize_origin(origin)
             if value is None:
@@ -127,9 +131,11 @@ class AccessPolicy:
             return True
         if "*" in self.allowed_origins:
             return True
+        if origin.strip().lower() == NULL_ORIGIN:
+            return NULL_ORIGIN in self.allowed_origins
         normalized = normalize_origin(origin)
         if normalized is None:
-            return False  # includes "null" (sandboxed frames, file: pages)
+            return False
         if normalized in self.allowed_origins:
             return True
         if host is None:

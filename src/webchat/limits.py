@@ -24,6 +24,9 @@ PING_INTERVAL = 30.0
 PING_TIMEOUT = 10.0
 #: Seconds from TCP accept to a complete HTTP request (or WebSocket opening).
 HANDSHAKE_TIMEOUT = 10.0
+#: Seconds a plain HTTP response (the page, /healthz, /metrics) may take to
+#: be sent once its request is read; a client that stops reading is cut off.
+RESPONSE_TIMEOUT = 30.0
 #: Seconds shutdown waits for clients to answer close 1001.
 SHUTDOWN_GRACE = 5.0
 #: Connections per client address; 0 = no cap (behind a proxy all share one).
@@ -69,6 +72,7 @@ class Limits:
     ping_interval: float = PING_INTERVAL
     ping_timeout: float = PING_TIMEOUT
     handshake_timeout: float = HANDSHAKE_TIMEOUT
+    response_timeout: float = RESPONSE_TIMEOUT
     shutdown_grace: float = SHUTDOWN_GRACE
     #: 0 here means "no cap"; the command line fills in default_max_connections().
     max_connections: int = 0

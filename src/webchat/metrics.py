@@ -30,7 +30,13 @@ if TYPE_CHECKING:
     from webchat.protocol import WebChatFactory
 
 #: Every reason a handshake can be refused, so each series exists from zero.
-REFUSAL_REASONS = ("origin", "max_connections", "max_connections_per_ip", "draining")
+REFUSAL_REASONS = (
+    "origin",
+    "max_connections",
+    "max_connections_per_ip",
+    "draining",
+    "http_version",
+)
 #: Every kind of connection the server ends for cause.
 DROP_REASONS = (
     "too_slow",
@@ -42,6 +48,9 @@ DROP_REASONS = (
     "protocol_error",
     "unsupported_data",
     "internal_error",
+    "response_timeout",
+    "request_body",
+    "header_too_large",
 )
 #: Fan-out time buckets, in seconds: 10 µs .. 1 s.
 FANOUT_BUCKETS = (

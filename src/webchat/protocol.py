@@ -416,7 +416,8 @@ class WebChatFactory(WebSocketServerFactory):
         limits: Limits | None = None,
         access: AccessPolicy | None = None,
     ) -> None:
-        super().__init__(reactor=reactor)
+        # "webchat", not Autobahn's name and version, in the 101's Server:.
+        super().__init__(reactor=reactor, server="webchat")
         self.stats = ChatStats()
         self.hub = Hub(reactor, self.stats)
         self.quiet = quiet
@@ -442,6 +443,9 @@ class WebChatFactory(WebSocketServerFactory):
             # and our own keepalive (on self.reactor) replaces Autobahn's.
             openHandshakeTimeout=0,
             autoPingInterval=0,
+            # Let "Origin: null" through to admit(): our policy decides it
+            # (and logs and counts a refusal), not Autobahn's bare 400.
+            allowNullOrigin=True,
         )
         # Autobahn copies every option onto every new connection, and
         # pretty-prints the lot for a debug line even when debug is off: a

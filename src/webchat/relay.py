@@ -68,7 +68,7 @@ import random
 import re
 import socket
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, NamedTuple
 from urllib.parse import parse_qs, unquote, urlsplit
@@ -683,10 +683,14 @@ class RedisRelay(Service):
         id_block: int = ID_BLOCK,
         max_in_flight: int = MAX_IN_FLIGHT,
         rng: random.Random | None = None,
+        password: str | None = None,
     ) -> None:
         self.reactor = reactor
         self._log = Logger(namespace="webchat", source=self)
         self.address = parse_redis_url(url)
+        if password is not None:
+            # From --redis-password-file: kept out of the URL, hence out of ps.
+            self.address = replace(self.address, password=password)
         #: The URL without its password, as log lines show it.
         self.url = self.address.display
         self.channel = check_channel(channel)

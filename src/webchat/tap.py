@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import os
+from collections.abc import Mapping
+from pathlib import Path
 from typing import Any
 
 from twisted.application.internet import StreamServerEndpointService
@@ -26,6 +29,9 @@ from webchat.web import default_web_root, make_metrics_site, make_site
 
 #: Where the server listens when no --port is given.
 DEFAULT_PORT = "tcp:8080"
+#: The environment variable read for the Redis URL when --redis is absent:
+#: unlike the command line, the environment is not shown by ps.
+REDIS_URL_VARIABLE = "WEBCHAT_REDIS_URL"
 
 log = Logger(namespace="webchat")
 
@@ -155,12 +161,28 @@ class Options(usage.Options):
             _float,
         ],
         [
+            "response-timeout",
+            None,
+            limits.RESPONSE_TIMEOUT,
+            "Seconds a plain HTTP response (page, /healthz, /metrics) may take "
+            "to be sent; a client that stops reading is cut off. 0 = off.",
+            _float,
+        ],
+        [
             "redis",
             None,
             None,
             "Share the chat with other webchat processes through Redis pub/sub: "
             "redis://[:password@]host:port/db, rediss://... (TLS) or "
-            "unix:///path. Without it this process is the whole chat.",
+            "unix:///path. Without it this process is the whole chat. "
+            f"[default: ${REDIS_URL_VARIABLE}, which keeps a password out of ps]",
+        ],
+        [
+            "redis-password-file",
+            None,
+            None,
+            "Read the Redis password from this file (one line; e.g. a systemd "
+            "credential) instead of putting it in the URL.",
         ],
         [
             "redis-channel",
@@ -183,8 +205,9 @@ class Options(usage.Options):
         ],
     ]
 
-    def __init__(self) -> None:
+    def __init__(self, environ: Mapping[str, str] | None = None) -> None:
         super().__init__()
+        self._environ = os.environ if environ is None else environ
         self["port"] = []
         self["allowed-origin"] = []
         self["trust-proxy"] = []
@@ -202,8 +225,9 @@ class Options(usage.Options):
 
     @_help(
         """Also accept WebSockets from pages of this origin (scheme://host[:port]);
-        '*' accepts any. Repeatable. By default only same-origin pages and
-        clients sending no Origin (non-browsers) may connect; others get 403."""
+        '*' accepts any, 'null' the null origin (sandboxed frames, file: pages).
+        Repeatable. By default only same-origin pages and clients sending no
+        Origin (non-browsers) may connect; others get 403."""
     )
     def opt_allowed_origin(self, value: str) -> None:
         self["allowed-origin"].append(value)
@@ -227,12 +251,26 @@ class Options(usage.Options):
             raise usage.UsageError("--no-metrics and --metrics-port contradict")
         if self["web-root"] is None:
             self["web-root"] = str(default_web_root())
+        if not self["redis"]:
+            self["redis"] = self._environ.get(REDIS_URL_VARIABLE) or None
+        self["redis-password"] = None
+        if self["redis-password-file"]:
+            self["redis-password"] = read_password(self["redis-password-file"])
+            if not self["redis"]:
+                raise usage.UsageError(
+                    f"--redis-password-file needs --redis or ${REDIS_URL_VARIABLE}"
+                )
         try:
             self["access"] = AccessPolicy.from_options(
                 self["allowed-origin"], self["trust-proxy"]
             )
             if self["redis"]:
-                parse_redis_url(self["redis"])
+                address = parse_redis_url(self["redis"])
+                if self["redis-password"] is not None and address.password:
+                    raise ValueError(
+                        f"{address.display}: a password both in the URL and in "
+                        "--redis-password-file"
+                    )
                 check_channel(self["redis-channel"])
                 if self["node-id"]:
                     check_node_id(self["node-id"])
@@ -249,10 +287,24 @@ class Options(usage.Options):
             ping_interval=self["ping-interval"],
             ping_timeout=self["ping-timeout"],
             handshake_timeout=self["handshake-timeout"],
+            response_timeout=self["response-timeout"],
             shutdown_grace=self["shutdown-grace"],
             max_connections=self["max-connections"] or 0,
             max_connections_per_ip=self["max-connections-per-ip"],
         )
+
+
+def read_password(path: str) -> str:
+    """The first line of ``path``; a usage error (never echoing it) otherwise."""
+    try:
+        text = Path(path).read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as e:
+        reason = getattr(e, "strerror", None) or type(e).__name__
+        raise usage.UsageError(f"--redis-password-file {path}: {reason}") from None
+    password = text.splitlines()[0] if text else ""
+    if not password:
+        raise usage.UsageError(f"--redis-password-file {path}: the file is empty")
+    return password
 
 
 def makeService(options: Options) -> IService:
@@ -285,6 +337,7 @@ def makeService(options: Options) -> IService:
             options["redis-channel"],
             options["node-id"],
             on_envelope=factory.deliver_remote,
+            password=options["redis-password"],
         )
         factory.attach_link(link)
         # Before the listeners: it starts first, and stops after the drain.

@@ -9,6 +9,7 @@ and by ``ChatRoot`` for any later request on a keep-alive connection.
 
 from __future__ import annotations
 
+import ipaddress
 import re
 from pathlib import Path
 from typing import Any
@@ -19,11 +20,12 @@ from twisted.internet.protocol import Protocol
 from twisted.logger import Logger
 from twisted.protocols.policies import ProtocolWrapper
 from twisted.web.http import HTTPChannel
-from twisted.web.pages import errorPage
+from twisted.web.pages import errorPage, notFound
 from twisted.web.resource import IResource, Resource
-from twisted.web.server import Request, Site
+from twisted.web.server import NOT_DONE_YET, Request, Site
 from twisted.web.static import File
 
+from webchat.access import canonical_address
 from webchat.health import HealthResource
 from webchat.logtext import escape_for_log
 from webchat.protocol import WebChatFactory
@@ -35,6 +37,10 @@ QUIET_PATHS = frozenset({b"/healthz", b"/metrics"})
 
 #: Paths on which a WebSocket upgrade is accepted.
 WEBSOCKET_PATHS = (b"", b"ws")
+
+#: What every response says in ``Server:``: no library names or versions for a
+#: scanner to match against vulnerability lists.
+SERVER_NAME = b"webchat"
 
 
 def default_web_root() -> Path:
@@ -90,6 +96,124 @@ class ChatRoot(Resource):
         return self._files.render(request)
 
 
+class ChatFile(File):
+    """
+    The static files, minus two things a chat page never needs.
+
+    Byte ranges are not offered: the page is a few kilobytes, and Twisted's
+    multi-range producer could fail mid-response and leave the request (and
+    its open file) hanging.  A ``Range`` header is ignored and the whole file
+    sent with 200, which RFC 9110 allows.  And a path segment with a NUL byte
+    (``/index.html%00.txt``) is simply not found, instead of an exception.
+    """
+
+    def getChild(self, path: bytes, request: Request) -> IResource:
+        if b"\x00" in path:
+            return notFound()
+        return super().getChild(path, request)
+
+    def render_GET(self, request: Request) -> Any:
+        request.requestHeaders.removeHeader(b"range")
+        return super().render_GET(request)
+
+    render_HEAD = render_GET
+
+
+class ChatWebSocketResource(WebSocketResource):
+    """
+    The chat, reached through twisted.web (an upgrade the doorway did not
+    recognise: an encoded or absolute path, or a later request on a
+    keep-alive connection).
+
+    Autobahn's own resource hands the chat only the request it rebuilt, so
+    WebSocket frames that arrived in the same packet as the request, still
+    inside the HTTP channel's buffers, were lost.  This one passes them on,
+    and refuses an HTTP/1.0 upgrade (RFC 6455 needs HTTP/1.1).
+    """
+
+    def render(self, request: Request) -> Any:
+        channel = request.channel
+        if channel.transport is None:
+            return super().render(request)  # Autobahn's 426 for a gone channel
+        if request.clientproto != b"HTTP/1.1":
+            chat = self._factory
+            chat.refused["http_version"] += 1
+            log.warn(
+                "Refused connection from {peer}: WebSocket over {version} (HTTP 426)",
+                peer=_peer_of(request.transport),
+                version=escape_for_log(request.clientproto.decode("latin-1")),
+            )
+            request.setResponseCode(426)
+            request.setHeader(b"Upgrade", b"websocket")
+            request.setHeader(b"Connection", b"close")
+            return b"WebSocket needs HTTP/1.1\n"
+        protocol = self._factory.buildProtocol(request.transport.getPeer())
+        transport, channel.transport = channel.transport, None
+        if isinstance(channel, ChatChannel):
+            channel.hand_over()
+        if isinstance(transport, ProtocolWrapper):
+            transport.wrappedProtocol = protocol
+        elif isinstance(transport.protocol, ProtocolWrapper):
+            transport.protocol.wrappedProtocol = protocol
+        else:
+            transport.protocol = protocol
+        protocol.makeConnection(transport)
+        # The channel may have paused reading (as Autobahn's resource does).
+        if hasattr(transport, "_networkProducer"):
+            transport._networkProducer.resumeProducing()
+        elif hasattr(transport, "resumeProducing"):
+            transport.resumeProducing()
+        head = [request.method + b" " + request.uri + b" HTTP/1.1\r\n"]
+        for name, values in request.requestHeaders.getAllRawHeaders():
+            head.append(name + b": " + b",".join(values) + b"\r\n")
+        head.append(b"\r\n")
+        # What followed the request: what the channel already buffered, now;
+        # what its line parser still holds, once we return, through its
+        # rawDataReceived, from now on the chat's.
+        pending = b"".join(channel._dataBuffer)
+        channel._dataBuffer = []
+        protocol.dataReceived(b"".join(head) + pending)
+        channel.rawDataReceived = protocol.dataReceived
+        return NOT_DONE_YET
+
+
+class LocalOnly(Resource):
+    """
+    ``/metrics`` on the public port, for loopback and trusted proxies only.
+
+    It names the version and the process's memory, CPU and descriptors, and
+    costs CPU to render: nothing for the whole internet.  A request relayed by
+    a trusted proxy is judged by the client it names in ``X-Forwarded-For``.
+    Anyone else gets 404, as if it were not there.
+    """
+
+    isLeaf = True
+
+    def __init__(self, inner: IResource, chat: WebChatFactory) -> None:
+        super().__init__()
+        self._inner = inner
+        self._chat = chat
+
+    def render(self, request: Request) -> Any:
+        access = self._chat.access
+        peer = getattr(request.getClientAddress(), "host", None) or "unix"
+        client = access.client_address(
+            peer, (request.getHeader(b"x-forwarded-for") or b"").decode("latin-1")
+        )
+        if not (_is_loopback(client) or access.is_trusted_proxy(client)):
+            return notFound().render(request)
+        return self._inner.render(request)
+
+
+def _is_loopback(address: str) -> bool:
+    if address == "unix":
+        return True  # a Unix socket is as local as it gets
+    try:
+        return ipaddress.ip_address(canonical_address(address)).is_loopback
+    except ValueError:
+        return False
+
+
 def _upgrade_required() -> IResource:
     page = errorPage(426, "Upgrade Required", "This address only speaks WebSocket.")
     return _WithHeader(page, b"Upgrade", b"websocket")
@@ -124,13 +248,43 @@ def start_deadline(site: ChatSite, transport: Any) -> IDelayedCall | None:
     return site.reactor.callLater(timeout, _deadline_passed, site, transport)
 
 
+def start_response_deadline(site: ChatSite, transport: Any) -> IDelayedCall | None:
+    """
+    Give the response to a request just read the response timeout to be sent.
+
+    A client that asks for a file and then stops reading (or a response that
+    stalls inside twisted.web) would otherwise hold the connection and the
+    open file forever: the idle timeout is off while a response is produced.
+    """
+    timeout = site.chat.limits.response_timeout
+    if timeout <= 0:
+        return None
+    return site.reactor.callLater(timeout, _response_deadline_passed, site, transport)
+
+
+def _response_deadline_passed(site: ChatSite, transport: Any) -> None:
+    chat = site.chat
+    chat.dropped["response_timeout"] += 1
+    log.warn(
+        "Aborted response to {peer}: not sent within {timeout:g} s",
+        peer=_peer_of(transport),
+        timeout=chat.limits.response_timeout,
+    )
+    # Aborting stops the response's producer, which closes its file.
+    transport.abortConnection()
+
+
+def _peer_of(transport: Any) -> str:
+    peer = transport.getPeer()
+    return escape_for_log(str(getattr(peer, "host", None) or "unix"))
+
+
 def _deadline_passed(site: ChatSite, transport: Any) -> None:
     chat = site.chat
     chat.dropped["handshake_timeout"] += 1
-    peer = transport.getPeer()
     log.warn(
         "Closed connection from {peer}: no complete request within {timeout:g} s",
-        peer=escape_for_log(str(getattr(peer, "host", None) or "unix")),
+        peer=_peer_of(transport),
         timeout=chat.limits.handshake_timeout,
     )
     transport.abortConnection()
@@ -212,18 +366,74 @@ class ChatChannel(HTTPChannel):
     """
     An HTTP connection whose every request must arrive complete within the
     handshake timeout of the connection opening (or of the previous
-    response, on a keep-alive connection).
+    response, on a keep-alive connection), and whose every response must be
+    sent within the response timeout of its request.
+
+    The site serves GET and HEAD only, so a request that announces a body is
+    refused from its headers, before a byte of the body is read (Twisted
+    would otherwise spool a large one to a temporary file first).
     """
 
     site: ChatSite
     _deadline: IDelayedCall | None = None
+    _refused = False
 
     def connectionMade(self) -> None:
         super().connectionMade()
         self._deadline = start_deadline(self.factory, self.transport)
 
+    def allHeadersReceived(self) -> None:
+        # length: 0 without a body, None for chunked, else the Content-Length.
+        if self.length != 0:
+            self._refuse_body()
+            return
+        super().allHeadersReceived()
+
+    def _refuse_body(self) -> None:
+        method = self._command
+        status = b"413 Content Too Large"
+        if method not in (b"GET", b"HEAD"):
+            status = b"405 Method Not Allowed"
+        self._refused = True
+        self.factory.chat.dropped["request_body"] += 1
+        log.warn(
+            "Refused request from {peer}: {method} with a body (HTTP {status})",
+            peer=_peer_of(self.transport),
+            method=escape_for_log(method.decode("latin-1")),
+            status=status[:3].decode(),
+        )
+        self._answer_and_close(status, b"Allow: GET, HEAD\r\n")
+
+    def rawDataReceived(self, data: bytes) -> None:
+        if self._refused:
+            return  # the body of a refused request: never read into anything
+        super().rawDataReceived(data)
+
+    def lineLengthExceeded(self, line: bytes) -> None:
+        # Twisted would just hang up; say why, once.
+        self._refused = True
+        self.factory.chat.dropped["header_too_large"] += 1
+        log.warn(
+            "Refused request from {peer}: a header line over {limit} bytes (HTTP 431)",
+            peer=_peer_of(self.transport),
+            limit=self.MAX_LENGTH,
+        )
+        self._answer_and_close(b"431 Request Header Fields Too Large")
+
+    def _answer_and_close(self, status: bytes, headers: bytes = b"") -> None:
+        self.transport.write(
+            b"HTTP/1.1 " + status + b"\r\nServer: " + SERVER_NAME
+            + b"\r\nContent-Length: 0\r\nConnection: close\r\n" + headers + b"\r\n"
+        )  # fmt: skip
+        self.transport.loseConnection()
+        # Whatever else arrives is dropped unread.
+        self.dataReceived = self.lineReceived = _ignore  # type: ignore[method-assign]
+
     def allContentReceived(self) -> None:
         _cancel(self._deadline)
+        # Before processing: a response finished at once restarts the
+        # request deadline (requestDone) and cancels this one.
+        self._deadline = start_response_deadline(self.factory, self.transport)
         super().allContentReceived()
 
     def requestDone(self, request: Request) -> None:
@@ -232,9 +442,18 @@ class ChatChannel(HTTPChannel):
             _cancel(self._deadline)
             self._deadline = start_deadline(self.factory, self.transport)
 
+    def hand_over(self) -> None:
+        """The chat takes the connection over: its deadlines are the chat's now."""
+        _cancel(self._deadline)
+        self._deadline = None
+
     def connectionLost(self, reason: Any) -> None:
         _cancel(self._deadline)
         super().connectionLost(reason)
+
+
+def _ignore(*args: Any) -> None:
+    return None
 
 
 #: Sent with every page and file.  The page never needs anything but its own
@@ -251,13 +470,33 @@ SECURITY_HEADERS = {
 }
 
 
+def origin_form(target: bytes) -> bytes:
+    """``http://host/ws`` becomes ``/ws``; a target that is a path is kept."""
+    scheme, sep, rest = target.partition(b"://")
+    if not sep or scheme.lower() not in (b"http", b"https"):
+        return target
+    _, slash, path = rest.partition(b"/")
+    return (slash + path) or b"/"
+
+
 class ChatRequest(Request):
     """A request whose response carries the site's security headers."""
 
     def process(self) -> None:
+        # The absolute form (``GET http://host/ws``), which HTTP/1.1 servers
+        # must accept: routed by its path, as if it were ``GET /ws``.
+        self.path = origin_form(self.path)
         for name, value in SECURITY_HEADERS.items():
             self.setHeader(name, value)
         super().process()
+
+    def write(self, data: bytes) -> None:
+        if not self.startedWriting:
+            # twisted.web names itself and its version in process().
+            self.setHeader(b"Server", SERVER_NAME)
+            if self.responseHeaders.hasHeader(b"accept-ranges"):
+                self.setHeader(b"Accept-Ranges", b"none")  # see ChatFile
+        super().write(data)
 
 
 class ChatSite(Site):
@@ -297,9 +536,9 @@ def make_site(
     root = Path(web_root) if web_root is not None else default_web_root()
     endpoints: dict[bytes, IResource] = {b"healthz": HealthResource(factory)}
     if metrics is not None:
-        endpoints[b"metrics"] = metrics
-    files = File(str(root))
-    return ChatSite(ChatRoot(files, WebSocketResource(factory), endpoints), factory)
+        endpoints[b"metrics"] = LocalOnly(metrics, factory)
+    files = ChatFile(str(root))
+    return ChatSite(ChatRoot(files, ChatWebSocketResource(factory), endpoints), factory)
 
 
 def make_metrics_site(factory: WebChatFactory, metrics: IResource) -> ChatSite:
