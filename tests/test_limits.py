@@ -21,7 +21,15 @@ from tests.support import (
     take,
 )
 from webchat.access import AccessPolicy
-from webchat.limits import Limits
+from webchat.limits import RATE_BURST, Limits
+from webchat.tap import Options
+
+
+def limits_from_options(*argv: str) -> Limits:
+    """The limits ``twistd webchat`` would run with, given these arguments."""
+    options = Options()
+    options.parseOptions(list(argv))
+    return options.limits()
 
 
 class LimitsMixin(ServerMixin):
@@ -62,6 +70,15 @@ class LimitsMixin(ServerMixin):
         return data.split(b"\r\n\r\n")[0], peer
 
     @inlineCallbacks
+    def wait_for_connections(self, count: int):
+        """Wait (at most 5 s) until the server holds ``count`` TCP connections."""
+        for _ in range(500):
+            if len(self.factory.connections) == count:
+                return
+            yield deferLater(0.01)
+        self.assertEqual(len(self.factory.connections), count)
+
+    @inlineCallbacks
     def close_frame_of(self, peer) -> tuple[int, bytes]:
         def has_close(_: bytes) -> bool:
             return any(op == 0x8 for op, _ in parse_server_frames(peer.body()))
@@ -98,6 +115,18 @@ class OriginTests(LimitsMixin, TestCase):
         self.assertTrue(head.startswith(b"HTTP/1.1 101 "), head)
         head, _ = yield self.handshake()
         self.assertTrue(head.startswith(b"HTTP/1.1 101 "), head)
+        yield self.assert_bystanders_chat()
+
+    @inlineCallbacks
+    def test_forwarded_proto_is_ignored_from_an_untrusted_peer(self):
+        # A plain-http client claiming to be behind TLS, for an https page of
+        # this host: only a trusted proxy may say the request came over https.
+        head, _ = yield self.handshake(
+            b"Origin: https://chat.example\r\nX-Forwarded-Proto: https\r\n",
+            host=b"chat.example",
+        )
+        self.assertTrue(head.startswith(b"HTTP/1.1 403 "), head)
+        self.assertEqual(self.factory.refused["origin"], 1)
         yield self.assert_bystanders_chat()
 
     @inlineCallbacks
@@ -146,6 +175,28 @@ class PerAddressCapTests(LimitsMixin, TestCase):
         yield self.assert_bystanders_chat()
 
     @inlineCallbacks
+    def test_closed_connections_give_their_share_back(self):
+        # Alice and Bob hold two of 127.0.0.1's three; Carol takes the last,
+        # leaves (cleanly, then by a reset), and comes back each time.
+        for leave in ("close", "abort", "close"):
+            carol = yield self.connect()
+            head, _ = yield self.handshake()
+            self.assertTrue(head.startswith(b"HTTP/1.1 429 "), head)
+            if leave == "close":
+                carol.sendClose()
+            else:
+                carol.transport.abortConnection()
+            yield carol.closed
+            yield self.wait_for_connections(2)
+        carol = yield self.connect()
+        carol.send_text("back again")
+        self.assertEqual((yield self.bob.received.get()), "id 6: back again")
+        head, _ = yield self.handshake()
+        self.assertTrue(head.startswith(b"HTTP/1.1 429 "), head)
+        self.assertEqual(self.factory.refused["max_connections_per_ip"], 4)
+        yield self.assert_bystanders_chat()
+
+    @inlineCallbacks
     def test_forwarded_for_is_ignored_from_an_untrusted_peer(self):
         head, _ = yield self.handshake(b"X-Forwarded-For: 203.0.113.1\r\n")
         self.assertTrue(head.startswith(b"HTTP/1.1 101 "), head)
@@ -176,6 +227,16 @@ class TrustedProxyTests(LimitsMixin, TestCase):
             "address (HTTP 429)",
             self.logs.lines,
         )
+        yield self.assert_bystanders_chat()
+
+    @inlineCallbacks
+    def test_forwarded_proto_is_believed_from_a_trusted_proxy(self):
+        head, _ = yield self.handshake(
+            b"Origin: https://chat.example\r\nX-Forwarded-Proto: https\r\n"
+            b"X-Forwarded-For: 203.0.113.5\r\n",
+            host=b"chat.example",
+        )
+        self.assertTrue(head.startswith(b"HTTP/1.1 101 "), head)
         yield self.assert_bystanders_chat()
 
 
@@ -237,6 +298,30 @@ class RateLimitTests(LimitsMixin, TestCase):
         peer.transport.write(b"".join(client_frame(0x9, b"p") for _ in range(30)))
         code, reason = yield self.close_frame_of(peer)
         self.assertEqual((code, reason), (1008, b"rate limit exceeded"))
+        yield self.assert_bystanders_chat()
+
+
+class RateBurstOptionTests(LimitsMixin, TestCase):
+    """``--rate-burst`` as an operator passes it, through to each connection."""
+
+    # A trickle of one token every 1000 s: the burst alone decides, however
+    # slowly this machine runs the test.
+    limits = limits_from_options("--rate-limit", "0.001", "--rate-burst", "7")
+
+    @inlineCallbacks
+    def test_exactly_the_burst_is_relayed_before_1008(self):
+        self.assertNotEqual(self.limits.rate_burst, RATE_BURST)
+        carol = yield self.connect()
+        # More than the default burst too, so a lost option cannot pass.
+        for n in range(RATE_BURST + 10):
+            carol.send_text(f"burst {n}")
+        code, reason = yield carol.closed
+        self.assertEqual((code, reason), (1008, "rate limit exceeded"))
+        got = yield take(self.bob, 7)
+        self.assertEqual(got, [f"id 3: burst {n}" for n in range(7)])
+        self.assertEqual(self.bob.pending(), [])
+        self.assertEqual(self.factory.dropped["rate_limited"], 1)
+        # Alice and Bob have spent 0 of their 7 so far: they go on chatting.
         yield self.assert_bystanders_chat()
 
 
