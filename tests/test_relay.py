@@ -20,7 +20,7 @@ from twisted.python.failure import Failure
 from twisted.trial.unittest import SynchronousTestCase, TestCase
 
 from tests.redis_server import RedisServer
-from tests.support import free_port
+from tests.support import free_port, slow
 from tests.tls_cert import make_certificate
 from webchat.relay import (
     FALLBACK_PER_NODE,
@@ -388,6 +388,7 @@ def sleep(seconds: float):
     return deferLater(reactor, seconds, lambda: None)
 
 
+@slow
 class RedisTestCase(TestCase):
     def setUp(self) -> None:
         self.logs = Logs()
