@@ -6,7 +6,7 @@ VENV   ?= .venv
 BIN    := $(VENV)/bin
 PORT   ?= 8080
 
-.PHONY: serve test soak bench bench-quick lint format clean
+.PHONY: serve test test-fast soak bench bench-quick lint format clean
 
 $(BIN)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -23,6 +23,11 @@ test: $(BIN)/.installed
 	$(BIN)/python -m pytest
 	$(BIN)/python -m twisted.trial tests
 	$(BIN)/ruff check src tests twisted bench
+
+## test-fast: the socket-free and in-process-server tests only (pytest -m "not slow"),
+##            under 30 s: for after every small change; `make test` before a commit
+test-fast: $(BIN)/.installed
+	$(BIN)/python -m pytest -q -m "not slow"
 
 ## bench: issue #5's benchmark against naive baselines (~5 min, needs gcc);
 ##        BENCH_ARGS="--scenario fanout --senders 1" and so on for options

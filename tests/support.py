@@ -13,6 +13,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import pytest
 from autobahn.twisted.websocket import WebSocketClientFactory, WebSocketClientProtocol
 from twisted.internet import reactor
 from twisted.internet.defer import Deferred, DeferredQueue, inlineCallbacks
@@ -25,6 +26,12 @@ from webchat.protocol import WebChatFactory
 from webchat.web import make_site
 
 ROOT = Path(__file__).resolve().parents[1]
+
+#: Marks a test that starts a real part besides an in-process server (a
+#: twistd or other subprocess, Redis, nginx, Chromium, a compiler, a wheel
+#: build) or that runs for seconds (the fuzz run).  ``make test-fast``
+#: (pytest -m "not slow") leaves these out; trial ignores the mark.
+slow = pytest.mark.slow
 
 
 def require(what: str, reason: str) -> SkipTest:

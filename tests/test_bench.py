@@ -16,7 +16,7 @@ from pathlib import Path
 from twisted.trial.unittest import SynchronousTestCase
 from websockets.sync.client import connect
 
-from tests.support import ROOT, free_port, require
+from tests.support import ROOT, free_port, require, slow
 from webchat.bench.scenarios import judge_step, ramp
 
 
@@ -39,6 +39,7 @@ def run_bench(*args: str) -> tuple[dict, str]:
         return json.loads(out.read_text()), result.stdout
 
 
+@slow
 class QuickRunTests(SynchronousTestCase):
     """``python -m webchat.bench --quick --scenario echo`` end to end (~5 s)."""
 
@@ -69,6 +70,7 @@ class QuickRunTests(SynchronousTestCase):
         )
 
 
+@slow
 class ClusterQuickRunTests(SynchronousTestCase):
     """``--scenario cluster`` at toy size: Redis, two nodes, one node (~8 s)."""
 
@@ -127,6 +129,7 @@ class ClusterQuickRunTests(SynchronousTestCase):
             self.assertNotIn(b"twistd", _cmdline(node["pid"]), node)
 
 
+@slow
 class BaselineProtocolTests(SynchronousTestCase):
     """Each baseline speaks the chat's protocol: ``id N: M`` to everyone else."""
 

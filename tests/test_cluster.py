@@ -21,11 +21,12 @@ from websockets.exceptions import ConnectionClosed
 from websockets.sync.client import ClientConnection, connect
 
 from tests.redis_server import RedisServer
-from tests.support import Twistd
+from tests.support import Twistd, slow
 
 ID_TEXT = re.compile(r"^id (\d+): (.*)$", re.S)
 
 
+@slow
 class Cluster(SynchronousTestCase):
     """Redis plus ``nodes`` webchat processes, and clients to talk through them."""
 

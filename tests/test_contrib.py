@@ -26,7 +26,14 @@ from twisted.internet.ssl import Certificate, optionsForClientTLS
 from twisted.internet.task import deferLater
 from twisted.trial.unittest import SynchronousTestCase, TestCase
 
-from tests.support import ROOT, ChatClient, cancel_batched_timers, free_port, require
+from tests.support import (
+    ROOT,
+    ChatClient,
+    cancel_batched_timers,
+    free_port,
+    require,
+    slow,
+)
 from tests.test_systemd import SERVICE, seconds, unit_values, with_local_binary
 from tests.tls_cert import make_certificate
 from webchat.access import AccessPolicy
@@ -79,11 +86,13 @@ class TemplateUnitTests(SynchronousTestCase):
         (timeout,) = unit_values(template, "TimeoutStopSec")
         self.assertGreater(seconds(timeout), SHUTDOWN_GRACE)
 
+    @slow
     def test_systemd_analyze_verify_accepts_an_instance(self) -> None:
         code, output, ours = self.verify(TEMPLATE.read_text())
         self.assertEqual(ours, [], output)
         self.assertEqual(code, 0, output)
 
+    @slow
     def test_systemd_analyze_verify_catches_a_misspelt_setting(self) -> None:
         broken = TEMPLATE.read_text().replace("ProtectClock=yes", "ProtectClocks=yes")
         self.assertNotEqual(broken, TEMPLATE.read_text())
@@ -121,6 +130,7 @@ class BalancerTests(SynchronousTestCase):
         self.assertRegex(haproxy, r"(?m)^\s*balance leastconn$")
         self.assertRegex(haproxy, r"(?m)^\s*http-check send meth GET uri /healthz ")
 
+    @slow
     def test_nginx_accepts_its_config(self) -> None:
         nginx = shutil.which("nginx") or shutil.which("nginx", path="/usr/sbin")
         if nginx is None:
@@ -143,6 +153,7 @@ class BalancerTests(SynchronousTestCase):
         self.assertEqual(result.returncode, 0, result.stderr)
         self.assertIn("test is successful", result.stderr)
 
+    @slow
     def test_haproxy_accepts_its_config(self) -> None:
         haproxy = shutil.which("haproxy") or shutil.which("haproxy", path="/usr/sbin")
         if haproxy is None:
@@ -178,6 +189,7 @@ class BalancerTests(SynchronousTestCase):
 # -- nginx, running, in front of real nodes ------------------------------------------
 
 
+@slow
 class NginxInFrontTests(TestCase):
     """
     The shipped nginx config, running, in front of two webchat nodes in this

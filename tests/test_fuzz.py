@@ -69,7 +69,7 @@ from twisted.internet.defer import Deferred, inlineCallbacks
 from twisted.logger import LogLevel, formatEvent, globalLogPublisher
 from twisted.trial.unittest import TestCase
 
-from tests.support import HANDSHAKE, ServerMixin, connect_raw, deferLater
+from tests.support import HANDSHAKE, ServerMixin, connect_raw, deferLater, slow
 from webchat.limits import Limits
 
 #: A small message-size limit, so examples near it are cheap to send.
@@ -811,6 +811,7 @@ class TroubleLog:
 # -- the test --------------------------------------------------------------------------
 
 
+@slow  # one server, but thousands of examples: ten seconds
 class FuzzTests(ServerMixin, TestCase):
     timeout = 120
 

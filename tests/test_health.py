@@ -13,7 +13,7 @@ from urllib.request import urlopen
 
 from twisted.trial.unittest import SynchronousTestCase
 
-from tests.support import HANDSHAKE, Twistd
+from tests.support import HANDSHAKE, Twistd, slow
 
 
 def healthz(port: int) -> tuple[int, dict]:
@@ -24,6 +24,7 @@ def healthz(port: int) -> tuple[int, dict]:
         return e.code, json.loads(e.read())
 
 
+@slow
 class HealthDuringShutdownTests(SynchronousTestCase):
     def test_healthz_before_during_and_after_sigterm(self):
         workdir = Path(self.mktemp()).resolve()

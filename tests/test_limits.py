@@ -21,7 +21,15 @@ from tests.support import (
     take,
 )
 from webchat.access import AccessPolicy
-from webchat.limits import Limits
+from webchat.limits import RATE_BURST, Limits
+from webchat.tap import Options
+
+
+def limits_from_options(*argv: str) -> Limits:
+    """The limits ``twistd webchat`` would run with, given these arguments."""
+    options = Options()
+    options.parseOptions(list(argv))
+    return options.limits()
 
 
 class LimitsMixin(ServerMixin):
@@ -62,6 +70,15 @@ class LimitsMixin(ServerMixin):
         return data.split(b"\r\n\r\n")[0], peer
 
     @inlineCallbacks
+    def wait_for_connections(self, count: int):
+        """Wait (at most 5 s) until the server holds ``count`` TCP connections."""
+        for _ in range(500):
+            if len(self.factory.connections) == count:
+                return
+            yield deferLater(0.01)
+        self.assertEqual(len(self.factory.connections), count)
+
+    @inlineCallbacks
     def close_frame_of(self, peer) -> tuple[int, bytes]:
         def has_close(_: bytes) -> bool:
             return any(op == 0x8 for op, _ in parse_server_frames(peer.body()))
@@ -98,6 +115,18 @@ class OriginTests(LimitsMixin, TestCase):
         self.assertTrue(head.startswith(b"HTTP/1.1 101 "), head)
         head, _ = yield self.handshake()
         self.assertTrue(head.startswith(b"HTTP/1.1 101 "), head)
+        yield self.assert_bystanders_chat()
+
+    @inlineCallbacks
+    def test_forwarded_proto_is_ignored_from_an_untrusted_peer(self):
+        # A plain-http client claiming to be behind TLS, for an https page of
+        # this host: only a trusted proxy may say the request came over https.
+        head, _ = yield self.handshake(
+            b"Origin: https://chat.example\r\nX-Forwarded-Proto: https\r\n",
+            host=b"chat.example",
+        )
+        self.assertTrue(head.startswith(b"HTTP/1.1 403 "), head)
+        self.assertEqual(self.factory.refused["origin"], 1)
         yield self.assert_bystanders_chat()
 
     @inlineCallbacks
@@ -146,6 +175,28 @@ class PerAddressCapTests(LimitsMixin, TestCase):
         yield self.assert_bystanders_chat()
 
     @inlineCallbacks
+    def test_closed_connections_give_their_share_back(self):
+        # Alice and Bob hold two of 127.0.0.1's three; Carol takes the last,
+        # leaves (cleanly, then by a reset), and comes back each time.
+        for leave in ("close", "abort", "close"):
+            carol = yield self.connect()
+            head, _ = yield self.handshake()
+            self.assertTrue(head.startswith(b"HTTP/1.1 429 "), head)
+            if leave == "close":
+                carol.sendClose()
+            else:
+                carol.transport.abortConnection()
+            yield carol.closed
+            yield self.wait_for_connections(2)
+        carol = yield self.connect()
+        carol.send_text("back again")
+        self.assertEqual((yield self.bob.received.get()), "id 6: back again")
+        head, _ = yield self.handshake()
+        self.assertTrue(head.startswith(b"HTTP/1.1 429 "), head)
+        self.assertEqual(self.factory.refused["max_connections_per_ip"], 4)
+        yield self.assert_bystanders_chat()
+
+    @inlineCallbacks
     def test_forwarded_for_is_ignored_from_an_untrusted_peer(self):
         head, _ = yield self.handshake(b"X-Forwarded-For: 203.0.113.1\r\n")
         self.assertTrue(head.startswith(b"HTTP/1.1 101 "), head)
@@ -176,6 +227,16 @@ class TrustedProxyTests(LimitsMixin, TestCase):
             "address (HTTP 429)",
             self.logs.lines,
         )
+        yield self.assert_bystanders_chat()
+
+    @inlineCallbacks
+    def test_forwarded_proto_is_believed_from_a_trusted_proxy(self):
+        head, _ = yield self.handshake(
+            b"Origin: https://chat.example\r\nX-Forwarded-Proto: https\r\n"
+            b"X-Forwarded-For: 203.0.113.5\r\n",
+            host=b"chat.example",
+        )
+        self.assertTrue(head.startswith(b"HTTP/1.1 101 "), head)
         yield self.assert_bystanders_chat()
 
 
@@ -237,6 +298,30 @@ class RateLimitTests(LimitsMixin, TestCase):
         peer.transport.write(b"".join(client_frame(0x9, b"p") for _ in range(30)))
         code, reason = yield self.close_frame_of(peer)
         self.assertEqual((code, reason), (1008, b"rate limit exceeded"))
+        yield self.assert_bystanders_chat()
+
+
+class RateBurstOptionTests(LimitsMixin, TestCase):
+    """``--rate-burst`` as an operator passes it, through to each connection."""
+
+    # A trickle of one token every 1000 s: the burst alone decides, however
+    # slowly this machine runs the test.
+    limits = limits_from_options("--rate-limit", "0.001", "--rate-burst", "7")
+
+    @inlineCallbacks
+    def test_exactly_the_burst_is_relayed_before_1008(self):
+        carol = yield self.connect()
+        # More than the default burst too, so a lost option cannot pass.
+        for n in range(RATE_BURST + 10):
+            carol.send_text(f"burst {n}")
+        code, reason = yield carol.closed
+        self.assertEqual((code, reason), (1008, "rate limit exceeded"))
+        got = yield take(self.bob, 7)
+        self.assertEqual(got, [f"id 3: burst {n}" for n in range(7)])
+        self.assertEqual(self.bob.pending(), [])
+        self.assertEqual(self.factory.dropped["rate_limited"], 1)
+        self.assertNotEqual(self.limits.rate_burst, RATE_BURST)  # a test that tells
+        # Alice and Bob have spent 0 of their 7 so far: they go on chatting.
         yield self.assert_bystanders_chat()
 
 
@@ -350,6 +435,148 @@ class SlowReaderTests(LimitsMixin, TestCase):
                 break
             yield deferLater(0.1)
         self.assertEqual(sorted(p.chat_id for p in self.factory.connections), [1, 2])
+        yield self.assert_bystanders_chat()
+
+
+class SocketReader:
+    """
+    A chat client on a real socket whose reading the test controls: it reads
+    only inside ``read_messages``, so between calls its receive window (kept
+    tiny) fills and the server has to hold what it sends.
+    """
+
+    def __init__(self, port: int) -> None:
+        self.sock = socket.socket()
+        self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+        # Loopback: the kernel completes the connection before the server
+        # accepts it, so a blocking connect returns at once.
+        self.sock.connect(("127.0.0.1", port))
+        self.sock.setblocking(False)
+        self.sock.send(HANDSHAKE)
+        self.head = b""
+        self.buffer = b""
+        self.messages: list[bytes] = []
+        self.closes: list[int] = []
+
+    def _read(self) -> bool:
+        """Take what the kernel holds; return whether there was anything."""
+        got = False
+        while True:
+            try:
+                data = self.sock.recv(1 << 20)
+            except BlockingIOError:
+                return got
+            if not data:
+                raise AssertionError("the server closed the connection")
+            got = True
+            self.buffer += data
+            if not self.head:
+                if b"\r\n\r\n" not in self.buffer:
+                    continue
+                self.head, self.buffer = self.buffer.split(b"\r\n\r\n", 1)
+            self._split_frames()
+
+    def _split_frames(self) -> None:
+        while True:
+            if len(self.buffer) < 2:
+                return
+            length = self.buffer[1] & 0x7F
+            offset = {126: 4, 127: 10}.get(length, 2)
+            if len(self.buffer) < offset:
+                return
+            if length == 126:
+                length = int.from_bytes(self.buffer[2:4], "big")
+            elif length == 127:
+                length = int.from_bytes(self.buffer[2:10], "big")
+            if len(self.buffer) < offset + length:
+                return
+            opcode = self.buffer[0] & 0x0F
+            payload = self.buffer[offset : offset + length]
+            self.buffer = self.buffer[offset + length :]
+            if opcode == 0x8:
+                self.closes.append(close_code_of(payload))
+            else:
+                self.messages.append(payload)
+
+    @inlineCallbacks
+    def read_messages(self, count: int, timeout: float = 20.0):
+        """Read until ``count`` messages have come in all told; return them all."""
+        deadline = reactor.seconds() + timeout
+        while not self.head or (len(self.messages) < count and not self.closes):
+            if reactor.seconds() > deadline:
+                raise AssertionError(f"{len(self.messages)} of {count} messages")
+            if not self._read():
+                yield deferLater(0.002)  # let the server write some more
+        if self.closes:
+            raise AssertionError(f"closed with {self.closes[0]}")
+        return [m.decode("utf-8") for m in self.messages]
+
+
+class BrieflyBehindTests(LimitsMixin, TestCase):
+    """
+    A reader that falls behind for a moment and catches up is not a slow
+    reader, however often it happens: only what piles up *in one stall* counts
+    against --max-send-buffer.
+    """
+
+    limits = Limits(rate_limit=0, max_send_buffer=1024 * 1024)
+    chunk = "b" * 50_000
+
+    @inlineCallbacks
+    def setUp(self):
+        yield super().setUp()
+        self.reader = SocketReader(self.port.getHost().port)
+        self.addCleanup(self.reader.sock.close)
+        yield self.reader.read_messages(0)  # the opening handshake
+        self.assertTrue(self.reader.head.startswith(b"HTTP/1.1 101 "))
+        (self.on_server,) = [p for p in self.factory.hub if p.chat_id == 3]
+        self.said: list[str] = []
+
+    @inlineCallbacks
+    def say(self, text: str):
+        """Alice says ``text``; return once the server has sent it to everyone."""
+        self.alice.send_text(text)
+        self.said.append(f"id 1: {text}")
+        self.assertEqual((yield self.bob.received.get()), self.said[-1])
+
+    @inlineCallbacks
+    def fall_behind(self):
+        """
+        Talk, not reading, until the server's buffers for the reader are full
+        (its kernel share and Twisted's; the reader's own window is 8 KiB) and
+        Twisted tells the connection to stop producing.
+        """
+        for n in range(60):  # 3 MB: three times what the allowance can hold
+            if self.on_server._paused:
+                return
+            yield self.say(f"{n} {self.chunk}")
+        self.fail("the server never held anything back for the reader")
+
+    @inlineCallbacks
+    def assert_reader_caught_up(self):
+        got = yield self.reader.read_messages(len(self.said))
+        self.assertEqual(got, self.said)
+        self.assertEqual(self.factory.dropped["too_slow"], 0)
+
+    @inlineCallbacks
+    def test_one_small_message_while_behind_is_no_reason_to_drop(self):
+        yield self.fall_behind()
+        yield self.say("just one more, and small")
+        yield self.assert_reader_caught_up()
+        yield self.say("still here")
+        yield self.assert_reader_caught_up()
+        yield self.assert_bystanders_chat()
+
+    @inlineCallbacks
+    def test_twenty_stalls_of_200_kb_do_not_add_up(self):
+        for stall in range(20):
+            yield self.fall_behind()
+            for n in range(4):  # 200 kB queued past the full buffers
+                yield self.say(f"stall {stall} {n} {self.chunk}")
+            yield self.assert_reader_caught_up()
+        yield self.say("still here")
+        yield self.assert_reader_caught_up()
+        self.assertEqual(len(self.factory.hub), 3)
         yield self.assert_bystanders_chat()
 
 

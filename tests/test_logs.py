@@ -13,7 +13,7 @@ from twisted.logger import Logger, LogLevel
 from twisted.trial.unittest import SynchronousTestCase
 from websockets.sync.client import connect
 
-from tests.support import twistd_command
+from tests.support import slow, twistd_command
 from webchat.logs import json_observer
 
 
@@ -51,6 +51,7 @@ class JsonObserverTests(SynchronousTestCase):
         self.assertIn("ZeroDivisionError", record["traceback"])
 
 
+@slow
 class JsonLoggerProcessTests(SynchronousTestCase):
     def test_twistd_writes_json_lines(self):
         workdir = Path(self.mktemp()).resolve()

@@ -10,7 +10,7 @@ from pathlib import Path
 
 from twisted.trial.unittest import SynchronousTestCase
 
-from tests.support import ROOT
+from tests.support import ROOT, slow
 
 FIND_PLUGIN = """
 import sys
@@ -38,6 +38,7 @@ def run_python(code: str, path: list[str] | None = None) -> list[str]:
     return out.stdout.splitlines()
 
 
+@slow
 class WheelTests(SynchronousTestCase):
     def setUp(self):
         self.out = Path(self.mktemp()).resolve()
@@ -99,6 +100,7 @@ class WheelTests(SynchronousTestCase):
         self.assertTrue((Path(web_root) / "index.html").is_file())
 
 
+@slow
 class InstalledEnvironmentTests(SynchronousTestCase):
     def test_this_environment_finds_plugin_and_page(self):
         # `make test` runs on an editable install: this is that mode's proof.

@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING
 
 from twisted.trial.unittest import SynchronousTestCase
 
-from tests.support import Twistd, free_port, require
+from tests.support import Twistd, free_port, require, slow
 
 if TYPE_CHECKING:
     from playwright.sync_api import Locator, Page
@@ -51,6 +51,7 @@ def chromium_path() -> str | None:
     return path if path and os.access(path, os.X_OK) else None
 
 
+@slow
 class PageTests(SynchronousTestCase):
     """Two browser tabs chatting through one server."""
 

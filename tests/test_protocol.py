@@ -233,6 +233,29 @@ class LogTests(ServerMixin, TestCase):
         self.assertNotIn("New connection! (99)", [x for x in self.logs.lines])
 
     @inlineCallbacks
+    def test_a_typed_backslash_and_bidi_controls_are_escaped(self):
+        a, b = yield self.connect_many(2)
+        typed = "one\\ntwo"  # a backslash and an "n", as a user can type them
+        newline = "one\ntwo"
+        bidi = "\u202a\u202b\u202c\u202d\u202e\u2066\u2067\u2068\u2069\u2028\u2029"
+        for text in (typed, newline, f"invoice{bidi}exe.pdf"):
+            a.send_text(text)
+        yield take(b, 3)
+        lines = [x for x in self.logs.lines if x.startswith("Connection 1 sending")]
+        self.assertEqual(
+            lines,
+            [
+                r"Connection 1 sending message one\\ntwo to 1 other connection(s)",
+                r"Connection 1 sending message one\ntwo to 1 other connection(s)",
+                r"Connection 1 sending message invoice\u202a\u202b\u202c\u202d"
+                r"\u202e\u2066\u2067\u2068\u2069\u2028\u2029exe.pdf to 1 other "
+                "connection(s)",
+            ],
+        )
+        for char in bidi:
+            self.assertFalse([x for x in self.logs.lines if char in x], hex(ord(char)))
+
+    @inlineCallbacks
     def test_user_text_is_cut_at_200_characters(self):
         a, b = yield self.connect_many(2)
         a.send_text("a" * 199 + "Z" + "b" * 5000)

@@ -12,12 +12,15 @@ from typing import Any
 
 from twisted.internet import reactor
 from twisted.internet.defer import Deferred, inlineCallbacks
+from twisted.internet.error import ConnectionRefusedError
 from twisted.internet.task import Clock, deferLater
+from twisted.internet.testing import MemoryReactorClock
 from twisted.logger import formatEvent, globalLogPublisher
+from twisted.python.failure import Failure
 from twisted.trial.unittest import SynchronousTestCase, TestCase
 
 from tests.redis_server import RedisServer
-from tests.support import free_port
+from tests.support import free_port, slow
 from tests.tls_cert import make_certificate
 from webchat.relay import (
     FALLBACK_PER_NODE,
@@ -178,6 +181,50 @@ class RetryDelayTests(SynchronousTestCase):
             for _ in range(50):
                 delay = retry_delay(attempt, 0.1, 5.0, rng)
                 self.assertTrue(ceiling / 2 <= delay <= ceiling, (attempt, delay))
+
+
+class ReconnectBackoffTests(SynchronousTestCase):
+    """
+    The relay's own reconnect loop against a Redis that refuses every
+    connection, on a fake reactor: the waits it schedules between attempts.
+    """
+
+    def test_waits_double_to_the_cap_and_are_jittered_there(self) -> None:
+        fake = MemoryReactorClock()
+        relay = RedisRelay(
+            fake,
+            "redis://127.0.0.1:6379",
+            on_envelope=print,
+            retry_initial=0.5,
+            retry_max=4.0,
+            rng=random.Random(11),
+        )
+        relay.startService()
+        self.addCleanup(relay.stopService)
+        refused = 0
+        waits: list[list[float]] = []  # per round: the waits both links chose
+        for _ in range(20):
+            # Both links (publisher, subscriber) try; Redis refuses them.
+            attempts = fake.tcpClients[refused:]
+            self.assertEqual(len(attempts), 2)
+            for _host, _port, factory, _timeout, _bind in attempts:
+                factory.clientConnectionFailed(
+                    fake.connectors[refused], Failure(ConnectionRefusedError())
+                )
+                refused += 1
+            retries = [c for c in fake.getDelayedCalls() if c.active()]
+            self.assertEqual(len(retries), 2)
+            waits.append(sorted(c.getTime() - fake.seconds() for c in retries))
+            fake.advance(relay.retry_max)  # every wait is over by then
+        self.assertEqual(relay.state, "down")
+        for attempt, pair in enumerate(waits, start=1):
+            ceiling = min(4.0, 0.5 * 2 ** (attempt - 1))
+            for wait in pair:
+                self.assertTrue(ceiling / 2 <= wait <= ceiling, (attempt, wait))
+        # From the 4th attempt on the ceiling is the cap: the waits under it
+        # still differ, so nodes that lost Redis together do not return together.
+        capped = [wait for pair in waits[3:] for wait in pair]
+        self.assertGreater(len(set(capped)), len(capped) // 2, capped)
 
 
 class ReceivingTests(SynchronousTestCase):
@@ -341,6 +388,7 @@ def sleep(seconds: float):
     return deferLater(reactor, seconds, lambda: None)
 
 
+@slow
 class RedisTestCase(TestCase):
     def setUp(self) -> None:
         self.logs = Logs()

@@ -25,7 +25,7 @@ from twisted.trial.unittest import SynchronousTestCase
 from websockets.exceptions import ConnectionClosed
 from websockets.sync.client import ClientConnection, connect
 
-from tests.support import ROOT, Twistd, require, twistd_command
+from tests.support import ROOT, Twistd, require, slow, twistd_command
 from webchat.limits import SHUTDOWN_GRACE
 from webchat.web import default_web_root
 
@@ -162,6 +162,7 @@ def close_code(client: ClientConnection) -> int | None:
     raise AssertionError(f"expected a close, got a message: {message!r}")
 
 
+@slow
 class SocketActivationTests(SynchronousTestCase):
     def start(self, listener: socket.socket) -> tuple[ActivatedTwistd, int]:
         port = listener.getsockname()[1]
@@ -241,11 +242,13 @@ class UnitFileTests(SynchronousTestCase):
         self.assertGreater(seconds(timeout), SHUTDOWN_GRACE)
         self.assertEqual(unit_values(text, "KillSignal"), ["SIGTERM"])
 
+    @slow
     def test_systemd_analyze_verify_accepts_units(self) -> None:
         code, output, ours = self.verify(SERVICE.read_text(), SOCKET.read_text())
         self.assertEqual(ours, [], output)
         self.assertEqual(code, 0, output)
 
+    @slow
     def test_systemd_analyze_verify_catches_a_misspelt_setting(self) -> None:
         """The check above would notice a broken unit: it is not vacuous."""
         service = SERVICE.read_text().replace(

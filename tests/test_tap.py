@@ -13,7 +13,7 @@ from twisted.trial.unittest import SynchronousTestCase
 from websockets.exceptions import ConnectionClosed
 from websockets.sync.client import connect, unix_connect
 
-from tests.support import Twistd, twistd_command
+from tests.support import Twistd, slow, twistd_command
 from webchat.tap import DEFAULT_PORT, Options
 from webchat.web import default_web_root
 
@@ -44,6 +44,7 @@ def listening_ports(log: str) -> list[int]:
     return [int(p) for p in re.findall(r"Site starting on (\d+)", log)]
 
 
+@slow
 class TwistdTests(SynchronousTestCase):
     """The plugin as an operator runs it: a real twistd subprocess."""
 
@@ -148,6 +149,7 @@ class TwistdTests(SynchronousTestCase):
         self.assertEqual(webchat.__version__, version("webchat"))
 
 
+@slow
 class TlsTests(SynchronousTestCase):
     """wss:// through the ssl: endpoint: the path that must use transport.write."""
 

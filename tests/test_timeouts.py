@@ -18,6 +18,8 @@ from twisted.trial.unittest import SynchronousTestCase
 from tests.support import HANDSHAKE, LogCapture, client_frame, parse_server_frames
 from webchat.limits import Limits
 from webchat.protocol import WebChatFactory
+from webchat.service import ChatService
+from webchat.tap import Options
 from webchat.web import make_site
 
 PEER = IPv4Address("TCP", "192.0.2.7", 50000)
@@ -157,3 +159,71 @@ class ShutdownGraceTests(FakeClockMixin, SynchronousTestCase):
         self.clock.advance(0.1)
         self.assertTrue(silent.aborted)
         self.assertEqual(self.successResultOf(done), 0)
+
+
+class KeepAliveDeadlineTests(FakeClockMixin, SynchronousTestCase):
+    """
+    The handshake deadline on the *second* request of a keep-alive connection:
+    it runs again from the first response, and stops once a request is in.
+    """
+
+    def setUp(self):
+        self.make_factory(handshake_timeout=10, ping_interval=0)
+        self.site = make_site(self.factory)
+        self.channel = self.site.buildProtocol(PEER)
+        self.transport = Transport(peerAddress=PEER)
+        self.channel.makeConnection(self.transport)
+        self.channel.dataReceived(b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n")
+        self.assertTrue(self.transport.value().startswith(b"HTTP/1.1 200 "))
+        self.transport.clear()
+
+    def test_an_upgrade_as_the_second_request_completes_and_stays(self):
+        self.clock.advance(9)
+        self.transport.protocol.dataReceived(HANDSHAKE)
+        self.assertTrue(self.transport.value().startswith(b"HTTP/1.1 101 "))
+        self.assertEqual(len(self.factory.hub), 1)
+        self.clock.advance(60)
+        self.assertFalse(self.transport.aborted)
+        self.assertEqual(len(self.factory.hub), 1)
+        self.assertEqual(self.factory.dropped["handshake_timeout"], 0)
+
+    def test_slowloris_on_the_second_request_is_cut_off_at_the_deadline(self):
+        request = b"GET / HTTP/1.1\r\nHost: x\r\nX-Slow: " + b"a" * 20
+        for byte in request[:9]:
+            self.transport.protocol.dataReceived(bytes([byte]))
+            self.clock.advance(1)  # a byte a second: never idle, never done
+        self.assertFalse(self.transport.aborted)
+        self.clock.advance(1)
+        self.assertTrue(self.transport.aborted)
+        self.assertEqual(self.factory.dropped["handshake_timeout"], 1)
+        self.assertIn(
+            "Closed connection from 192.0.2.7: no complete request within 10 s",
+            self.logs.lines,
+        )
+
+
+class ShutdownGraceOptionTests(FakeClockMixin, SynchronousTestCase):
+    """``--shutdown-grace`` as an operator passes it, through to the drain."""
+
+    def make_service(self, *argv: str) -> ChatService:
+        options = Options()
+        options.parseOptions(list(argv))
+        self.clock = Clock()
+        self.factory = WebChatFactory(self.clock, limits=options.limits())
+        return ChatService(self.factory)
+
+    def test_a_grace_of_2_seconds_drops_a_silent_client_after_2_seconds(self):
+        service = self.make_service("--shutdown-grace", "2")
+        service.startService()
+        _, silent = self.open_connection()
+        done = service.stopService()
+        self.assertEqual(
+            parse_server_frames(silent.value()),
+            [(0x8, b"\x03\xe9server shutting down")],
+        )
+        self.clock.advance(1.9)
+        self.assertNoResult(done)
+        self.assertFalse(silent.aborted)
+        self.clock.advance(0.1)
+        self.assertTrue(silent.aborted)
+        self.successResultOf(done)

@@ -5,7 +5,7 @@ from __future__ import annotations
 from twisted.internet.defer import inlineCallbacks
 from twisted.trial.unittest import TestCase
 
-from tests.support import HANDSHAKE, ServerMixin, connect_raw
+from tests.support import HANDSHAKE, ServerMixin, connect_raw, parse_server_frames
 from webchat.web import default_web_root
 
 
@@ -69,6 +69,24 @@ class RoutingTests(ServerMixin, TestCase):
         for path in ("/", "/ws"):
             client = yield self.connect(path)
             self.assertIsNone(client.closed_code)
+
+    @inlineCallbacks
+    def test_an_upgrade_after_healthz_on_one_connection_joins_the_chat(self):
+        alice = yield self.connect()
+        peer = yield connect_raw(self.port.getHost().port)
+        self.addCleanup(peer.transport.abortConnection)
+        peer.transport.write(b"GET /healthz HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n")
+        reply = yield peer.wait_for(lambda data: data.endswith(b"}\n"))
+        self.assertTrue(reply.startswith(b"HTTP/1.1 200 "), reply[:80])
+        peer.data = b""
+        peer.transport.write(HANDSHAKE)  # the same connection, kept alive
+        reply = yield peer.wait_for(lambda data: b"\r\n\r\n" in data)
+        self.assertTrue(reply.startswith(b"HTTP/1.1 101 "), reply[:80])
+        alice.send_text("hello, second request")
+        yield peer.wait_for(lambda _: parse_server_frames(peer.body()))
+        self.assertEqual(
+            parse_server_frames(peer.body()), [(0x1, b"id 1: hello, second request")]
+        )
 
     @inlineCallbacks
     def test_garbage_gets_400(self):
