@@ -9,13 +9,14 @@ import signal
 import socket
 import subprocess
 import tempfile
+import time
 from pathlib import Path
 
 from twisted.trial.unittest import SynchronousTestCase
 from websockets.exceptions import ConnectionClosed
 from websockets.sync.client import connect, unix_connect
 
-from tests.support import Twistd, twistd_command
+from tests.support import HANDSHAKE, Twistd, twistd_command
 from webchat.tap import DEFAULT_PORT, Options
 from webchat.web import default_web_root
 
@@ -133,6 +134,28 @@ class TwistdTests(SynchronousTestCase):
         server.wait_for_log("Site starting on")
         self.assertEqual(server.stop(signal.SIGINT), 0, server.log())
         self.assertIn("Received SIGINT, shutting down.", server.log())
+
+    def test_second_ctrl_c_during_the_grace_exits_quietly(self):
+        server = self.start(
+            "--port", "tcp:0:interface=127.0.0.1", "--shutdown-grace", "60"
+        )  # fmt: skip
+        (port,) = listening_ports(server.wait_for_log("Site starting on"))
+        with socket.create_connection(("127.0.0.1", port), timeout=5) as silent:
+            # A client that completes the handshake, then never answers a close.
+            silent.sendall(HANDSHAKE)
+            self.assertTrue(silent.recv(4096).startswith(b"HTTP/1.1 101 "))
+            server.wait_for_log("New connection! (1)")
+            server.process.send_signal(signal.SIGINT)
+            server.wait_for_log("Shutting down: closing 1 connection(s)")
+            started = time.monotonic()
+            code = server.stop(signal.SIGINT, timeout=10)
+        log = server.log()
+        self.assertEqual(code, 0, log)
+        self.assertLess(time.monotonic() - started, 10)
+        self.assertIn("Received SIGINT again: not waiting", log)
+        self.assertIn("Closed 0 of 1 connection(s) cleanly", log)
+        self.assertNotIn("Traceback", log)
+        self.assertNotIn("ReactorNotRunning", log)
 
     def test_version_is_the_package_version(self):
         import subprocess

@@ -43,6 +43,8 @@ class ChatService(MultiService):
         self.factory = factory
         self.reactor: Any = factory.reactor
         self.handle_signals = handle_signals
+        #: Set by the first stop signal; a second one cuts the grace short.
+        self._stopping = False
 
     def startService(self) -> None:
         super().startService()
@@ -59,7 +61,19 @@ class ChatService(MultiService):
         self.reactor.callFromThread(self._stop_for, name)
 
     def _stop_for(self, name: str) -> None:
+        if self._stopping:
+            # Whoever presses Ctrl-C twice does not want to wait out the grace:
+            # drop the clients still closing, and the shutdown finishes now.
+            log.info(
+                "Received {signal} again: not waiting for the remaining clients.",
+                signal=name,
+            )
+            for protocol in list(self.factory.connections):
+                if protocol.transport is not None:
+                    protocol.transport.abortConnection()
+            return
         log.info("Received {signal}, shutting down.", signal=name)
+        self._stopping = True
         if self.reactor.running:
             self.reactor.stop()
 
