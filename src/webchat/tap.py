@@ -330,29 +330,32 @@ class Options(usage.Options):
         return "Usage: twistd [options] webchat [options]"
 
     def getUsage(self, width: int | None = None) -> str:
-        """Twisted's option listing, with a placeholder for every value."""
+        """
+        Twisted's option listing, with a placeholder for every value
+        (``--port=ENDPOINT``, not Twisted's bare ``--port=``).
+        """
+        shorts = {v: k for k, v in self.synonyms.items() if len(k) == 1}
         rows = []
         for long in self.longOpt:
             name = long.rstrip("=")
             doc = self.docs.get(name) or ""
-            default = self.defaults.get(name)
+            shown = name
             if long.endswith("="):
-                if default is not None and "[default:" not in doc:
-                    doc = (
-                        f"{doc} [default: {default:g}]".strip()
-                        if isinstance(default, float)
-                        else f"{doc} [default: {default}]".strip()
-                    )
-                name = f"{name}={PLACEHOLDERS.get(name, 'VALUE')}"
-            short = next(
-                (
-                    k
-                    for k, v in self.synonyms.items()
-                    if v == long.rstrip("=") and len(k) == 1
-                ),
-                None,
+                default = self.defaults.get(name)
+                if isinstance(default, float):
+                    default = f"{default:g}"
+                if default is not None:
+                    doc = f"{doc} [default: {default}]"
+                shown = f"{name}={PLACEHOLDERS.get(name, 'VALUE')}"
+            # As a "flag", so Twisted adds no second "=" and no default of its own.
+            rows.append(
+                {
+                    "long": shown,
+                    "short": shorts.get(name),
+                    "doc": doc,
+                    "optType": "flag",
+                }
             )
-            rows.append({"long": name, "short": short, "doc": doc, "optType": "flag"})
         width = width or int(os.environ.get("COLUMNS", "80"))
         text = "".join(usage.docMakeChunks(rows, width))
         about = "\n".join(textwrap.wrap(self.longdesc, width))
