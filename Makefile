@@ -5,6 +5,11 @@ PYTHON ?= python3
 VENV   ?= .venv
 BIN    := $(VENV)/bin
 PORT   ?= 8080
+# Where `make serve` listens: this machine only, unless told otherwise
+# (LISTEN=8080 listens on every interface).
+LISTEN ?= tcp:$(PORT):interface=127.0.0.1
+# More webchat options for `make serve`, e.g. ARGS="--allowed-origin http://localhost:8000".
+ARGS   ?=
 
 .PHONY: serve test test-fast soak bench bench-quick lint format clean
 
@@ -14,9 +19,10 @@ $(BIN)/.installed: pyproject.toml
 	$(BIN)/python -m pip install --quiet -e '.[test]'
 	touch $@
 
-## serve: run the chat on http://localhost:$(PORT)/ (Ctrl-C stops it)
+## serve: run the chat on http://127.0.0.1:$(PORT)/ (Ctrl-C stops it);
+##        ARGS="..." for more options, LISTEN=8080 to listen on all interfaces
 serve: $(BIN)/.installed
-	$(BIN)/twistd --nodaemon --pidfile= webchat --port $(PORT)
+	$(BIN)/twistd --nodaemon --pidfile= webchat --port $(LISTEN) $(ARGS)
 
 ## test: the whole suite, under pytest and under trial, plus ruff
 test: $(BIN)/.installed

@@ -198,3 +198,30 @@ class NodeCrashTests(Cluster):
         self.assertEqual([t for _, t in self.receive_all(a, 1)], ["me too"])
         for server, _ in self.servers[:2]:
             self.assertNotIn("Traceback", server.log())
+
+
+class ClusterLogTests(Cluster):
+    nodes = 2
+
+    def test_message_lines_count_the_clients_of_this_node(self):
+        # Node 0: one sender alone; node 1: two listeners.
+        sender = self.client(0)
+        listeners = [self.client(1), self.client(1)]
+        self.servers[1][0].wait_for_log("New connection!")
+        sender.send("hello")
+        for listener in listeners:
+            self.assertEqual(ID_TEXT.match(listener.recv(timeout=5)).group(2), "hello")
+        sent = self.servers[0][0].wait_for_log("sending message hello")
+        got = self.servers[1][0].wait_for_log("sending message hello")
+        # Where it came from: no "0 other connection(s)" as if nobody heard it.
+        self.assertRegex(
+            sent,
+            r"Connection \d+ sending message hello to 0 other connection\(s\) "
+            r"here, and published to the other nodes\n",
+        )
+        # Where it arrived: both local listeners counted (issue #11, item 10).
+        self.assertRegex(
+            got,
+            r"Connection \d+ on node node0 sending message hello to 2 "
+            r"connection\(s\) here\n",
+        )

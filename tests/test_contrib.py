@@ -315,8 +315,9 @@ class NginxInFrontTests(TestCase):
 
     @inlineCallbacks
     def connect(self, port: int):
+        # A browser's Origin names the port when it is not 443.
         factory = WebSocketClientFactory(
-            f"wss://localhost:{port}/", origin="https://localhost"
+            f"wss://localhost:{port}/", origin=f"https://localhost:{port}"
         )
         factory.protocol = ChatClient
         factory.setProtocolOptions(failByDrop=False, openHandshakeTimeout=5)
@@ -335,3 +336,107 @@ class NginxInFrontTests(TestCase):
         if client.transport is not None and not client.closed.called:
             client.transport.abortConnection()
         yield client.closed
+
+
+# -- the documented single-node nginx example, through a browser ----------------------
+
+OPERATIONS = ROOT / "docs" / "operations.md"
+
+
+def documented_nginx_site() -> str:
+    """The nginx example of docs/operations.md ("nginx in front"), as printed."""
+    section = OPERATIONS.read_text().split("### nginx in front", 1)[1]
+    return section.split("```nginx\n", 1)[1].split("```", 1)[0]
+
+
+class NginxBrowserTests(SynchronousTestCase):
+    """
+    The README's and docs' nginx example on a port that is not 443, in front
+    of a real ``twistd webchat`` node, with headless Chromium as the visitor:
+    the page loads through nginx and its WebSocket is let in.
+    """
+
+    def test_browser_chats_through_nginx_on_a_non_default_port(self) -> None:
+        from tests.support import Twistd
+        from tests.test_page import CHROMIUM_ARGS, QUICK, chromium_path
+
+        nginx = shutil.which("nginx") or shutil.which("nginx", path="/usr/sbin")
+        if nginx is None:
+            raise require("nginx", "apt-get install nginx")
+        try:
+            from playwright.sync_api import expect, sync_playwright
+        except ImportError as e:
+            raise require("Playwright", f"cannot import playwright ({e})") from e
+        chromium = chromium_path()
+        if chromium is None:
+            raise require("Chromium", "no executable chromium on PATH")
+
+        directory = workdir(self, "webchat-nginx-")
+        node_port, port = free_port(), free_port()
+        node = Twistd(
+            directory,
+            "--port", f"tcp:{node_port}:interface=127.0.0.1",
+            "--trust-proxy", "127.0.0.1",
+        )  # fmt: skip
+        self.addCleanup(node.stop)
+        node.wait_for_log("Site starting on")
+
+        cert = make_certificate(directory)
+        site = documented_nginx_site()
+        for old, new in (
+            ("listen 443 ssl;", f"listen 127.0.0.1:{port} ssl;"),
+            (
+                "proxy_pass http://127.0.0.1:8080;",
+                f"proxy_pass http://127.0.0.1:{node_port};",
+            ),
+            ("/etc/ssl/chat.example.com/fullchain.pem", str(cert.cert)),
+            ("/etc/ssl/chat.example.com/privkey.pem", str(cert.key)),
+        ):
+            self.assertIn(old, site)
+            site = site.replace(old, new)
+        (directory / "site.conf").write_text(site)
+        (directory / "nginx.conf").write_text(
+            f"pid {directory}/nginx.pid;\n"
+            "error_log stderr;\n"
+            "events {}\n"
+            f"http {{ access_log off; include {directory}/site.conf; }}\n"
+        )
+        process = subprocess.Popen(
+            [nginx, "-p", str(directory), "-e", "stderr", "-c",
+             str(directory / "nginx.conf"), "-g", "daemon off; master_process off;"],
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )  # fmt: skip
+        self.addCleanup(process.wait, 10)
+        self.addCleanup(process.terminate)
+
+        playwright = sync_playwright().start()
+        self.addCleanup(playwright.stop)
+        browser = playwright.chromium.launch(
+            executable_path=chromium, args=CHROMIUM_ARGS, headless=True
+        )
+        self.addCleanup(browser.close)
+        pages = []
+        for _ in range(2):
+            context = browser.new_context(ignore_https_errors=True)
+            page = context.new_page()
+            for _ in range(100):  # nginx takes a moment to listen
+                try:
+                    page.goto(f"https://localhost:{port}/")
+                    break
+                except Exception:
+                    if process.poll() is not None:
+                        self.fail(f"nginx exited with {process.returncode}")
+                    page.wait_for_timeout(50)
+            expect(page.locator("#status")).to_have_text("Connected", timeout=QUICK)
+            pages.append(page)
+
+        a, b = pages
+        a.locator("#message-input").fill("hello through nginx on another port")
+        a.locator("#message-input").press("Enter")
+        expect(b.locator("#messages > li")).to_have_text(
+            [re.compile(r"^id \d+: hello through nginx on another port$")],
+            timeout=QUICK,
+        )
+        self.assertNotIn("Refused connection", node.log())

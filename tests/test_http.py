@@ -314,7 +314,10 @@ class NullOriginTests(HTTPMixin, TestCase):
         self.assertEqual(self.factory.refused["origin"], 1)
         self.assertEqual(
             self.webchat_lines("Refused connection"),
-            ["Refused connection from 127.0.0.1: origin null not allowed (HTTP 403)"],
+            [
+                "Refused connection from 127.0.0.1: origin null not allowed "
+                "(HTTP 403; start webchat with --allowed-origin null to allow it)"
+            ],
         )
         yield self.assert_bystanders_chat()
 
@@ -417,7 +420,8 @@ class ResponseDeadlineClockTests(FakeClockMixin, SynchronousTestCase):
         self.assertFalse(self.transport.aborted)
         self.clock.advance(0.1)  # 10 s idle after the response: the next request
         self.assertTrue(self.transport.aborted)
-        self.assertEqual(self.factory.dropped["handshake_timeout"], 1)
+        # Idle, not half-sent: closed quietly, as a browser's kept-alive socket.
+        self.assertEqual(self.factory.dropped["idle_preconnect"], 1)
         self.assertEqual(self.factory.dropped["response_timeout"], 0)
 
 

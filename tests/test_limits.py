@@ -100,7 +100,8 @@ class OriginTests(LimitsMixin, TestCase):
             refusals,
             [
                 "Refused connection from 127.0.0.1: origin http://evil.example "
-                "not allowed (HTTP 403)"
+                "not allowed (HTTP 403; start webchat with --allowed-origin "
+                "http://evil.example to allow it)"
             ],
         )
         yield self.assert_bystanders_chat()

@@ -6,16 +6,22 @@ text parser, the way Prometheus would read it.
 
 from __future__ import annotations
 
+import re
+import signal
+from pathlib import Path
+from urllib.request import urlopen
+
 from prometheus_client.parser import text_string_to_metric_families
 from prometheus_client.twisted import MetricsResource
 from twisted.internet import reactor
 from twisted.internet.defer import inlineCallbacks
 from twisted.internet.endpoints import TCP4ServerEndpoint
-from twisted.trial.unittest import TestCase
+from twisted.trial.unittest import SynchronousTestCase, TestCase
 
-from tests.support import HANDSHAKE, ServerMixin, connect_raw, deferLater
+from tests.redis_server import RedisServer
+from tests.support import HANDSHAKE, ROOT, ServerMixin, Twistd, connect_raw, deferLater
 from webchat.limits import Limits
-from webchat.metrics import make_registry
+from webchat.metrics import DROP_REASONS, REFUSAL_REASONS, make_registry
 from webchat.web import make_site
 
 
@@ -113,3 +119,49 @@ class MetricsTests(ServerMixin, TestCase):
         self.assertEqual(
             json.loads(reply.split(b"\r\n\r\n", 1)[1])["status"], "shutting_down"
         )
+
+
+class DocumentedMetricsTests(SynchronousTestCase):
+    """Every metric the docs and the README name is one a live node exports."""
+
+    def test_every_documented_metric_exists(self):
+        texts = {
+            path.relative_to(ROOT): path.read_text()
+            for path in [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
+        }
+        mentioned = {
+            (name, str(path))
+            for path, text in texts.items()
+            # webchat_plugin.py is a file, not a metric.
+            for name in re.findall(r"\bwebchat_[a-z0-9_]+\b(?!\.py)", text)
+        }
+        self.assertGreater(len(mentioned), 10)
+
+        # A node with --redis: the relay's metrics exist only on such a node.
+        redis = RedisServer()
+        self.addCleanup(redis.stop)
+        redis.start()
+        workdir = Path(self.mktemp()).resolve()
+        workdir.mkdir(parents=True)
+        node = Twistd(
+            workdir, "--port", "tcp:0:interface=127.0.0.1", "--redis", redis.url
+        )
+        self.addCleanup(node.stop, signal.SIGKILL)
+        log = node.wait_for_log("Redis link up")
+        port = int(re.search(r"Site starting on (\d+)", log).group(1))
+        with urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as reply:
+            families = list(text_string_to_metric_families(reply.read().decode()))
+        # What a query can name: every sample, a histogram or gauge by its
+        # family name, and a counter only with its _total (a labelled counter
+        # with no sample yet, such as closes by code, exists all the same).
+        exported = {sample.name for family in families for sample in family.samples}
+        exported |= {f.name for f in families if f.type != "counter"}
+        exported |= {f"{f.name}_total" for f in families if f.type == "counter"}
+        missing = sorted(f"{name} ({where})" for name, where in mentioned
+                         if name not in exported)  # fmt: skip
+        self.assertEqual(missing, [])
+
+        # Every reason a series can carry is in the metrics reference.
+        operations = texts[Path("docs/operations.md")]
+        for reason in (*DROP_REASONS, *REFUSAL_REASONS):
+            self.assertIn(f"`{reason}`", operations)

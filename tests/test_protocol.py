@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from twisted.internet.defer import inlineCallbacks
+from twisted.logger import LogLevel, formatEvent
 from twisted.trial.unittest import TestCase
 
 from tests.support import (
@@ -203,15 +204,20 @@ class LogTests(ServerMixin, TestCase):
         yield c.closed
         yield deferLater(0.05)
         lines = self.logs.lines
+        # The seed's words first; then who, and (on leaving) how and how long.
         self.assertEqual(
-            lines[:5],
+            lines[:4],
             [
-                "New connection! (1)",
-                "New connection! (2)",
-                "New connection! (3)",
+                "New connection! (1) from 127.0.0.1",
+                "New connection! (2) from 127.0.0.1",
+                "New connection! (3) from 127.0.0.1",
                 "Connection 1 sending message hi there to 2 other connection(s)",
-                "Connection 3 has disconnected",
             ],
+        )
+        self.assertRegex(
+            lines[4],
+            r"^Connection 3 has disconnected: 127\.0\.0\.1, code 1000, "
+            r"after \d+\.\d s$",
         )
 
     @inlineCallbacks
@@ -278,7 +284,40 @@ class LogTests(ServerMixin, TestCase):
                 "1003 binary messages are not supported"
             ],
         )
-        self.assertIn("Connection 2 has disconnected", self.logs.lines)
+        self.assertIn(
+            "Connection 2 has disconnected: 127.0.0.1, code 1003",
+            "\n".join(self.logs.lines),
+        )
+
+    @inlineCallbacks
+    def test_client_mistakes_are_warnings_server_faults_errors(self):
+        a, b, _c = yield self.connect_many(3)
+        b.sendMessage(b"\x01", isBinary=True)  # the client's mistake: 1003
+        yield b.closed
+
+        def broken(*args):
+            raise RuntimeError("a bug in the relay")
+
+        self.patch(self.factory.hub, "broadcast", broken)
+        a.send_text("this finds the bug")  # the server's fault: 1011
+        yield a.closed
+        yield deferLater(0.05)
+        self.flushLoggedErrors(RuntimeError)
+        levels = {
+            formatEvent(e): e["log_level"]
+            for e in self.logs.events
+            if formatEvent(e).startswith("An error has occurred: connection")
+        }
+        self.assertEqual(
+            levels,
+            {
+                "An error has occurred: connection 2 from 127.0.0.1: "
+                "1003 binary messages are not supported": LogLevel.warn,
+                "An error has occurred: connection 1 from 127.0.0.1: "
+                "1011 internal error": LogLevel.error,
+            },
+        )
+        self.assertEqual((a.closed_code, b.closed_code), (1011, 1003))
 
 
 class QuietTests(ServerMixin, TestCase):
@@ -294,5 +333,9 @@ class QuietTests(ServerMixin, TestCase):
         a.send_text("psst")
         self.assertEqual((yield b.received.get()), "id 1: psst")
         self.assertEqual(
-            self.logs.lines, ["New connection! (1)", "New connection! (2)"]
+            self.logs.lines,
+            [
+                "New connection! (1) from 127.0.0.1",
+                "New connection! (2) from 127.0.0.1",
+            ],
         )

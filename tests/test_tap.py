@@ -2,18 +2,21 @@
 
 from __future__ import annotations
 
+import os
 import re
 import shutil
 import signal
 import socket
+import subprocess
 import tempfile
+import time
 from pathlib import Path
 
 from twisted.trial.unittest import SynchronousTestCase
 from websockets.exceptions import ConnectionClosed
 from websockets.sync.client import connect, unix_connect
 
-from tests.support import Twistd, slow, twistd_command
+from tests.support import HANDSHAKE, Twistd, slow, twistd_command
 from webchat.tap import DEFAULT_PORT, Options
 from webchat.web import default_web_root
 
@@ -133,6 +136,28 @@ class TwistdTests(SynchronousTestCase):
         self.assertEqual(server.stop(signal.SIGINT), 0, server.log())
         self.assertIn("Received SIGINT, shutting down.", server.log())
 
+    def test_second_ctrl_c_during_the_grace_exits_quietly(self):
+        server = self.start(
+            "--port", "tcp:0:interface=127.0.0.1", "--shutdown-grace", "60"
+        )  # fmt: skip
+        (port,) = listening_ports(server.wait_for_log("Site starting on"))
+        with socket.create_connection(("127.0.0.1", port), timeout=5) as silent:
+            # A client that completes the handshake, then never answers a close.
+            silent.sendall(HANDSHAKE)
+            self.assertTrue(silent.recv(4096).startswith(b"HTTP/1.1 101 "))
+            server.wait_for_log("New connection! (1)")
+            server.process.send_signal(signal.SIGINT)
+            server.wait_for_log("Shutting down: closing 1 connection(s)")
+            started = time.monotonic()
+            code = server.stop(signal.SIGINT, timeout=10)
+        log = server.log()
+        self.assertEqual(code, 0, log)
+        self.assertLess(time.monotonic() - started, 10)
+        self.assertIn("Received SIGINT again: not waiting", log)
+        self.assertIn("Closed 0 of 1 connection(s) cleanly", log)
+        self.assertNotIn("Traceback", log)
+        self.assertNotIn("ReactorNotRunning", log)
+
     def test_version_is_the_package_version(self):
         import subprocess
         from importlib.metadata import version
@@ -179,3 +204,206 @@ class TlsTests(SynchronousTestCase):
         with urlopen(f"https://localhost:{port}/", context=context, timeout=5) as page:
             self.assertEqual(page.status, 200)
         self.assertEqual(server.stop(signal.SIGTERM), 0)
+
+
+def run_twistd(*args: str, cwd: Path | None = None) -> subprocess.CompletedProcess:
+    """``twistd -n --pidfile= webchat ARGS``, to completion (it must not start)."""
+    return subprocess.run(
+        [*twistd_command(), "-n", "--pidfile=", "webchat", *args],
+        capture_output=True,
+        text=True,
+        timeout=30,
+        cwd=cwd,
+    )
+
+
+class CommandLineErrorTests(SynchronousTestCase):
+    """A mistyped option: one line naming it, the value and what is expected."""
+
+    def assertOneLine(self, args: tuple[str, ...], expected: str) -> None:
+        result = run_twistd(*args)
+        self.assertEqual(result.returncode, 2, result)
+        self.assertEqual(result.stdout, "")
+        self.assertEqual(result.stderr, f"webchat: {expected}\n")
+
+    def test_unknown_endpoint_type(self):
+        self.assertOneLine(
+            ("--port", "abc"),
+            "--port: unknown endpoint type 'abc' (use 8080, "
+            "tcp:8080:interface=127.0.0.1, ssl:..., unix:...)",
+        )
+
+    def test_port_out_of_range(self):
+        self.assertOneLine(("--port", "-5"), "--port: port must be 0-65535, got -5")
+        self.assertOneLine(
+            ("--port", "99999"), "--port: port must be 0-65535, got 99999"
+        )
+        self.assertOneLine(
+            ("--port", "tcp:70000:interface=127.0.0.1"),
+            "--port: port must be 0-65535, got 70000",
+        )
+
+    def test_misspelt_endpoint_parameter(self):
+        self.assertOneLine(
+            ("--port", "tcp:8080:interfac=x"),
+            "--port: tcp:8080:interfac=x: unknown parameter 'interfac' (use 8080, "
+            "tcp:8080:interface=127.0.0.1, ssl:..., unix:...)",
+        )
+
+    def test_metrics_port_is_checked_too(self):
+        self.assertOneLine(
+            ("--metrics-port", "abc"),
+            "--metrics-port: unknown endpoint type 'abc' (use 8080, "
+            "tcp:8080:interface=127.0.0.1, ssl:..., unix:...)",
+        )
+
+    def test_every_numeric_option_names_itself(self):
+        for option in (
+            "max-connections",
+            "max-connections-per-ip",
+            "max-message-size",
+            "rate-limit",
+            "rate-burst",
+            "max-send-buffer",
+            "ping-interval",
+            "ping-timeout",
+            "handshake-timeout",
+            "shutdown-grace",
+        ):
+            self.assertOneLine(
+                (f"--{option}", "-3"), f"--{option}: must not be negative, got -3"
+            )
+            self.assertOneLine(
+                (f"--{option}", "lots"),
+                f"--{option}: expected a number >= 0, got 'lots'",
+            )
+
+    def test_web_root_must_hold_a_page(self):
+        empty = Path(self.mktemp()).resolve()
+        empty.mkdir(parents=True)
+        self.assertOneLine(
+            ("--web-root", str(empty / "missing")),
+            f"--web-root: {empty / 'missing'}: no such directory",
+        )
+        self.assertOneLine(
+            ("--web-root", str(empty)), f"--web-root: {empty}: has no index.html"
+        )
+
+    def test_usage_line_names_twistd_and_webchat(self):
+        out = subprocess.run(
+            [*twistd_command(), "webchat", "--help"],
+            capture_output=True,
+            text=True,
+            check=True,
+        ).stdout
+        self.assertTrue(
+            out.startswith("Usage: twistd [options] webchat [options]\n"), out[:200]
+        )
+
+    def test_help_shows_placeholders_and_what_0_means(self):
+        out = subprocess.run(
+            [*twistd_command(), "webchat", "--help"],
+            capture_output=True,
+            text=True,
+            check=True,
+            env={**os.environ, "COLUMNS": "400"},
+        ).stdout
+        for placeholder in (
+            "--port=ENDPOINT",
+            "--metrics-port=ENDPOINT",
+            "--rate-limit=N",
+            "--max-message-size=BYTES",
+            "--shutdown-grace=S",
+            "--web-root=DIR",
+            "--redis=URL",
+        ):
+            self.assertIn(placeholder, out)
+        # COLUMNS=400: each option's help is on its own line.
+        entries = {
+            line.split("--", 1)[1].split()[0]: line
+            for line in out.splitlines()
+            if line.lstrip().startswith("-")
+        }
+        for option, zero in (
+            ("max-connections=N", "0 = no cap"),
+            ("max-connections-per-ip=N", "0 = off"),
+            ("max-message-size=BYTES", "0 = no limit"),
+            ("rate-limit=N", "0 = off"),
+            ("rate-burst=N", "0 counts as 1"),
+            ("max-send-buffer=BYTES", "0 = off"),
+            ("ping-interval=S", "0 = off"),
+            ("ping-timeout=S", "turn pings off with --ping-interval 0"),
+            ("handshake-timeout=S", "0 = off"),
+            ("shutdown-grace=S", "0 = do not wait"),
+        ):
+            self.assertIn(zero, entries[option], option)
+
+
+class ListeningFailureTests(SynchronousTestCase):
+    """A port that cannot be opened ends the process: one line, exit non-zero."""
+
+    def assertCannotListen(self, args: tuple[str, ...], expected: str) -> None:
+        workdir = Path(self.mktemp()).resolve()
+        workdir.mkdir(parents=True)
+        server = Twistd(workdir, *args)
+        self.addCleanup(server.stop, signal.SIGKILL)
+        try:
+            code = server.process.wait(30)
+        except subprocess.TimeoutExpired:
+            self.fail(f"still running, listening nowhere:\n{server.log()}")
+        log = server.log()
+        out = server.process.stdout.read().decode()
+        self.assertEqual(code, 1, log + out)
+        failures = [line for line in log.splitlines() if "Cannot listen" in line]
+        self.assertEqual(len(failures), 1, log)
+        self.assertTrue(failures[0].endswith(expected), log)
+        self.assertNotIn("Traceback", log + out)
+
+    def test_port_in_use(self):
+        with socket.socket() as taken:
+            taken.bind(("127.0.0.1", 0))
+            taken.listen()
+            port = taken.getsockname()[1]
+            endpoint = f"tcp:{port}:interface=127.0.0.1"
+            self.assertCannotListen(
+                ("--port", endpoint),
+                f"[webchat#critical] Cannot listen on --port {endpoint}: "
+                "address already in use",
+            )
+
+    def test_second_port_in_use(self):
+        with socket.socket() as taken:
+            taken.bind(("127.0.0.1", 0))
+            taken.listen()
+            port = taken.getsockname()[1]
+            endpoint = f"tcp:{port}:interface=127.0.0.1"
+            self.assertCannotListen(
+                ("--port", "tcp:0:interface=127.0.0.1", "--port", endpoint),
+                f"Cannot listen on --port {endpoint}: address already in use",
+            )
+
+    def test_metrics_port_in_use(self):
+        with socket.socket() as taken:
+            taken.bind(("127.0.0.1", 0))
+            taken.listen()
+            port = taken.getsockname()[1]
+            endpoint = f"tcp:{port}:interface=127.0.0.1"
+            self.assertCannotListen(
+                ("--port", "tcp:0:interface=127.0.0.1", "--metrics-port", endpoint),
+                f"Cannot listen on --metrics-port {endpoint}: address already in use",
+            )
+
+    def test_unix_socket_in_a_missing_directory(self):
+        self.assertCannotListen(
+            ("--port", "unix:/nonexistent-webchat-dir/chat.sock"),
+            "Cannot listen on --port unix:/nonexistent-webchat-dir/chat.sock: "
+            "no such file or directory",
+        )
+
+    def test_address_not_on_this_machine(self):
+        # 192.0.2.0/24 is TEST-NET-1: never assigned to a local interface.
+        self.assertCannotListen(
+            ("--port", "tcp:0:interface=192.0.2.1"),
+            "Cannot listen on --port tcp:0:interface=192.0.2.1: "
+            "cannot assign requested address",
+        )

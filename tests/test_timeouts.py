@@ -11,7 +11,7 @@ from twisted.internet.address import IPv4Address
 from twisted.internet.error import ConnectionDone
 from twisted.internet.task import Clock
 from twisted.internet.testing import StringTransport
-from twisted.logger import globalLogPublisher
+from twisted.logger import LogLevel, formatEvent, globalLogPublisher
 from twisted.python.failure import Failure
 from twisted.trial.unittest import SynchronousTestCase
 
@@ -125,6 +125,45 @@ class HandshakeDeadlineTests(FakeClockMixin, SynchronousTestCase):
             "Closed connection from 192.0.2.7: no complete request within 10 s",
             self.logs.lines,
         )
+
+    def test_a_connection_that_sent_nothing_is_closed_quietly(self):
+        # What browsers do on every visit: open a spare connection, never use it.
+        _, transport = self.connect()
+        self.clock.advance(10)
+        self.assertTrue(transport.aborted)
+        self.assertEqual(self.factory.dropped["idle_preconnect"], 1)
+        self.assertEqual(self.factory.dropped["handshake_timeout"], 0)
+        (event,) = self.logs.events
+        self.assertEqual(event["log_level"], LogLevel.debug)
+        self.assertEqual(
+            formatEvent(event),
+            "Closed idle connection from 192.0.2.7: no request within 10 s",
+        )
+
+    def test_an_idle_keep_alive_connection_is_closed_quietly(self):
+        channel, transport = self.connect()
+        channel.dataReceived(b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n")
+        self.assertIn(b" 200 ", transport.value())
+        self.clock.advance(10)
+        self.assertTrue(transport.aborted)
+        self.assertEqual(self.factory.dropped["idle_preconnect"], 1)
+        self.assertEqual(self.factory.dropped["handshake_timeout"], 0)
+        self.assertEqual(
+            [e["log_level"] for e in self.logs.events if "Closed" in formatEvent(e)],
+            [LogLevel.debug],
+        )
+
+    def test_a_half_sent_second_request_is_still_a_warning(self):
+        channel, transport = self.connect()
+        channel.dataReceived(b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n")
+        # The doorway has handed the connection to the HTTP channel by now.
+        transport.protocol.dataReceived(b"GET / HTTP/1.1\r\nHo")
+        self.clock.advance(10)
+        self.assertTrue(transport.aborted)
+        self.assertEqual(self.factory.dropped["handshake_timeout"], 1)
+        self.assertEqual(self.factory.dropped["idle_preconnect"], 0)
+        (event,) = [e for e in self.logs.events if "Closed" in formatEvent(e)]
+        self.assertEqual(event["log_level"], LogLevel.warn)
 
     def test_a_complete_upgrade_is_not_cut_off(self):
         channel, transport = self.connect()

@@ -51,8 +51,10 @@ class RoutingTests(ServerMixin, TestCase):
     @inlineCallbacks
     def test_plain_get_on_ws_says_upgrade_required(self):
         reply = yield self.request(b"GET /ws HTTP/1.0\r\nHost: x\r\n\r\n")
-        self.assertTrue(reply.startswith(b"HTTP/1.0 426 "), reply[:80])
-        self.assertIn(b"Upgrade: websocket", reply)
+        self.assertTrue(
+            reply.startswith(b"HTTP/1.0 426 Upgrade Required\r\n"), reply[:80]
+        )
+        self.assertIn(b"\r\nUpgrade: websocket\r\n", reply)
 
     @inlineCallbacks
     def test_unknown_path_is_404_and_upgrade_elsewhere_is_not_accepted(self):

@@ -43,6 +43,7 @@ DROP_REASONS = (
     "rate_limited",
     "ping_timeout",
     "handshake_timeout",
+    "idle_preconnect",
     "message_too_big",
     "invalid_utf8",
     "protocol_error",
@@ -120,7 +121,8 @@ class ChatCollector(Collector):
         yield _by_reason(
             "webchat_connections_dropped",
             "Connections the server ended for cause, by reason (too_slow: slow "
-            "readers; rate_limited: flooders).",
+            "readers; rate_limited: flooders; idle_preconnect: sent no request "
+            "before the handshake deadline, as browsers' spare connections do).",
             DROP_REASONS,
             stats.dropped,
         )

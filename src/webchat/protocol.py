@@ -61,6 +61,10 @@ if TYPE_CHECKING:
 #: something the client did": these get the seed's ``An error has occurred``.
 ERROR_CLOSE_CODES = frozenset({1002, 1003, 1007, 1008, 1009, 1011})
 
+#: Error closes that are the server's own fault, logged at ``error``; the
+#: rest (a client's mistake or misbehaviour) are logged at ``warn``.
+SERVER_FAULT_CODES = frozenset({1011})
+
 #: How each error close is counted (``WebChatFactory.dropped``).
 _DROP_KIND = {
     1002: "protocol_error",
@@ -112,6 +116,8 @@ class WebChatProtocol(WebSocketServerProtocol):
     client_address = "-"
     #: Why the server ended this connection itself, when it did: (kind, text).
     drop_reason: tuple[str, str] | None = None
+    #: When the opening handshake completed (reactor time), for the log.
+    opened_at = 0.0
 
     _admitted = False
     _bucket: TokenBucket | None = None
@@ -491,8 +497,16 @@ class WebChatFactory(WebSocketServerFactory):
         if self.draining:
             self._refuse(address, 503, "draining", "server is shutting down")
         if not self.access.origin_allowed(origin, headers.get("host"), scheme):
-            detail = f"origin {escape_for_log(origin or '')} not allowed"
-            self._refuse(address, 403, "origin", "origin not allowed", detail)
+            shown = escape_for_log(origin or "")
+            self._refuse(
+                address,
+                403,
+                "origin",
+                "origin not allowed",
+                f"origin {shown} not allowed",
+                # The one thing the operator needs to know next.
+                hint=f"start webchat with --allowed-origin {shown} to allow it",
+            )
         if limits.max_connections and len(self.connections) > limits.max_connections:
             self._refuse(address, 503, "max_connections", "server is full")
         per_ip = limits.max_connections_per_ip
@@ -507,15 +521,22 @@ class WebChatFactory(WebSocketServerFactory):
         self.per_address[address] += 1
 
     def _refuse(
-        self, address: str, status: int, kind: str, reason: str, detail: str = ""
+        self,
+        address: str,
+        status: int,
+        kind: str,
+        reason: str,
+        detail: str = "",
+        hint: str = "",
     ) -> None:
         """Count and log a refused handshake, then refuse it with ``status``."""
         self.refused[kind] += 1
         log.warn(
-            "Refused connection from {peer}: {reason} (HTTP {status})",
+            "Refused connection from {peer}: {reason} (HTTP {status}{hint})",
             peer=escape_for_log(address),
             reason=detail or reason,
             status=status,
+            hint=f"; {hint}" if hint else "",
         )
         raise ConnectionDeny(status, reason)
 
@@ -523,31 +544,49 @@ class WebChatFactory(WebSocketServerFactory):
         protocol.chat_id = self.hub.allocate_id()
         self.hub.join(protocol)
         self.stats.opened += 1
-        log.info("New connection! ({id})", id=protocol.chat_id)
+        protocol.opened_at = self.reactor.seconds()
+        log.info(
+            "New connection! ({id}) from {peer}",
+            id=protocol.chat_id,
+            peer=escape_for_log(protocol.client_address),
+        )
 
     def unregister(self, protocol: WebChatProtocol) -> None:
         if not protocol.chat_id or not self.hub.leave(protocol):
             return  # never opened, or already gone
-        self.stats.closed[_close_code(protocol)] += 1
+        code = _close_code(protocol)
+        self.stats.closed[code] += 1
         error = None
+        server_fault = False
         if protocol.drop_reason is not None:
             kind, error = protocol.drop_reason
             self.dropped[kind] += 1
+            server_fault = protocol.localCloseCode in SERVER_FAULT_CODES
         elif protocol.localCloseCode in ERROR_CLOSE_CODES:
-            code = protocol.localCloseCode
+            local = protocol.localCloseCode
             reason = protocol.localCloseReason or b""
             if isinstance(reason, bytes):
                 reason = reason.decode("utf-8", "replace")
-            error = f"{code} {reason}".strip()
-            self.dropped[_DROP_KIND.get(code, f"close_{code}")] += 1
+            error = f"{local} {reason}".strip()
+            self.dropped[_DROP_KIND.get(local, f"close_{local}")] += 1
+            server_fault = local in SERVER_FAULT_CODES
         if error is not None:
-            log.error(
+            # error: our fault, someone should look; warn: the client's doing.
+            emit = log.error if server_fault else log.warn
+            emit(
                 "An error has occurred: connection {id} from {peer}: {error}",
                 id=protocol.chat_id,
                 peer=escape_for_log(protocol.client_address),
                 error=escape_for_log(error),
             )
-        log.info("Connection {id} has disconnected", id=protocol.chat_id)
+        log.info(
+            "Connection {id} has disconnected: {peer}, code {code}, "
+            "after {duration:.1f} s",
+            id=protocol.chat_id,
+            peer=escape_for_log(protocol.client_address),
+            code=code,
+            duration=max(self.reactor.seconds() - protocol.opened_at, 0.0),
+        )
 
     def forget(self, protocol: WebChatProtocol) -> None:
         """The TCP connection is gone: release what it held against the caps."""
@@ -566,7 +605,17 @@ class WebChatFactory(WebSocketServerFactory):
         self.stats.messages_received += 1
         if self.link is not None:
             self.link.publish(sender.chat_id, payload)
-        if not self.quiet:
+        if self.quiet:
+            pass
+        elif self.link is not None:
+            log.info(
+                "Connection {id} sending message {text} to {count} other "
+                "connection(s) here, and published to the other nodes",
+                id=sender.chat_id,
+                text=LogText(payload),
+                count=count,
+            )
+        else:
             log.info(
                 "Connection {id} sending message {text} to {count} other connection(s)",
                 id=sender.chat_id,

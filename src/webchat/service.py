@@ -7,9 +7,12 @@ import signal
 from types import FrameType
 from typing import Any
 
-from twisted.application.service import MultiService
+from twisted.application.internet import StreamServerEndpointService
+from twisted.application.service import MultiService, Service
 from twisted.internet.defer import Deferred
+from twisted.internet.error import CannotListenError
 from twisted.logger import Logger
+from twisted.python.failure import Failure
 
 from webchat.protocol import WebChatFactory
 
@@ -40,6 +43,8 @@ class ChatService(MultiService):
         self.factory = factory
         self.reactor: Any = factory.reactor
         self.handle_signals = handle_signals
+        #: Set by the first stop signal; a second one cuts the grace short.
+        self._stopping = False
 
     def startService(self) -> None:
         super().startService()
@@ -56,7 +61,19 @@ class ChatService(MultiService):
         self.reactor.callFromThread(self._stop_for, name)
 
     def _stop_for(self, name: str) -> None:
+        if self._stopping:
+            # Whoever presses Ctrl-C twice does not want to wait out the grace:
+            # drop the clients still closing, and the shutdown finishes now.
+            log.info(
+                "Received {signal} again: not waiting for the remaining clients.",
+                signal=name,
+            )
+            for protocol in list(self.factory.connections):
+                if protocol.transport is not None:
+                    protocol.transport.abortConnection()
+            return
         log.info("Received {signal}, shutting down.", signal=name)
+        self._stopping = True
         if self.reactor.running:
             self.reactor.stop()
 
@@ -75,3 +92,60 @@ class ChatService(MultiService):
             return MultiService.stopService(self)  # now close the ports
 
         return d.addCallback(report)
+
+
+def _why_not_listening(failure: Failure) -> str:
+    """The reason a listen failed, as a person would say it."""
+    error = failure.value
+    if isinstance(error, CannotListenError) and error.socketError is not None:
+        error = error.socketError
+    if isinstance(error, OSError) and error.strerror:
+        return error.strerror[:1].lower() + error.strerror[1:]
+    return str(error) or repr(error)
+
+
+class ListeningService(StreamServerEndpointService):
+    """
+    Listens on one endpoint, and ends the process if it cannot.
+
+    Twisted's own service logs a listening failure as an unhandled traceback
+    and carries on: the server runs, listening nowhere, and looks healthy to
+    whoever started it.  A server that cannot take the port it was given
+    should say so in one line and exit non-zero, so that the person (or the
+    init system) who started it finds out at once.
+    """
+
+    def __init__(
+        self, reactor: Any, endpoint: Any, factory: Any, description: str
+    ) -> None:
+        super().__init__(endpoint, factory)
+        self.reactor = reactor
+        self.description = description
+
+    def privilegedStartService(self) -> None:
+        Service.privilegedStartService(self)
+        failed: list[Failure] = []
+        starting = [True]
+
+        def on_failure(failure: Failure) -> None:
+            if starting:
+                failed.append(failure)
+            else:  # a third-party endpoint that fails later still ends it
+                self._report(failure)
+                self.reactor.callWhenRunning(self.reactor.stop)
+
+        self._waitingForPort = self.endpoint.listen(self.factory)
+        self._waitingForPort.addErrback(on_failure)
+        starting.clear()
+        if failed:
+            # Every stream endpoint Twisted ships listens synchronously: the
+            # reactor is not running yet, so leaving is a plain exit.
+            self._report(failed[0])
+            raise SystemExit(1)
+
+    def _report(self, failure: Failure) -> None:
+        log.critical(
+            "Cannot listen on {endpoint}: {why}",
+            endpoint=self.description,
+            why=_why_not_listening(failure),
+        )

@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import os
-from collections.abc import Mapping
+import sys
+import textwrap
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
-from twisted.application.internet import StreamServerEndpointService
 from twisted.application.service import IService, MultiService
 from twisted.internet.endpoints import serverFromString
 from twisted.logger import Logger
@@ -24,7 +25,7 @@ from webchat.relay import (
     check_node_id,
     parse_redis_url,
 )
-from webchat.service import ChatService
+from webchat.service import ChatService, ListeningService
 from webchat.web import default_web_root, make_metrics_site, make_site
 
 #: Where the server listens when no --port is given.
@@ -36,20 +37,103 @@ REDIS_URL_VARIABLE = "WEBCHAT_REDIS_URL"
 log = Logger(namespace="webchat")
 
 
+#: What --port and --metrics-port accept, for error messages.
+ENDPOINT_EXAMPLES = "use 8080, tcp:8080:interface=127.0.0.1, ssl:..., unix:..."
+
+#: The placeholder each option's value has in ``--help``.
+PLACEHOLDERS = {
+    "port": "ENDPOINT",
+    "metrics-port": "ENDPOINT",
+    "web-root": "DIR",
+    "allowed-origin": "ORIGIN",
+    "trust-proxy": "ADDR",
+    "max-connections": "N",
+    "max-connections-per-ip": "N",
+    "max-message-size": "BYTES",
+    "rate-limit": "N",
+    "rate-burst": "N",
+    "max-send-buffer": "BYTES",
+    "ping-interval": "S",
+    "ping-timeout": "S",
+    "handshake-timeout": "S",
+    "response-timeout": "S",
+    "shutdown-grace": "S",
+    "redis": "URL",
+    "redis-password-file": "FILE",
+    "redis-channel": "NAME",
+    "node-id": "NAME",
+}
+
+
 def endpoint_description(value: str) -> str:
     """A bare number means TCP on that port; anything else is an endpoint string."""
     return f"tcp:{value}" if value.isdigit() else value
 
 
-def _non_negative(kind: type) -> object:
+def check_endpoint(option: str, value: str) -> str:
+    """
+    The endpoint string ``value`` stands for, or a ``UsageError`` naming
+    ``option`` and saying what is wrong.
+
+    The endpoint is parsed here (without a reactor, so nothing listens yet):
+    a typo must stop the server before it starts, in one line, not surface as
+    a traceback from the reactor once twistd is running.
+    """
+    if value.lstrip("-").isdigit() and not 0 <= int(value) <= 65535:
+        raise usage.UsageError(f"--{option}: port must be 0-65535, got {value}")
+    description = endpoint_description(value)
+    try:
+        endpoint = serverFromString(None, description)
+    except ValueError as e:
+        if str(e).startswith("Unknown endpoint type"):
+            kind = description.split(":", 1)[0]
+            raise usage.UsageError(
+                f"--{option}: unknown endpoint type {kind!r} ({ENDPOINT_EXAMPLES})"
+            ) from None
+        raise usage.UsageError(f"--{option}: {value}: {e}") from None
+    except TypeError as e:
+        # An unknown key=value: Twisted passes it on as a keyword argument.
+        unknown = str(e).rpartition("argument ")[2] or str(e)
+        raise usage.UsageError(
+            f"--{option}: {value}: unknown parameter {unknown} ({ENDPOINT_EXAMPLES})"
+        ) from None
+    except (IndexError, KeyError) as e:
+        # Twisted's systemd parser fails with a bare IndexError/KeyError.
+        raise usage.UsageError(
+            f"--{option}: {value}: no such socket was passed in by systemd "
+            f"({e!r}); start webchat through webchat.socket"
+        ) from None
+    except Exception as e:  # e.g. ssl: with a missing or unreadable key file
+        raise usage.UsageError(f"--{option}: {value}: {e}") from None
+    port = getattr(endpoint, "_port", 0)
+    if isinstance(port, int) and not 0 <= port <= 65535:
+        raise usage.UsageError(f"--{option}: port must be 0-65535, got {port}")
+    return description
+
+
+def _non_negative(kind: type) -> Callable[[str], float | int]:
     def coerce(value: str) -> float | int:
-        number = kind(value)
+        try:
+            number = kind(value)
+        except ValueError:
+            raise ValueError(f"expected a number >= 0, got {value!r}") from None
         if number < 0:
-            raise ValueError(f"must not be negative: {value}")
+            raise ValueError(f"must not be negative, got {value}")
         return number
 
-    coerce.coerceDoc = "Must be >= 0."  # type: ignore[attr-defined]
     return coerce
+
+
+def _naming(option: str, coerce: Callable[[str], Any]) -> Callable[[str], Any]:
+    """``coerce``, with its complaint naming the option (usage.Options' does not)."""
+
+    def named(value: str) -> Any:
+        try:
+            return coerce(value)
+        except ValueError as e:
+            raise usage.UsageError(f"--{option}: {e}") from None
+
+    return named
 
 
 def _help(text: str):
@@ -71,7 +155,7 @@ class Options(usage.Options):
     longdesc = (
         "Serve a WebSocket chat and its page on one port.  Every text message "
         "a client sends is relayed as 'id N: text' to every other client.  "
-        "Limits marked 0 = off can be turned off with 0."
+        "twistd's own options (--pidfile=, --logfile, -n) go before 'webchat'."
     )
 
     optFlags = [
@@ -96,7 +180,7 @@ class Options(usage.Options):
             "max-connections",
             None,
             None,
-            "Most WebSocket connections at once; more get HTTP 503. "
+            "Most WebSocket connections at once; more get HTTP 503. 0 = no cap. "
             f"[default: the open-file limit minus {limits.FD_RESERVE}]",
             _int,
         ],
@@ -112,7 +196,7 @@ class Options(usage.Options):
             "max-message-size",
             None,
             limits.MAX_MESSAGE_SIZE,
-            "Largest message or frame in bytes; bigger closes with 1009.",
+            "Largest message or frame in bytes; bigger closes with 1009. 0 = no limit.",
             _int,
         ],
         [
@@ -127,7 +211,8 @@ class Options(usage.Options):
             "rate-burst",
             None,
             limits.RATE_BURST,
-            "Messages one connection may send in a burst above --rate-limit.",
+            "Messages one connection may send in a burst above --rate-limit "
+            "(0 counts as 1).",
             _int,
         ],
         [
@@ -149,7 +234,8 @@ class Options(usage.Options):
             "ping-timeout",
             None,
             limits.PING_TIMEOUT,
-            "Seconds a pinged client has to answer before it is dropped.",
+            "Seconds a pinged client has to answer before it is dropped (0 drops "
+            "it at once: turn pings off with --ping-interval 0 instead).",
             _float,
         ],
         [
@@ -200,7 +286,7 @@ class Options(usage.Options):
             "shutdown-grace",
             None,
             limits.SHUTDOWN_GRACE,
-            "Seconds shutdown waits for clients to answer close 1001.",
+            "Seconds shutdown waits for clients to answer close 1001. 0 = do not wait.",
             _float,
         ],
     ]
@@ -208,6 +294,9 @@ class Options(usage.Options):
     def __init__(self, environ: Mapping[str, str] | None = None) -> None:
         super().__init__()
         self._environ = os.environ if environ is None else environ
+        for name, dispatch in self._dispatch.items():
+            if isinstance(dispatch, usage.CoerceParameter):
+                dispatch.coerce = _naming(name, dispatch.coerce)
         self["port"] = []
         self["allowed-origin"] = []
         self["trust-proxy"] = []
@@ -219,7 +308,7 @@ class Options(usage.Options):
         on several. [default: {DEFAULT_PORT}]"""
     )
     def opt_port(self, value: str) -> None:
-        self["port"].append(endpoint_description(value))
+        self["port"].append(check_endpoint("port", value))
 
     opt_p = opt_port
 
@@ -244,13 +333,68 @@ class Options(usage.Options):
         print(f"webchat {__version__}")
         raise SystemExit(0)
 
+    def parseOptions(self, options: list[str] | None = None) -> None:
+        """
+        Parse, and under twistd turn a mistake into one line and exit status 2.
+
+        twistd answers a ``UsageError`` with the whole help and then a message
+        that names neither the option nor the value; a user who mistyped one
+        option wants to be told which, and how to write it.
+        """
+        try:
+            super().parseOptions(options)
+        except usage.UsageError as e:
+            if self.parent is None:  # called directly (tests, other tools)
+                raise
+            print(f"webchat: {e}", file=sys.stderr)
+            raise SystemExit(2) from None
+
+    def getSynopsis(self) -> str:
+        return "Usage: twistd [options] webchat [options]"
+
+    def getUsage(self, width: int | None = None) -> str:
+        """
+        Twisted's option listing, with a placeholder for every value
+        (``--port=ENDPOINT``, not Twisted's bare ``--port=``).
+        """
+        shorts = {v: k for k, v in self.synonyms.items() if len(k) == 1}
+        rows = []
+        for long in self.longOpt:
+            name = long.rstrip("=")
+            doc = self.docs.get(name) or ""
+            shown = name
+            if long.endswith("="):
+                default = self.defaults.get(name)
+                if isinstance(default, float):
+                    default = f"{default:g}"
+                if default is not None:
+                    doc = f"{doc} [default: {default}]"
+                shown = f"{name}={PLACEHOLDERS.get(name, 'VALUE')}"
+            # As a "flag", so Twisted adds no second "=" and no default of its own.
+            rows.append(
+                {
+                    "long": shown,
+                    "short": shorts.get(name),
+                    "doc": doc,
+                    "optType": "flag",
+                }
+            )
+        width = width or int(os.environ.get("COLUMNS", "80"))
+        text = "".join(usage.docMakeChunks(rows, width))
+        about = "\n".join(textwrap.wrap(self.longdesc, width))
+        return f"Options:\n{text}\n{about}\n"
+
     def postOptions(self) -> None:
         if not self["port"]:
             self["port"] = [DEFAULT_PORT]
         if self["no-metrics"] and self["metrics-port"]:
             raise usage.UsageError("--no-metrics and --metrics-port contradict")
+        if self["metrics-port"]:
+            self["metrics-port"] = check_endpoint("metrics-port", self["metrics-port"])
         if self["web-root"] is None:
             self["web-root"] = str(default_web_root())
+        else:
+            check_web_root(self["web-root"])
         if not self["redis"]:
             self["redis"] = self._environ.get(REDIS_URL_VARIABLE) or None
         self["redis-password"] = None
@@ -347,7 +491,11 @@ def makeService(options: Options) -> IService:
         metrics = MetricsResource(make_registry(factory))
     if options["metrics-port"]:
         listen(
-            reactor, top, options["metrics-port"], make_metrics_site(factory, metrics)
+            reactor,
+            top,
+            options["metrics-port"],
+            make_metrics_site(factory, metrics),
+            option="metrics-port",
         )
         metrics = None  # not on the public port, then
     site = make_site(factory, options["web-root"], metrics)
@@ -356,13 +504,24 @@ def makeService(options: Options) -> IService:
     return top
 
 
-def listen(reactor: Any, parent: MultiService, description: str, factory: Any) -> None:
-    try:
-        endpoint = serverFromString(reactor, description)
-    except (IndexError, KeyError) as e:
-        # Twisted's systemd parser fails with a bare IndexError/KeyError.
-        raise usage.UsageError(
-            f"{description}: no such socket was passed in by systemd "
-            f"({e!r}); start webchat through webchat.socket"
-        ) from None
-    StreamServerEndpointService(endpoint, factory).setServiceParent(parent)
+def check_web_root(web_root: str) -> None:
+    """A ``--web-root`` without a page would serve nothing but 404s: refuse it now."""
+    root = Path(web_root)
+    if not root.is_dir():
+        raise usage.UsageError(f"--web-root: {web_root}: no such directory")
+    if not (root / "index.html").is_file():
+        raise usage.UsageError(f"--web-root: {web_root}: has no index.html")
+
+
+def listen(
+    reactor: Any,
+    parent: MultiService,
+    description: str,
+    factory: Any,
+    option: str = "port",
+) -> None:
+    """Listen on ``description`` (given as ``--option``) once the service starts."""
+    # Already parsed once by the options (check_endpoint): this cannot fail now.
+    endpoint = serverFromString(reactor, description)
+    service = ListeningService(reactor, endpoint, factory, f"--{option} {description}")
+    service.setServiceParent(parent)

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import ipaddress
 import re
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -20,7 +21,7 @@ from twisted.internet.protocol import Protocol
 from twisted.logger import Logger
 from twisted.protocols.policies import ProtocolWrapper
 from twisted.web.http import HTTPChannel
-from twisted.web.pages import errorPage, notFound
+from twisted.web.pages import notFound
 from twisted.web.resource import IResource, Resource
 from twisted.web.server import NOT_DONE_YET, Request, Site
 from twisted.web.static import File
@@ -215,25 +216,29 @@ def _is_loopback(address: str) -> bool:
 
 
 def _upgrade_required() -> IResource:
-    page = errorPage(426, "Upgrade Required", "This address only speaks WebSocket.")
-    return _WithHeader(page, b"Upgrade", b"websocket")
+    return _UpgradeRequired()
 
 
-class _WithHeader(Resource):
+class _UpgradeRequired(Resource):
+    """
+    ``426 Upgrade Required`` with ``Upgrade: websocket`` (RFC 9110 15.5.22).
+
+    Not ``errorPage``: twisted.web knows no reason phrase for 426 and would
+    send "426 Unknown Status".
+    """
+
     isLeaf = True
 
-    def __init__(self, inner: IResource, name: bytes, value: bytes) -> None:
-        super().__init__()
-        self._inner = inner
-        self._name = name
-        self._value = value
-
     def render(self, request: Request) -> bytes:
-        request.setHeader(self._name, self._value)
-        return self._inner.render(request)
+        request.setResponseCode(426, b"Upgrade Required")
+        request.setHeader(b"Upgrade", b"websocket")
+        request.setHeader(b"Content-Type", b"text/plain; charset=utf-8")
+        return b"426 Upgrade Required: this address only speaks WebSocket.\n"
 
 
-def start_deadline(site: ChatSite, transport: Any) -> IDelayedCall | None:
+def start_deadline(
+    site: ChatSite, transport: Any, heard: Callable[[], bool] = lambda: True
+) -> IDelayedCall | None:
     """
     Give the connection on ``transport`` the handshake timeout to deliver a
     complete request (slowloris defence).
@@ -241,11 +246,12 @@ def start_deadline(site: ChatSite, transport: Any) -> IDelayedCall | None:
     Twisted's own timeout is an *idle* timeout: a client that dribbles one
     header byte every few seconds never trips it and holds a file descriptor
     forever.  This one runs from the start of the wait, whatever arrives.
+    ``heard`` says whether any byte of the awaited request has arrived.
     """
     timeout = site.chat.limits.handshake_timeout
     if timeout <= 0:
         return None
-    return site.reactor.callLater(timeout, _deadline_passed, site, transport)
+    return site.reactor.callLater(timeout, _deadline_passed, site, transport, heard)
 
 
 def start_response_deadline(site: ChatSite, transport: Any) -> IDelayedCall | None:
@@ -279,14 +285,26 @@ def _peer_of(transport: Any) -> str:
     return escape_for_log(str(getattr(peer, "host", None) or "unix"))
 
 
-def _deadline_passed(site: ChatSite, transport: Any) -> None:
+def _deadline_passed(site: ChatSite, transport: Any, heard: Callable[[], bool]) -> None:
     chat = site.chat
-    chat.dropped["handshake_timeout"] += 1
-    log.warn(
-        "Closed connection from {peer}: no complete request within {timeout:g} s",
-        peer=_peer_of(transport),
-        timeout=chat.limits.handshake_timeout,
-    )
+    peer = _peer_of(transport)
+    timeout = chat.limits.handshake_timeout
+    if heard():
+        chat.dropped["handshake_timeout"] += 1
+        log.warn(
+            "Closed connection from {peer}: no complete request within {timeout:g} s",
+            peer=peer,
+            timeout=timeout,
+        )
+    else:
+        # Browsers open spare connections ahead of need and keep idle ones
+        # alive; closing one that never asked for anything is routine.
+        chat.dropped["idle_preconnect"] += 1
+        log.debug(
+            "Closed idle connection from {peer}: no request within {timeout:g} s",
+            peer=peer,
+            timeout=timeout,
+        )
     transport.abortConnection()
 
 
@@ -331,7 +349,9 @@ class Doorway(Protocol):
         self._deadline: IDelayedCall | None = None
 
     def connectionMade(self) -> None:
-        self._deadline = start_deadline(self._site, self.transport)
+        self._deadline = start_deadline(
+            self._site, self.transport, lambda: bool(self._head)
+        )
 
     def dataReceived(self, data: bytes) -> None:
         self._head += data
@@ -377,10 +397,19 @@ class ChatChannel(HTTPChannel):
     site: ChatSite
     _deadline: IDelayedCall | None = None
     _refused = False
+    #: Whether a byte of the request now awaited has arrived.
+    _heard = False
 
     def connectionMade(self) -> None:
         super().connectionMade()
-        self._deadline = start_deadline(self.factory, self.transport)
+        self._deadline = start_deadline(self.factory, self.transport, self._was_heard)
+
+    def _was_heard(self) -> bool:
+        return self._heard
+
+    def dataReceived(self, data: bytes) -> None:
+        self._heard = True
+        super().dataReceived(data)
 
     def allHeadersReceived(self) -> None:
         # length: 0 without a body, None for chunked, else the Content-Length.
@@ -440,7 +469,10 @@ class ChatChannel(HTTPChannel):
         super().requestDone(request)
         if self.transport is not None and not self.transport.disconnecting:
             _cancel(self._deadline)
-            self._deadline = start_deadline(self.factory, self.transport)
+            self._heard = False
+            self._deadline = start_deadline(
+                self.factory, self.transport, self._was_heard
+            )
 
     def hand_over(self) -> None:
         """The chat takes the connection over: its deadlines are the chat's now."""
