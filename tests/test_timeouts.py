@@ -1,4 +1,5 @@
-"""Time-dependent rules on a fake clock: pings, handshake deadline, shutdown grace.
+"""Time-dependent rules on a fake clock: pings, handshake deadline, shutdown
+grace, closing handshakes.
 
 No sockets and no sleeping: the server's reactor is a ``Clock`` and its
 connections are ``StringTransport``s, so each test says exactly when time
@@ -157,3 +158,37 @@ class ShutdownGraceTests(FakeClockMixin, SynchronousTestCase):
         self.clock.advance(0.1)
         self.assertTrue(silent.aborted)
         self.assertEqual(self.successResultOf(done), 0)
+
+    def test_a_client_may_take_most_of_the_grace_to_answer(self):
+        protocol, transport = self.open_connection()
+        done = self.factory.close_all()
+        self.clock.advance(4.5)  # far past Autobahn's own 1 s close timeout
+        self.assertFalse(transport.aborted)
+        protocol.dataReceived(client_frame(0x8, b"\x03\xe9"))
+        protocol.connectionLost(Failure(ConnectionDone()))
+        self.assertEqual(self.successResultOf(done), 1)
+        self.assertEqual(self.clock.getDelayedCalls(), [])
+
+
+class CloseTimeoutTests(FakeClockMixin, SynchronousTestCase):
+    def setUp(self):
+        self.make_factory()
+
+    def test_a_client_closed_for_cause_has_one_second_to_answer(self):
+        protocol, transport = self.open_connection()
+        protocol.dataReceived(client_frame(0x2, b"binary"))
+        (frame,) = parse_server_frames(transport.value())
+        self.assertEqual(frame[0], 0x8)
+        self.assertEqual(frame[1][:2], (1003).to_bytes(2, "big"))
+        self.clock.advance(0.9)
+        self.assertFalse(transport.aborted)
+        self.clock.advance(0.2)
+        self.assertTrue(transport.aborted)
+
+    def test_an_answer_in_time_cancels_the_timer(self):
+        protocol, _transport = self.open_connection()
+        protocol.dataReceived(client_frame(0x2, b"binary"))
+        protocol.dataReceived(client_frame(0x8, b"\x03\xeb"))
+        self.assertTrue(protocol.wasClean)
+        protocol.connectionLost(Failure(ConnectionDone()))
+        self.assertEqual(self.clock.getDelayedCalls(), [])

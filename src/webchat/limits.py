@@ -26,6 +26,10 @@ PING_TIMEOUT = 10.0
 HANDSHAKE_TIMEOUT = 10.0
 #: Seconds shutdown waits for clients to answer close 1001.
 SHUTDOWN_GRACE = 5.0
+#: Seconds a client closed for cause (1002, 1008, 1009, ...) has to answer the
+#: close frame before its TCP connection is dropped, and what it holds with it.
+#: Not an option: short, because such a client is usually hostile or stuck.
+CLOSE_TIMEOUT = 1.0
 #: Connections per client address; 0 = no cap (behind a proxy all share one).
 MAX_CONNECTIONS_PER_IP = 0
 #: File descriptors kept back from --max-connections for listening sockets,

@@ -49,7 +49,7 @@ from zope.interface import implementer
 from webchat.access import AccessPolicy, canonical_address
 from webchat.frames import text_frame
 from webchat.hub import Hub
-from webchat.limits import Limits
+from webchat.limits import CLOSE_TIMEOUT, Limits
 from webchat.logtext import LogText, escape_for_log
 from webchat.metrics import ChatStats
 from webchat.ratelimit import TokenBucket
@@ -121,6 +121,8 @@ class WebChatProtocol(WebSocketServerProtocol):
     _pinged_at = 0.0
     _keepalive: IDelayedCall | None = None
     _linger: IDelayedCall | None = None
+    #: Seconds the close we start next waits for the peer's answer (close_with).
+    _close_timeout = CLOSE_TIMEOUT
     #: Unsent bytes the kernel may hold for us (see ``connectionMade``).
     _kernel_share = 0
     #: The raw socket, for plain TCP/Unix transports (see ``deliver``).
@@ -220,28 +222,37 @@ class WebChatProtocol(WebSocketServerProtocol):
         self.factory.unregister(self)
 
     def connectionLost(self, reason: Any = None) -> None:
-        for timer in (self._keepalive, self._linger):
+        for timer in (self._keepalive, self._linger, self.closeHandshakeTimeoutCall):
             if timer is not None and timer.active():
                 timer.cancel()
-        self._keepalive = self._linger = None
+        self._keepalive = self._linger = self.closeHandshakeTimeoutCall = None
         super().connectionLost(reason)
         self.factory.forget(self)
 
     # -- closing ------------------------------------------------------------------
 
-    def close_with(self, code: int, reason: str, kind: str | None = None) -> None:
+    def close_with(
+        self,
+        code: int,
+        reason: str,
+        kind: str | None = None,
+        timeout: float = CLOSE_TIMEOUT,
+    ) -> None:
         """
         Start the closing handshake with any RFC 6455 code.
 
         Autobahn's ``sendClose`` only lets applications use 1000 and
         3000-4999; the codes this server owes its clients (1001, 1003, 1008,
         1011, ...) go through the frame-level call instead.  ``kind`` names
-        the policy that closed it, for the log and the counters.
+        the policy that closed it, for the log and the counters.  The peer
+        has ``timeout`` seconds to answer before TCP is dropped (0 = the
+        caller sees to that).
         """
         if self.state != _OPEN:
             return
         if kind is not None:
             self.drop_reason = (kind, f"{code} {reason}")
+        self._close_timeout = timeout
         self.sendCloseFrame(code=code, reasonUtf8=reason.encode("utf-8")[:123])
 
     def sendCloseFrame(
@@ -251,6 +262,20 @@ class WebChatProtocol(WebSocketServerProtocol):
         isReply: bool = False,
     ) -> None:
         super().sendCloseFrame(code=code, reasonUtf8=reasonUtf8, isReply=isReply)
+        if (
+            self.closedByMe
+            and self.state == WebSocketProtocol.STATE_CLOSING
+            and self.closeHandshakeTimeoutCall is None
+            and self._close_timeout > 0
+        ):
+            # Autobahn's own timer (closeHandshakeTimeout, off in the factory)
+            # would run on the global reactor with one fixed timeout for every
+            # close, cutting a shutdown's grace short.  Ours takes the timeout
+            # this close was given, on the factory's clock; Autobahn still
+            # cancels it when the peer answers.
+            self.closeHandshakeTimeoutCall = self.factory.reactor.callLater(
+                self._close_timeout, self.onCloseHandshakeTimeout
+            )
         if not isReply and code in ERROR_CLOSE_CODES:
             # Closing for cause (ours or Autobahn's): the connection leaves the
             # chat now, not when the peer gets round to answering.
@@ -442,6 +467,9 @@ class WebChatFactory(WebSocketServerFactory):
             # and our own keepalive (on self.reactor) replaces Autobahn's.
             openHandshakeTimeout=0,
             autoPingInterval=0,
+            # Each close we start sets its own timeout (sendCloseFrame): the
+            # shutdown grace for 1001, CLOSE_TIMEOUT for closes for cause.
+            closeHandshakeTimeout=0,
         )
         # Autobahn copies every option onto every new connection, and
         # pretty-prints the lot for a debug line even when debug is off: a
@@ -618,7 +646,8 @@ class WebChatFactory(WebSocketServerFactory):
         if not protocols:
             return succeed(0)
         for protocol in protocols:
-            protocol.close_with(code, reason)
+            # The timer below drops whoever has not answered within the grace.
+            protocol.close_with(code, reason, timeout=0)
         done: Deferred[int] = Deferred()
         finished = DeferredList([p.is_closed for p in protocols], consumeErrors=True)
 
