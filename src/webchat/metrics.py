@@ -35,6 +35,10 @@ REFUSAL_REASONS = ("origin", "max_connections", "max_connections_per_ip", "drain
 DROP_REASONS = (
     "too_slow",
     "rate_limited",
+    "frame_rate_limited",
+    "byte_rate_limited",
+    "too_many_frames",
+    "message_timeout",
     "ping_timeout",
     "handshake_timeout",
     "message_too_big",

@@ -110,6 +110,13 @@ class Options(usage.Options):
             _int,
         ],
         [
+            "max-message-frames",
+            None,
+            limits.MAX_MESSAGE_FRAMES,
+            "Most frames one message may arrive in; more closes with 1009. 0 = off.",
+            _int,
+        ],
+        [
             "rate-limit",
             None,
             limits.RATE_LIMIT,
@@ -123,6 +130,15 @@ class Options(usage.Options):
             limits.RATE_BURST,
             "Messages one connection may send in a burst above --rate-limit.",
             _int,
+        ],
+        [
+            "frame-rate-limit",
+            None,
+            limits.FRAME_RATE_LIMIT,
+            "Frames of any kind (text, continuation, ping, pong) per second one "
+            f"connection may send, in bursts of {limits.FRAME_BURST_SECONDS:g} s' "
+            "worth; faster closes with 1008. 0 = off.",
+            _float,
         ],
         [
             "max-send-buffer",
@@ -243,8 +259,10 @@ class Options(usage.Options):
         """The limits these options ask for (max-connections left 0 if unset)."""
         return limits.Limits(
             max_message_size=self["max-message-size"],
+            max_message_frames=self["max-message-frames"],
             rate_limit=self["rate-limit"],
             rate_burst=self["rate-burst"],
+            frame_rate_limit=self["frame-rate-limit"],
             max_send_buffer=self["max-send-buffer"],
             ping_interval=self["ping-interval"],
             ping_timeout=self["ping-timeout"],
