@@ -323,6 +323,23 @@ class FrameRateTests(LimitsMixin, TestCase):
         yield self.assert_bystanders_chat()
 
 
+class ByteBudgetTests(LimitsMixin, TestCase):
+    """Small messages, rarely: a byte budget of 2 KB/s (burst: one 64 KiB read)."""
+
+    limits = Limits(rate_limit=1, rate_burst=1, max_message_size=1000)
+
+    @inlineCallbacks
+    def test_bytes_beyond_the_budget_get_1008(self):
+        peer = yield self.open_raw()
+        # 1000 pongs: within the frame budget, not within the byte budget.
+        peer.transport.write(client_frame(0xA, b"p" * 125) * 1000)
+        code, reason = yield self.close_within(peer)
+        self.assertEqual((code, reason), (1008, b"data rate limit exceeded"))
+        self.assertEqual(self.factory.dropped["byte_rate_limited"], 1)
+        yield peer.lost
+        yield self.assert_bystanders_chat()
+
+
 class RateLimitTests(LimitsMixin, TestCase):
     limits = Limits(rate_limit=1, rate_burst=10)
 
