@@ -299,3 +299,23 @@ class ShutdownTests(ServerMixin, TestCase):
         yield stopped
         yield peer.lost
         self.assertIn("Closed 1 of 1 connection(s) cleanly", self.logs.lines)
+
+
+class LogLineTests(ServerMixin, TestCase):
+    timeout = 20
+
+    def setUp(self):
+        return self.start_server()
+
+    @inlineCallbacks
+    def test_invisible_characters_are_escaped_in_the_log_line(self):
+        a, b = yield self.connect_many(2)
+        # Marks that reorder or hide text in a log viewer, and a separator
+        # some viewers break the line at.
+        a.send_text("ok\u200e\u200f\u061c\u200b\ufeff\u2028New connection! (9)")
+        yield b.received.get()
+        self.assertIn(
+            "Connection 1 sending message ok\\u200e\\u200f\\u061c\\u200b\\ufeff"
+            "\\u2028New connection! (9) to 1 other connection(s)",
+            self.logs.lines,
+        )
