@@ -170,6 +170,11 @@ class ChatCollector(Collector):
                 "Payloads on the channel that were not envelopes, dropped.",
                 link.malformed,
             )
+            yield CounterMetricFamily(
+                "webchat_redis_oversized",
+                "Envelopes whose text was over --max-message-size, dropped.",
+                link.oversized,
+            )
 
 
 def _by_reason(

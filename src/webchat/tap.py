@@ -302,6 +302,7 @@ def makeService(options: Options) -> IService:
             options["redis"],
             options["redis-channel"],
             options["node-id"],
+            max_text_size=chosen.max_message_size,
             on_envelope=factory.deliver_remote,
         )
         factory.attach_link(link)
