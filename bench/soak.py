@@ -6,8 +6,9 @@ Run from the repository root::
     .venv/bin/python -m bench.soak --duration 60 --out bench-results/soak.json
 
 It starts ``twistd -n --pidfile= webchat --port tcp:PORT:interface=127.0.0.1
---rate-limit 0`` itself (or, with ``--url``, talks to a server already running;
-its memory is then only read with ``--pid``), and runs, all on 127.0.0.1:
+--rate-limit 0 --frame-rate-limit 0`` itself (or, with ``--url``, talks to a
+server already running; its memory is then only read with ``--pid``), and
+runs, all on 127.0.0.1:
 
 * ``--chatters`` clients that each send a message every ``--interval`` seconds
   and read everything, counting what arrives and in what order;
@@ -112,6 +113,8 @@ class ServerProcess:
             "--port",
             f"tcp:{port}:interface=127.0.0.1",
             "--rate-limit",
+            "0",
+            "--frame-rate-limit",
             "0",
             *extra,
         ]

@@ -96,6 +96,12 @@ class ServerMixin:
         yield self.factory.close_all(grace=1.0)
         for client in self.clients:
             yield client.closed
+        # Connections closed for cause may still be waiting out their close
+        # timeout (their peers were aborted above, but the server has not
+        # read that yet): end them now, so their timers go with them.
+        for protocol in list(self.factory.connections):
+            if protocol.transport is not None:
+                protocol.transport.abortConnection()
         # Let Autobahn's protocol teardown finish inside this reactor turn.
         yield deferLater(0)
         cancel_batched_timers()

@@ -78,6 +78,18 @@ class LimitsMixin(ServerMixin):
             yield deferLater(0.01)
         self.assertEqual(len(self.factory.connections), count)
 
+    def close_within(self, peer, seconds: float = 5.0) -> tuple[int, bytes]:
+        """The close frame ``peer`` gets within ``seconds`` (a bound, not a speed
+        test: it turns "never closed" into a failure instead of a hang)."""
+        closes: list[bytes] = []
+        for _ in range(int(seconds / 0.05)):
+            closes = [p for op, p in parse_server_frames(peer.body()) if op == 0x8]
+            if closes or peer.lost.called:
+                break
+            yield deferLater(0.05)
+        self.assertTrue(closes, f"no close frame within {seconds} s")
+        return close_code_of(closes[0]), closes[0][2:]
+
     @inlineCallbacks
     def close_frame_of(self, peer) -> tuple[int, bytes]:
         def has_close(_: bytes) -> bool:
@@ -275,6 +287,117 @@ class MessageSizeTests(LimitsMixin, TestCase):
         peer.transport.write(client_frame(0x0, b"a" * 600, fin=True))
         code, _ = yield self.close_frame_of(peer)
         self.assertEqual(code, 1009)
+        yield self.assert_bystanders_chat()
+
+
+class MessageFramesTests(LimitsMixin, TestCase):
+    limits = Limits(rate_limit=0, max_message_frames=100)
+
+    @inlineCallbacks
+    def test_a_message_of_endless_empty_frames_gets_1009(self):
+        peer = yield self.open_raw()
+        peer.transport.write(client_frame(0x1, b"a", fin=False))
+        empty = client_frame(0x0, b"", fin=False)
+        for _ in range(20):  # 20,000 frames, no FIN: without a cap, never ends
+            peer.transport.write(empty * 1000)
+        code, reason = yield self.close_within(peer)
+        self.assertEqual((code, reason), (1009, b"message in more than 100 frames"))
+        self.assertEqual(self.factory.dropped["too_many_frames"], 1)
+        self.assertIn(
+            "An error has occurred: connection 3 from 127.0.0.1: "
+            "1009 message in more than 100 frames",
+            self.logs.lines,
+        )
+        yield self.assert_bystanders_chat()
+
+    @inlineCallbacks
+    def test_a_message_of_exactly_the_allowed_frames_is_relayed(self):
+        peer = yield self.open_raw()
+        frames = [client_frame(0x1, b"a", fin=False)]
+        frames += [client_frame(0x0, b"", fin=False)] * 98
+        frames.append(client_frame(0x0, b"z", fin=True))
+        peer.transport.write(b"".join(frames))
+        self.assertEqual((yield self.bob.received.get()), "id 3: az")
+        self.assertEqual((yield self.alice.received.get()), "id 3: az")
+        yield self.assert_bystanders_chat()
+
+
+class FrameFloodTests(LimitsMixin, TestCase):
+    """Floods of frames that no message limit sees, under the default limits."""
+
+    limits = Limits()
+
+    @inlineCallbacks
+    def test_unsolicited_pongs_get_1008(self):
+        peer = yield self.open_raw()
+        pong = client_frame(0xA, b"p" * 125)
+        for _ in range(10):  # 10,000 pongs: each one cheap, together a DoS
+            peer.transport.write(pong * 1000)
+        code, reason = yield self.close_within(peer)
+        self.assertEqual((code, reason), (1008, b"frame rate limit exceeded"))
+        self.assertEqual(self.factory.dropped["frame_rate_limited"], 1)
+        self.assertIn(
+            "An error has occurred: connection 3 from 127.0.0.1: "
+            "1008 frame rate limit exceeded",
+            self.logs.lines,
+        )
+        # Nothing more is read from it, and it is gone within the close timeout.
+        yield peer.lost
+        yield self.assert_bystanders_chat()
+
+    @inlineCallbacks
+    def test_a_client_at_the_message_rate_limit_stays(self):
+        # A whole burst of the largest messages at once, then more at the
+        # sustained rate: every message limit is met exactly, none exceeded.
+        carol = yield self.connect()
+        text = "x" * (self.limits.max_message_size - 10)
+        for n in range(self.limits.rate_burst):
+            carol.send_text(f"{n:9d} {text}")
+        got = yield take(self.bob, self.limits.rate_burst)
+        self.assertEqual(len(got), self.limits.rate_burst)
+        for n in range(5):
+            yield deferLater(1 / self.limits.rate_limit * 1.5)
+            carol.send_text(f"after {n}")
+        got = yield take(self.bob, 5)
+        self.assertEqual(got, [f"id 3: after {n}" for n in range(5)])
+        self.assertIsNone(carol.closed_code)
+        self.assertEqual(sum(self.factory.dropped.values()), 0)
+        self.alice.received.pending.clear()
+        yield self.assert_bystanders_chat()
+
+
+class FrameRateTests(LimitsMixin, TestCase):
+    """The frame budget alone: every other limit off."""
+
+    limits = Limits(rate_limit=0, max_message_frames=0)
+
+    @inlineCallbacks
+    def test_one_byte_continuation_frames_get_1008(self):
+        peer = yield self.open_raw()
+        peer.transport.write(client_frame(0x1, b"a", fin=False))
+        tiny = client_frame(0x0, b"b", fin=False)
+        for _ in range(10):
+            peer.transport.write(tiny * 1000)
+        code, reason = yield self.close_within(peer)
+        self.assertEqual((code, reason), (1008, b"frame rate limit exceeded"))
+        yield peer.lost
+        yield self.assert_bystanders_chat()
+
+
+class ByteBudgetTests(LimitsMixin, TestCase):
+    """Small messages, rarely: a byte budget of 2 KB/s (burst: one 64 KiB read)."""
+
+    limits = Limits(rate_limit=1, rate_burst=1, max_message_size=1000)
+
+    @inlineCallbacks
+    def test_bytes_beyond_the_budget_get_1008(self):
+        peer = yield self.open_raw()
+        # 1000 pongs: within the frame budget, not within the byte budget.
+        peer.transport.write(client_frame(0xA, b"p" * 125) * 1000)
+        code, reason = yield self.close_within(peer)
+        self.assertEqual((code, reason), (1008, b"data rate limit exceeded"))
+        self.assertEqual(self.factory.dropped["byte_rate_limited"], 1)
+        yield peer.lost
         yield self.assert_bystanders_chat()
 
 

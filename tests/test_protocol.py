@@ -17,6 +17,7 @@ from tests.support import (
     take,
 )
 from webchat.limits import Limits
+from webchat.service import ChatService
 
 
 class RelayTests(ServerMixin, TestCase):
@@ -338,4 +339,49 @@ class QuietTests(ServerMixin, TestCase):
                 "New connection! (1) from 127.0.0.1",
                 "New connection! (2) from 127.0.0.1",
             ],
+        )
+
+
+class ShutdownTests(ServerMixin, TestCase):
+    """Shutdown through the service, as SIGTERM does it, with a slow client."""
+
+    timeout = 20
+
+    def setUp(self):
+        return self.start_server()  # the default --shutdown-grace (5 s)
+
+    @inlineCallbacks
+    def test_a_client_answering_after_1_5_s_closes_cleanly(self):
+        peer = yield self.open_raw()
+        stopped = ChatService(self.factory).stopService()
+
+        def has_close(_: bytes) -> bool:
+            return any(op == 0x8 for op, _ in parse_server_frames(peer.body()))
+
+        yield peer.wait_for(has_close)
+        yield deferLater(1.5)
+        self.assertFalse(peer.lost.called, "dropped before the grace ran out")
+        peer.transport.write(client_frame(0x8, b"\x03\xe9"))
+        yield stopped
+        yield peer.lost
+        self.assertIn("Closed 1 of 1 connection(s) cleanly", self.logs.lines)
+
+
+class LogLineTests(ServerMixin, TestCase):
+    timeout = 20
+
+    def setUp(self):
+        return self.start_server()
+
+    @inlineCallbacks
+    def test_invisible_characters_are_escaped_in_the_log_line(self):
+        a, b = yield self.connect_many(2)
+        # Marks that reorder or hide text in a log viewer, and a separator
+        # some viewers break the line at.
+        a.send_text("ok\u200e\u200f\u061c\u200b\ufeff\u2028New connection! (9)")
+        yield b.received.get()
+        self.assertIn(
+            "Connection 1 sending message ok\\u200e\\u200f\\u061c\\u200b\\ufeff"
+            "\\u2028New connection! (9) to 1 other connection(s)",
+            self.logs.lines,
         )

@@ -42,3 +42,12 @@ class TokenBucketTests(SynchronousTestCase):
             self.assertFalse(bucket.take())
         clock.advance(0.1)
         self.assertTrue(bucket.take())
+
+    def test_take_many_tokens_at_once(self):
+        # The byte budget: one read of N bytes takes N tokens.
+        clock = Clock()
+        bucket = TokenBucket(rate=100, burst=1000, clock=clock)
+        self.assertTrue(bucket.take(600))
+        self.assertFalse(bucket.take(600))
+        clock.advance(2)
+        self.assertTrue(bucket.take(600))

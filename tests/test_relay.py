@@ -493,6 +493,28 @@ class RelayTests(RedisTestCase):
         self.assertEqual((relay.state, relay.received, relay.malformed), ("up", 1, 1))
 
     @inlineCallbacks
+    def test_an_envelope_over_the_size_limit_is_dropped_and_counted(self):
+        server = self.start_redis()
+        relay, got = self.start_relay(server.url, max_text_size=1000)
+        yield self.wait_up(relay)
+        # A rogue publisher on the channel: a well-formed envelope, 8 MB of text.
+        rogue = encode_envelope("rogue", 7, b"x" * (8 << 20))
+        self.assertEqual(server.command("PUBLISH", "webchat", rogue), 1)
+        at_limit = encode_envelope("rogue", 7, b"y" * 1000)
+        self.assertEqual(server.command("PUBLISH", "webchat", at_limit), 1)
+        yield wait_until(lambda: len(got) == 1, what="the message at the limit")
+        self.assertEqual(got, [Envelope("rogue", 7, b"y" * 1000)])
+        self.assertEqual((relay.oversized, relay.received), (1, 1))
+        self.assertEqual(
+            self.logs.matching("oversized", relay),
+            [
+                "Dropped an oversized message from Redis channel webchat: "
+                "connection 7 on node rogue: 8388608 bytes, over "
+                "--max-message-size (1000)"
+            ],
+        )
+
+    @inlineCallbacks
     def test_outage_and_recovery(self):
         """
         Kill Redis: publishing fails fast and says so once; ids keep coming.

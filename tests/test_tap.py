@@ -39,6 +39,17 @@ class OptionsTests(SynchronousTestCase):
         )
         self.assertEqual(options["port"], ["tcp:9000", "unix:/tmp/chat.sock", "tcp:1"])
 
+    def test_envelopes_from_redis_get_the_message_size_limit(self):
+        from webchat.relay import RedisRelay
+        from webchat.tap import makeService
+
+        options = self.parse(
+            "--redis", "redis://127.0.0.1:1/0", "--max-message-size", "1000",
+            "--max-connections", "10",
+        )  # fmt: skip
+        relays = [s for s in makeService(options) if isinstance(s, RedisRelay)]
+        self.assertEqual([r.max_text_size for r in relays], [1000])
+
     def test_shipped_page_is_found(self):
         self.assertTrue((default_web_root() / "index.html").is_file())
 

@@ -1,4 +1,5 @@
-"""Time-dependent rules on a fake clock: pings, handshake deadline, shutdown grace.
+"""Time-dependent rules on a fake clock: pings, handshake deadline, shutdown
+grace, closing handshakes.
 
 No sockets and no sleeping: the server's reactor is a ``Clock`` and its
 connections are ``StringTransport``s, so each test says exactly when time
@@ -198,6 +199,98 @@ class ShutdownGraceTests(FakeClockMixin, SynchronousTestCase):
         self.clock.advance(0.1)
         self.assertTrue(silent.aborted)
         self.assertEqual(self.successResultOf(done), 0)
+
+    def test_a_client_may_take_most_of_the_grace_to_answer(self):
+        protocol, transport = self.open_connection()
+        done = self.factory.close_all()
+        self.clock.advance(4.5)  # far past Autobahn's own 1 s close timeout
+        self.assertFalse(transport.aborted)
+        protocol.dataReceived(client_frame(0x8, b"\x03\xe9"))
+        protocol.connectionLost(Failure(ConnectionDone()))
+        self.assertEqual(self.successResultOf(done), 1)
+        self.assertEqual(self.clock.getDelayedCalls(), [])
+
+
+class CloseTimeoutTests(FakeClockMixin, SynchronousTestCase):
+    def setUp(self):
+        self.make_factory()
+
+    def test_a_client_closed_for_cause_has_one_second_to_answer(self):
+        protocol, transport = self.open_connection()
+        protocol.dataReceived(client_frame(0x2, b"binary"))
+        (frame,) = parse_server_frames(transport.value())
+        self.assertEqual(frame[0], 0x8)
+        self.assertEqual(frame[1][:2], (1003).to_bytes(2, "big"))
+        self.clock.advance(0.9)
+        self.assertFalse(transport.aborted)
+        self.clock.advance(0.2)
+        self.assertTrue(transport.aborted)
+
+    def test_an_answer_in_time_cancels_the_timer(self):
+        protocol, _transport = self.open_connection()
+        protocol.dataReceived(client_frame(0x2, b"binary"))
+        protocol.dataReceived(client_frame(0x8, b"\x03\xeb"))
+        self.assertTrue(protocol.wasClean)
+        protocol.connectionLost(Failure(ConnectionDone()))
+        self.assertEqual(self.clock.getDelayedCalls(), [])
+
+
+class UnfinishedMessageTests(FakeClockMixin, SynchronousTestCase):
+    def setUp(self):
+        self.make_factory(ping_interval=30, ping_timeout=10)
+
+    def test_a_message_unfinished_after_the_ping_interval_gets_1008(self):
+        protocol, transport = self.open_connection()
+        protocol.dataReceived(client_frame(0x1, b"a", fin=False))
+        for _ in range(29):  # a frame a second: never silent, never pinged
+            self.clock.advance(1)
+            protocol.dataReceived(client_frame(0x0, b"b", fin=False))
+        self.clock.advance(0.9)
+        self.assertEqual(transport.value(), b"")
+        self.clock.advance(0.1)
+        self.assertEqual(
+            parse_server_frames(transport.value()),
+            [(0x8, b"\x03\xf0message unfinished after 30 s")],
+        )
+        self.assertEqual(self.factory.dropped["message_timeout"], 1)
+        self.assertIn(
+            "An error has occurred: connection 1 from 192.0.2.7: "
+            "1008 message unfinished after 30 s",
+            self.logs.lines,
+        )
+
+    def test_a_message_finished_in_time_is_relayed_and_forgotten(self):
+        protocol, transport = self.open_connection()
+        _other, received = self.open_connection()
+        protocol.dataReceived(client_frame(0x1, b"a", fin=False))
+        self.clock.advance(29)
+        protocol.dataReceived(client_frame(0x0, b"z", fin=True))
+        self.clock.advance(0)  # the end-of-turn flush
+        self.assertEqual(parse_server_frames(received.value()), [(0x1, b"id 1: az")])
+        self.clock.advance(5)
+        self.assertEqual(transport.value(), b"")
+        self.assertEqual(sum(self.factory.dropped.values()), 0)
+
+
+class FrameBudgetTests(FakeClockMixin, SynchronousTestCase):
+    """What a browser does at the message rate limit never trips the budgets."""
+
+    def setUp(self):
+        self.make_factory()  # every default
+
+    def test_a_browser_at_the_message_rate_limit_for_a_minute_stays(self):
+        limits = self.factory.limits
+        protocol, transport = self.open_connection()
+        largest = b"x" * limits.max_message_size
+        protocol.dataReceived(client_frame(0x1, largest) * limits.rate_burst)
+        for second in range(60):
+            for _ in range(int(limits.rate_limit)):
+                self.clock.advance(1 / limits.rate_limit)
+                protocol.dataReceived(client_frame(0x1, largest))
+            if second % 30 == 0:
+                protocol.dataReceived(client_frame(0xA, b""))  # pongs too
+        self.assertNotIn(0x8, [op for op, _ in parse_server_frames(transport.value())])
+        self.assertEqual(sum(self.factory.dropped.values()), 0)
 
 
 class KeepAliveDeadlineTests(FakeClockMixin, SynchronousTestCase):

@@ -16,6 +16,26 @@ MAX_MESSAGE_SIZE = 64 * 1024
 RATE_LIMIT = 20.0
 #: ... and how many it may send in one burst.
 RATE_BURST = 60
+#: Most frames one message may arrive in.  Browsers never split a message;
+#: a client library that writes 4 KiB frames needs 16 for a 64 KiB message.
+#: Without a cap, a message of empty continuation frames never ends and grows
+#: the server's memory by every frame (issue #9).
+MAX_MESSAGE_FRAMES = 128
+#: Frames per second a connection may send, of every kind: text, continuation,
+#: ping, pong, close.  A browser at the message rate limit sends at most
+#: RATE_LIMIT (20) a second plus one pong per ping: 50 times less.  Each frame
+#: costs the server a few microseconds however small it is, so this, not the
+#: message rate, is what bounds a flood of tiny frames.
+FRAME_RATE_LIMIT = 1000.0
+#: Seconds' worth of FRAME_RATE_LIMIT a connection may send in one burst.
+FRAME_BURST_SECONDS = 2.0
+#: Incoming bytes a connection may send, as a multiple of what --rate-limit
+#: messages of --max-message-size a second (a burst: --rate-burst of them)
+#: take: the rest covers frame headers and control frames.
+BYTE_BUDGET_FACTOR = 2
+#: The byte budget's burst is at least one full read from a socket (Twisted
+#: reads 64 KiB at a time), so a single read can never exceed it by itself.
+MIN_BYTE_BURST = 64 * 1024
 #: Unsent bytes the server queues for one client before calling it too slow.
 MAX_SEND_BUFFER = 1024 * 1024
 #: Seconds between pings to a quiet client.
@@ -29,6 +49,10 @@ HANDSHAKE_TIMEOUT = 10.0
 RESPONSE_TIMEOUT = 30.0
 #: Seconds shutdown waits for clients to answer close 1001.
 SHUTDOWN_GRACE = 5.0
+#: Seconds a client closed for cause (1002, 1008, 1009, ...) has to answer the
+#: close frame before its TCP connection is dropped, and what it holds with it.
+#: Not an option: short, because such a client is usually hostile or stuck.
+CLOSE_TIMEOUT = 1.0
 #: Connections per client address; 0 = no cap (behind a proxy all share one).
 MAX_CONNECTIONS_PER_IP = 0
 #: File descriptors kept back from --max-connections for listening sockets,
@@ -66,8 +90,10 @@ class Limits:
     """What one connection may do and hold; 0 turns a limit off."""
 
     max_message_size: int = MAX_MESSAGE_SIZE
+    max_message_frames: int = MAX_MESSAGE_FRAMES
     rate_limit: float = RATE_LIMIT
     rate_burst: int = RATE_BURST
+    frame_rate_limit: float = FRAME_RATE_LIMIT
     max_send_buffer: int = MAX_SEND_BUFFER
     ping_interval: float = PING_INTERVAL
     ping_timeout: float = PING_TIMEOUT
@@ -77,3 +103,25 @@ class Limits:
     #: 0 here means "no cap"; the command line fills in default_max_connections().
     max_connections: int = 0
     max_connections_per_ip: int = MAX_CONNECTIONS_PER_IP
+
+    @property
+    def frame_burst(self) -> int:
+        """Frames a connection may send at once (FRAME_BURST_SECONDS' worth)."""
+        return max(int(self.frame_rate_limit * FRAME_BURST_SECONDS), 1)
+
+    @property
+    def byte_rate(self) -> float:
+        """
+        Incoming bytes a second one connection may send; 0 = no byte budget.
+
+        Derived from the message limits, so raising those never makes the
+        byte budget trip first: off with ``--rate-limit 0`` or
+        ``--max-message-size 0``.
+        """
+        return BYTE_BUDGET_FACTOR * self.rate_limit * self.max_message_size
+
+    @property
+    def byte_burst(self) -> int:
+        """Incoming bytes one connection may send at once."""
+        burst = BYTE_BUDGET_FACTOR * max(self.rate_burst, 1) * self.max_message_size
+        return max(burst, MIN_BYTE_BURST)

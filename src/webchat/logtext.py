@@ -15,9 +15,20 @@ import re
 #: How many characters of user text a log line carries before it is cut.
 LOG_TEXT_LIMIT = 200
 
-# C0 controls, DEL, C1 controls, the Unicode line/paragraph separators, the
-# bidi overrides that can reorder what a reader sees, and the backslash.
-_UNSAFE = re.compile("[\\\\\x00-\x1f\x7f-\x9f\u2028\u2029\u202a-\u202e\u2066-\u2069]")
+# The backslash; C0 controls, DEL and C1 controls; and every character of
+# Unicode's categories Cf (format: invisible, such as the bidi marks and
+# overrides that reorder what a reader sees, U+200B zero width space, U+FEFF,
+# U+00AD soft hyphen, the tag characters) and Zl/Zp (U+2028, U+2029, which
+# some viewers take for a new line).  Python's re knows no \p{Cf}, so the
+# ranges are spelled out (Unicode 14, as Python 3.11's unicodedata has it);
+# tests/test_logtext.py checks them against the running Python's unicodedata.
+_UNSAFE = re.compile(
+    "[\\\\\x00-\x1f\x7f-\x9f\xad\u0600-\u0605\u061c\u06dd\u070f"
+    "\u0890\u0891\u08e2\u180e\u200b-\u200f\u2028-\u202e\u2060-\u2064"
+    "\u2066-\u206f\ufeff\ufff9-\ufffb\U000110bd\U000110cd"
+    "\U00013430-\U0001343f\U0001bca0-\U0001bca3\U0001d173-\U0001d17a"
+    "\U000e0001\U000e0020-\U000e007f]"
+)
 
 _NAMED = {"\\": "\\\\", "\n": "\\n", "\r": "\\r", "\t": "\\t"}
 
@@ -28,7 +39,9 @@ def _escape_one(match: re.Match[str]) -> str:
     if named is not None:
         return named
     code = ord(char)
-    return f"\\x{code:02x}" if code < 0x100 else f"\\u{code:04x}"
+    if code < 0x100:
+        return f"\\x{code:02x}"
+    return f"\\u{code:04x}" if code < 0x10000 else f"\\U{code:08x}"
 
 
 def escape_for_log(text: str, limit: int = LOG_TEXT_LIMIT) -> str:

@@ -41,6 +41,10 @@ REFUSAL_REASONS = (
 DROP_REASONS = (
     "too_slow",
     "rate_limited",
+    "frame_rate_limited",
+    "byte_rate_limited",
+    "too_many_frames",
+    "message_timeout",
     "ping_timeout",
     "handshake_timeout",
     "idle_preconnect",
@@ -176,6 +180,11 @@ class ChatCollector(Collector):
                 "webchat_redis_malformed",
                 "Payloads on the channel that were not envelopes, dropped.",
                 link.malformed,
+            )
+            yield CounterMetricFamily(
+                "webchat_redis_oversized",
+                "Envelopes whose text was over --max-message-size, dropped.",
+                link.oversized,
             )
 
 

@@ -12,6 +12,12 @@ Wire protocol (docs/protocol.md has the long form)
 * Client → server: a *binary* message.  Close 1003 (unsupported data).
 * A text message that is not valid UTF-8: close 1007.
 * A message or frame over ``--max-message-size``: close 1009.
+* A message in more than ``--max-message-frames`` frames: close 1009.
+* A message still unfinished ``--ping-interval`` seconds after its first
+  frame: close 1008, reason "message unfinished after N s".
+* More than ``--frame-rate-limit`` frames a second of any kind (beyond two
+  seconds' worth), or more incoming bytes than the message limits allow
+  (see ``Limits.byte_rate``): close 1008, and nothing more is read from it.
 * More than ``--rate-limit`` messages a second (beyond ``--rate-burst``):
   close 1008, reason "rate limit exceeded".
 * A client that lets more than ``--max-send-buffer`` bytes pile up unread:
@@ -49,7 +55,7 @@ from zope.interface import implementer
 from webchat.access import AccessPolicy, canonical_address
 from webchat.frames import text_frame
 from webchat.hub import Hub
-from webchat.limits import Limits
+from webchat.limits import CLOSE_TIMEOUT, Limits
 from webchat.logtext import LogText, escape_for_log
 from webchat.metrics import ChatStats
 from webchat.ratelimit import TokenBucket
@@ -121,12 +127,23 @@ class WebChatProtocol(WebSocketServerProtocol):
 
     _admitted = False
     _bucket: TokenBucket | None = None
+    #: Budgets for every frame and every byte received (see ``onFrameBegin``).
+    _frame_bucket: TokenBucket | None = None
+    _byte_bucket: TokenBucket | None = None
+    #: Set once the peer has flooded us: what it sends is no longer read.
+    _deaf = False
+    #: Frames of the message being received so far.
+    _message_frames = 0
+    #: Ends a fragmented message that takes too long (see ``onMessageBegin``).
+    _message_deadline: IDelayedCall | None = None
     _paused = False
     _backlog = 0
     _last_heard = 0.0
     _pinged_at = 0.0
     _keepalive: IDelayedCall | None = None
     _linger: IDelayedCall | None = None
+    #: Seconds the close we start next waits for the peer's answer (close_with).
+    _close_timeout = CLOSE_TIMEOUT
     #: Unsent bytes the kernel may hold for us (see ``connectionMade``).
     _kernel_share = 0
     #: The raw socket, for plain TCP/Unix transports (see ``deliver``).
@@ -166,9 +183,16 @@ class WebChatProtocol(WebSocketServerProtocol):
     def onOpen(self) -> None:
         self._shed_handshake_state()
         limits = self.factory.limits
+        reactor = self.factory.reactor
         if limits.rate_limit > 0:
-            self._bucket = TokenBucket(
-                limits.rate_limit, limits.rate_burst, self.factory.reactor
+            self._bucket = TokenBucket(limits.rate_limit, limits.rate_burst, reactor)
+        if limits.frame_rate_limit > 0:
+            self._frame_bucket = TokenBucket(
+                limits.frame_rate_limit, limits.frame_burst, reactor
+            )
+        if limits.byte_rate > 0:
+            self._byte_bucket = TokenBucket(
+                limits.byte_rate, limits.byte_burst, reactor
             )
         self._start_keepalive()
         self.factory.register(self)
@@ -191,10 +215,74 @@ class WebChatProtocol(WebSocketServerProtocol):
         self.__dict__ = dict(state)
 
     def dataReceived(self, data: bytes) -> None:
+        if self._deaf:
+            return
         # Any bytes at all prove the peer alive: a busy client is never pinged.
         self._last_heard = self.factory.reactor.seconds()
         self.factory.stats.bytes_received += len(data)
+        if self._byte_bucket is not None and not self._byte_bucket.take(len(data)):
+            self._flooded("byte_rate_limited", "data rate limit exceeded")
+            return
         super().dataReceived(data)
+
+    # -- frames: what each costs, and how many a message may have -----------------
+
+    def onFrameBegin(self) -> None:
+        # Autobahn calls this for every frame header it has parsed, whatever
+        # the opcode: the one place where a flood of tiny frames (empty
+        # continuations, unsolicited pongs) can be seen and priced.
+        if self._frame_bucket is not None and not self._frame_bucket.take():
+            self._flooded("frame_rate_limited", "frame rate limit exceeded")
+        super().onFrameBegin()
+
+    def onMessageBegin(self, isBinary: bool) -> None:
+        super().onMessageBegin(isBinary)
+        self._message_frames = 0
+        interval = self.factory.limits.ping_interval
+        if not self.current_frame.fin and interval > 0 and self.state == _OPEN:
+            # Browsers never split a message, so this timer is rare: only a
+            # fragmented message gets one, and it is gone when the message ends.
+            self._message_deadline = self.factory.reactor.callLater(
+                interval, self._message_unfinished
+            )
+
+    def onMessageFrameBegin(self, length: int) -> None:
+        self._message_frames += 1
+        limit = self.factory.limits.max_message_frames
+        if 0 < limit < self._message_frames and self.state == _OPEN:
+            self.close_with(
+                1009, f"message in more than {limit} frames", kind="too_many_frames"
+            )
+        super().onMessageFrameBegin(length)
+
+    def onMessageEnd(self) -> None:
+        if self._message_deadline is not None:
+            if self._message_deadline.active():
+                self._message_deadline.cancel()
+            self._message_deadline = None
+        super().onMessageEnd()
+
+    def _message_unfinished(self) -> None:
+        self._message_deadline = None
+        interval = self.factory.limits.ping_interval
+        self.close_with(
+            1008, f"message unfinished after {interval:g} s", kind="message_timeout"
+        )
+
+    def _flooded(self, kind: str, reason: str) -> None:
+        """
+        Close a connection that sends more than its budget, and stop reading it.
+
+        Parsing what a flooder still sends while it ignores our close frame
+        would cost the very CPU the budget protects: its unparsed input is
+        thrown away and its socket no longer read.  The close timeout then
+        drops it (1 s), or the shutdown grace if it was already going.
+        """
+        self.close_with(1008, reason, kind=kind)
+        self._deaf = True
+        self.data = b""  # Autobahn's unparsed input
+        if self.transport is not None:
+            self.transport.pauseProducing()
 
     def onMessage(self, payload: bytes, isBinary: bool) -> None:
         if self.state != _OPEN:
@@ -226,29 +314,48 @@ class WebChatProtocol(WebSocketServerProtocol):
         self.factory.unregister(self)
 
     def connectionLost(self, reason: Any = None) -> None:
-        for timer in (self._keepalive, self._linger):
+        timers = (
+            self._keepalive,
+            self._linger,
+            self._message_deadline,
+            self.closeHandshakeTimeoutCall,
+        )
+        for timer in timers:
             if timer is not None and timer.active():
                 timer.cancel()
-        self._keepalive = self._linger = None
+        self._keepalive = self._linger = self._message_deadline = None
+        self.closeHandshakeTimeoutCall = None
         super().connectionLost(reason)
         self.factory.forget(self)
 
     # -- closing ------------------------------------------------------------------
 
-    def close_with(self, code: int, reason: str, kind: str | None = None) -> None:
+    def close_with(
+        self,
+        code: int,
+        reason: str,
+        kind: str | None = None,
+        timeout: float = CLOSE_TIMEOUT,
+    ) -> None:
         """
         Start the closing handshake with any RFC 6455 code.
 
         Autobahn's ``sendClose`` only lets applications use 1000 and
         3000-4999; the codes this server owes its clients (1001, 1003, 1008,
         1011, ...) go through the frame-level call instead.  ``kind`` names
-        the policy that closed it, for the log and the counters.
+        the policy that closed it, for the log and the counters.  The peer
+        has ``timeout`` seconds to answer before TCP is dropped (0 = the
+        caller sees to that).
         """
         if self.state != _OPEN:
             return
         if kind is not None:
             self.drop_reason = (kind, f"{code} {reason}")
+        self._close_timeout = timeout
         self.sendCloseFrame(code=code, reasonUtf8=reason.encode("utf-8")[:123])
+        # Nothing it sends from now on is relayed (see onMessage), so Autobahn
+        # need not assemble it: its "failed" flag stops that.
+        self.failedByMe = True
 
     def sendCloseFrame(
         self,
@@ -257,6 +364,20 @@ class WebChatProtocol(WebSocketServerProtocol):
         isReply: bool = False,
     ) -> None:
         super().sendCloseFrame(code=code, reasonUtf8=reasonUtf8, isReply=isReply)
+        if (
+            self.closedByMe
+            and self.state == WebSocketProtocol.STATE_CLOSING
+            and self.closeHandshakeTimeoutCall is None
+            and self._close_timeout > 0
+        ):
+            # Autobahn's own timer (closeHandshakeTimeout, off in the factory)
+            # would run on the global reactor with one fixed timeout for every
+            # close, cutting a shutdown's grace short.  Ours takes the timeout
+            # this close was given, on the factory's clock; Autobahn still
+            # cancels it when the peer answers.
+            self.closeHandshakeTimeoutCall = self.factory.reactor.callLater(
+                self._close_timeout, self.onCloseHandshakeTimeout
+            )
         if not isReply and code in ERROR_CLOSE_CODES:
             # Closing for cause (ours or Autobahn's): the connection leaves the
             # chat now, not when the peer gets round to answering.
@@ -452,6 +573,9 @@ class WebChatFactory(WebSocketServerFactory):
             # Let "Origin: null" through to admit(): our policy decides it
             # (and logs and counts a refusal), not Autobahn's bare 400.
             allowNullOrigin=True,
+            # Each close we start sets its own timeout (sendCloseFrame): the
+            # shutdown grace for 1001, CLOSE_TIMEOUT for closes for cause.
+            closeHandshakeTimeout=0,
         )
         # Autobahn copies every option onto every new connection, and
         # pretty-prints the lot for a debug line even when debug is off: a
@@ -671,7 +795,8 @@ class WebChatFactory(WebSocketServerFactory):
         if not protocols:
             return succeed(0)
         for protocol in protocols:
-            protocol.close_with(code, reason)
+            # The timer below drops whoever has not answered within the grace.
+            protocol.close_with(code, reason, timeout=0)
         done: Deferred[int] = Deferred()
         finished = DeferredList([p.is_closed for p in protocols], consumeErrors=True)
 

@@ -1,4 +1,4 @@
-"""A token bucket: how many messages a connection may send, and how fast."""
+"""A token bucket: how many messages, frames or bytes a connection may send."""
 
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ from twisted.internet.interfaces import IReactorTime
 
 # A token that is one rounding error short is still a token: a client sending
 # at exactly the allowed rate must not be cut off by float arithmetic.
-_ONE = 1.0 - 1e-9
+_SLACK = 1e-9
 
 
 class TokenBucket:
@@ -28,15 +28,18 @@ class TokenBucket:
         self._tokens = self._burst
         self._stamp = clock.seconds()
 
-    def take(self) -> bool:
-        """Spend one token; return ``False`` if there was none to spend."""
+    def take(self, amount: float = 1.0) -> bool:
+        """
+        Spend ``amount`` tokens (one message, one frame, N bytes); return
+        ``False`` if there were not that many to spend.
+        """
         now = self._clock.seconds()
         tokens = self._tokens + (now - self._stamp) * self._rate
         self._stamp = now
         if tokens > self._burst:
             tokens = self._burst
-        if tokens < _ONE:
+        if tokens < amount - _SLACK:
             self._tokens = tokens
             return False
-        self._tokens = tokens - 1.0
+        self._tokens = tokens - amount
         return True

@@ -664,7 +664,8 @@ class RedisRelay(Service):
     ``received`` (envelopes from other nodes handed to ``on_envelope``),
     ``relay_failures`` (messages that did not reach Redis, or may not have:
     refused by ``publish()`` or failed after it), ``reconnects`` (times the
-    link came back after being lost), ``malformed`` (payloads dropped).
+    link came back after being lost), ``malformed`` (payloads dropped),
+    ``oversized`` (envelopes dropped for text over ``max_text_size``).
     """
 
     def __init__(
@@ -675,6 +676,7 @@ class RedisRelay(Service):
         node_id: str | None = None,
         *,
         on_envelope: Callable[[Envelope], None],
+        max_text_size: int = 0,
         ping_interval: float = PING_INTERVAL,
         ping_timeout: float = PING_TIMEOUT,
         connect_timeout: float = CONNECT_TIMEOUT,
@@ -697,6 +699,11 @@ class RedisRelay(Service):
         self.rng = rng or random.Random()
         self.node_id = check_node_id(node_id) if node_id else default_node_id()
         self.on_envelope = on_envelope
+        #: Largest text an envelope may carry (--max-message-size); 0 = any.
+        #: A node checks its own clients' messages, but anyone who can
+        #: PUBLISH on the channel could otherwise hand every client here
+        #: a message of any size.
+        self.max_text_size = max_text_size
         self.ping_interval = ping_interval
         self.ping_timeout = ping_timeout
         self.connect_timeout = connect_timeout
@@ -713,6 +720,7 @@ class RedisRelay(Service):
         self.relay_failures = 0
         self.reconnects = 0
         self.malformed = 0
+        self.oversized = 0
 
         self._channel_bytes = self.channel.encode("ascii")
         self._prefix = b"%b %b " % (ENVELOPE_VERSION, self.node_id.encode("ascii"))
@@ -836,6 +844,9 @@ class RedisRelay(Service):
         except MalformedEnvelopeError as e:
             self._dropped_malformed(payload, str(e))
             return
+        if 0 < self.max_text_size < len(envelope.text):
+            self._dropped_oversized(envelope)
+            return
         self.received += 1
         try:
             self.on_envelope(envelope)
@@ -846,12 +857,44 @@ class RedisRelay(Service):
                 node=envelope.node,
             )
 
-    def _dropped_malformed(self, payload: Any, error: str) -> None:
-        self.malformed += 1
+    def _may_log_drop(self) -> bool:
+        """
+        Whether a dropped payload gets its log line: one a minute at most, for
+        malformed and oversized ones together, so a rogue publisher cannot
+        flood the log; the lines say how many went unlogged.
+        """
         now = self.reactor.seconds()
         last = self._malformed_logged_at
         if last is not None and now - last < MALFORMED_LOG_INTERVAL:
             self._malformed_unlogged += 1
+            return False
+        self._malformed_logged_at = now
+        return True
+
+    def _unlogged_drops(self) -> str:
+        more = self._malformed_unlogged
+        self._malformed_unlogged = 0
+        return f" (and {more} more since the last such line)" if more else ""
+
+    def _dropped_oversized(self, envelope: Envelope) -> None:
+        self.oversized += 1
+        if not self._may_log_drop():
+            return
+        self._log.warn(
+            "Dropped an oversized message from Redis channel {channel}: "
+            "connection {id} on node {node}: {size} bytes, over "
+            "--max-message-size ({limit}){more}",
+            channel=self.channel,
+            id=envelope.chat_id,
+            node=envelope.node,
+            size=len(envelope.text),
+            limit=self.max_text_size,
+            more=self._unlogged_drops(),
+        )
+
+    def _dropped_malformed(self, payload: Any, error: str) -> None:
+        self.malformed += 1
+        if not self._may_log_drop():
             return
         if isinstance(payload, bytes):
             # Bytes that are not UTF-8 appear as \xNN, like control characters.
@@ -861,17 +904,14 @@ class RedisRelay(Service):
             )
         else:
             text = escape_for_log(repr(payload))
-        more = self._malformed_unlogged
         self._log.warn(
             "Dropped a malformed message from Redis channel {channel}: "
             "{error}: {payload}{more}",
             channel=self.channel,
             error=error,
             payload=text,
-            more=f" (and {more} more since the last such line)" if more else "",
+            more=self._unlogged_drops(),
         )
-        self._malformed_logged_at = now
-        self._malformed_unlogged = 0
 
     # -- what the links report ----------------------------------------------------
 

@@ -50,8 +50,10 @@ PLACEHOLDERS = {
     "max-connections": "N",
     "max-connections-per-ip": "N",
     "max-message-size": "BYTES",
+    "max-message-frames": "N",
     "rate-limit": "N",
     "rate-burst": "N",
+    "frame-rate-limit": "N",
     "max-send-buffer": "BYTES",
     "ping-interval": "S",
     "ping-timeout": "S",
@@ -200,6 +202,13 @@ class Options(usage.Options):
             _int,
         ],
         [
+            "max-message-frames",
+            None,
+            limits.MAX_MESSAGE_FRAMES,
+            "Most frames one message may arrive in; more closes with 1009. 0 = off.",
+            _int,
+        ],
+        [
             "rate-limit",
             None,
             limits.RATE_LIMIT,
@@ -214,6 +223,15 @@ class Options(usage.Options):
             "Messages one connection may send in a burst above --rate-limit "
             "(0 counts as 1).",
             _int,
+        ],
+        [
+            "frame-rate-limit",
+            None,
+            limits.FRAME_RATE_LIMIT,
+            "Frames of any kind (text, continuation, ping, pong) per second one "
+            f"connection may send, in bursts of {limits.FRAME_BURST_SECONDS:g} s' "
+            "worth; faster closes with 1008. 0 = off.",
+            _float,
         ],
         [
             "max-send-buffer",
@@ -425,8 +443,10 @@ class Options(usage.Options):
         """The limits these options ask for (max-connections left 0 if unset)."""
         return limits.Limits(
             max_message_size=self["max-message-size"],
+            max_message_frames=self["max-message-frames"],
             rate_limit=self["rate-limit"],
             rate_burst=self["rate-burst"],
+            frame_rate_limit=self["frame-rate-limit"],
             max_send_buffer=self["max-send-buffer"],
             ping_interval=self["ping-interval"],
             ping_timeout=self["ping-timeout"],
@@ -480,6 +500,7 @@ def makeService(options: Options) -> IService:
             options["redis"],
             options["redis-channel"],
             options["node-id"],
+            max_text_size=chosen.max_message_size,
             on_envelope=factory.deliver_remote,
             password=options["redis-password"],
         )

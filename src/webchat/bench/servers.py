@@ -90,7 +90,8 @@ def twistd_path() -> str:
 def webchat_command(port: int, logfile: Path, extra: list[str]) -> list[str]:
     """
     ``twistd webchat`` with only what the load would trip turned off: the
-    per-connection rate limit (senders far exceed 20 msg/s) and the log line
+    per-connection message and frame rate limits (senders far exceed 20
+    msg/s, and 1000 frames/s) and the log line
     per relayed message (a benchmark of the log file is not the point).  Every
     other default — ping, timeouts, send-buffer cap, metrics — stays on.
     """
@@ -103,6 +104,8 @@ def webchat_command(port: int, logfile: Path, extra: list[str]) -> list[str]:
         "--port",
         f"tcp:{port}:interface=127.0.0.1",
         "--rate-limit",
+        "0",
+        "--frame-rate-limit",
         "0",
         "--quiet",
         *extra,
