@@ -27,7 +27,10 @@ Refused opening handshakes get an HTTP status instead: 403 for a foreign
 
 from __future__ import annotations
 
+import fcntl
 import socket
+import struct
+import termios
 from collections import Counter
 from typing import TYPE_CHECKING, Any
 
@@ -125,6 +128,10 @@ class WebChatProtocol(WebSocketServerProtocol):
     _kernel_share = 0
     #: The raw socket, for plain TCP/Unix transports (see ``deliver``).
     _socket: socket.socket | None = None
+    #: The largest delivery that fits the allowance even with the kernel's
+    #: share full and nothing in Twisted's buffer: ``deliver`` looks closer
+    #: only at bigger ones (see ``connectionMade``).
+    _sure_fit = 1 << 62
 
     # -- connection lifetime ------------------------------------------------------
 
@@ -152,6 +159,9 @@ class WebChatProtocol(WebSocketServerProtocol):
                 self._kernel_share = self._socket.getsockopt(
                     socket.SOL_SOCKET, socket.SO_SNDBUF
                 )
+        limit = self.factory.limits.max_send_buffer
+        if limit > 0:
+            self._sure_fit = max(limit - self._kernel_share, 0)
 
     def onConnect(self, request: Any) -> None:
         self.factory.admit(self, request)
@@ -280,7 +290,7 @@ class WebChatProtocol(WebSocketServerProtocol):
 
     # -- sending, and noticing who cannot keep up ---------------------------------
 
-    def deliver(self, data: bytes) -> bool:
+    def deliver(self, data: bytes | memoryview) -> bool:
         """
         Send whole frames built by the hub; refuse them if this connection is
         closing.
@@ -302,9 +312,12 @@ class WebChatProtocol(WebSocketServerProtocol):
         if self.state != _OPEN:
             return False
         transport = self.transport
+        size = len(data)
         if self._paused:
-            self._backlog += len(data)
-            if self._backlog > self._backlog_limit():
+            self._backlog += size
+            # The count assumes the kernel's share full; before calling the
+            # connection too slow, ask what really is unsent.
+            if self._backlog > self._backlog_limit() and size > self._room():
                 self._too_slow()
                 return False
         elif (
@@ -312,20 +325,59 @@ class WebChatProtocol(WebSocketServerProtocol):
             and not transport._tempDataLen
             and not transport.dataBuffer
         ):
+            # The allowance is consulted before anything is taken: once the
+            # kernel has had its part, the rest would be copied into Twisted's
+            # buffer whole, and one turn of big messages can owe each member
+            # many times its allowance (150 senders of 60 KB: 9 MB each).
+            if size > self._sure_fit and size > self._room():
+                self._too_slow()
+                return False
             try:
                 sent = self._socket.send(data)
             except OSError:
                 sent = 0  # EAGAIN, or a reset Twisted will notice and report
-            if sent == len(data):
+            if sent == size:
                 return True
             data = data[sent:]
-        transport.write(data)
+        elif size > self._sure_fit - self._buffered() and size > self._room():
+            self._too_slow()
+            return False
+        transport.write(data if type(data) is bytes else bytes(data))
         return True
+
+    def _buffered(self) -> int:
+        """Bytes Twisted holds unsent for this connection (0 where it cannot say)."""
+        transport = self.transport
+        return (
+            len(getattr(transport, "dataBuffer", b""))
+            - getattr(transport, "offset", 0)
+            + getattr(transport, "_tempDataLen", 0)
+        )
+
+    def _room(self) -> int:
+        """
+        How much more this connection may be handed now: the allowance less
+        what is still unsent for it, in Twisted's buffer and the kernel's.
+
+        Asking the kernel costs a system call, so ``deliver`` asks only
+        when a delivery is too big to fit whatever the kernel holds.
+        """
+        limit = self.factory.limits.max_send_buffer
+        if limit <= 0:
+            return 1 << 62
+        held = self._buffered()
+        if self._socket is not None:
+            try:
+                raw = fcntl.ioctl(self._socket.fileno(), termios.TIOCOUTQ, b"\0" * 4)
+                held += struct.unpack("i", raw)[0]
+            except OSError:
+                held += self._kernel_share  # cannot tell: assume it is full
+        return limit - held
 
     def _backlog_limit(self) -> int:
         # We are paused once the kernel's buffer is full and Twisted holds
-        # ``bufferSize`` more; what we queue after that is the rest of the
-        # allowance.
+        # ``bufferSize`` more (``pauseProducing`` counts what it holds beyond
+        # that); what we queue after that is the rest of the allowance.
         limit = self.factory.limits.max_send_buffer
         if limit <= 0:
             return 1 << 62
@@ -339,10 +391,12 @@ class WebChatProtocol(WebSocketServerProtocol):
 
     def pauseProducing(self) -> None:
         # Twisted calls this on every write while its buffer is over the mark;
-        # only the first call starts the count.
+        # only the first call starts the count, from what the write that
+        # crossed the mark left in the buffer beyond it.
         if not self._paused:
             self._paused = True
-            self._backlog = 0
+            mark = getattr(self.transport, "bufferSize", 0)
+            self._backlog = max(self._buffered() - mark, 0)
 
     def resumeProducing(self) -> None:
         self._paused = False
