@@ -273,3 +273,42 @@ class JudgeTests(SynchronousTestCase):
     def test_a_dropped_slow_reader_is_not_a_failure(self):
         raw = self.raw(closed={"recv": 0, "send": 0, "slow": 1})
         self.assertEqual(judge_step(raw, 100), (True, []))
+
+
+class BurstRunTests(SynchronousTestCase):
+    """``python -m bench.burst`` end to end, small (~3 s)."""
+
+    def test_a_small_burst_over_the_allowance_closes_everyone_1008(self):
+        with tempfile.TemporaryDirectory() as tmp:
+            out = Path(tmp) / "burst.json"
+            result = subprocess.run(
+                [
+                    sys.executable,
+                    "-m",
+                    "bench.burst",
+                    "--connections",
+                    "4",
+                    "--drain",
+                    "10",
+                    "--settle",
+                    "0.5",
+                    # Each is owed 3 x 60 KB in the one turn: over 100 kB.
+                    "--server-arg=--max-send-buffer=100000",
+                    "--out",
+                    str(out),
+                ],
+                cwd=ROOT,
+                capture_output=True,
+                text=True,
+                timeout=60,
+                check=False,
+            )
+            self.assertEqual(result.returncode, 0, result.stderr + result.stdout)
+            figures = json.loads(out.read_text())
+        self.assertEqual(figures["clients"]["closed_by_server"], 4)
+        self.assertEqual(figures["clients"]["closed_1008"], 4)
+        self.assertGreater(figures["mib"]["rss_start"], 10)
+        self.assertLessEqual(
+            figures["mib"]["hwm_before_burst"], figures["mib"]["hwm_after_burst"]
+        )
+        self.assertIn("peak_rise", result.stdout)
