@@ -6,7 +6,7 @@ from twisted.internet.task import Clock
 from twisted.trial.unittest import SynchronousTestCase
 
 from webchat.frames import text_frame
-from webchat.hub import Hub
+from webchat.hub import RELEASE_ABOVE, Hub
 from webchat.metrics import ChatStats
 
 
@@ -92,6 +92,21 @@ class HubTests(SynchronousTestCase):
         # Each frame to the three members that did not send it.
         self.assertEqual(self.stats.deliveries, 3 * len(big))
         self.assertEqual(self.stats.bytes_sent, 3 * len(b"".join(big)))
+
+    def test_memory_is_handed_back_after_a_big_turn_only(self):
+        released = []
+        hub = Hub(self.clock, self.stats, release_memory=lambda: released.append(1))
+        a, b = Recorder(hub.allocate_id()), Recorder(hub.allocate_id())
+        hub.join(a)
+        hub.join(b)
+        hub.broadcast(a, b"small")
+        self.clock.advance(0)
+        self.assertEqual(released, [])
+        for _ in range(5):
+            hub.broadcast(a, b"x" * (RELEASE_ABOVE // 4))
+        self.clock.advance(0)
+        self.assertEqual(released, [1])
+        self.assertEqual(len(b.writes[-1]), 5 * (RELEASE_ABOVE // 4))
 
     def test_ids_count_up_and_are_never_reused(self):
         self.hub.leave(self.members[3])

@@ -22,6 +22,8 @@ from collections.abc import Callable, Iterator
 from time import perf_counter
 from typing import TYPE_CHECKING, Any, Protocol
 
+from webchat.memory import release_free_heap
+
 if TYPE_CHECKING:
     from webchat.metrics import ChatStats
 
@@ -30,6 +32,10 @@ if TYPE_CHECKING:
 #: copy without the sender's own: below it a copy costs less than the extra
 #: writes, above it the copies are what costs (in memory and in time).
 SLICE_ABOVE = 64 * 1024
+#: After a turn bigger than this (bytes) the C heap's free memory is handed
+#: back to the system (``webchat.memory``): a chat turn is rarely more than a
+#: few KB, and after a burst of MBs glibc would keep tens of MB resident.
+RELEASE_ABOVE = 4 * 1024 * 1024
 
 
 class Member(Protocol):
@@ -53,9 +59,15 @@ class Hub:
     ``id 7`` in a chat log always means the same person.
     """
 
-    def __init__(self, reactor: Any, stats: ChatStats) -> None:
+    def __init__(
+        self,
+        reactor: Any,
+        stats: ChatStats,
+        release_memory: Callable[[], object] = release_free_heap,
+    ) -> None:
         self._reactor = reactor
         self._stats = stats
+        self._release_memory = release_memory
         self._next_id = 1
         #: Where ids come from when several nodes share the chat (the Redis
         #: relay's allocator); ``None`` for this process's own counter.
@@ -141,6 +153,9 @@ class Hub:
             stats.fanout_seconds.observe(done - arrived)
         stats.deliveries += copies
         stats.bytes_sent += sent
+        if len(everything) > RELEASE_ABOVE:
+            del pending, everything  # the turn's frames go first
+            self._release_memory()
         return copies
 
     @staticmethod
