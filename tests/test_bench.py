@@ -276,9 +276,9 @@ class JudgeTests(SynchronousTestCase):
 
 
 class BurstRunTests(SynchronousTestCase):
-    """``python -m bench.burst`` end to end, small (~3 s)."""
+    """``python -m bench.burst`` end to end, small (~5 s)."""
 
-    def test_a_small_burst_over_the_allowance_closes_everyone_1008(self):
+    def test_a_burst_over_the_allowance_closes_everyone_1008(self):
         with tempfile.TemporaryDirectory() as tmp:
             out = Path(tmp) / "burst.json"
             result = subprocess.run(
@@ -292,8 +292,9 @@ class BurstRunTests(SynchronousTestCase):
                     "10",
                     "--settle",
                     "0.5",
-                    # Each is owed 3 x 60 KB in the one turn: over 100 kB.
-                    "--server-arg=--max-send-buffer=100000",
+                    # Less than one message: every member is closed, however
+                    # the server's turns happen to fall.
+                    "--server-arg=--max-send-buffer=50000",
                     "--out",
                     str(out),
                 ],
@@ -303,12 +304,13 @@ class BurstRunTests(SynchronousTestCase):
                 timeout=60,
                 check=False,
             )
-            self.assertEqual(result.returncode, 0, result.stderr + result.stdout)
+            # 1 is a missed memory target: a figure, not a broken script.
+            self.assertIn(result.returncode, (0, 1), result.stderr + result.stdout)
             figures = json.loads(out.read_text())
         self.assertEqual(figures["clients"]["closed_by_server"], 4)
         self.assertEqual(figures["clients"]["closed_1008"], 4)
-        self.assertGreater(figures["mib"]["rss_start"], 10)
-        self.assertLessEqual(
-            figures["mib"]["hwm_before_burst"], figures["mib"]["hwm_after_burst"]
-        )
+        mib = figures["mib"]
+        self.assertGreater(mib["rss_start"], 10)
+        self.assertLessEqual(mib["hwm_before_burst"], mib["hwm_after_burst"])
+        self.assertEqual(len(figures["rounds_mib"]), 1)
         self.assertIn("peak_rise", result.stdout)
