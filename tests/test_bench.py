@@ -276,3 +276,44 @@ class JudgeTests(SynchronousTestCase):
     def test_a_dropped_slow_reader_is_not_a_failure(self):
         raw = self.raw(closed={"recv": 0, "send": 0, "slow": 1})
         self.assertEqual(judge_step(raw, 100), (True, []))
+
+
+class BurstRunTests(SynchronousTestCase):
+    """``python -m bench.burst`` end to end, small (~5 s)."""
+
+    def test_a_burst_over_the_allowance_closes_everyone_1008(self):
+        with tempfile.TemporaryDirectory() as tmp:
+            out = Path(tmp) / "burst.json"
+            result = subprocess.run(
+                [
+                    sys.executable,
+                    "-m",
+                    "bench.burst",
+                    "--connections",
+                    "4",
+                    "--drain",
+                    "10",
+                    "--settle",
+                    "0.5",
+                    # Less than one message: every member is closed, however
+                    # the server's turns happen to fall.
+                    "--server-arg=--max-send-buffer=50000",
+                    "--out",
+                    str(out),
+                ],
+                cwd=ROOT,
+                capture_output=True,
+                text=True,
+                timeout=60,
+                check=False,
+            )
+            # 1 is a missed memory target: a figure, not a broken script.
+            self.assertIn(result.returncode, (0, 1), result.stderr + result.stdout)
+            figures = json.loads(out.read_text())
+        self.assertEqual(figures["clients"]["closed_by_server"], 4)
+        self.assertEqual(figures["clients"]["closed_1008"], 4)
+        mib = figures["mib"]
+        self.assertGreater(mib["rss_start"], 10)
+        self.assertLessEqual(mib["hwm_before_burst"], mib["hwm_after_burst"])
+        self.assertEqual(len(figures["rounds_mib"]), 1)
+        self.assertIn("peak_rise", result.stdout)

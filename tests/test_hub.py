@@ -6,7 +6,7 @@ from twisted.internet.task import Clock
 from twisted.trial.unittest import SynchronousTestCase
 
 from webchat.frames import text_frame
-from webchat.hub import Hub
+from webchat.hub import RELEASE_ABOVE, Hub
 from webchat.metrics import ChatStats
 
 
@@ -73,6 +73,40 @@ class HubTests(SynchronousTestCase):
         self.hub.leave(a)
         self.clock.advance(0)
         self.assertEqual((a.writes, b.writes), ([], [b"A1"]))
+
+    def test_a_big_turn_reaches_a_sender_as_views_around_its_own_frames(self):
+        a, b, c, _d = self.members
+        big = [b"A" * 40_000, b"B" * 40_000, b"C" * 40_000, b"A" * 10, b"B" * 10]
+        for sender, frame in zip((a, b, c, a, b), big, strict=True):
+            self.hub.broadcast(sender, frame)
+        self.clock.advance(0)
+        # Not copied: each run of other people's frames is a view of the one
+        # buffer that everybody else gets.
+        self.assertEqual([bytes(w) for w in a.writes], [big[1] + big[2], big[4]])
+        self.assertEqual([bytes(w) for w in b.writes], [big[0], big[2] + big[3]])
+        self.assertEqual(
+            [bytes(w) for w in c.writes], [big[0] + big[1], big[3] + big[4]]
+        )
+        self.assertTrue(all(isinstance(w, memoryview) for w in a.writes + b.writes))
+        self.assertEqual(self.members[3].writes, [b"".join(big)])
+        # Each frame to the three members that did not send it.
+        self.assertEqual(self.stats.deliveries, 3 * len(big))
+        self.assertEqual(self.stats.bytes_sent, 3 * len(b"".join(big)))
+
+    def test_memory_is_handed_back_after_a_big_turn_only(self):
+        released = []
+        hub = Hub(self.clock, self.stats, release_memory=lambda: released.append(1))
+        a, b = Recorder(hub.allocate_id()), Recorder(hub.allocate_id())
+        hub.join(a)
+        hub.join(b)
+        hub.broadcast(a, b"small")
+        self.clock.advance(0)
+        self.assertEqual(released, [])
+        for _ in range(5):
+            hub.broadcast(a, b"x" * (RELEASE_ABOVE // 4))
+        self.clock.advance(0)
+        self.assertEqual(released, [1])
+        self.assertEqual(len(b.writes[-1]), 5 * (RELEASE_ABOVE // 4))
 
     def test_ids_count_up_and_are_never_reused(self):
         self.hub.leave(self.members[3])

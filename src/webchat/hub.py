@@ -22,8 +22,20 @@ from collections.abc import Callable, Iterator
 from time import perf_counter
 from typing import TYPE_CHECKING, Any, Protocol
 
+from webchat.memory import release_free_heap
+
 if TYPE_CHECKING:
     from webchat.metrics import ChatStats
+
+#: Turns bigger than this (bytes) reach their senders as views of the one
+#: joined buffer, a write per run of other people's frames, instead of as a
+#: copy without the sender's own: below it a copy costs less than the extra
+#: writes, above it the copies are what costs (in memory and in time).
+SLICE_ABOVE = 64 * 1024
+#: After a turn bigger than this (bytes) the C heap's free memory is handed
+#: back to the system (``webchat.memory``): a chat turn is rarely more than a
+#: few KB, and after a burst of MBs glibc would keep tens of MB resident.
+RELEASE_ABOVE = 4 * 1024 * 1024
 
 
 class Member(Protocol):
@@ -31,10 +43,10 @@ class Member(Protocol):
 
     chat_id: int
 
-    def deliver(self, data: bytes) -> bool:
+    def deliver(self, data: bytes | memoryview) -> bool:
         """
         Send ``data`` (one or more whole frames); return ``False`` if it could
-        not be taken because the member is already on its way out.
+        not be taken because the member is on its way out (or is now).
         """
 
 
@@ -47,9 +59,15 @@ class Hub:
     ``id 7`` in a chat log always means the same person.
     """
 
-    def __init__(self, reactor: Any, stats: ChatStats) -> None:
+    def __init__(
+        self,
+        reactor: Any,
+        stats: ChatStats,
+        release_memory: Callable[[], object] = release_free_heap,
+    ) -> None:
         self._reactor = reactor
         self._stats = stats
+        self._release_memory = release_memory
         self._next_id = 1
         #: Where ids come from when several nodes share the chat (the Redis
         #: relay's allocator); ``None`` for this process's own counter.
@@ -95,7 +113,10 @@ class Hub:
         return members - 1 if sender_id in self._members else members
 
     def flush(self) -> int:
-        """Send each member what this turn owes it, in one write; return deliveries."""
+        """
+        Send each member what this turn owes it, in one write (a sender in a
+        big turn: one per run of other people's frames); return deliveries.
+        """
         self._flush_call = None
         pending, self._pending = self._pending, []
         if not pending:
@@ -106,23 +127,25 @@ class Hub:
         else:
             everything = b"".join([frame for _, frame, _ in pending])
             senders = {sender_id for sender_id, _, _ in pending}
-        # Only a sender needs bytes of its own: everything but its frames.
-        own: dict[int, bytes] = {}
-        own_count: dict[int, int] = {}
-        for sender_id in senders:
-            if sender_id in self._members:
-                others = [frame for who, frame, _ in pending if who != sender_id]
-                own[sender_id] = b"".join(others)
-                own_count[sender_id] = len(pending) - len(others)
 
         total = len(pending)
         copies = 0
         sent = 0
         for chat_id, member in list(self._members.items()):
-            data = own.get(chat_id, everything)
-            if data and member.deliver(data):
-                sent += len(data)
-                copies += total - own_count.get(chat_id, 0)
+            if chat_id in senders:
+                # A sender is owed everything but its own frames.  That is
+                # worked out here, when its turn comes, and let go before the
+                # next member's: a copy per sender held for the whole loop
+                # grows with senders x bytes (150 senders of 60 KB: 1.3 GB).
+                if total > 1:
+                    got, size = self._deliver_without(
+                        member, chat_id, pending, everything
+                    )
+                    copies += got
+                    sent += size
+            elif member.deliver(everything):
+                sent += len(everything)
+                copies += total
 
         stats = self._stats
         done = perf_counter()
@@ -130,4 +153,50 @@ class Hub:
             stats.fanout_seconds.observe(done - arrived)
         stats.deliveries += copies
         stats.bytes_sent += sent
+        if len(everything) > RELEASE_ABOVE:
+            del pending, everything  # the turn's frames go first
+            self._release_memory()
         return copies
+
+    @staticmethod
+    def _deliver_without(
+        member: Member,
+        sender_id: int,
+        pending: list[tuple[int, bytes, float]],
+        everything: bytes,
+    ) -> tuple[int, int]:
+        """
+        Give ``member`` this turn's frames except those from ``sender_id``;
+        return (frames, bytes) it took.
+
+        A small turn is copied without the sender's frames, one write as
+        for everybody else.  A big one is not copied at all: the member is
+        handed the runs of ``everything`` between its own frames, as views,
+        a write each.  Either way the turn's memory stays what was received
+        plus one sender's share at a time.
+        """
+        if len(everything) <= SLICE_ABOVE:
+            others = [frame for who, frame, _ in pending if who != sender_id]
+            data = b"".join(others)
+            if data and member.deliver(data):
+                return len(others), len(data)
+            return 0, 0
+        view = memoryview(everything)
+        copies = size = 0
+        start = end = count = 0
+        for who, frame, _ in pending:
+            if who != sender_id:
+                end += len(frame)
+                count += 1
+                continue
+            if end > start:
+                if not member.deliver(view[start:end]):
+                    return copies, size
+                copies += count
+                size += end - start
+            start = end = end + len(frame)
+            count = 0
+        if end > start and member.deliver(view[start:end]):
+            copies += count
+            size += end - start
+        return copies, size

@@ -100,6 +100,9 @@ class Limits:
     handshake_timeout: float = HANDSHAKE_TIMEOUT
     response_timeout: float = RESPONSE_TIMEOUT
     shutdown_grace: float = SHUTDOWN_GRACE
+    #: Not on the command line (see CLOSE_TIMEOUT); tests on a loaded machine
+    #: may need longer.
+    close_timeout: float = CLOSE_TIMEOUT
     #: 0 here means "no cap"; the command line fills in default_max_connections().
     max_connections: int = 0
     max_connections_per_ip: int = MAX_CONNECTIONS_PER_IP

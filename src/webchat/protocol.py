@@ -33,7 +33,10 @@ Refused opening handshakes get an HTTP status instead: 403 for a foreign
 
 from __future__ import annotations
 
+import fcntl
 import socket
+import struct
+import termios
 from collections import Counter
 from typing import TYPE_CHECKING, Any
 
@@ -55,7 +58,7 @@ from zope.interface import implementer
 from webchat.access import AccessPolicy, canonical_address
 from webchat.frames import text_frame
 from webchat.hub import Hub
-from webchat.limits import CLOSE_TIMEOUT, Limits
+from webchat.limits import Limits
 from webchat.logtext import LogText, escape_for_log
 from webchat.metrics import ChatStats
 from webchat.ratelimit import TokenBucket
@@ -143,11 +146,16 @@ class WebChatProtocol(WebSocketServerProtocol):
     _keepalive: IDelayedCall | None = None
     _linger: IDelayedCall | None = None
     #: Seconds the close we start next waits for the peer's answer (close_with).
-    _close_timeout = CLOSE_TIMEOUT
+    #: Seconds the peer has to answer the close we send; None = the limits'.
+    _close_timeout: float | None = None
     #: Unsent bytes the kernel may hold for us (see ``connectionMade``).
     _kernel_share = 0
     #: The raw socket, for plain TCP/Unix transports (see ``deliver``).
     _socket: socket.socket | None = None
+    #: The largest delivery that fits the allowance even with the kernel's
+    #: share full and nothing in Twisted's buffer: ``deliver`` looks closer
+    #: only at bigger ones (see ``connectionMade``).
+    _sure_fit = 1 << 62
 
     # -- connection lifetime ------------------------------------------------------
 
@@ -175,6 +183,9 @@ class WebChatProtocol(WebSocketServerProtocol):
                 self._kernel_share = self._socket.getsockopt(
                     socket.SOL_SOCKET, socket.SO_SNDBUF
                 )
+        limit = self.factory.limits.max_send_buffer
+        if limit > 0:
+            self._sure_fit = max(limit - self._kernel_share, 0)
 
     def onConnect(self, request: Any) -> None:
         self.factory.admit(self, request)
@@ -335,7 +346,7 @@ class WebChatProtocol(WebSocketServerProtocol):
         code: int,
         reason: str,
         kind: str | None = None,
-        timeout: float = CLOSE_TIMEOUT,
+        timeout: float | None = None,
     ) -> None:
         """
         Start the closing handshake with any RFC 6455 code.
@@ -344,8 +355,8 @@ class WebChatProtocol(WebSocketServerProtocol):
         3000-4999; the codes this server owes its clients (1001, 1003, 1008,
         1011, ...) go through the frame-level call instead.  ``kind`` names
         the policy that closed it, for the log and the counters.  The peer
-        has ``timeout`` seconds to answer before TCP is dropped (0 = the
-        caller sees to that).
+        has ``timeout`` seconds to answer before TCP is dropped (default: the
+        limits' close timeout; 0 = the caller sees to that).
         """
         if self.state != _OPEN:
             return
@@ -364,11 +375,14 @@ class WebChatProtocol(WebSocketServerProtocol):
         isReply: bool = False,
     ) -> None:
         super().sendCloseFrame(code=code, reasonUtf8=reasonUtf8, isReply=isReply)
+        timeout = self._close_timeout
+        if timeout is None:
+            timeout = self.factory.limits.close_timeout
         if (
             self.closedByMe
             and self.state == WebSocketProtocol.STATE_CLOSING
             and self.closeHandshakeTimeoutCall is None
-            and self._close_timeout > 0
+            and timeout > 0
         ):
             # Autobahn's own timer (closeHandshakeTimeout, off in the factory)
             # would run on the global reactor with one fixed timeout for every
@@ -376,7 +390,7 @@ class WebChatProtocol(WebSocketServerProtocol):
             # this close was given, on the factory's clock; Autobahn still
             # cancels it when the peer answers.
             self.closeHandshakeTimeoutCall = self.factory.reactor.callLater(
-                self._close_timeout, self.onCloseHandshakeTimeout
+                timeout, self.onCloseHandshakeTimeout
             )
         if not isReply and code in ERROR_CLOSE_CODES:
             # Closing for cause (ours or Autobahn's): the connection leaves the
@@ -407,7 +421,7 @@ class WebChatProtocol(WebSocketServerProtocol):
 
     # -- sending, and noticing who cannot keep up ---------------------------------
 
-    def deliver(self, data: bytes) -> bool:
+    def deliver(self, data: bytes | memoryview) -> bool:
         """
         Send whole frames built by the hub; refuse them if this connection is
         closing.
@@ -429,9 +443,12 @@ class WebChatProtocol(WebSocketServerProtocol):
         if self.state != _OPEN:
             return False
         transport = self.transport
+        size = len(data)
         if self._paused:
-            self._backlog += len(data)
-            if self._backlog > self._backlog_limit():
+            self._backlog += size
+            # The count assumes the kernel's share full; before calling the
+            # connection too slow, ask what really is unsent.
+            if self._backlog > self._backlog_limit() and size > self._room():
                 self._too_slow()
                 return False
         elif (
@@ -439,20 +456,59 @@ class WebChatProtocol(WebSocketServerProtocol):
             and not transport._tempDataLen
             and not transport.dataBuffer
         ):
+            # The allowance is consulted before anything is taken: once the
+            # kernel has had its part, the rest would be copied into Twisted's
+            # buffer whole, and one turn of big messages can owe each member
+            # many times its allowance (150 senders of 60 KB: 9 MB each).
+            if size > self._sure_fit and size > self._room():
+                self._too_slow()
+                return False
             try:
                 sent = self._socket.send(data)
             except OSError:
                 sent = 0  # EAGAIN, or a reset Twisted will notice and report
-            if sent == len(data):
+            if sent == size:
                 return True
             data = data[sent:]
-        transport.write(data)
+        elif size > self._sure_fit - self._buffered() and size > self._room():
+            self._too_slow()
+            return False
+        transport.write(data if type(data) is bytes else bytes(data))
         return True
+
+    def _buffered(self) -> int:
+        """Bytes Twisted holds unsent for this connection (0 where it cannot say)."""
+        transport = self.transport
+        return (
+            len(getattr(transport, "dataBuffer", b""))
+            - getattr(transport, "offset", 0)
+            + getattr(transport, "_tempDataLen", 0)
+        )
+
+    def _room(self) -> int:
+        """
+        How much more this connection may be handed now: the allowance less
+        what is still unsent for it, in Twisted's buffer and the kernel's.
+
+        Asking the kernel costs a system call, so ``deliver`` asks only
+        when a delivery is too big to fit whatever the kernel holds.
+        """
+        limit = self.factory.limits.max_send_buffer
+        if limit <= 0:
+            return 1 << 62
+        held = self._buffered()
+        if self._socket is not None:
+            try:
+                raw = fcntl.ioctl(self._socket.fileno(), termios.TIOCOUTQ, b"\0" * 4)
+                held += struct.unpack("i", raw)[0]
+            except OSError:
+                held += self._kernel_share  # cannot tell: assume it is full
+        return limit - held
 
     def _backlog_limit(self) -> int:
         # We are paused once the kernel's buffer is full and Twisted holds
-        # ``bufferSize`` more; what we queue after that is the rest of the
-        # allowance.
+        # ``bufferSize`` more (``pauseProducing`` counts what it holds beyond
+        # that); what we queue after that is the rest of the allowance.
         limit = self.factory.limits.max_send_buffer
         if limit <= 0:
             return 1 << 62
@@ -466,10 +522,12 @@ class WebChatProtocol(WebSocketServerProtocol):
 
     def pauseProducing(self) -> None:
         # Twisted calls this on every write while its buffer is over the mark;
-        # only the first call starts the count.
+        # only the first call starts the count, from what the write that
+        # crossed the mark left in the buffer beyond it.
         if not self._paused:
             self._paused = True
-            self._backlog = 0
+            mark = getattr(self.transport, "bufferSize", 0)
+            self._backlog = max(self._buffered() - mark, 0)
 
     def resumeProducing(self) -> None:
         self._paused = False
@@ -574,7 +632,7 @@ class WebChatFactory(WebSocketServerFactory):
             # (and logs and counts a refusal), not Autobahn's bare 400.
             allowNullOrigin=True,
             # Each close we start sets its own timeout (sendCloseFrame): the
-            # shutdown grace for 1001, CLOSE_TIMEOUT for closes for cause.
+            # shutdown grace for 1001, Limits.close_timeout for closes for cause.
             closeHandshakeTimeout=0,
         )
         # Autobahn copies every option onto every new connection, and
