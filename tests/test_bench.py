@@ -278,6 +278,7 @@ class JudgeTests(SynchronousTestCase):
         self.assertEqual(judge_step(raw, 100), (True, []))
 
 
+@slow
 class BurstRunTests(SynchronousTestCase):
     """``python -m bench.burst`` end to end, small (~5 s)."""
 

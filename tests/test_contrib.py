@@ -349,6 +349,7 @@ def documented_nginx_site() -> str:
     return section.split("```nginx\n", 1)[1].split("```", 1)[0]
 
 
+@slow
 class NginxBrowserTests(SynchronousTestCase):
     """
     The README's and docs' nginx example on a port that is not 443, in front

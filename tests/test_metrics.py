@@ -19,7 +19,15 @@ from twisted.internet.endpoints import TCP4ServerEndpoint
 from twisted.trial.unittest import SynchronousTestCase, TestCase
 
 from tests.redis_server import RedisServer
-from tests.support import HANDSHAKE, ROOT, ServerMixin, Twistd, connect_raw, deferLater
+from tests.support import (
+    HANDSHAKE,
+    ROOT,
+    ServerMixin,
+    Twistd,
+    connect_raw,
+    deferLater,
+    slow,
+)
 from webchat.limits import Limits
 from webchat.metrics import DROP_REASONS, REFUSAL_REASONS, make_registry
 from webchat.web import make_site
@@ -121,6 +129,7 @@ class MetricsTests(ServerMixin, TestCase):
         )
 
 
+@slow
 class DocumentedMetricsTests(SynchronousTestCase):
     """Every metric the docs and the README name is one a live node exports."""
 

@@ -27,7 +27,7 @@ from typing import TYPE_CHECKING
 
 from twisted.trial.unittest import SynchronousTestCase
 
-from tests.support import ROOT, free_port, require
+from tests.support import ROOT, free_port, require, slow
 from tests.test_page import CHROMIUM_ARGS, QUICK, chromium_path
 
 if TYPE_CHECKING:
@@ -101,6 +101,7 @@ class _QuietHandler(SimpleHTTPRequestHandler):
         pass
 
 
+@slow
 class RatchetPageTests(SynchronousTestCase):
     def setUp(self) -> None:
         try:

@@ -14,7 +14,7 @@ from websockets.exceptions import ConnectionClosed
 from websockets.sync.client import connect
 
 from tests.redis_server import RedisServer
-from tests.support import ROOT, Twistd, free_port, twistd_command
+from tests.support import ROOT, Twistd, free_port, slow, twistd_command
 
 README = (ROOT / "README.md").read_text()
 
@@ -35,6 +35,7 @@ def twistd_commands(text: str) -> list[str]:
     ]
 
 
+@slow
 class ReadmeCommandTests(SynchronousTestCase):
     def test_every_hand_run_command_writes_no_pidfile(self):
         commands = twistd_commands(README)
@@ -77,6 +78,7 @@ class ReadmeCommandTests(SynchronousTestCase):
                 time.sleep(0.05)
 
 
+@slow
 class ReadmeLogTests(SynchronousTestCase):
     def test_the_sample_log_lines_are_what_the_server_writes(self):
         sample = README.split("### What it logs", 1)[1].split("```\n", 2)[1]

@@ -14,12 +14,13 @@ from twisted.python import usage
 from twisted.trial.unittest import SynchronousTestCase
 
 from tests.redis_server import RedisServer
-from tests.support import Twistd
+from tests.support import Twistd, slow
 from webchat.tap import Options
 
 PASSWORD = "s3cret-Redis pass"
 
 
+@slow
 class PasswordOutOfArgvTests(SynchronousTestCase):
     def setUp(self):
         self.redis = RedisServer(password=PASSWORD)

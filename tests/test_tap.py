@@ -228,6 +228,7 @@ def run_twistd(*args: str, cwd: Path | None = None) -> subprocess.CompletedProce
     )
 
 
+@slow
 class CommandLineErrorTests(SynchronousTestCase):
     """A mistyped option: one line naming it, the value and what is expected."""
 
@@ -350,6 +351,7 @@ class CommandLineErrorTests(SynchronousTestCase):
             self.assertIn(zero, entries[option], option)
 
 
+@slow
 class ListeningFailureTests(SynchronousTestCase):
     """A port that cannot be opened ends the process: one line, exit non-zero."""
 
