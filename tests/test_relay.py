@@ -22,7 +22,7 @@ from twisted.trial.unittest import SynchronousTestCase, TestCase
 from tests.redis_server import RedisServer
 from tests.support import free_port, slow
 from tests.tls_cert import make_certificate
-from webchat.relay import (
+from webchat.redis import (
     FALLBACK_PER_NODE,
     MAX_CHAT_ID,
     PROVISIONAL_BASE,

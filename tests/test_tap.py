@@ -40,7 +40,7 @@ class OptionsTests(SynchronousTestCase):
         self.assertEqual(options["port"], ["tcp:9000", "unix:/tmp/chat.sock", "tcp:1"])
 
     def test_envelopes_from_redis_get_the_message_size_limit(self):
-        from webchat.relay import RedisRelay
+        from webchat.redis import RedisRelay
         from webchat.tap import makeService
 
         options = self.parse(

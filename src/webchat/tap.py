@@ -18,7 +18,7 @@ from webchat import __version__, limits
 from webchat.access import AccessPolicy
 from webchat.metrics import make_registry
 from webchat.protocol import WebChatFactory
-from webchat.relay import (
+from webchat.redis import (
     DEFAULT_CHANNEL,
     RedisRelay,
     check_channel,
