@@ -24,7 +24,7 @@ from webchat.redis.ids import (
     REDIS_ID_LIMIT,
     IdAllocator,
 )
-from webchat.redis.link import RETRY_MAX, retry_delay
+from webchat.redis.link import RETRY_MAX, STABLE_AFTER, retry_delay
 from webchat.redis.pubsub import RedisRelay
 from webchat.redis.url import (
     DEFAULT_CHANNEL,
@@ -40,6 +40,7 @@ __all__ = [
     "PROVISIONAL_BASE",
     "REDIS_ID_LIMIT",
     "RETRY_MAX",
+    "STABLE_AFTER",
     "Envelope",
     "IdAllocator",
     "MalformedEnvelopeError",
