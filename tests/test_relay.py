@@ -186,8 +186,9 @@ class RetryDelayTests(SynchronousTestCase):
 
 class ReconnectBackoffTests(SynchronousTestCase):
     """
-    The relay's own reconnect loop against a Redis that refuses every
-    connection, on a fake reactor: the waits it schedules between attempts.
+    The relay's reconnecting (ClientService, with the link's retry policy)
+    against a Redis that refuses every connection, on a fake reactor: the
+    waits it schedules between attempts.
     """
 
     def test_waits_double_to_the_cap_and_are_jittered_there(self) -> None:

@@ -112,8 +112,9 @@ class _LinkFactory(Factory):
             PublisherProtocol if self.link.role == "publisher" else SubscriberProtocol
         )
         # No charset and no number conversion: payloads stay the bytes Redis
-        # sent.  No password and db here either: txredisapi would stop
-        # reconnecting for good on one failed AUTH; the link does both itself.
+        # sent.  No password and db here either: txredisapi's own AUTH and
+        # SELECT expect its reconnecting factory, which gives up for good on
+        # one failed AUTH; the link does both itself, under its deadline.
         protocol = kind(charset=None, convertNumbers=False)
         protocol.factory = self
         protocol.link = self.link
