@@ -175,7 +175,12 @@ class Link:
         abort = self.reactor.callLater(
             self.relay.ping_timeout, protocol.transport.abortConnection
         )
-        return closed.addBoth(lambda result: (self._cancel(abort), result)[1])
+
+        def closed_in_time(result: Any) -> Any:
+            self._cancel(abort)
+            return result
+
+        return closed.addBoth(closed_in_time)
 
     # -- connecting ---------------------------------------------------------------
 
