@@ -312,7 +312,12 @@ class Twistd:
     """``twistd -n webchat ...`` in a subprocess, with its log in a file."""
 
     def __init__(
-        self, workdir: Path, *args: str, env: dict[str, str] | None = None, **popen: Any
+        self,
+        workdir: Path,
+        *args: str,
+        env: dict[str, str] | None = None,
+        twistd_args: tuple[str, ...] = (),
+        **popen: Any,
     ) -> None:
         workdir = Path(workdir).resolve()  # trial's mktemp() paths are relative
         self.logfile = workdir / "twistd.log"
@@ -321,6 +326,7 @@ class Twistd:
             "-n",
             "--pidfile=",
             f"--logfile={self.logfile}",
+            *twistd_args,  # twistd's own options (--reactor=poll) go before webchat
             "webchat",
             *args,
         ]

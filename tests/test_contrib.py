@@ -39,7 +39,7 @@ from tests.tls_cert import make_certificate
 from webchat.access import AccessPolicy
 from webchat.limits import SHUTDOWN_GRACE
 from webchat.protocol import WebChatFactory
-from webchat.relay import parse_redis_url
+from webchat.redis import parse_redis_url
 from webchat.web import make_site
 
 TEMPLATE = ROOT / "contrib" / "systemd" / "webchat@.service"

@@ -14,7 +14,7 @@ from twisted.internet import reactor
 from twisted.internet.defer import Deferred, inlineCallbacks
 from twisted.internet.error import ConnectionRefusedError
 from twisted.internet.task import Clock, deferLater
-from twisted.internet.testing import MemoryReactorClock
+from twisted.internet.testing import MemoryReactorClock, StringTransport
 from twisted.logger import formatEvent, globalLogPublisher
 from twisted.python.failure import Failure
 from twisted.trial.unittest import SynchronousTestCase, TestCase
@@ -22,12 +22,13 @@ from twisted.trial.unittest import SynchronousTestCase, TestCase
 from tests.redis_server import RedisServer
 from tests.support import free_port, slow
 from tests.tls_cert import make_certificate
-from webchat.relay import (
+from webchat.redis import (
     FALLBACK_PER_NODE,
     MAX_CHAT_ID,
     PROVISIONAL_BASE,
     REDIS_ID_LIMIT,
     RETRY_MAX,
+    STABLE_AFTER,
     Envelope,
     IdAllocator,
     MalformedEnvelopeError,
@@ -185,8 +186,9 @@ class RetryDelayTests(SynchronousTestCase):
 
 class ReconnectBackoffTests(SynchronousTestCase):
     """
-    The relay's own reconnect loop against a Redis that refuses every
-    connection, on a fake reactor: the waits it schedules between attempts.
+    The relay's reconnecting (ClientService, with the link's retry policy)
+    against a Redis that refuses every connection, on a fake reactor: the
+    waits it schedules between attempts.
     """
 
     def test_waits_double_to_the_cap_and_are_jittered_there(self) -> None:
@@ -225,6 +227,98 @@ class ReconnectBackoffTests(SynchronousTestCase):
         # still differ, so nodes that lost Redis together do not return together.
         capped = [wait for pair in waits[3:] for wait in pair]
         self.assertGreater(len(set(capped)), len(capped) // 2, capped)
+
+
+class LinkOnFakeReactorTests(SynchronousTestCase):
+    """One relay's links (ClientService underneath) on a fake reactor."""
+
+    def setUp(self) -> None:
+        self.fake = MemoryReactorClock()
+        self.relay = RedisRelay(
+            self.fake,
+            "redis://127.0.0.1:6379",
+            on_envelope=print,
+            retry_initial=0.5,
+            retry_max=4.0,
+            rng=random.Random(3),
+        )
+        self.events: list[dict[str, Any]] = []
+        globalLogPublisher.addObserver(self.events.append)
+        self.addCleanup(globalLogPublisher.removeObserver, self.events.append)
+        self.relay.startService()
+        self.addCleanup(self.relay.stopService)
+        self.dialled = 0
+
+    def refuse(self) -> None:
+        """Refuse every connection attempt made since the last call."""
+        for _host, _port, factory, *_ in self.fake.tcpClients[self.dialled :]:
+            factory.clientConnectionFailed(None, Failure(ConnectionRefusedError()))
+        self.dialled = len(self.fake.tcpClients)
+
+    def accept(self) -> list[tuple[Any, StringTransport]]:
+        """Accept the attempts made since the last call and answer the handshakes."""
+        transports = []
+        for _host, _port, factory, *_ in self.fake.tcpClients[self.dialled :]:
+            protocol = factory.buildProtocol(None)
+            transport = StringTransport()
+            protocol.makeConnection(transport)
+            if b"SUBSCRIBE" in transport.value():
+                protocol.dataReceived(b"+OK\r\n*3\r\n$9\r\nsubscribe\r\n"
+                                      b"$7\r\nwebchat\r\n:1\r\n")  # fmt: skip
+            else:  # CLIENT SETNAME, then the id allocator's INCR and INCRBY
+                protocol.dataReceived(b"+OK\r\n:1\r\n:100\r\n")
+            transport.clear()
+            transports.append((protocol, transport))
+        self.dialled = len(self.fake.tcpClients)
+        self.assertEqual(self.relay.state, "up")
+        return transports
+
+    def lose(self, connections: list[Any]) -> None:
+        for protocol, _transport in connections:
+            protocol.connectionLost(Failure(ConnectionRefusedError("gone")))
+
+    def waits(self) -> list[float]:
+        """The waits before the next attempts: both links down, no other timer."""
+        now = self.fake.seconds()
+        waits = [c.getTime() - now for c in self.fake.getDelayedCalls() if c.active()]
+        self.assertEqual(len(waits), 2)
+        return waits
+
+    def test_an_outage_is_one_log_line(self) -> None:
+        """ClientService's own line per retry stays out of the log."""
+        for _ in range(10):
+            self.refuse()
+            self.fake.advance(self.relay.retry_max)
+        lines = [formatEvent(e) for e in self.events]
+        failed = [line for line in lines if "Redis connection failed" in line]
+        self.assertEqual(len(failed), 1, lines)
+        self.assertEqual([line for line in lines if "etry" in line], failed)
+
+    def test_a_link_that_flaps_keeps_backing_off(self) -> None:
+        """
+        ClientService starts its count over at every connection; a Redis
+        that takes connections and drops them at once still gets ever longer
+        waits, and a link that stayed up ``STABLE_AFTER`` starts over.
+        """
+        self.refuse()
+        self.assertTrue(all(0.25 <= w <= 0.5 for w in self.waits()), self.waits())
+        self.fake.advance(4.0)
+        self.lose(self.accept())  # up, and lost at once: the 2nd wait
+        self.assertTrue(all(0.5 <= w <= 1.0 for w in self.waits()), self.waits())
+        self.fake.advance(4.0)
+        self.lose(self.accept())  # again: the 3rd
+        self.assertTrue(all(1.0 <= w <= 2.0 for w in self.waits()), self.waits())
+        self.fake.advance(4.0)
+        connections = self.accept()
+        for _ in range(round(STABLE_AFTER / self.relay.ping_interval)):
+            self.fake.advance(self.relay.ping_interval)
+            for protocol, transport in connections:  # up, and answering PINGs
+                self.assertIn(b"PING", transport.value())
+                transport.clear()
+                protocol.dataReceived(b"+PONG\r\n")
+        self.assertEqual(self.relay.state, "up")
+        self.lose(connections)  # lost after a stable spell: the 1st wait again
+        self.assertTrue(all(0.25 <= w <= 0.5 for w in self.waits()), self.waits())
 
 
 class ReceivingTests(SynchronousTestCase):

@@ -8,10 +8,15 @@ import shutil
 import signal
 import socket
 import subprocess
+import sys
 import tempfile
 import time
 from pathlib import Path
 
+from twisted.application.service import MultiService
+from twisted.internet.error import ConnectionRefusedError
+from twisted.internet.testing import MemoryReactorClock
+from twisted.python.failure import Failure
 from twisted.trial.unittest import SynchronousTestCase
 from websockets.exceptions import ConnectionClosed
 from websockets.sync.client import connect, unix_connect
@@ -40,7 +45,7 @@ class OptionsTests(SynchronousTestCase):
         self.assertEqual(options["port"], ["tcp:9000", "unix:/tmp/chat.sock", "tcp:1"])
 
     def test_envelopes_from_redis_get_the_message_size_limit(self):
-        from webchat.relay import RedisRelay
+        from webchat.redis import RedisRelay
         from webchat.tap import makeService
 
         options = self.parse(
@@ -52,6 +57,71 @@ class OptionsTests(SynchronousTestCase):
 
     def test_shipped_page_is_found(self):
         self.assertTrue((default_web_root() / "index.html").is_file())
+
+
+class NoReactorAtImportTests(SynchronousTestCase):
+    def test_importing_the_plugin_installs_no_reactor(self):
+        """
+        ``twistd --reactor=...`` must be able to choose: nothing the plugin
+        imports may install the global reactor (a fresh interpreter, since
+        this one's tests have one).
+        """
+        check = (
+            "import sys, webchat.tap, twisted.plugins.webchat_plugin\n"
+            "leaked = 'twisted.internet.reactor' in sys.modules\n"
+            "print('reactor installed' if leaked else 'no reactor')"
+        )
+        out = subprocess.run(
+            [sys.executable, "-c", check],
+            capture_output=True,
+            text=True,
+            timeout=60,
+            check=True,
+        ).stdout
+        self.assertEqual(out.strip(), "no reactor")
+
+
+class InProcessServiceTreeTests(SynchronousTestCase):
+    """``makeService(options, reactor)`` on fake reactors: no socket, no twistd."""
+
+    def build(self, node: str) -> tuple[MemoryReactorClock, MultiService]:
+        from webchat.tap import makeService
+
+        reactor = MemoryReactorClock()
+        options = Options(environ={})
+        options.parseOptions(
+            ["--redis", "redis://127.0.0.1:6379/0", "--node-id", node,
+             "--max-connections", "10", "--port", "tcp:8080"]
+        )  # fmt: skip
+        top = makeService(options, reactor=reactor)
+        top.privilegedStartService()
+        top.startService()
+        self.addCleanup(top.stopService)
+        return reactor, top
+
+    def test_two_service_trees_in_one_process(self):
+        from webchat.redis import RedisRelay
+
+        (first, first_top), (second, second_top) = self.build("a"), self.build("b")
+        for reactor, top in [(first, first_top), (second, second_top)]:
+            # Each tree listens and dials Redis on its own reactor, and only there.
+            self.assertEqual([port for port, *_ in reactor.tcpServers], [8080])
+            dialled = [(host, port) for host, port, *_ in reactor.tcpClients]
+            self.assertEqual(dialled, [("127.0.0.1", 6379)] * 2)
+            (relay,) = [s for s in top if isinstance(s, RedisRelay)]
+            self.assertEqual(relay.state, "connecting")
+        # Redis refuses the first tree's links: only its clock gets the retries.
+        for _host, _port, factory, *_ in first.tcpClients:
+            factory.clientConnectionFailed(None, Failure(ConnectionRefusedError()))
+        self.assertEqual(len([c for c in first.getDelayedCalls() if c.active()]), 2)
+        self.assertEqual([c for c in second.getDelayedCalls() if c.active()], [])
+        first.advance(5.0)
+        self.assertEqual(len(first.tcpClients), 4)
+        self.assertEqual(len(second.tcpClients), 2)
+        # Stopping drains the chat (nobody here) and closes the relay at once.
+        self.assertTrue(first_top.stopService().called)
+        (relay,) = [s for s in first_top if isinstance(s, RedisRelay)]
+        self.assertEqual(relay.state, "down")
 
 
 def listening_ports(log: str) -> list[int]:
@@ -80,6 +150,46 @@ class TwistdTests(SynchronousTestCase):
         ).stdout
         for option in ("--port", "--web-root", "--quiet", "--version"):
             self.assertIn(option, out)
+
+    def test_a_reactor_chosen_on_the_command_line_runs_chat_and_relay(self):
+        """
+        ``twistd --reactor=poll``: nothing installed a reactor before twistd
+        did, and the chat and its Redis links run on the one it chose.
+        """
+        from tests.redis_server import RedisServer
+
+        out = subprocess.run(
+            [*twistd_command(), "--reactor=poll", "webchat", "--help"],
+            capture_output=True,
+            text=True,
+            timeout=60,
+            check=True,
+        ).stdout
+        self.assertIn("--redis=URL", out)
+        redis = RedisServer()
+        self.addCleanup(redis.stop)
+        redis.start()
+        workdir = Path(self.mktemp()).resolve()
+        workdir.mkdir(parents=True)
+        server = Twistd(
+            workdir,
+            "--port", "tcp:0:interface=127.0.0.1", "--redis", redis.url,
+            twistd_args=("--reactor=poll",),
+        )  # fmt: skip
+        self.addCleanup(server.stop, signal.SIGKILL)
+        server.wait_for_log("Redis link up")
+        (port,) = listening_ports(server.wait_for_log("Site starting on"))
+        with (
+            connect(f"ws://127.0.0.1:{port}") as a,
+            connect(f"ws://127.0.0.1:{port}") as b,
+        ):
+            a.send("polled")
+            # The id may come from Redis or, before its first block, a fallback.
+            self.assertRegex(b.recv(timeout=5), r"^id \d+: polled$")
+        self.assertEqual(server.stop(signal.SIGTERM), 0, server.log())
+        log = server.log()
+        self.assertIn("reactor class: twisted.internet.pollreactor.PollReactor", log)
+        self.assertNotIn("Traceback", log)
 
     def test_chat_log_lines_and_sigterm(self):
         server = self.start("--port", "tcp:0:interface=127.0.0.1")

@@ -73,8 +73,6 @@ class ChatStats:
         self.refused: Counter[str] = Counter()
         self.dropped: Counter[str] = Counter()
         self.messages_received = 0
-        #: Messages from other nodes' clients, delivered here (--redis).
-        self.messages_relayed_in = 0
         self.deliveries = 0
         self.bytes_received = 0
         self.bytes_sent = 0
@@ -164,7 +162,7 @@ class ChatCollector(Collector):
             yield CounterMetricFamily(
                 "webchat_redis_received",
                 "Messages received from other nodes.",
-                stats.messages_relayed_in,
+                link.received,
             )
             yield CounterMetricFamily(
                 "webchat_redis_relay_failures",

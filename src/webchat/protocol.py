@@ -64,7 +64,7 @@ from webchat.metrics import ChatStats
 from webchat.ratelimit import TokenBucket
 
 if TYPE_CHECKING:
-    from webchat.relay import Envelope, RedisRelay
+    from webchat.redis import Envelope, RedisRelay
 
 #: Close codes that mean "the server closed this connection because of
 #: something the client did": these get the seed's ``An error has occurred``.
@@ -822,7 +822,6 @@ class WebChatFactory(WebSocketServerFactory):
         count = self.hub.broadcast(
             None, text_frame(b"id %d: " % envelope.chat_id, envelope.text)
         )
-        self.stats.messages_relayed_in += 1
         if not self.quiet:
             log.info(
                 "Connection {id} on node {node} sending message {text} to {count} "

@@ -18,7 +18,7 @@ from webchat import __version__, limits
 from webchat.access import AccessPolicy
 from webchat.metrics import make_registry
 from webchat.protocol import WebChatFactory
-from webchat.relay import (
+from webchat.redis import (
     DEFAULT_CHANNEL,
     RedisRelay,
     check_channel,
@@ -471,11 +471,21 @@ def read_password(path: str) -> str:
     return password
 
 
-def makeService(options: Options) -> IService:
+def makeService(options: Options, reactor: Any = None) -> IService:
+    """
+    The service tree ``options`` ask for: the chat, its listeners, the relay.
+
+    twistd passes no reactor, and the global one is used: the one twistd
+    installed (``--reactor``) by then.  A test passes a fake one (a
+    ``MemoryReactorClock``), so it can build and start several trees in one
+    process and drive their time.
+    """
     # Imported here, not at the top: both install the global reactor, which
     # must wait until twistd has chosen one (--reactor).
     from prometheus_client.twisted import MetricsResource
-    from twisted.internet import reactor
+
+    if reactor is None:
+        from twisted.internet import reactor
 
     chosen = options.limits()
     if options["max-connections"] is None:
