@@ -16,7 +16,7 @@ from twisted.python import usage
 
 from webchat import __version__, limits
 from webchat.access import AccessPolicy
-from webchat.metrics import make_registry
+from webchat.metrics import MetricsPage, make_registry
 from webchat.protocol import WebChatFactory
 from webchat.relay import (
     DEFAULT_CHANNEL,
@@ -472,9 +472,8 @@ def read_password(path: str) -> str:
 
 
 def makeService(options: Options) -> IService:
-    # Imported here, not at the top: both install the global reactor, which
+    # Imported here, not at the top: it installs the global reactor, which
     # must wait until twistd has chosen one (--reactor).
-    from prometheus_client.twisted import MetricsResource
     from twisted.internet import reactor
 
     chosen = options.limits()
@@ -509,7 +508,7 @@ def makeService(options: Options) -> IService:
         link.setServiceParent(top)
     metrics = None
     if not options["no-metrics"]:
-        metrics = MetricsResource(make_registry(factory))
+        metrics = MetricsPage(make_registry(factory))
     if options["metrics-port"]:
         listen(
             reactor,
