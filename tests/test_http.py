@@ -469,6 +469,10 @@ class TwistdHTTPTests(SynchronousTestCase):
                 reply += chunk
         self.assertTrue(reply.startswith(b"HTTP/1.1 405 "), reply[:80])
         server.wait_for_log("Refused request from 127.0.0.1: POST with a body")
+        # The server's socket goes when it reads our close, a moment after ours.
+        deadline = time.monotonic() + 5
+        while fds() != before and time.monotonic() < deadline:
+            time.sleep(0.05)
         self.assertEqual(fds(), before)
         with socket.create_connection(("127.0.0.1", port), timeout=5) as page:
             page.sendall(b"GET / HTTP/1.0\r\n\r\n")
