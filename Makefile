@@ -28,7 +28,7 @@ serve: $(BIN)/.installed
 test: $(BIN)/.installed
 	$(BIN)/python -m pytest
 	$(BIN)/python -m twisted.trial tests
-	$(BIN)/ruff check src tests twisted bench
+	$(BIN)/ruff check src tests twisted benchmarks
 
 ## test-fast: the socket-free and in-process-server tests only (pytest -m "not slow"),
 ##            under 30 s: for after every small change; `make test` before a commit
@@ -36,23 +36,24 @@ test-fast: $(BIN)/.installed
 	$(BIN)/python -m pytest -q -m "not slow"
 
 ## bench: issue #5's benchmark against naive baselines (~5 min, needs gcc);
-##        BENCH_ARGS="--scenario fanout --senders 1" and so on for options
+##        BENCH_ARGS="--scenario fanout --senders 1" and so on for options.
+##        benchmarks/ runs from this checkout: the wheel does not ship it.
 bench: $(BIN)/.installed
-	$(BIN)/webchat-bench $(BENCH_ARGS)
+	$(BIN)/python -m benchmarks $(BENCH_ARGS)
 
 bench-quick: $(BIN)/.installed
-	$(BIN)/webchat-bench --quick $(BENCH_ARGS)
+	$(BIN)/python -m benchmarks --quick $(BENCH_ARGS)
 
 ## soak: 60 s of chat, a never-reading client and connection churn; RSS before/after
 soak: $(BIN)/.installed
-	$(BIN)/python -m bench.soak --duration 60 --out bench-results/soak.json
+	$(BIN)/python -m benchmarks.soak --duration 60 --out bench-results/soak.json
 
 lint: $(BIN)/.installed
-	$(BIN)/ruff check src tests twisted bench
-	$(BIN)/ruff format --check src tests twisted bench
+	$(BIN)/ruff check src tests twisted benchmarks
+	$(BIN)/ruff format --check src tests twisted benchmarks
 
 format: $(BIN)/.installed
-	$(BIN)/ruff format src tests twisted bench
+	$(BIN)/ruff format src tests twisted benchmarks
 
 clean:
 	rm -rf $(VENV) _trial_temp* tests.test_*/ twisted/plugins/dropin.cache

@@ -3,11 +3,8 @@
 from __future__ import annotations
 
 import os
-import shutil
-import socket
 import struct
 import subprocess
-import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -22,6 +19,10 @@ from twisted.internet.protocol import Factory, Protocol
 from twisted.logger import globalLogPublisher
 from twisted.trial.unittest import SkipTest
 
+# One copy of these for the tests and the benchmarks (re-exported: tests
+# import free_port from here).
+from benchmarks.helpers import free_port as free_port
+from benchmarks.helpers import twistd_path
 from webchat.protocol import WebChatFactory
 from webchat.web import make_site
 
@@ -296,16 +297,7 @@ def connect_raw(port: int) -> Deferred[RawPeer]:
 
 
 def twistd_command() -> list[str]:
-    twistd = shutil.which("twistd", path=str(Path(sys.executable).parent))
-    if twistd is None:
-        raise RuntimeError("twistd is not installed next to this Python")
-    return [twistd]
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+    return [twistd_path()]
 
 
 class Twistd:

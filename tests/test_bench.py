@@ -1,4 +1,4 @@
-"""The benchmark (webchat.bench): a real tiny run, its baselines, and its ramp."""
+"""The benchmark (benchmarks/, in the checkout): a tiny run, its baselines, its ramp."""
 
 from __future__ import annotations
 
@@ -16,18 +16,18 @@ from pathlib import Path
 from twisted.trial.unittest import SynchronousTestCase
 from websockets.sync.client import connect
 
+from benchmarks.scenarios import judge_step, ramp
 from tests.support import ROOT, free_port, require, slow
-from webchat.bench.scenarios import judge_step, ramp
 
 
 def run_bench(*args: str) -> tuple[dict, str]:
-    """Run ``python -m webchat.bench ARGS --out TMP``: its JSON and what it printed."""
+    """Run ``python -m benchmarks ARGS --out TMP``: its JSON and what it printed."""
     if shutil.which(os.environ.get("CC", "gcc")) is None:
         raise require("gcc", "the benchmark compiles its C load generator")
     with tempfile.TemporaryDirectory() as tmp:
         out = Path(tmp) / "bench.json"
         result = subprocess.run(
-            [sys.executable, "-m", "webchat.bench", *args, "--out", str(out)],
+            [sys.executable, "-m", "benchmarks", *args, "--out", str(out)],
             cwd=ROOT,
             capture_output=True,
             text=True,
@@ -41,7 +41,7 @@ def run_bench(*args: str) -> tuple[dict, str]:
 
 @slow
 class QuickRunTests(SynchronousTestCase):
-    """``python -m webchat.bench --quick --scenario echo`` end to end (~5 s)."""
+    """``python -m benchmarks --quick --scenario echo`` end to end (~5 s)."""
 
     def test_quick_echo_writes_sane_json(self):
         document, output = run_bench("--quick", "--scenario", "echo", "--no-baselines")
@@ -139,11 +139,12 @@ class BaselineProtocolTests(SynchronousTestCase):
             [
                 sys.executable,
                 "-m",
-                "webchat.bench.baselines",
+                "benchmarks.baselines",
                 name,
                 "--port",
                 str(port),
             ],
+            cwd=ROOT,  # benchmarks/ is importable from the checkout only
             stdout=subprocess.DEVNULL,
             stderr=subprocess.DEVNULL,
         )
@@ -280,7 +281,7 @@ class JudgeTests(SynchronousTestCase):
 
 @slow
 class BurstRunTests(SynchronousTestCase):
-    """``python -m bench.burst`` end to end, small (~5 s)."""
+    """``python -m benchmarks.burst`` end to end, small (~5 s)."""
 
     def test_a_burst_over_the_allowance_closes_everyone_1008(self):
         with tempfile.TemporaryDirectory() as tmp:
@@ -289,7 +290,7 @@ class BurstRunTests(SynchronousTestCase):
                 [
                     sys.executable,
                     "-m",
-                    "bench.burst",
+                    "benchmarks.burst",
                     "--connections",
                     "4",
                     "--drain",

@@ -69,6 +69,7 @@ from twisted.internet.defer import Deferred, inlineCallbacks
 from twisted.logger import LogLevel, formatEvent, globalLogPublisher
 from twisted.trial.unittest import TestCase
 
+from benchmarks.helpers import process_rss_kb
 from tests.support import HANDSHAKE, ServerMixin, connect_raw, deferLater, slow
 from webchat.limits import Limits
 
@@ -753,11 +754,10 @@ def shorten(value: object, keep: int = 48) -> str:
 
 def rss_bytes() -> int:
     """This process's resident set size (the server runs in this process)."""
-    with open("/proc/self/status") as status:
-        for line in status:
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1]) * 1024
-    raise RuntimeError("no VmRSS in /proc/self/status")
+    kib = process_rss_kb(os.getpid())
+    if kib is None:
+        raise RuntimeError("no VmRSS in /proc/self/status")
+    return kib * 1024
 
 
 def within(d: Deferred, seconds: float) -> Deferred[bool]:

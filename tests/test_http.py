@@ -14,7 +14,6 @@ import socket
 import time
 from pathlib import Path
 
-from prometheus_client.twisted import MetricsResource
 from twisted.internet import reactor
 from twisted.internet.defer import inlineCallbacks
 from twisted.internet.endpoints import TCP4ServerEndpoint
@@ -28,7 +27,7 @@ from tests.test_limits import LimitsMixin
 from tests.test_timeouts import PEER, FakeClockMixin, Transport
 from webchat.access import AccessPolicy
 from webchat.limits import Limits
-from webchat.metrics import make_registry
+from webchat.metrics import MetricsPage, make_registry
 from webchat.web import default_web_root, make_site
 
 PAGE = (default_web_root() / "index.html").read_bytes()
@@ -352,7 +351,7 @@ class MetricsAccessTests(HTTPMixin, TestCase):
     @inlineCallbacks
     def setUp(self):
         yield super().setUp()
-        metrics = MetricsResource(make_registry(self.factory))
+        metrics = MetricsPage(make_registry(self.factory))
         endpoint = TCP4ServerEndpoint(reactor, 0, interface="127.0.0.1")
         site = make_site(self.factory, metrics=metrics)
         self.chat_port = yield endpoint.listen(site)

@@ -12,10 +12,11 @@ from pathlib import Path
 from urllib.request import urlopen
 
 from prometheus_client.parser import text_string_to_metric_families
-from prometheus_client.twisted import MetricsResource
+from prometheus_client.registry import Collector
 from twisted.internet import reactor
 from twisted.internet.defer import inlineCallbacks
 from twisted.internet.endpoints import TCP4ServerEndpoint
+from twisted.python.threadable import isInIOThread
 from twisted.trial.unittest import SynchronousTestCase, TestCase
 
 from tests.redis_server import RedisServer
@@ -29,7 +30,7 @@ from tests.support import (
     slow,
 )
 from webchat.limits import Limits
-from webchat.metrics import DROP_REASONS, REFUSAL_REASONS, make_registry
+from webchat.metrics import DROP_REASONS, REFUSAL_REASONS, MetricsPage, make_registry
 from webchat.web import make_site
 
 
@@ -40,7 +41,8 @@ class MetricsTests(ServerMixin, TestCase):
     def setUp(self):
         yield self.start_server(limits=Limits(rate_limit=0, max_message_size=100))
         # The same server, with /metrics mounted, on a second port.
-        metrics = MetricsResource(make_registry(self.factory))
+        self.registry = make_registry(self.factory)
+        metrics = MetricsPage(self.registry)
         endpoint = TCP4ServerEndpoint(reactor, 0, interface="127.0.0.1")
         self.metrics_port = yield endpoint.listen(
             make_site(self.factory, metrics=metrics)
@@ -48,9 +50,9 @@ class MetricsTests(ServerMixin, TestCase):
         self.addCleanup(self.metrics_port.stopListening)
 
     @inlineCallbacks
-    def get(self, path: bytes) -> bytes:
+    def get(self, path: bytes, headers: bytes = b"") -> bytes:
         peer = yield connect_raw(self.metrics_port.getHost().port)
-        peer.transport.write(b"GET " + path + b" HTTP/1.0\r\n\r\n")
+        peer.transport.write(b"GET " + path + b" HTTP/1.0\r\n" + headers + b"\r\n")
         yield peer.lost
         return peer.data
 
@@ -111,6 +113,33 @@ class MetricsTests(ServerMixin, TestCase):
         self.assertIn("process_open_fds", after)
 
     @inlineCallbacks
+    def test_collectors_run_on_the_reactor_thread(self):
+        # The chat's state changes on the reactor thread only; a scrape read
+        # from another thread could see a connection counted as opened but
+        # not yet in the set, or a dict change size mid-iteration.
+        threads = ThreadRecorder()
+        self.registry.register(threads)
+        threads.in_io_thread.clear()  # registering describes it: not a scrape
+        yield self.connect_many(2)
+        samples = yield self.scrape()
+        self.assertEqual(samples["webchat_connections"], 2)
+        self.assertEqual(threads.in_io_thread, [True])
+
+    @inlineCallbacks
+    def test_openmetrics_when_asked_for(self):
+        reply = yield self.get(
+            b"/metrics", b"Accept: application/openmetrics-text; version=1.0.0\r\n"
+        )
+        head, body = reply.split(b"\r\n\r\n", 1)
+        self.assertTrue(head.startswith(b"HTTP/1.0 200 "), head)
+        self.assertIn(b"content-type: application/openmetrics-text", head.lower())
+        self.assertTrue(body.endswith(b"# EOF\n"), body[-50:])
+        self.assertIn(b"webchat_connections 0", body)
+        plain = yield self.get(b"/metrics")
+        self.assertIn(b"content-type: text/plain", plain.lower())
+        self.assertNotIn(b"# EOF", plain)
+
+    @inlineCallbacks
     def test_healthz(self):
         import json
 
@@ -127,6 +156,17 @@ class MetricsTests(ServerMixin, TestCase):
         self.assertEqual(
             json.loads(reply.split(b"\r\n\r\n", 1)[1])["status"], "shutting_down"
         )
+
+
+class ThreadRecorder(Collector):
+    """A collector that yields nothing and notes, per scrape, where it ran."""
+
+    def __init__(self) -> None:
+        self.in_io_thread: list[bool] = []
+
+    def collect(self):
+        self.in_io_thread.append(isInIOThread())
+        return iter(())
 
 
 @slow

@@ -3,7 +3,9 @@
 The hot path only bumps plain integers on a ``ChatStats``; nothing is
 formatted or locked per message.  A custom collector turns those numbers
 into metric families when ``/metrics`` is scraped, so each server (and each
-test) has its own registry and no module-level state exists.
+test) has its own registry and no module-level state exists.  The scrape
+runs on the reactor thread (:class:`MetricsPage`), the only thread that
+changes those numbers, so it reads them between two events, never during one.
 """
 
 from __future__ import annotations
@@ -19,10 +21,13 @@ from prometheus_client.core import (
     InfoMetricFamily,
     Metric,
 )
+from prometheus_client.exposition import choose_encoder
 from prometheus_client.gc_collector import GCCollector
 from prometheus_client.platform_collector import PlatformCollector
 from prometheus_client.process_collector import ProcessCollector
 from prometheus_client.registry import Collector
+from twisted.web.resource import Resource
+from twisted.web.server import Request
 
 from webchat import __version__
 
@@ -190,7 +195,7 @@ def _by_reason(
     name: str, documentation: str, reasons: tuple[str, ...], counts: Counter[str]
 ) -> CounterMetricFamily:
     family = CounterMetricFamily(name, documentation, labels=["reason"])
-    snapshot = dict(counts)  # one atomic copy: scrapes run in a thread
+    snapshot = dict(counts)
     for reason in dict.fromkeys((*reasons, *snapshot)):
         family.add_metric([reason], snapshot.get(reason, 0))
     return family
@@ -204,3 +209,35 @@ def make_registry(factory: WebChatFactory) -> CollectorRegistry:
     PlatformCollector(registry=registry)
     GCCollector(registry=registry)
     return registry
+
+
+class MetricsPage(Resource):
+    """
+    ``/metrics``, rendered on the reactor thread.
+
+    prometheus_client's own Twisted resource renders through WSGI in the
+    reactor's thread pool, so ``collect()`` would read the chat's counters,
+    connection set and Redis link while the reactor thread changes them.
+    Rendering here costs the reactor one scrape's formatting (a few ms, every
+    few seconds) and buys numbers that agree with each other.  The ``Accept``
+    header picks the text format or OpenMetrics, as Prometheus asks;
+    ``?name[]=...`` narrows the scrape, as with prometheus_client's exporters.
+    """
+
+    isLeaf = True
+
+    def __init__(self, registry: CollectorRegistry) -> None:
+        super().__init__()
+        self._registry = registry
+
+    def render_GET(self, request: Request) -> bytes:
+        accept = (request.getHeader(b"accept") or b"").decode("latin-1")
+        encode, content_type = choose_encoder(accept)
+        registry = self._registry
+        names = request.args.get(b"name[]")
+        if names:
+            registry = registry.restricted_registry(
+                [name.decode("utf-8", "replace") for name in names]
+            )
+        request.setHeader(b"content-type", content_type.encode("ascii"))
+        return encode(registry)

@@ -16,7 +16,7 @@ from twisted.python import usage
 
 from webchat import __version__, limits
 from webchat.access import AccessPolicy
-from webchat.metrics import make_registry
+from webchat.metrics import MetricsPage, make_registry
 from webchat.protocol import WebChatFactory
 from webchat.redis import (
     DEFAULT_CHANNEL,
@@ -480,11 +480,9 @@ def makeService(options: Options, reactor: Any = None) -> IService:
     ``MemoryReactorClock``), so it can build and start several trees in one
     process and drive their time.
     """
-    # Imported here, not at the top: both install the global reactor, which
-    # must wait until twistd has chosen one (--reactor).
-    from prometheus_client.twisted import MetricsResource
-
     if reactor is None:
+        # Imported here, not at the top: it installs the global reactor, which
+        # must wait until twistd has chosen one (--reactor).
         from twisted.internet import reactor
 
     chosen = options.limits()
@@ -519,7 +517,7 @@ def makeService(options: Options, reactor: Any = None) -> IService:
         link.setServiceParent(top)
     metrics = None
     if not options["no-metrics"]:
-        metrics = MetricsResource(make_registry(factory))
+        metrics = MetricsPage(make_registry(factory))
     if options["metrics-port"]:
         listen(
             reactor,

@@ -1,4 +1,4 @@
-"""webchat's benchmark (issue #5): ``webchat-bench`` / ``python -m webchat.bench``.
+"""webchat's benchmark (issue #5): ``python -m benchmarks`` from a checkout.
 
 It starts the server itself (``twistd webchat`` pinned to one CPU, rate limit
 off), drives it from a compiled load generator pinned to another, and runs
@@ -16,7 +16,11 @@ number comes with webchat's ratio to something run on the same machine:
   node at the same offered rates; local vs remote latency, Redis's own
   PUBLISH rate.
 
+Not part of the installed server: the wheel ships ``webchat`` only, and this
+folder runs from a checkout (``make bench``, ``make bench-quick``, ``make soak``).
+
 Modules: ``cli`` (options, the run), ``scenarios``, ``cluster``, ``loadgen``
 (+ the C source ``loadgen.c``), ``servers``, ``processes``, ``baselines``,
-``report``.
+``report``; ``soak`` and ``flood`` are runs of their own; ``helpers`` holds
+what they and the tests share (free ports, twistd, /proc readings).
 """

@@ -3,7 +3,7 @@ Simultaneous big messages: what one reactor turn of them costs the server's memo
 
 Run from the repository root::
 
-    .venv/bin/python -m bench.burst --connections 150 --size 60000
+    .venv/bin/python -m benchmarks.burst --connections 150 --size 60000
 
 It starts ``twistd -n --pidfile= webchat --port tcp:PORT:interface=127.0.0.1
 --rate-limit 0`` (plus any ``--server-arg``), opens ``--connections``
@@ -41,7 +41,8 @@ import struct
 import time
 from pathlib import Path
 
-from bench.soak import ServerProcess, free_port
+from benchmarks.helpers import free_port
+from benchmarks.soak import ServerProcess
 
 #: Where the figures go unless --out says otherwise.
 DEFAULT_OUT = "bench-results/burst.json"

@@ -21,9 +21,9 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, TextIO
 
-from webchat.bench.loadgen import LoadGen
-from webchat.bench.processes import ProcessRegistry, UsageMeter
-from webchat.bench.servers import Server, external_server, start_server
+from benchmarks.loadgen import LoadGen
+from benchmarks.processes import ProcessRegistry, UsageMeter
+from benchmarks.servers import Server, external_server, start_server
 
 #: Share of a core above which the load generator counts as saturated ...
 SATURATED = 0.90

@@ -3,9 +3,9 @@
 The benchmark runs the same scenarios against these and reports webchat's
 ratio to each, so a number means something on any machine::
 
-    python -m webchat.bench.baselines autobahn --port 9001
-    python -m webchat.bench.baselines websockets --port 9002
-    python -m webchat.bench.baselines c --port 9003
+    python -m benchmarks.baselines autobahn --port 9001
+    python -m benchmarks.baselines websockets --port 9002
+    python -m benchmarks.baselines c --port 9003
 
 * ``autobahn``: a plain Autobahn (Twisted) server whose ``onMessage`` loops
   over the other clients calling ``sendMessage`` on each: the naive fan-out,
@@ -15,7 +15,7 @@ ratio to each, so a number means something on any machine::
 * ``c``: the C load generator's trivial fan-out server (one epoll loop, a
   frame built once and copied to each buffer).  Not a chat anyone should run:
   it is there to measure the load generator against something faster than
-  any Python server (``webchat-bench --scenario calibrate``).
+  any Python server (``python -m benchmarks --scenario calibrate``).
 
 All speak the same protocol as webchat: a text message M from connection N
 goes to every *other* connection as ``id N: M``; ids count up from 1.  Only
@@ -88,7 +88,7 @@ async def serve_websockets(port: int) -> None:
 
 def exec_c_server(port: int) -> None:
     """Replace this process with the C fan-out server (same pid: /proc stays right)."""
-    from webchat.bench.loadgen import build
+    from benchmarks.loadgen import build
 
     binary = str(build())
     os.execv(binary, [binary, "serve", str(port)])
@@ -96,7 +96,7 @@ def exec_c_server(port: int) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
-        prog="python -m webchat.bench.baselines", description=__doc__.split("\n\n")[0]
+        prog="python -m benchmarks.baselines", description=__doc__.split("\n\n")[0]
     )
     parser.add_argument("server", choices=["autobahn", "websockets", "c"])
     parser.add_argument("--port", type=int, required=True)

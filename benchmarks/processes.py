@@ -19,6 +19,8 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
+from benchmarks.helpers import process_cpu_seconds
+
 _PR_SET_PDEATHSIG = 1
 
 
@@ -115,28 +117,6 @@ def pick_cpus(server_cpu: int | None, client_cpu: int | None) -> tuple[int, int]
         others = [cpu for cpu in allowed if cpu != server_cpu]
         client_cpu = others[0] if others else server_cpu
     return server_cpu, client_cpu
-
-
-def process_cpu_seconds(pid: int) -> float | None:
-    """User + system CPU time of ``pid`` (all its threads), from /proc."""
-    try:
-        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    except OSError:
-        return None
-    ticks = os.sysconf("SC_CLK_TCK")
-    # After the ")" ending the command name: state is field 0, utime 11, stime 12.
-    return (int(fields[11]) + int(fields[12])) / ticks
-
-
-def process_rss_kb(pid: int) -> int | None:
-    """Resident set size of ``pid`` in KiB (VmRSS in /proc/<pid>/status)."""
-    try:
-        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1])
-    except OSError:
-        return None
-    return None
 
 
 def core_times(cpu: int) -> dict[str, int] | None:

@@ -6,7 +6,7 @@
  * made here: one thread, one epoll loop, non-blocking sockets, one read() per
  * readable socket per loop turn, one clock_gettime() per read() (every frame
  * in a read arrived at the same moment), latencies into a log-linear
- * histogram.  webchat.bench.loadgen compiles this file with gcc on first use
+ * histogram.  benchmarks.loadgen compiles this file with gcc on first use
  * and drives it line by line: commands on stdin, one JSON object per line on
  * stdout.  Nothing here is specific to webchat beyond the chat's wire
  * protocol: a text message M from connection N reaches every other

@@ -18,7 +18,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from webchat.bench.processes import ProcessRegistry
+from benchmarks.processes import ProcessRegistry
 
 SOURCE = Path(__file__).with_name("loadgen.c")
 CFLAGS = ("-O2", "-Wall", "-std=gnu11")

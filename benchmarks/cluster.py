@@ -44,9 +44,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from webchat.bench.loadgen import LoadGen
-from webchat.bench.processes import ProcessRegistry, UsageMeter, process_cpu_seconds
-from webchat.bench.scenarios import (
+from benchmarks.helpers import free_port, process_cpu_seconds
+from benchmarks.loadgen import LoadGen
+from benchmarks.processes import ProcessRegistry, UsageMeter
+from benchmarks.scenarios import (
     Bench,
     _disturbed,
     _fmt_rate,
@@ -56,7 +57,7 @@ from webchat.bench.scenarios import (
     _saturated,
     judge_step,
 )
-from webchat.bench.servers import Server, free_port, start_server
+from benchmarks.servers import Server, start_server
 
 #: What the table says about the CPUs, every time.
 CPU_NOTE = (

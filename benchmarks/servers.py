@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import shutil
 import socket
 import subprocess
 import sys
@@ -11,12 +10,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from urllib.parse import urlsplit
 
-from webchat.bench.processes import ProcessRegistry, process_rss_kb
+from benchmarks.helpers import CHECKOUT, free_port, process_rss_kb, twistd_path
+from benchmarks.processes import ProcessRegistry
 
 #: How long a freshly started server has to start accepting connections.
 STARTUP_TIMEOUT = 30.0
 
-#: The baselines ``webchat.bench.baselines`` can run, in report order.
+#: The baselines ``benchmarks.baselines`` can run, in report order.
 BASELINES = ("autobahn", "websockets")
 #: Also runnable, but not a default baseline: the C fan-out server that
 #: ``--scenario calibrate`` uses to find the load generator's own ceiling.
@@ -72,21 +72,6 @@ class Server:
         }
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def twistd_path() -> str:
-    """The twistd next to this Python (the venv's), else the one on PATH."""
-    found = shutil.which("twistd", path=str(Path(sys.executable).parent))
-    found = found or shutil.which("twistd")
-    if found is None:
-        raise RuntimeError("twistd is not installed next to this Python nor on PATH")
-    return found
-
-
 def webchat_command(port: int, logfile: Path, extra: list[str]) -> list[str]:
     """
     ``twistd webchat`` with only what the load would trip turned off: the
@@ -113,7 +98,8 @@ def webchat_command(port: int, logfile: Path, extra: list[str]) -> list[str]:
 
 
 def baseline_command(name: str, port: int) -> list[str]:
-    return [sys.executable, "-m", "webchat.bench.baselines", name, "--port", str(port)]
+    """``python -m benchmarks.baselines NAME``: to be run from the checkout."""
+    return [sys.executable, "-m", "benchmarks.baselines", name, "--port", str(port)]
 
 
 def start_server(
@@ -134,7 +120,13 @@ def start_server(
         stdout = log_path.open("wb")
     try:
         process = registry.start(
-            command, cpu, cwd=workdir, stdout=stdout, stderr=subprocess.STDOUT
+            command,
+            cpu,
+            # ``-m benchmarks.baselines`` imports from the current directory
+            # (the wheel does not ship the benchmarks); twistd needs no cwd.
+            cwd=workdir if name == "webchat" else CHECKOUT,
+            stdout=stdout,
+            stderr=subprocess.STDOUT,
         )
     finally:
         if stdout is not subprocess.DEVNULL:

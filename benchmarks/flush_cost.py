@@ -3,7 +3,7 @@ What the fan-out hot path costs in Python, per member, without sockets.
 
 Run from the repository root::
 
-    .venv/bin/python -m bench.flush_cost
+    .venv/bin/python -m benchmarks.flush_cost
 
 One reactor turn's ``Hub.flush`` to 1000 members whose ``deliver`` is the
 real ``WebChatProtocol.deliver``, on a stand-in socket that takes everything

@@ -3,7 +3,7 @@ Soak the chat server: steady chat, a reader that never reads, and churn.
 
 Run from the repository root::
 
-    .venv/bin/python -m bench.soak --duration 60 --out bench-results/soak.json
+    .venv/bin/python -m benchmarks.soak --duration 60 --out bench-results/soak.json
 
 It starts ``twistd -n --pidfile= webchat --port tcp:PORT:interface=127.0.0.1
 --rate-limit 0 --frame-rate-limit 0`` itself (or, with ``--url``, talks to a
@@ -46,7 +46,6 @@ import fcntl
 import json
 import random
 import re
-import shutil
 import signal
 import socket
 import struct
@@ -62,6 +61,8 @@ from urllib.parse import urlsplit
 
 from websockets.asyncio.client import ClientConnection, connect
 from websockets.exceptions import ConnectionClosed, InvalidHandshake
+
+from benchmarks.helpers import free_port, process_rss_kb, twistd_path
 
 #: Linux TCP states, as ``tcp_info.tcpi_state`` reports them.
 TCP_ESTABLISHED = 1
@@ -81,32 +82,17 @@ CHATTER_MESSAGE = re.compile(r"id (\d+): c(\d+):(\d+):")
 
 
 def read_rss(pid: int) -> int | None:
-    """Resident set size of ``pid`` in bytes, from /proc; None once it is gone."""
-    try:
-        with open(f"/proc/{pid}/status") as status:
-            for line in status:
-                if line.startswith("VmRSS:"):
-                    return int(line.split()[1]) * 1024
-    except OSError:
-        return None
-    return None
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+    """Resident set size of ``pid`` in bytes; None once it is gone."""
+    kib = process_rss_kb(pid)
+    return None if kib is None else kib * 1024
 
 
 class ServerProcess:
     """``twistd -n webchat`` in a subprocess, its log in a file."""
 
     def __init__(self, port: int, log_path: Path, extra: list[str]) -> None:
-        twistd = shutil.which("twistd", path=str(Path(sys.executable).parent))
-        if twistd is None:
-            raise SystemExit("twistd is not installed next to this Python")
         self.command = [
-            twistd,
+            twistd_path(),
             "-n",
             "--pidfile=",
             "webchat",
@@ -580,7 +566,7 @@ def print_summary(figures: dict) -> None:
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
-        prog="python -m bench.soak", description=__doc__.split("\n\n")[0].strip()
+        prog="python -m benchmarks.soak", description=__doc__.split("\n\n")[0].strip()
     )
     add = parser.add_argument
     add("--duration", type=float, default=60.0, help="total seconds (default 60)")

@@ -1,10 +1,12 @@
-"""``webchat-bench``: options, the run, and what it leaves behind.
+"""``python -m benchmarks``: options, the run, and what it leaves behind.
 
-    webchat-bench                          # everything, with both baselines (~10 min)
-    webchat-bench --quick                  # a smoke run (~1-2 min)
-    webchat-bench --scenario fanout --senders 1,10 --slow-reader
-    webchat-bench --scenario cluster       # 2 nodes + Redis vs 1 node (~1 min)
-    webchat-bench --url ws://127.0.0.1:8080/ --pid 1234 --no-baselines
+Run from a checkout's root (the wheel does not ship the benchmarks)::
+
+    python -m benchmarks                  # everything, with both baselines (~10 min)
+    python -m benchmarks --quick          # a smoke run (~1-2 min)
+    python -m benchmarks --scenario fanout --senders 1,10 --slow-reader
+    python -m benchmarks --scenario cluster   # 2 nodes + Redis vs 1 node (~1 min)
+    python -m benchmarks --url ws://127.0.0.1:8080/ --pid 1234 --no-baselines
 
 Progress goes to stderr, the table to stdout, everything measured to the
 JSON file (``--out``).
@@ -23,17 +25,17 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
-from webchat.bench import loadgen
-from webchat.bench.cluster import run_cluster
-from webchat.bench.processes import ProcessRegistry, background_load, pick_cpus
-from webchat.bench.report import (
+from benchmarks import loadgen
+from benchmarks.cluster import run_cluster
+from benchmarks.processes import ProcessRegistry, background_load, pick_cpus
+from benchmarks.report import (
     check_targets,
     compute_ratios,
     render_table,
     run_metadata,
     write_json,
 )
-from webchat.bench.scenarios import (
+from benchmarks.scenarios import (
     Bench,
     BenchConfig,
     ProgressLine,
@@ -41,7 +43,7 @@ from webchat.bench.scenarios import (
     run_echo,
     run_fanout,
 )
-from webchat.bench.servers import BASELINES, EXTRA_BASELINES
+from benchmarks.servers import BASELINES, EXTRA_BASELINES
 
 SCENARIOS = ("fanout", "connect", "echo")
 #: Run only when named: not part of "all" (``make bench``).
@@ -90,7 +92,7 @@ def _int_list(text: str) -> list[int]:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        prog="webchat-bench",
+        prog="python -m benchmarks",
         description="Benchmark webchat (issue #5) against naive baselines.",
         epilog=__doc__.split("\n\n", 1)[1].split("\n\n")[0],
         formatter_class=argparse.RawDescriptionHelpFormatter,

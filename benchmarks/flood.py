@@ -3,8 +3,8 @@ Flood the chat server with frames that no message limit sees (issue #9).
 
 Run from the repository root::
 
-    .venv/bin/python -m bench.flood --kind empty
-    .venv/bin/python -m bench.flood --kind continuation --src /path/to/old/src
+    .venv/bin/python -m benchmarks.flood --kind empty
+    .venv/bin/python -m benchmarks.flood --kind continuation --src /path/to/old/src
 
 It starts a server with every default limit (``--src`` picks the ``webchat``
 package to run: another checkout's ``src``, to measure a baseline in the same
@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import argparse
 import atexit
-import os
 import socket
 import statistics
 import subprocess
@@ -37,6 +36,8 @@ import time
 from pathlib import Path
 
 from websockets.sync.client import ClientConnection, connect
+
+from benchmarks.helpers import process_cpu_seconds, process_rss_kb
 
 SERVER = """
 import sys
@@ -86,14 +87,10 @@ class Process:
         self.pid = pid
 
     def cpu(self) -> float:
-        fields = Path(f"/proc/{self.pid}/stat").read_text().rsplit(")", 1)[1].split()
-        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+        return process_cpu_seconds(self.pid) or 0.0
 
     def rss_mib(self) -> float:
-        for line in Path(f"/proc/{self.pid}/status").read_text().splitlines():
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1]) / 1024
-        return 0.0
+        return (process_rss_kb(self.pid) or 0) / 1024
 
 
 def round_trips(a: ClientConnection, b: ClientConnection, count: int) -> list[float]:
