@@ -34,7 +34,7 @@ class HealthResource(Resource):
         factory = self._factory
         body = {
             "status": "shutting_down" if factory.draining else "ok",
-            "connections": len(factory.hub),
+            "connections": len(factory.rooms),
             "uptime": round(factory.reactor.seconds() - factory.started_at, 3),
             "version": __version__,
         }

@@ -100,7 +100,7 @@ class ChatCollector(Collector):
             "webchat_build", "webchat version", {"version": __version__}
         )
         yield GaugeMetricFamily(
-            "webchat_connections", "Open WebSocket connections.", len(factory.hub)
+            "webchat_connections", "Open WebSocket connections.", len(factory.rooms)
         )
         yield CounterMetricFamily(
             "webchat_connections_opened",

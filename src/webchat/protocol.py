@@ -38,6 +38,7 @@ import socket
 import struct
 import termios
 from collections import Counter
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 import txaio
@@ -56,12 +57,12 @@ from twisted.logger import Logger
 from zope.interface import implementer
 
 from webchat.access import AccessPolicy, canonical_address
-from webchat.frames import text_frame
-from webchat.hub import Hub
 from webchat.limits import Limits
 from webchat.logtext import LogText, escape_for_log
 from webchat.metrics import ChatStats
 from webchat.ratelimit import TokenBucket
+from webchat.room import Room
+from webchat.rooms import LOBBY, Rooms
 
 if TYPE_CHECKING:
     from webchat.relay import Envelope, RedisRelay
@@ -127,6 +128,8 @@ class WebChatProtocol(WebSocketServerProtocol):
     drop_reason: tuple[str, str] | None = None
     #: When the opening handshake completed (reactor time), for the log.
     opened_at = 0.0
+    #: The room this connection is in, from the opening handshake to its end.
+    room: Room | None = None
 
     _admitted = False
     _bucket: TokenBucket | None = None
@@ -604,7 +607,11 @@ class WebChatFactory(WebSocketServerFactory):
         # "webchat", not Autobahn's name and version, in the 101's Server:.
         super().__init__(reactor=reactor, server="webchat")
         self.stats = ChatStats()
-        self.hub = Hub(reactor, self.stats)
+        self.rooms = Rooms(reactor, self.stats, delivery_failed=self._delivery_failed)
+        self._next_id = 1
+        #: Where ids come from when several nodes share the chat (the Redis
+        #: relay's allocator); ``None`` for this process's own counter.
+        self.id_source: Callable[[], int] | None = None
         self.quiet = quiet
         self.limits = limits or Limits()
         self.access = access or AccessPolicy()
@@ -722,9 +729,21 @@ class WebChatFactory(WebSocketServerFactory):
         )
         raise ConnectionDeny(status, reason)
 
+    def allocate_id(self) -> int:
+        """
+        Hand out the next connection id.  Ids count up from 1 and are never
+        reused for the life of the server, so ``id 7`` in a chat log always
+        means the same person.
+        """
+        if self.id_source is not None:
+            return self.id_source()
+        chat_id = self._next_id
+        self._next_id += 1
+        return chat_id
+
     def register(self, protocol: WebChatProtocol) -> None:
-        protocol.chat_id = self.hub.allocate_id()
-        self.hub.join(protocol)
+        protocol.chat_id = self.allocate_id()
+        protocol.room = self.rooms.join(LOBBY, protocol)
         self.stats.opened += 1
         protocol.opened_at = self.reactor.seconds()
         log.info(
@@ -734,7 +753,8 @@ class WebChatFactory(WebSocketServerFactory):
         )
 
     def unregister(self, protocol: WebChatProtocol) -> None:
-        if not protocol.chat_id or not self.hub.leave(protocol):
+        room = protocol.room
+        if not protocol.chat_id or room is None or not self.rooms.leave(room, protocol):
             return  # never opened, or already gone
         code = _close_code(protocol)
         self.stats.closed[code] += 1
@@ -779,11 +799,15 @@ class WebChatFactory(WebSocketServerFactory):
             if self.per_address[address] <= 0:
                 del self.per_address[address]
 
+    def _delivery_failed(self, protocol: WebChatProtocol) -> bool:
+        """A delivery to ``protocol`` raised (a bug): end just that connection."""
+        protocol.close_with(1011, "internal error")
+        return True
+
     def relay(self, sender: WebChatProtocol, payload: bytes) -> int:
         """Send ``id N: payload`` to everyone but ``sender``; return how many get it."""
-        count = self.hub.broadcast(
-            sender, text_frame(b"id %d: " % sender.chat_id, payload)
-        )
+        room = sender.room
+        count = room.publish(sender, payload) if room is not None else 0
         self.stats.messages_received += 1
         if self.link is not None:
             self.link.publish(sender.chat_id, payload)
@@ -815,13 +839,14 @@ class WebChatFactory(WebSocketServerFactory):
         connection ids from the cluster-wide allocator.
         """
         self.link = link
-        self.hub.id_source = link.ids.next_id
+        self.id_source = link.ids.next_id
 
     def deliver_remote(self, envelope: Envelope) -> None:
         """A message from a client of another node: everyone here gets it."""
-        count = self.hub.broadcast(
-            None, text_frame(b"id %d: " % envelope.chat_id, envelope.text)
-        )
+        room = self.rooms.get(LOBBY)
+        count = 0
+        if room is not None:
+            count = room.publish(None, envelope.text, sender_id=envelope.chat_id)
         self.stats.messages_relayed_in += 1
         if not self.quiet:
             log.info(
@@ -849,7 +874,7 @@ class WebChatFactory(WebSocketServerFactory):
         """
         if grace is None:
             grace = self.limits.shutdown_grace
-        protocols = list(self.hub)
+        protocols = list(self.rooms)
         if not protocols:
             return succeed(0)
         for protocol in protocols:

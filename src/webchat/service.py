@@ -79,7 +79,7 @@ class ChatService(MultiService):
 
     def stopService(self) -> Deferred[None]:
         self.factory.draining = True
-        count = len(self.factory.hub)
+        count = len(self.factory.rooms)
         log.info("Shutting down: closing {count} connection(s)", count=count)
         d = self.factory.close_all()
 
