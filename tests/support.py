@@ -22,7 +22,7 @@ from twisted.internet.protocol import Factory, Protocol
 from twisted.logger import globalLogPublisher
 from twisted.trial.unittest import SkipTest
 
-from webchat.protocol import WebChatFactory
+from webchat.chat import WebChatFactory
 from webchat.web import make_site
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -37,8 +37,8 @@ from tests.support import (
 from tests.test_systemd import SERVICE, seconds, unit_values, with_local_binary
 from tests.tls_cert import make_certificate
 from webchat.access import AccessPolicy
+from webchat.chat import WebChatFactory
 from webchat.limits import SHUTDOWN_GRACE
-from webchat.protocol import WebChatFactory
 from webchat.relay import parse_redis_url
 from webchat.web import make_site
 

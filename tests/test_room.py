@@ -5,10 +5,10 @@ from __future__ import annotations
 from twisted.internet.task import Clock
 from twisted.trial.unittest import SynchronousTestCase
 
+from webchat.chat import WebChatFactory
 from webchat.codecs import Message
 from webchat.frames import text_frame
 from webchat.metrics import ChatStats
-from webchat.protocol import WebChatFactory
 from webchat.room import RELEASE_ABOVE
 from webchat.rooms import Rooms
 

@@ -17,8 +17,8 @@ from twisted.python.failure import Failure
 from twisted.trial.unittest import SynchronousTestCase
 
 from tests.support import HANDSHAKE, LogCapture, client_frame, parse_server_frames
+from webchat.chat import WebChatFactory
 from webchat.limits import Limits
-from webchat.protocol import WebChatFactory
 from webchat.service import ChatService
 from webchat.tap import Options
 from webchat.web import make_site

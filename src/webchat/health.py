@@ -13,7 +13,7 @@ from twisted.web.resource import Resource
 from twisted.web.server import Request
 
 from webchat import __version__
-from webchat.protocol import WebChatFactory
+from webchat.chat import WebChatFactory
 
 
 class HealthResource(Resource):

@@ -27,7 +27,7 @@ from prometheus_client.registry import Collector
 from webchat import __version__
 
 if TYPE_CHECKING:
-    from webchat.protocol import WebChatFactory
+    from webchat.chat import WebChatFactory
 
 #: Every reason a handshake can be refused, so each series exists from zero.
 REFUSAL_REASONS = (

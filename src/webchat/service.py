@@ -14,7 +14,7 @@ from twisted.internet.error import CannotListenError
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
-from webchat.protocol import WebChatFactory
+from webchat.chat import WebChatFactory
 
 log = Logger(namespace="webchat")
 
