@@ -187,10 +187,9 @@ class WebChatFactory(WebSocketServerFactory):
     def register(self, protocol: WebChatProtocol) -> None:
         protocol.chat_id = self.allocate_id()
         admitted = protocol.admitted
-        if admitted is not None:
-            protocol.room = self.rooms.join(admitted.room, protocol, admitted.codec)
-        else:  # made without a handshake (tests that call onOpen directly)
-            protocol.room = self.rooms.join(LOBBY, protocol)
+        if admitted is None:
+            raise RuntimeError("a connection opened without being admitted")
+        protocol.room = self.rooms.join(admitted.room, protocol, admitted.codec)
         self.stats.opened += 1
         protocol.opened_at = self.reactor.seconds()
         log.info(
