@@ -185,10 +185,10 @@ class WebChatFactory(WebSocketServerFactory):
         return chat_id
 
     def register(self, protocol: WebChatProtocol) -> None:
-        protocol.chat_id = self.allocate_id()
         admitted = protocol.admitted
         if admitted is None:
             raise RuntimeError("a connection opened without being admitted")
+        protocol.chat_id = self.allocate_id()
         protocol.room = self.rooms.join(admitted.room, protocol, admitted.codec)
         self.stats.opened += 1
         protocol.opened_at = self.reactor.seconds()
@@ -248,7 +248,11 @@ class WebChatFactory(WebSocketServerFactory):
         return True
 
     def relay(self, sender: WebChatProtocol, payload: bytes) -> int:
-        """Send ``id N: payload`` to everyone but ``sender``; return how many get it."""
+        """
+        Hand ``payload`` to the sender's room (everyone else there gets it as
+        its codec says: ``id N: payload``) and to the other nodes; return how
+        many here get it.
+        """
         room = sender.room
         count = room.publish(sender, payload) if room is not None else 0
         self.stats.messages_received += 1
