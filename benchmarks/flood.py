@@ -45,7 +45,7 @@ sys.path.insert(0, {src!r})
 import webchat
 assert webchat.__file__.startswith({src!r}), webchat.__file__
 from twisted.internet import reactor
-from webchat.protocol import WebChatFactory
+from webchat.chat import WebChatFactory
 from webchat.web import make_site
 port = reactor.listenTCP(0, make_site(WebChatFactory(reactor, quiet=True)),
                          interface="127.0.0.1")

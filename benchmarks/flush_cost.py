@@ -5,7 +5,8 @@ Run from the repository root::
 
     .venv/bin/python -m benchmarks.flush_cost
 
-One reactor turn's ``Hub.flush`` to 1000 members whose ``deliver`` is the
+One reactor turn's flush (``Rooms.flush``: the seed codec encoding the
+turn once, then the room's fan-out) to 1000 members whose ``deliver`` is the
 real ``WebChatProtocol.deliver``, on a stand-in socket that takes everything
 (so the system call is left out and only our own code is timed): one small
 message a turn (S=1, the common case) and ten (S=10).  Best of 60 x 100
@@ -22,10 +23,10 @@ from types import SimpleNamespace
 
 from twisted.internet.task import Clock
 
-from webchat.hub import Hub
+from webchat.connection import _OPEN, WebChatProtocol
 from webchat.limits import Limits
 from webchat.metrics import ChatStats
-from webchat.protocol import _OPEN, WebChatProtocol
+from webchat.rooms import LOBBY, Rooms
 
 MEMBERS = 1000
 #: What ``connectionMade`` sets up for the default 1 MiB allowance.
@@ -63,16 +64,16 @@ for _name in ("_room", "_buffered", "_backlog_limit", "_too_slow"):
 
 
 def main() -> None:
-    hub = Hub(Clock(), ChatStats())
-    members = [Member(hub.allocate_id()) for _ in range(MEMBERS)]
+    rooms = Rooms(Clock(), ChatStats(), release_memory=lambda: None)
+    members = [Member(chat_id) for chat_id in range(1, MEMBERS + 1)]
     for member in members:
-        hub.join(member)
-    frame = b"\x81\x46id 1: " + b"x" * 64
+        room = rooms.join(LOBBY, member)
+    text = b"x" * 64
 
     def turn(senders: int) -> None:
         for member in members[:senders]:
-            hub.broadcast(member, frame)
-        hub.flush()
+            room.publish(member, text)
+        rooms.flush()
 
     for senders in (1, 10):
         runs = timeit.repeat(functools.partial(turn, senders), number=100, repeat=60)

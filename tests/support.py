@@ -23,7 +23,7 @@ from twisted.trial.unittest import SkipTest
 # import free_port from here).
 from benchmarks.helpers import free_port as free_port
 from benchmarks.helpers import twistd_path
-from webchat.protocol import WebChatFactory
+from webchat.chat import WebChatFactory
 from webchat.web import make_site
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -37,8 +37,8 @@ from tests.support import (
 from tests.test_systemd import SERVICE, seconds, unit_values, with_local_binary
 from tests.tls_cert import make_certificate
 from webchat.access import AccessPolicy
+from webchat.chat import WebChatFactory
 from webchat.limits import SHUTDOWN_GRACE
-from webchat.protocol import WebChatFactory
 from webchat.redis import parse_redis_url
 from webchat.web import make_site
 
@@ -212,11 +212,11 @@ class NginxInFrontTests(TestCase):
         one = yield self.connect(port)
         two = yield self.connect(port)
         # least_conn: the second goes to the node that had none.
-        self.assertEqual(sorted([len(first.hub), len(second.hub)]), [1, 1])
+        self.assertEqual(sorted([len(first.rooms), len(second.rooms)]), [1, 1])
 
         three = yield self.connect(port)
         four = yield self.connect(port)
-        self.assertEqual([len(first.hub), len(second.hub)], [2, 2])
+        self.assertEqual([len(first.rooms), len(second.rooms)], [2, 2])
         # Two on one node hear each other, through nginx; the others, on the
         # other node, cannot without a relay between the nodes.
         one.send_text("hello through nginx")
@@ -229,7 +229,7 @@ class NginxInFrontTests(TestCase):
         yield first.listening.stopListening()
         for _ in range(3):
             yield self.connect(port)
-        self.assertEqual([len(first.hub), len(second.hub)], [2, 5])
+        self.assertEqual([len(first.rooms), len(second.rooms)], [2, 5])
 
     # -- helpers ----------------------------------------------------------------------
 

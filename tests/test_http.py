@@ -296,7 +296,7 @@ class UpgradeThroughTheWebTests(HTTPMixin, TestCase):
     def test_an_http_1_0_upgrade_is_refused(self):
         reply = yield self.exchange(HANDSHAKE.replace(b"HTTP/1.1", b"HTTP/1.0"))
         self.assertTrue(reply.startswith(b"HTTP/1.0 426 "), reply[:80])
-        self.assertEqual(len(self.factory.hub), 2)  # Alice and Bob only
+        self.assertEqual(len(self.factory.rooms), 2)  # Alice and Bob only
         self.assertEqual(self.factory.refused["http_version"], 1)
         self.assertEqual(
             self.webchat_lines("Refused connection"),

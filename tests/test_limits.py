@@ -552,7 +552,7 @@ class SlowReaderTests(LimitsMixin, TestCase):
             [x for x in self.logs.lines if x.endswith("1008 too slow")], self.logs.lines
         )
         # Gone for everyone at once ...
-        self.assertEqual(len(self.factory.hub), 2)
+        self.assertEqual(len(self.factory.rooms), 2)
         # ... and its buffer is freed: the server ends the TCP connection soon.
         for _ in range(50):
             if not [p for p in self.factory.connections if p.chat_id == 3]:
@@ -653,7 +653,7 @@ class BrieflyBehindTests(LimitsMixin, TestCase):
         self.addCleanup(self.reader.sock.close)
         yield self.reader.read_messages(0)  # the opening handshake
         self.assertTrue(self.reader.head.startswith(b"HTTP/1.1 101 "))
-        (self.on_server,) = [p for p in self.factory.hub if p.chat_id == 3]
+        (self.on_server,) = [p for p in self.factory.rooms if p.chat_id == 3]
         self.said: list[str] = []
 
     @inlineCallbacks
@@ -700,7 +700,7 @@ class BrieflyBehindTests(LimitsMixin, TestCase):
             yield self.assert_reader_caught_up()
         yield self.say("still here")
         yield self.assert_reader_caught_up()
-        self.assertEqual(len(self.factory.hub), 3)
+        self.assertEqual(len(self.factory.rooms), 3)
         yield self.assert_bystanders_chat()
 
 

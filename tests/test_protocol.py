@@ -17,6 +17,7 @@ from tests.support import (
     take,
 )
 from webchat.limits import Limits
+from webchat.room import Room
 from webchat.service import ChatService
 
 
@@ -299,7 +300,7 @@ class LogTests(ServerMixin, TestCase):
         def broken(*args):
             raise RuntimeError("a bug in the relay")
 
-        self.patch(self.factory.hub, "broadcast", broken)
+        self.patch(Room, "publish", broken)
         a.send_text("this finds the bug")  # the server's fault: 1011
         yield a.closed
         yield deferLater(0.05)

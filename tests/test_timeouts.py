@@ -17,8 +17,8 @@ from twisted.python.failure import Failure
 from twisted.trial.unittest import SynchronousTestCase
 
 from tests.support import HANDSHAKE, LogCapture, client_frame, parse_server_frames
+from webchat.chat import WebChatFactory
 from webchat.limits import Limits
-from webchat.protocol import WebChatFactory
 from webchat.service import ChatService
 from webchat.tap import Options
 from webchat.web import make_site
@@ -71,7 +71,7 @@ class KeepaliveTests(FakeClockMixin, SynchronousTestCase):
         self.clock.advance(0.2)
         self.assertTrue(transport.aborted)
         # Gone for everyone at once, not when (if ever) TCP notices.
-        self.assertEqual(len(self.factory.hub), 0)
+        self.assertEqual(len(self.factory.rooms), 0)
         self.assertEqual(self.factory.dropped["ping_timeout"], 1)
         self.assertIn(
             "An error has occurred: connection 1 from 192.0.2.7: "
@@ -173,7 +173,7 @@ class HandshakeDeadlineTests(FakeClockMixin, SynchronousTestCase):
         self.assertTrue(transport.value().startswith(b"HTTP/1.1 101 "))
         self.clock.advance(60)
         self.assertFalse(transport.aborted)
-        self.assertEqual(len(self.factory.hub), 1)
+        self.assertEqual(len(self.factory.rooms), 1)
 
 
 class ShutdownGraceTests(FakeClockMixin, SynchronousTestCase):
@@ -316,10 +316,10 @@ class KeepAliveDeadlineTests(FakeClockMixin, SynchronousTestCase):
         self.clock.advance(9)
         self.transport.protocol.dataReceived(HANDSHAKE)
         self.assertTrue(self.transport.value().startswith(b"HTTP/1.1 101 "))
-        self.assertEqual(len(self.factory.hub), 1)
+        self.assertEqual(len(self.factory.rooms), 1)
         self.clock.advance(60)
         self.assertFalse(self.transport.aborted)
-        self.assertEqual(len(self.factory.hub), 1)
+        self.assertEqual(len(self.factory.rooms), 1)
         self.assertEqual(self.factory.dropped["handshake_timeout"], 0)
 
     def test_slowloris_on_the_second_request_is_cut_off_at_the_deadline(self):

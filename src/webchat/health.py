@@ -13,7 +13,7 @@ from twisted.web.resource import Resource
 from twisted.web.server import Request
 
 from webchat import __version__
-from webchat.protocol import WebChatFactory
+from webchat.chat import WebChatFactory
 
 
 class HealthResource(Resource):
@@ -34,7 +34,7 @@ class HealthResource(Resource):
         factory = self._factory
         body = {
             "status": "shutting_down" if factory.draining else "ok",
-            "connections": len(factory.hub),
+            "connections": len(factory.rooms),
             "uptime": round(factory.reactor.seconds() - factory.started_at, 3),
             "version": __version__,
         }

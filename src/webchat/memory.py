@@ -5,7 +5,7 @@ burst of big allocations (one reactor turn of many 60 KB messages: the
 frames, their joined copy, Autobahn's read buffers) tens of MB can stay
 resident long after every object is gone: freed, never returned.  Python
 never asks for it back; ``malloc_trim`` does.  It walks the heap, so it is
-called only after rare big turns (see ``Hub.flush``), never per message.
+called only after rare big turns (see ``Room.flush``), never per message.
 """
 
 from __future__ import annotations

@@ -32,7 +32,7 @@ from twisted.web.server import Request
 from webchat import __version__
 
 if TYPE_CHECKING:
-    from webchat.protocol import WebChatFactory
+    from webchat.chat import WebChatFactory
 
 #: Every reason a handshake can be refused, so each series exists from zero.
 REFUSAL_REASONS = (
@@ -103,7 +103,7 @@ class ChatCollector(Collector):
             "webchat_build", "webchat version", {"version": __version__}
         )
         yield GaugeMetricFamily(
-            "webchat_connections", "Open WebSocket connections.", len(factory.hub)
+            "webchat_connections", "Open WebSocket connections.", len(factory.rooms)
         )
         yield CounterMetricFamily(
             "webchat_connections_opened",

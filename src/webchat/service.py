@@ -14,7 +14,7 @@ from twisted.internet.error import CannotListenError
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
-from webchat.protocol import WebChatFactory
+from webchat.chat import WebChatFactory
 
 log = Logger(namespace="webchat")
 
@@ -79,7 +79,7 @@ class ChatService(MultiService):
 
     def stopService(self) -> Deferred[None]:
         self.factory.draining = True
-        count = len(self.factory.hub)
+        count = len(self.factory.rooms)
         log.info("Shutting down: closing {count} connection(s)", count=count)
         d = self.factory.close_all()
 

@@ -16,8 +16,8 @@ from twisted.python import usage
 
 from webchat import __version__, limits
 from webchat.access import AccessPolicy
+from webchat.chat import WebChatFactory
 from webchat.metrics import MetricsPage, make_registry
-from webchat.protocol import WebChatFactory
 from webchat.redis import (
     DEFAULT_CHANNEL,
     RedisRelay,

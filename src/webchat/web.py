@@ -27,9 +27,9 @@ from twisted.web.server import NOT_DONE_YET, Request, Site
 from twisted.web.static import File
 
 from webchat.access import canonical_address
+from webchat.chat import WebChatFactory
 from webchat.health import HealthResource
 from webchat.logtext import escape_for_log
-from webchat.protocol import WebChatFactory
 
 log = Logger(namespace="webchat")
 

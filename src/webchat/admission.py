@@ -1,0 +1,135 @@
+"""Admission: who an opening handshake is, and where it goes, or why not.
+
+Every WebSocket handshake passes here once, before the ``101``: the
+origin rule (``webchat.access``), the server's caps (draining, whole
+server, per address), and later the token.  The answer is an ``Admitted``
+— the address the connection is accounted to, the room it joins and the
+codec it speaks — or ``ConnectionDeny`` with the HTTP status, after one
+warn line and one count.  Nothing here touches a socket, so every rule is
+tested with a header dict (tests/test_admission.py).
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from collections.abc import Mapping
+from typing import NamedTuple
+
+from autobahn.websocket.types import ConnectionDeny
+from twisted.logger import Logger
+
+from webchat.access import AccessPolicy
+from webchat.codecs import SEED, Codec
+from webchat.limits import Limits
+from webchat.logtext import escape_for_log
+from webchat.rooms import LOBBY
+
+log = Logger(namespace="webchat")
+
+
+class Admitted(NamedTuple):
+    """What admission decided about one connection."""
+
+    #: The address it is accounted to (see ``AccessPolicy.client_address``).
+    address: str
+    #: The room it joins when the handshake completes.
+    room: str
+    #: The wire format it is sent.
+    codec: Codec
+
+
+class Admission:
+    """The rules one server admits handshakes by, and what they hold."""
+
+    def __init__(self, access: AccessPolicy, limits: Limits, refused: Counter[str]):
+        self.access = access
+        self.limits = limits
+        #: Handshakes refused, by reason (shared with the metrics).
+        self.refused = refused
+        #: Admitted connections still open, by address (the per-address cap).
+        self.per_address: Counter[str] = Counter()
+
+    def client_address(self, peer: str, headers: Mapping[str, str]) -> str:
+        """The address a connection from ``peer`` is accounted to."""
+        return self.access.client_address(peer, headers.get("x-forwarded-for"))
+
+    def admit(
+        self,
+        peer: str,
+        headers: Mapping[str, str],
+        *,
+        tls: bool,
+        draining: bool,
+        connections: int,
+    ) -> Admitted:
+        """
+        Admit a handshake from ``peer`` (the TCP peer's address) with
+        ``headers`` (lower-case names), or raise ``ConnectionDeny``.
+
+        ``tls``: whether it came over TLS; ``draining``: the server is
+        shutting down; ``connections``: open TCP connections, this one too.
+        An admitted connection holds a place against the per-address cap
+        until ``release``.
+        """
+        address = self.client_address(peer, headers)
+        access = self.access
+        secure = tls
+        if access.is_trusted_proxy(peer):
+            proto = headers.get("x-forwarded-proto", "").strip().lower()
+            secure = secure or proto in ("https", "wss")
+        scheme = "https" if secure else "http"
+        origin = headers.get("origin")
+        limits = self.limits
+        if draining:
+            self._refuse(address, 503, "draining", "server is shutting down")
+        if not access.origin_allowed(origin, headers.get("host"), scheme):
+            shown = escape_for_log(origin or "")
+            self._refuse(
+                address,
+                403,
+                "origin",
+                "origin not allowed",
+                f"origin {shown} not allowed",
+                # The one thing the operator needs to know next.
+                hint=f"start webchat with --allowed-origin {shown} to allow it",
+            )
+        if limits.max_connections and connections > limits.max_connections:
+            self._refuse(address, 503, "max_connections", "server is full")
+        per_ip = limits.max_connections_per_ip
+        if per_ip and self.per_address[address] >= per_ip:
+            self._refuse(
+                address,
+                429,
+                "max_connections_per_ip",
+                "too many connections",
+                f"already {per_ip} connection(s) from this address",
+            )
+        self.per_address[address] += 1
+        # Rooms by path (/ws/<room>) is issue #13: the room is chosen here.
+        return Admitted(address, LOBBY, SEED)
+
+    def release(self, address: str) -> None:
+        """An admitted connection from ``address`` is gone."""
+        self.per_address[address] -= 1
+        if self.per_address[address] <= 0:
+            del self.per_address[address]
+
+    def _refuse(
+        self,
+        address: str,
+        status: int,
+        kind: str,
+        reason: str,
+        detail: str = "",
+        hint: str = "",
+    ) -> None:
+        """Count and log a refused handshake, then refuse it with ``status``."""
+        self.refused[kind] += 1
+        log.warn(
+            "Refused connection from {peer}: {reason} (HTTP {status}{hint})",
+            peer=escape_for_log(address),
+            reason=detail or reason,
+            status=status,
+            hint=f"; {hint}" if hint else "",
+        )
+        raise ConnectionDeny(status, reason)

@@ -1,0 +1,349 @@
+"""The chat of one server: its connections, their rooms, other nodes, shutdown.
+
+``WebChatFactory`` is Autobahn's factory, and the user's design card holds:
+it tracks every protocol instance, and each ``WebChatProtocol`` reports
+``onConnect``/``onOpen``/``onMessage``/``onClose`` back to it.  What it does
+with each report is short, because the work lives elsewhere:
+
+* ``onConnect`` → ``admit``: ``webchat.admission`` decides (origin, caps),
+  giving the address, room and codec, or the HTTP refusal.
+* ``onOpen`` → ``register``: the connection gets its id and joins its room
+  (``webchat.rooms``), with the "New connection!" log line.
+* ``onMessage`` → ``relay``: the sender's room publishes it
+  (``webchat.room``), and the Redis link publishes it to other nodes.
+* ``onClose`` → ``unregister``: leaves the room, with the close's log lines
+  and counters.
+
+Ids are the server's (or, with ``--redis``, the cluster's), not a room's,
+so ``id 7`` means one person everywhere.  ``reactor`` is kept on the
+factory (never imported here) so tests can run several servers in one
+process, or hand in a fake clock.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any
+
+import txaio
+from autobahn.twisted.websocket import WebSocketServerFactory
+from twisted.internet.defer import Deferred, DeferredList, succeed
+from twisted.internet.interfaces import IReactorTime, ISSLTransport
+from twisted.logger import Logger
+
+from webchat.access import AccessPolicy
+from webchat.admission import Admission
+from webchat.connection import (
+    _CLOSED,
+    ERROR_CLOSE_CODES,
+    SERVER_FAULT_CODES,
+    WebChatProtocol,
+)
+from webchat.limits import Limits
+from webchat.logtext import LogText, escape_for_log
+from webchat.metrics import ChatStats
+from webchat.rooms import LOBBY, Rooms
+
+if TYPE_CHECKING:
+    from webchat.redis import Envelope, RedisRelay
+
+#: How each error close is counted (``WebChatFactory.dropped``).
+_DROP_KIND = {
+    1002: "protocol_error",
+    1003: "unsupported_data",
+    1007: "invalid_utf8",
+    1009: "message_too_big",
+    1011: "internal_error",
+}
+
+log = Logger(namespace="webchat")
+
+
+def _close_code(protocol: WebChatProtocol) -> int:
+    """The code a connection ended with: the server's, else the client's, else 1006."""
+    if protocol.drop_reason is not None and protocol.localCloseCode is None:
+        return 1006  # dropped without a close frame (dead peer)
+    return protocol.localCloseCode or protocol.remoteCloseCode or 1006
+
+
+class WebChatFactory(WebSocketServerFactory):
+    """
+    The chat of one server: tracks its connections, admits them (through
+    ``Admission``) into rooms, hands each message to the sender's room,
+    shares the chat with other nodes, and shuts down.
+
+    ``reactor`` is kept on the factory (never imported here) so tests can run
+    several servers in one process, or hand in a fake clock.
+    """
+
+    protocol = WebChatProtocol
+    log = txaio.make_logger(level="error")
+
+    def __init__(
+        self,
+        reactor: IReactorTime,
+        *,
+        quiet: bool = False,
+        limits: Limits | None = None,
+        access: AccessPolicy | None = None,
+    ) -> None:
+        # "webchat", not Autobahn's name and version, in the 101's Server:.
+        super().__init__(reactor=reactor, server="webchat")
+        self.stats = ChatStats()
+        self.rooms = Rooms(reactor, self.stats, delivery_failed=self._delivery_failed)
+        self._next_id = 1
+        #: Where ids come from when several nodes share the chat (the Redis
+        #: relay's allocator); ``None`` for this process's own counter.
+        self.id_source: Callable[[], int] | None = None
+        self.quiet = quiet
+        self.limits = limits or Limits()
+        self.access = access or AccessPolicy()
+        #: Every connection from TCP accept to close, open or still handshaking.
+        self.connections: set[WebChatProtocol] = set()
+        self.admission = Admission(self.access, self.limits, self.stats.refused)
+        #: When the server started, for /healthz's uptime.
+        self.started_at = reactor.seconds()
+        #: Set at shutdown: new handshakes get 503 and /healthz says so.
+        self.draining = False
+        #: The Redis relay to other nodes, when there is one (``attach_link``).
+        self.link: RedisRelay | None = None
+        size = self.limits.max_message_size
+        self.setProtocolOptions(
+            # Without failByDrop=False Autobahn answers a protocol violation by
+            # dropping TCP, and the client never learns the close code.
+            failByDrop=False,
+            maxMessagePayloadSize=size,
+            maxFramePayloadSize=size,
+            # The site's handshake deadline covers the whole opening handshake,
+            # and our own keepalive (on self.reactor) replaces Autobahn's.
+            openHandshakeTimeout=0,
+            autoPingInterval=0,
+            # Let "Origin: null" through to admit(): our policy decides it
+            # (and logs and counts a refusal), not Autobahn's bare 400.
+            allowNullOrigin=True,
+            # Each close we start sets its own timeout (sendCloseFrame): the
+            # shutdown grace for 1001, Limits.close_timeout for closes for cause.
+            closeHandshakeTimeout=0,
+        )
+        # Autobahn copies every option onto every new connection, and
+        # pretty-prints the lot for a debug line even when debug is off: a
+        # third of what accepting a connection costs, and 2 KB a connection.
+        # Instead the options live on a protocol class of this factory's own,
+        # whose empty CONFIG_ATTRS leaves nothing to copy.  (So options are
+        # fixed from now on: set them above, never later.)
+        options: dict[str, Any] = {
+            # staticmethod: a function option (perMessageCompressionAccept)
+            # must not turn into a method of the class.
+            name: staticmethod(value) if callable(value) else value
+            for name in WebChatProtocol.CONFIG_ATTRS
+            for value in (getattr(self, name),)
+        }
+        options["CONFIG_ATTRS"] = ()
+        self.protocol = type("WebChatProtocol", (WebChatProtocol,), options)
+
+    @property
+    def refused(self) -> Counter[str]:
+        """Handshakes refused, by reason."""
+        return self.stats.refused
+
+    @property
+    def per_address(self) -> Counter[str]:
+        """Admitted connections still open, by address."""
+        return self.admission.per_address
+
+    @property
+    def dropped(self) -> Counter[str]:
+        """Connections the server ended for cause, by kind."""
+        return self.stats.dropped
+
+    # -- what the protocols report -------------------------------------------------
+
+    def admit(self, protocol: WebChatProtocol, request: Any) -> None:
+        """Let a handshake proceed, or raise ``ConnectionDeny`` with the HTTP status."""
+        headers = request.headers
+        peer = protocol.client_address
+        protocol.client_address = self.admission.client_address(peer, headers)
+        protocol.admitted = self.admission.admit(
+            peer,
+            headers,
+            tls=ISSLTransport.providedBy(protocol.transport),
+            draining=self.draining,
+            connections=len(self.connections),
+        )
+
+    def allocate_id(self) -> int:
+        """
+        Hand out the next connection id.  Ids count up from 1 and are never
+        reused for the life of the server, so ``id 7`` in a chat log always
+        means the same person.
+        """
+        if self.id_source is not None:
+            return self.id_source()
+        chat_id = self._next_id
+        self._next_id += 1
+        return chat_id
+
+    def register(self, protocol: WebChatProtocol) -> None:
+        admitted = protocol.admitted
+        if admitted is None:
+            raise RuntimeError("a connection opened without being admitted")
+        protocol.chat_id = self.allocate_id()
+        protocol.room = self.rooms.join(admitted.room, protocol, admitted.codec)
+        self.stats.opened += 1
+        protocol.opened_at = self.reactor.seconds()
+        log.info(
+            "New connection! ({id}) from {peer}",
+            id=protocol.chat_id,
+            peer=escape_for_log(protocol.client_address),
+        )
+
+    def unregister(self, protocol: WebChatProtocol) -> None:
+        room = protocol.room
+        if not protocol.chat_id or room is None or not self.rooms.leave(room, protocol):
+            return  # never opened, or already gone
+        code = _close_code(protocol)
+        self.stats.closed[code] += 1
+        error = None
+        server_fault = False
+        if protocol.drop_reason is not None:
+            kind, error = protocol.drop_reason
+            self.dropped[kind] += 1
+            server_fault = protocol.localCloseCode in SERVER_FAULT_CODES
+        elif protocol.localCloseCode in ERROR_CLOSE_CODES:
+            local = protocol.localCloseCode
+            reason = protocol.localCloseReason or b""
+            if isinstance(reason, bytes):
+                reason = reason.decode("utf-8", "replace")
+            error = f"{local} {reason}".strip()
+            self.dropped[_DROP_KIND.get(local, f"close_{local}")] += 1
+            server_fault = local in SERVER_FAULT_CODES
+        if error is not None:
+            # error: our fault, someone should look; warn: the client's doing.
+            emit = log.error if server_fault else log.warn
+            emit(
+                "An error has occurred: connection {id} from {peer}: {error}",
+                id=protocol.chat_id,
+                peer=escape_for_log(protocol.client_address),
+                error=escape_for_log(error),
+            )
+        log.info(
+            "Connection {id} has disconnected: {peer}, code {code}, "
+            "after {duration:.1f} s",
+            id=protocol.chat_id,
+            peer=escape_for_log(protocol.client_address),
+            code=code,
+            duration=max(self.reactor.seconds() - protocol.opened_at, 0.0),
+        )
+
+    def forget(self, protocol: WebChatProtocol) -> None:
+        """The TCP connection is gone: release what it held against the caps."""
+        self.connections.discard(protocol)
+        if protocol.admitted is not None:
+            self.admission.release(protocol.admitted.address)
+
+    def _delivery_failed(self, protocol: WebChatProtocol) -> bool:
+        """A delivery to ``protocol`` raised (a bug): end just that connection."""
+        protocol.close_with(1011, "internal error")
+        return True
+
+    def relay(self, sender: WebChatProtocol, payload: bytes) -> int:
+        """
+        Hand ``payload`` to the sender's room (everyone else there gets it as
+        its codec says: ``id N: payload``) and to the other nodes; return how
+        many here get it.
+        """
+        room = sender.room
+        count = room.publish(sender, payload) if room is not None else 0
+        self.stats.messages_received += 1
+        if self.link is not None:
+            self.link.publish(sender.chat_id, payload)
+        if self.quiet:
+            pass
+        elif self.link is not None:
+            log.info(
+                "Connection {id} sending message {text} to {count} other "
+                "connection(s) here, and published to the other nodes",
+                id=sender.chat_id,
+                text=LogText(payload),
+                count=count,
+            )
+        else:
+            log.info(
+                "Connection {id} sending message {text} to {count} other connection(s)",
+                id=sender.chat_id,
+                text=LogText(payload),
+                count=count,
+            )
+        return count
+
+    # -- other nodes (--redis) -----------------------------------------------------
+
+    def attach_link(self, link: RedisRelay) -> None:
+        """
+        Share this chat with other nodes through ``link``: publish what local
+        clients say, deliver what other nodes' clients say, and take
+        connection ids from the cluster-wide allocator.
+        """
+        self.link = link
+        self.id_source = link.ids.next_id
+
+    def deliver_remote(self, envelope: Envelope) -> None:
+        """A message from a client of another node: everyone in the lobby gets it."""
+        room = self.rooms.get(LOBBY)
+        count = 0
+        if room is not None:
+            count = room.publish(None, envelope.text, sender_id=envelope.chat_id)
+        if not self.quiet:
+            log.info(
+                "Connection {id} on node {node} sending message {text} to {count} "
+                "connection(s) here",
+                id=envelope.chat_id,
+                node=envelope.node,
+                text=LogText(envelope.text),
+                count=count,
+            )
+
+    # -- shutdown ------------------------------------------------------------------
+
+    def close_all(
+        self,
+        code: int = 1001,
+        reason: str = "server shutting down",
+        grace: float | None = None,
+    ) -> Deferred[int]:
+        """
+        Start the closing handshake with every client and wait for it.
+
+        Fires with how many finished cleanly within ``grace`` seconds; the
+        rest are dropped then, so a dead peer cannot hold shutdown hostage.
+        """
+        if grace is None:
+            grace = self.limits.shutdown_grace
+        protocols = list(self.rooms)
+        if not protocols:
+            return succeed(0)
+        for protocol in protocols:
+            # The timer below drops whoever has not answered within the grace.
+            protocol.close_with(code, reason, timeout=0)
+        done: Deferred[int] = Deferred()
+        finished = DeferredList([p.is_closed for p in protocols], consumeErrors=True)
+
+        def finish(_: object = None) -> None:
+            # Reached twice when the grace runs out: dropping the stragglers
+            # completes the list of closes too.
+            if done.called:
+                return
+            if timer.active():
+                timer.cancel()
+            done.callback(sum(1 for p in protocols if p.wasClean))
+
+        def on_timeout() -> None:
+            for protocol in protocols:
+                if protocol.state != _CLOSED:
+                    protocol.dropConnection(abort=True)
+            finish()
+
+        timer = self.reactor.callLater(grace, on_timeout)
+        finished.addCallback(finish)
+        return done

@@ -1,0 +1,276 @@
+"""One room: its members, and sender-excluded fan-out batched per reactor turn.
+
+A room knows nothing about WebSockets: a member is anything with a
+``chat_id`` and a ``deliver(data)`` method, and the bytes it is sent come
+from a codec (``webchat.codecs``).  That keeps the one rule of the chat —
+every message goes to everyone in the room *but* its sender, in the order
+it arrived — in one small place that a test can drive without a socket;
+the WebSocket connection, an HTTP API, a history replay or another node
+all reach it through ``publish``.
+
+Why batching: a chat server's real work is fan-out, one message in and N
+copies out, and per copy the cost is the write and its system call, not the
+bytes.  So messages are not sent as they arrive.  They are queued, and at
+the end of the current reactor iteration (``Rooms`` runs one
+``callLater(0)`` for every room with messages: after every socket that was
+readable in this turn has been read, before the reactor waits again) each
+member is handed, in one write, everything it is owed from that turn.
+Under light load a turn carries one message and this adds no latency;
+under heavy load a turn carries many, and the cost per delivery falls with
+every message that shares the write.
+
+Memory: a turn holds what was received plus, per codec, its encoding; a
+sender's share (the turn less its own messages) is worked out when its
+delivery comes and let go before the next member's.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from time import perf_counter
+from typing import TYPE_CHECKING, Protocol
+
+from twisted.logger import Logger
+
+from webchat.codecs import Codec, Message
+
+if TYPE_CHECKING:
+    from webchat.metrics import ChatStats
+
+#: Turns bigger than this (bytes) reach their senders as views of the one
+#: joined buffer, a write per run of other people's frames, instead of as a
+#: copy without the sender's own: below it a copy costs less than the extra
+#: writes, above it the copies are what costs (in memory and in time).
+SLICE_ABOVE = 64 * 1024
+#: After a turn bigger than this (bytes) the C heap's free memory is handed
+#: back to the system (``webchat.memory``): a chat turn is rarely more than a
+#: few KB, and after a burst of MBs glibc would keep tens of MB resident.
+RELEASE_ABOVE = 4 * 1024 * 1024
+
+log = Logger(namespace="webchat")
+
+
+class Member(Protocol):
+    """What a room needs from a connection."""
+
+    chat_id: int
+
+    def deliver(self, data: bytes | memoryview) -> bool:
+        """
+        Send ``data`` (one or more whole frames); return ``False`` if it could
+        not be taken because the member is on its way out (or is now).
+        """
+
+
+class Room:
+    """
+    The members of one room, by codec, and the messages of the current
+    reactor turn that they have not been sent yet.
+
+    Rooms are made by ``Rooms``, which also runs their end-of-turn flush.
+    """
+
+    def __init__(
+        self,
+        name: str,
+        stats: ChatStats,
+        schedule: Callable[[Room], object],
+        release_memory: Callable[[], object],
+        delivery_failed: Callable[[Member], bool] | None = None,
+    ) -> None:
+        self.name = name
+        self._stats = stats
+        self._schedule = schedule
+        self._release_memory = release_memory
+        self._delivery_failed = delivery_failed
+        # dicts keep insertion order: members hear messages in join order,
+        # which makes fan-out deterministic for tests and logs.
+        self._members: dict[int, Member] = {}
+        self._codec_of: dict[int, Codec] = {}
+        self._by_codec: dict[Codec, dict[int, Member]] = {}
+        self._pending: list[Message] = []
+
+    def join(self, member: Member, codec: Codec) -> None:
+        self._members[member.chat_id] = member
+        self._codec_of[member.chat_id] = codec
+        self._by_codec.setdefault(codec, {})[member.chat_id] = member
+
+    def leave(self, member: Member) -> bool:
+        """Forget ``member``; return whether it was still here."""
+        chat_id = member.chat_id
+        if self._members.pop(chat_id, None) is None:
+            return False
+        codec = self._codec_of.pop(chat_id)
+        same = self._by_codec[codec]
+        del same[chat_id]
+        if not same:
+            del self._by_codec[codec]
+        return True
+
+    def __len__(self) -> int:
+        return len(self._members)
+
+    def __iter__(self) -> Iterator[Member]:
+        return iter(list(self._members.values()))
+
+    @property
+    def idle(self) -> bool:
+        """Nobody here and nothing owed: the room can go."""
+        return not self._members and not self._pending
+
+    def publish(
+        self, sender: Member | None, text: bytes, sender_id: int | None = None
+    ) -> int:
+        """
+        Queue ``text`` from ``sender`` (``None``: the server, an API, another
+        node) for every member except ``sender``, to go out at the end of
+        this reactor turn; return how many members that is now.
+
+        ``sender_id`` is the id it is shown as from when that is not the
+        sender's own (a client of another node); default: ``sender``'s, or 0.
+        """
+        member_id = sender.chat_id if sender is not None else 0
+        if sender_id is None:
+            sender_id = member_id
+        if not self._pending:
+            self._schedule(self)
+        self._pending.append(Message(sender_id, text, perf_counter(), member_id))
+        members = len(self._members)
+        return members - 1 if member_id in self._members else members
+
+    def flush(self) -> int:
+        """
+        Send each member what this turn owes it, in one write (a sender in a
+        big turn: one per run of other people's frames); return deliveries.
+        """
+        pending, self._pending = self._pending, []
+        if not pending:
+            return 0
+        if len(pending) == 1:
+            senders = {pending[0].member_id}
+        else:
+            senders = {message.member_id for message in pending}
+        copies = sent = biggest = 0
+        for codec, members in list(self._by_codec.items()):
+            got, size, turn = self._fan_out(codec, members, pending, senders)
+            copies += got
+            sent += size
+            biggest = max(biggest, turn)
+
+        stats = self._stats
+        done = perf_counter()
+        for message in pending:
+            stats.fanout_seconds.observe(done - message.arrived)
+        stats.deliveries += copies
+        stats.bytes_sent += sent
+        if biggest > RELEASE_ABOVE:
+            del pending  # the turn's messages go first
+            self._release_memory()
+        return copies
+
+    def _fan_out(
+        self,
+        codec: Codec,
+        members: dict[int, Member],
+        pending: list[Message],
+        senders: set[int],
+    ) -> tuple[int, int, int]:
+        """
+        Encode the turn once in ``codec`` and hand it to ``members``; return
+        (frames, bytes) delivered and the size of the encoded turn.
+        """
+        encode = codec.encode
+        frames = [encode(message) for message in pending]
+        everything = frames[0] if len(frames) == 1 else b"".join(frames)
+        total = len(frames)
+        copies = 0
+        sent = 0
+        for chat_id, member in list(members.items()):
+            try:
+                if chat_id in senders:
+                    # A sender is owed everything but its own frames.  That is
+                    # worked out here, when its turn comes, and let go before
+                    # the next member's: a copy per sender held for the whole
+                    # loop grows with senders x bytes (150 x 60 KB: 1.3 GB).
+                    if total > 1:
+                        got, size = _deliver_without(
+                            member, chat_id, pending, frames, everything
+                        )
+                        copies += got
+                        sent += size
+                elif member.deliver(everything):
+                    sent += len(everything)
+                    copies += total
+            except Exception:
+                # One member's failure must not cost the members after it
+                # their turn.
+                self._failed(member)
+        return copies, sent, len(everything)
+
+    def _failed(self, member: Member) -> None:
+        """A delivery raised: log it once, and see that it is not tried again."""
+        log.failure(
+            "An error has occurred: delivering to connection {id} failed",
+            id=member.chat_id,
+        )
+        handled = False
+        if self._delivery_failed is not None:
+            # The owner ends the member (the server: close 1011), which takes
+            # it out of the room the way every other ending does.
+            try:
+                handled = bool(self._delivery_failed(member))
+            except Exception:
+                log.failure(
+                    "An error has occurred: ending connection {id} failed",
+                    id=member.chat_id,
+                )
+        if not handled:
+            self.leave(member)
+
+
+def _deliver_without(
+    member: Member,
+    sender_id: int,
+    pending: list[Message],
+    frames: list[bytes],
+    everything: bytes,
+) -> tuple[int, int]:
+    """
+    Give ``member`` this turn's frames except those from ``sender_id``;
+    return (frames, bytes) it took.
+
+    A small turn is copied without the sender's frames, one write as for
+    everybody else.  A big one is not copied at all: the member is handed
+    the runs of ``everything`` between its own frames, as views, a write
+    each.  Either way the turn's memory stays what was received plus one
+    sender's share at a time.
+    """
+    if len(everything) <= SLICE_ABOVE:
+        others = [
+            frame
+            for message, frame in zip(pending, frames, strict=True)
+            if message.member_id != sender_id
+        ]
+        data = b"".join(others)
+        if data and member.deliver(data):
+            return len(others), len(data)
+        return 0, 0
+    view = memoryview(everything)
+    copies = size = 0
+    start = end = count = 0
+    for message, frame in zip(pending, frames, strict=True):
+        if message.member_id != sender_id:
+            end += len(frame)
+            count += 1
+            continue
+        if end > start:
+            if not member.deliver(view[start:end]):
+                return copies, size
+            copies += count
+            size += end - start
+        start = end = end + len(frame)
+        count = 0
+    if end > start and member.deliver(view[start:end]):
+        copies += count
+        size += end - start
+    return copies, size

@@ -1,0 +1,105 @@
+"""Room names to rooms, and the one end-of-turn flush they all share.
+
+A room exists while somebody is in it: it is made on first join and let
+go when the last member has left and its last turn has gone out, so a
+server's memory follows its open rooms, not every name ever asked for.
+
+All rooms with messages in this reactor turn are flushed by a single
+``callLater(0)``: one timer per turn however many rooms are busy, not one
+per room.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from typing import TYPE_CHECKING, Any
+
+from webchat.codecs import SEED, Codec
+from webchat.memory import release_free_heap
+from webchat.room import Member, Room
+
+if TYPE_CHECKING:
+    from webchat.metrics import ChatStats
+
+#: The room every connection joins until rooms are chosen by path (#13).
+LOBBY = "lobby"
+
+
+class Rooms:
+    """The open rooms of one server."""
+
+    def __init__(
+        self,
+        reactor: Any,
+        stats: ChatStats,
+        release_memory: Callable[[], object] = release_free_heap,
+        delivery_failed: Callable[[Member], bool] | None = None,
+    ) -> None:
+        self._reactor = reactor
+        self._stats = stats
+        self._release_memory = release_memory
+        #: What to do with a member whose delivery raised (see ``Room``).
+        self.delivery_failed = delivery_failed
+        self._rooms: dict[str, Room] = {}
+        #: Rooms with messages this turn, in the order they got their first.
+        self._busy: list[Room] = []
+        self._flush_call: Any = None
+
+    def join(self, name: str, member: Member, codec: Codec = SEED) -> Room:
+        """Put ``member`` in room ``name`` (made now if need be); return the room."""
+        room = self._rooms.get(name)
+        if room is None:
+            room = self._rooms[name] = Room(
+                name,
+                self._stats,
+                self._schedule,
+                self._release_memory,
+                self._member_failed,
+            )
+        room.join(member, codec)
+        return room
+
+    def leave(self, room: Room, member: Member) -> bool:
+        """Take ``member`` out of ``room``; return whether it was still there."""
+        left = room.leave(member)
+        if room.idle and self._rooms.get(room.name) is room:
+            del self._rooms[room.name]
+        return left
+
+    def get(self, name: str) -> Room | None:
+        return self._rooms.get(name)
+
+    def __len__(self) -> int:
+        """Members in all rooms: the server's open chat connections."""
+        return sum(len(room) for room in self._rooms.values())
+
+    def __iter__(self) -> Iterator[Member]:
+        """Every member of every room."""
+        return iter([member for room in list(self._rooms.values()) for member in room])
+
+    @property
+    def names(self) -> list[str]:
+        return list(self._rooms)
+
+    def _member_failed(self, member: Member) -> bool:
+        """Hand a member whose delivery raised to the owner; False: nobody took it."""
+        if self.delivery_failed is None:
+            return False
+        return bool(self.delivery_failed(member))
+
+    def _schedule(self, room: Room) -> None:
+        """``room`` has its first message this turn: flush it at the turn's end."""
+        self._busy.append(room)
+        if self._flush_call is None:
+            self._flush_call = self._reactor.callLater(0, self.flush)
+
+    def flush(self) -> int:
+        """Send every busy room's turn; return deliveries."""
+        self._flush_call = None
+        busy, self._busy = self._busy, []
+        copies = 0
+        for room in busy:
+            copies += room.flush()
+            if room.idle and self._rooms.get(room.name) is room:
+                del self._rooms[room.name]
+        return copies
