@@ -26,7 +26,7 @@ from tests.support import HANDSHAKE, Twistd, client_frame, connect_raw, deferLat
 from tests.test_limits import LimitsMixin
 from tests.test_timeouts import PEER, FakeClockMixin, Transport
 from webchat.access import AccessPolicy
-from webchat.limits import Limits
+from webchat.limits import MAX_REQUESTS_PER_CONNECTION, Limits
 from webchat.metrics import MetricsPage, make_registry
 from webchat.web import default_web_root, make_site
 
@@ -302,6 +302,24 @@ class UpgradeThroughTheWebTests(HTTPMixin, TestCase):
             self.webchat_lines("Refused connection"),
             ["Refused connection from 127.0.0.1: WebSocket over HTTP/1.0 (HTTP 426)"],
         )
+        yield self.assert_bystanders_chat()
+
+
+class PipelineTests(HTTPMixin, TestCase):
+    @inlineCallbacks
+    def test_a_long_pipeline_is_cut_at_the_request_limit(self):
+        request = b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n"
+        reply = yield self.exchange(request * (MAX_REQUESTS_PER_CONNECTION + 50))
+        heads = re.findall(rb"HTTP/1\.1 [^\r]*\r\n(?:[^\r]+\r\n)*", reply)
+        self.assertEqual(len(heads), MAX_REQUESTS_PER_CONNECTION)
+        self.assertTrue(all(head.startswith(b"HTTP/1.1 200 ") for head in heads))
+        self.assertIn(b"\r\nConnection: close", heads[-1])
+        self.assertNotIn(b"Connection: close", heads[-2])
+        self.assertEqual(
+            self.webchat_lines("Closing connection"),
+            ["Closing connection from 127.0.0.1 after its 100th request"],
+        )
+        self.assertEqual(self.factory.dropped["request_limit"], 1)
         yield self.assert_bystanders_chat()
 
 
