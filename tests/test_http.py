@@ -295,7 +295,9 @@ class UpgradeThroughTheWebTests(HTTPMixin, TestCase):
     @inlineCallbacks
     def test_an_http_1_0_upgrade_is_refused(self):
         reply = yield self.exchange(HANDSHAKE.replace(b"HTTP/1.1", b"HTTP/1.0"))
-        self.assertTrue(reply.startswith(b"HTTP/1.0 426 "), reply[:80])
+        self.assertTrue(
+            reply.startswith(b"HTTP/1.0 426 Upgrade Required\r\n"), reply[:80]
+        )
         self.assertEqual(len(self.factory.rooms), 2)  # Alice and Bob only
         self.assertEqual(self.factory.refused["http_version"], 1)
         self.assertEqual(

@@ -145,7 +145,7 @@ class ChatWebSocketResource(WebSocketResource):
                 peer=_peer_of(request.transport),
                 version=escape_for_log(request.clientproto.decode("latin-1")),
             )
-            request.setResponseCode(426)
+            request.setResponseCode(426, b"Upgrade Required")
             request.setHeader(b"Upgrade", b"websocket")
             request.setHeader(b"Connection", b"close")
             return b"WebSocket needs HTTP/1.1\n"
