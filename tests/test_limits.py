@@ -103,6 +103,22 @@ class LimitsMixin(ServerMixin):
 
 class OriginTests(LimitsMixin, TestCase):
     @inlineCallbacks
+    def test_the_origin_hint_never_echoes_the_client_s_text(self):
+        for origin, hint in [
+            (b"ftp://evil.example/$(reboot)", ""),
+            (b"HTTP://Evil.Example:80/`reboot`", "http://evil.example"),
+            (b"http://a;reboot #", "'http://a;reboot '"),
+        ]:
+            head, _ = yield self.handshake(b"Origin: " + origin + b"\r\n")
+            self.assertTrue(head.startswith(b"HTTP/1.1 403 "), head)
+            refusal = [x for x in self.logs.lines if x.startswith("Refused conn")][-1]
+            after = refusal.partition("(HTTP 403")[2]
+            expected = f"; start webchat with --allowed-origin {hint} to allow it)"
+            self.assertEqual(after, expected if hint else ")", refusal)
+        self.assertEqual(self.factory.refused["origin"], 3)
+        yield self.assert_bystanders_chat()
+
+    @inlineCallbacks
     def test_foreign_origin_gets_403(self):
         head, _ = yield self.handshake(b"Origin: http://evil.example\r\n")
         self.assertTrue(head.startswith(b"HTTP/1.1 403 "), head)
