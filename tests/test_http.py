@@ -236,6 +236,23 @@ class OddRequestTests(HTTPMixin, TestCase):
         yield self.assert_bystanders_chat()
 
     @inlineCallbacks
+    def test_an_upgrade_with_a_20_kb_header_in_one_read_gets_431_too(self):
+        reply = yield self.exchange(
+            HANDSHAKE.replace(b"\r\n\r\n", b"\r\nX-Big: " + b"a" * 20000 + b"\r\n\r\n")
+        )
+        self.assertTrue(reply.startswith(b"HTTP/1.1 431 "), reply[:80])
+        self.assertEqual(
+            self.webchat_lines("Refused request"),
+            [
+                "Refused request from 127.0.0.1: a header line over 16384 bytes "
+                "(HTTP 431)"
+            ],
+        )
+        self.assertEqual(self.factory.dropped["header_too_large"], 1)
+        self.assertEqual(len(self.factory.rooms), 2)  # Alice and Bob only
+        yield self.assert_bystanders_chat()
+
+    @inlineCallbacks
     def test_head_healthz_is_quiet_and_says_the_length(self):
         get = yield self.exchange(b"GET /healthz HTTP/1.0\r\n\r\n")
         head = yield self.exchange(b"HEAD /healthz HTTP/1.0\r\n\r\n")

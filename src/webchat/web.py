@@ -360,7 +360,10 @@ class Doorway(Protocol):
         if end < 0 and len(self._head) <= MAX_HEAD:
             return
         _cancel(self._deadline)
-        if end >= 0 and is_chat_upgrade(self._head[:end]):
+        # A head over the limit goes to the HTTP channel, which refuses it
+        # (431 for a long line, 400 for too many), whether it arrived in one
+        # read or in many.
+        if 0 <= end <= MAX_HEAD and is_chat_upgrade(self._head[:end]):
             successor = self._site.chat.buildProtocol(self._address)
         else:
             successor = self._site.build_channel(self._address)
