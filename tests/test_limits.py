@@ -306,6 +306,25 @@ class MessageSizeTests(LimitsMixin, TestCase):
         yield self.assert_bystanders_chat()
 
 
+class TrickledFrameTests(LimitsMixin, TestCase):
+    limits = Limits(rate_limit=0, ping_interval=1.0, ping_timeout=5.0)
+
+    @inlineCallbacks
+    def test_one_frame_trickled_a_byte_at_a_time_gets_1008(self):
+        peer = yield self.open_raw()
+        frame = client_frame(0x1, b"x" * 1000)  # FIN=1, its payload never all sent
+        peer.transport.write(frame[:7])
+        for byte in frame[7:47]:  # a byte every 0.1 s: never silent, 4 s at most
+            if peer.lost.called or b"\x88" in peer.body():
+                break
+            peer.transport.write(bytes([byte]))
+            yield deferLater(0.1)
+        code, reason = yield self.close_within(peer)
+        self.assertEqual((code, reason), (1008, b"message unfinished after 1 s"))
+        self.assertEqual(self.factory.dropped["message_timeout"], 1)
+        yield self.assert_bystanders_chat()
+
+
 class MessageFramesTests(LimitsMixin, TestCase):
     limits = Limits(rate_limit=0, max_message_frames=100)
 
