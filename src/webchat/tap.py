@@ -255,7 +255,8 @@ class Options(usage.Options):
             "ping-interval",
             None,
             limits.PING_INTERVAL,
-            "Seconds of silence before the server pings a client. 0 = off.",
+            "Seconds of silence before the server pings a client, and the most "
+            "one message may take to arrive (else 1008). 0 = off.",
             _float,
         ],
         [
