@@ -26,7 +26,7 @@ from tests.support import HANDSHAKE, Twistd, client_frame, connect_raw, deferLat
 from tests.test_limits import LimitsMixin
 from tests.test_timeouts import PEER, FakeClockMixin, Transport
 from webchat.access import AccessPolicy
-from webchat.limits import Limits
+from webchat.limits import MAX_REQUESTS_PER_CONNECTION, Limits
 from webchat.metrics import MetricsPage, make_registry
 from webchat.web import default_web_root, make_site
 
@@ -236,6 +236,23 @@ class OddRequestTests(HTTPMixin, TestCase):
         yield self.assert_bystanders_chat()
 
     @inlineCallbacks
+    def test_an_upgrade_with_a_20_kb_header_in_one_read_gets_431_too(self):
+        reply = yield self.exchange(
+            HANDSHAKE.replace(b"\r\n\r\n", b"\r\nX-Big: " + b"a" * 20000 + b"\r\n\r\n")
+        )
+        self.assertTrue(reply.startswith(b"HTTP/1.1 431 "), reply[:80])
+        self.assertEqual(
+            self.webchat_lines("Refused request"),
+            [
+                "Refused request from 127.0.0.1: a header line over 16384 bytes "
+                "(HTTP 431)"
+            ],
+        )
+        self.assertEqual(self.factory.dropped["header_too_large"], 1)
+        self.assertEqual(len(self.factory.rooms), 2)  # Alice and Bob only
+        yield self.assert_bystanders_chat()
+
+    @inlineCallbacks
     def test_head_healthz_is_quiet_and_says_the_length(self):
         get = yield self.exchange(b"GET /healthz HTTP/1.0\r\n\r\n")
         head = yield self.exchange(b"HEAD /healthz HTTP/1.0\r\n\r\n")
@@ -295,13 +312,33 @@ class UpgradeThroughTheWebTests(HTTPMixin, TestCase):
     @inlineCallbacks
     def test_an_http_1_0_upgrade_is_refused(self):
         reply = yield self.exchange(HANDSHAKE.replace(b"HTTP/1.1", b"HTTP/1.0"))
-        self.assertTrue(reply.startswith(b"HTTP/1.0 426 "), reply[:80])
+        self.assertTrue(
+            reply.startswith(b"HTTP/1.0 426 Upgrade Required\r\n"), reply[:80]
+        )
         self.assertEqual(len(self.factory.rooms), 2)  # Alice and Bob only
         self.assertEqual(self.factory.refused["http_version"], 1)
         self.assertEqual(
             self.webchat_lines("Refused connection"),
             ["Refused connection from 127.0.0.1: WebSocket over HTTP/1.0 (HTTP 426)"],
         )
+        yield self.assert_bystanders_chat()
+
+
+class PipelineTests(HTTPMixin, TestCase):
+    @inlineCallbacks
+    def test_a_long_pipeline_is_cut_at_the_request_limit(self):
+        request = b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n"
+        reply = yield self.exchange(request * (MAX_REQUESTS_PER_CONNECTION + 50))
+        heads = re.findall(rb"HTTP/1\.1 [^\r]*\r\n(?:[^\r]+\r\n)*", reply)
+        self.assertEqual(len(heads), MAX_REQUESTS_PER_CONNECTION)
+        self.assertTrue(all(head.startswith(b"HTTP/1.1 200 ") for head in heads))
+        self.assertIn(b"\r\nConnection: close", heads[-1])
+        self.assertNotIn(b"Connection: close", heads[-2])
+        self.assertEqual(
+            self.webchat_lines("Closing connection"),
+            ["Closing connection from 127.0.0.1 after its 100th request"],
+        )
+        self.assertEqual(self.factory.dropped["request_limit"], 1)
         yield self.assert_bystanders_chat()
 
 

@@ -103,6 +103,22 @@ class LimitsMixin(ServerMixin):
 
 class OriginTests(LimitsMixin, TestCase):
     @inlineCallbacks
+    def test_the_origin_hint_never_echoes_the_client_s_text(self):
+        for origin, hint in [
+            (b"ftp://evil.example/$(reboot)", ""),
+            (b"HTTP://Evil.Example:80/`reboot`", "http://evil.example"),
+            (b"http://a;reboot #", "'http://a;reboot '"),
+        ]:
+            head, _ = yield self.handshake(b"Origin: " + origin + b"\r\n")
+            self.assertTrue(head.startswith(b"HTTP/1.1 403 "), head)
+            refusal = [x for x in self.logs.lines if x.startswith("Refused conn")][-1]
+            after = refusal.partition("(HTTP 403")[2]
+            expected = f"; start webchat with --allowed-origin {hint} to allow it)"
+            self.assertEqual(after, expected if hint else ")", refusal)
+        self.assertEqual(self.factory.refused["origin"], 3)
+        yield self.assert_bystanders_chat()
+
+    @inlineCallbacks
     def test_foreign_origin_gets_403(self):
         head, _ = yield self.handshake(b"Origin: http://evil.example\r\n")
         self.assertTrue(head.startswith(b"HTTP/1.1 403 "), head)
@@ -287,6 +303,25 @@ class MessageSizeTests(LimitsMixin, TestCase):
         peer.transport.write(client_frame(0x0, b"a" * 600, fin=True))
         code, _ = yield self.close_frame_of(peer)
         self.assertEqual(code, 1009)
+        yield self.assert_bystanders_chat()
+
+
+class TrickledFrameTests(LimitsMixin, TestCase):
+    limits = Limits(rate_limit=0, ping_interval=1.0, ping_timeout=5.0)
+
+    @inlineCallbacks
+    def test_one_frame_trickled_a_byte_at_a_time_gets_1008(self):
+        peer = yield self.open_raw()
+        frame = client_frame(0x1, b"x" * 1000)  # FIN=1, its payload never all sent
+        peer.transport.write(frame[:7])
+        for byte in frame[7:47]:  # a byte every 0.1 s: never silent, 4 s at most
+            if peer.lost.called or b"\x88" in peer.body():
+                break
+            peer.transport.write(bytes([byte]))
+            yield deferLater(0.1)
+        code, reason = yield self.close_within(peer)
+        self.assertEqual((code, reason), (1008, b"message unfinished after 1 s"))
+        self.assertEqual(self.factory.dropped["message_timeout"], 1)
         yield self.assert_bystanders_chat()
 
 

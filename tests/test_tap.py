@@ -400,6 +400,22 @@ class CommandLineErrorTests(SynchronousTestCase):
                 f"--{option}: expected a number >= 0, got 'lots'",
             )
 
+    def test_no_decimal_option_takes_a_non_finite_number(self):
+        # float() reads all three; each broke the server in its own way.
+        for option in ("frame-rate-limit", "handshake-timeout", "rate-limit"):
+            for value in ("inf", "nan", "1e309"):
+                self.assertOneLine(
+                    (f"--{option}", value),
+                    f"--{option}: expected a finite number >= 0, got {value!r}",
+                )
+
+    def test_an_ipv6_interface_must_be_escaped(self):
+        self.assertOneLine(
+            ("--port", "tcp:18836:interface=::1"),
+            "--port: tcp:18836:interface=::1: unknown parameter 'interface' "
+            "(escape every ':' of an IPv6 address: tcp:8080:interface=\\:\\:1)",
+        )
+
     def test_web_root_must_hold_a_page(self):
         empty = Path(self.mktemp()).resolve()
         empty.mkdir(parents=True)

@@ -259,6 +259,32 @@ class UnfinishedMessageTests(FakeClockMixin, SynchronousTestCase):
             self.logs.lines,
         )
 
+    def test_one_frame_trickled_a_byte_a_second_gets_1008_too(self):
+        protocol, transport = self.open_connection()
+        frame = client_frame(0x1, b"x" * 100)  # FIN=1, but slow to arrive
+        protocol.dataReceived(frame[:7])  # header, mask and one byte
+        for byte in frame[7:36]:  # a byte a second: never silent
+            self.clock.advance(1)
+            protocol.dataReceived(bytes([byte]))
+        self.clock.advance(0.9)
+        self.assertEqual(transport.value(), b"")
+        self.clock.advance(0.1)
+        self.assertEqual(
+            parse_server_frames(transport.value()),
+            [(0x8, b"\x03\xf0message unfinished after 30 s")],
+        )
+        self.assertEqual(self.factory.dropped["message_timeout"], 1)
+
+    def test_a_frame_that_arrives_whole_gets_no_timer(self):
+        protocol, _transport = self.open_connection()
+        frame = client_frame(0x1, b"x" * 100)
+        protocol.dataReceived(frame)
+        self.assertIsNone(protocol._message_deadline)  # the common case: free
+        protocol.dataReceived(frame[:-1])
+        self.assertIsNotNone(protocol._message_deadline)
+        protocol.dataReceived(frame[-1:])
+        self.assertIsNone(protocol._message_deadline)
+
     def test_a_message_finished_in_time_is_relayed_and_forgotten(self):
         protocol, transport = self.open_connection()
         _other, received = self.open_connection()

@@ -11,6 +11,7 @@ tested with a header dict (tests/test_admission.py).
 
 from __future__ import annotations
 
+import shlex
 from collections import Counter
 from collections.abc import Mapping
 from typing import NamedTuple
@@ -18,7 +19,7 @@ from typing import NamedTuple
 from autobahn.websocket.types import ConnectionDeny
 from twisted.logger import Logger
 
-from webchat.access import AccessPolicy
+from webchat.access import AccessPolicy, normalize_origin
 from webchat.codecs import SEED, Codec
 from webchat.limits import Limits
 from webchat.logtext import escape_for_log
@@ -91,7 +92,7 @@ class Admission:
                 "origin not allowed",
                 f"origin {shown} not allowed",
                 # The one thing the operator needs to know next.
-                hint=f"start webchat with --allowed-origin {shown} to allow it",
+                hint=origin_hint(origin),
             )
         if limits.max_connections and connections > limits.max_connections:
             self._refuse(address, 503, "max_connections", "server is full")
@@ -133,3 +134,25 @@ class Admission:
             hint=f"; {hint}" if hint else "",
         )
         raise ConnectionDeny(status, reason)
+
+
+def origin_hint(origin: str | None) -> str:
+    """
+    The ``--allowed-origin`` that would admit ``origin``, ready to paste
+    into a shell, or "" for an origin no option value could name.
+
+    Built from the normalized origin, never the header as sent: the header
+    is the client's text, and an operator may copy the hint into a shell.
+    """
+    if (origin or "").strip().lower() == "null":
+        value = "null"
+    else:
+        normalized = normalize_origin(origin or "")
+        if normalized is None:
+            return ""
+        # The default port is what a browser leaves out: so does the hint.
+        for default in ("http://", ":80"), ("https://", ":443"):
+            if normalized.startswith(default[0]) and normalized.endswith(default[1]):
+                normalized = normalized.removesuffix(default[1])
+        value = shlex.quote(normalized)
+    return escape_for_log(f"start webchat with --allowed-origin {value} to allow it")

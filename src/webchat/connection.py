@@ -198,9 +198,15 @@ class WebChatProtocol(FlowControl, Keepalive, WebSocketServerProtocol):
         super().onMessageBegin(isBinary)
         self._message_frames = 0
         interval = self.factory.limits.ping_interval
-        if not self.current_frame.fin and interval > 0 and self.state == _OPEN:
-            # Browsers never split a message, so this timer is rare: only a
-            # fragmented message gets one, and it is gone when the message ends.
+        # Autobahn keeps what it has of the frame after its header in .data.
+        unfinished = (
+            not self.current_frame.fin or len(self.data) < self.current_frame.length
+        )
+        if unfinished and interval > 0 and self.state == _OPEN:
+            # Browsers never split a message, and send a frame in one write,
+            # so this timer is rare: only a fragmented message, or a frame
+            # whose payload has not all arrived (one trickled a byte at a
+            # time), gets one, and it is gone when the message ends.
             self._message_deadline = self.factory.reactor.callLater(
                 interval, self._message_unfinished
             )

@@ -47,6 +47,13 @@ HANDSHAKE_TIMEOUT = 10.0
 #: Seconds a plain HTTP response (the page, /healthz, /metrics) may take to
 #: be sent once its request is read; a client that stops reading is cut off.
 RESPONSE_TIMEOUT = 30.0
+#: Requests one keep-alive HTTP connection may make; the response to the last
+#: says ``Connection: close`` and whatever else the client pipelined is never
+#: read.  A browser fetches the page and two files; without a cap one
+#: connection could pipeline tens of thousands of requests in one write and
+#: keep the reactor answering them, in one turn, long after it hung up.  Not
+#: an option: nginx's keepalive_requests was 100 for years.
+MAX_REQUESTS_PER_CONNECTION = 100
 #: Seconds shutdown waits for clients to answer close 1001.
 SHUTDOWN_GRACE = 5.0
 #: Seconds a client closed for cause (1002, 1008, 1009, ...) has to answer the

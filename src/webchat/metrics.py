@@ -61,6 +61,7 @@ DROP_REASONS = (
     "response_timeout",
     "request_body",
     "header_too_large",
+    "request_limit",
 )
 #: Fan-out time buckets, in seconds: 10 µs .. 1 s.
 FANOUT_BUCKETS = (

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import os
 import sys
 import textwrap
@@ -96,8 +97,12 @@ def check_endpoint(option: str, value: str) -> str:
     except TypeError as e:
         # An unknown key=value: Twisted passes it on as a keyword argument.
         unknown = str(e).rpartition("argument ")[2] or str(e)
+        hint = ENDPOINT_EXAMPLES
+        if "::" in value or "=:" in value:
+            # interface=::1 splits at every ':'; Twisted wants them escaped.
+            hint = r"escape every ':' of an IPv6 address: tcp:8080:interface=\:\:1"
         raise usage.UsageError(
-            f"--{option}: {value}: unknown parameter {unknown} ({ENDPOINT_EXAMPLES})"
+            f"--{option}: {value}: unknown parameter {unknown} ({hint})"
         ) from None
     except (IndexError, KeyError) as e:
         # Twisted's systemd parser fails with a bare IndexError/KeyError.
@@ -119,6 +124,11 @@ def _non_negative(kind: type) -> Callable[[str], float | int]:
             number = kind(value)
         except ValueError:
             raise ValueError(f"expected a number >= 0, got {value!r}") from None
+        if not math.isfinite(number):
+            # float() takes "nan", "inf" and "1e309": an infinite rate turns
+            # every budget into nan and closes every chat connection; a nan
+            # timeout is a traceback from the reactor.
+            raise ValueError(f"expected a finite number >= 0, got {value!r}")
         if number < 0:
             raise ValueError(f"must not be negative, got {value}")
         return number
@@ -245,7 +255,8 @@ class Options(usage.Options):
             "ping-interval",
             None,
             limits.PING_INTERVAL,
-            "Seconds of silence before the server pings a client. 0 = off.",
+            "Seconds of silence before the server pings a client, and the most "
+            "one message may take to arrive (else 1008). 0 = off.",
             _float,
         ],
         [

@@ -29,6 +29,7 @@ from twisted.web.static import File
 from webchat.access import canonical_address
 from webchat.chat import WebChatFactory
 from webchat.health import HealthResource
+from webchat.limits import MAX_REQUESTS_PER_CONNECTION
 from webchat.logtext import escape_for_log
 
 log = Logger(namespace="webchat")
@@ -144,7 +145,7 @@ class ChatWebSocketResource(WebSocketResource):
                 peer=_peer_of(request.transport),
                 version=escape_for_log(request.clientproto.decode("latin-1")),
             )
-            request.setResponseCode(426)
+            request.setResponseCode(426, b"Upgrade Required")
             request.setHeader(b"Upgrade", b"websocket")
             request.setHeader(b"Connection", b"close")
             return b"WebSocket needs HTTP/1.1\n"
@@ -359,7 +360,10 @@ class Doorway(Protocol):
         if end < 0 and len(self._head) <= MAX_HEAD:
             return
         _cancel(self._deadline)
-        if end >= 0 and is_chat_upgrade(self._head[:end]):
+        # A head over the limit goes to the HTTP channel, which refuses it
+        # (431 for a long line, 400 for too many), whether it arrived in one
+        # read or in many.
+        if 0 <= end <= MAX_HEAD and is_chat_upgrade(self._head[:end]):
             successor = self._site.chat.buildProtocol(self._address)
         else:
             successor = self._site.build_channel(self._address)
@@ -392,11 +396,18 @@ class ChatChannel(HTTPChannel):
     The site serves GET and HEAD only, so a request that announces a body is
     refused from its headers, before a byte of the body is read (Twisted
     would otherwise spool a large one to a temporary file first).
+
+    At most MAX_REQUESTS_PER_CONNECTION requests are answered on one
+    connection, and none that was pipelined behind a response to a client
+    already gone: Twisted would answer every pipelined request, synchronously,
+    in the turn that read them.
     """
 
     site: ChatSite
     _deadline: IDelayedCall | None = None
     _refused = False
+    #: Requests read on this connection so far.
+    _requests_read = 0
     #: Whether a byte of the request now awaited has arrived.
     _heard = False
 
@@ -433,6 +444,23 @@ class ChatChannel(HTTPChannel):
         )
         self._answer_and_close(status, b"Allow: GET, HEAD\r\n")
 
+    def checkPersistence(self, request: Request, version: bytes) -> bool:
+        # Called once per request, from its headers; False makes Twisted say
+        # "Connection: close" (below), close after the response and drop
+        # everything pipelined behind it unparsed.
+        persistent = super().checkPersistence(request, version)
+        self._requests_read += 1
+        if persistent and self._requests_read >= MAX_REQUESTS_PER_CONNECTION:
+            request.responseHeaders.setRawHeaders(b"Connection", [b"close"])
+            self.factory.chat.dropped["request_limit"] += 1
+            log.info(
+                "Closing connection from {peer} after its {limit}th request",
+                peer=_peer_of(self.transport),
+                limit=MAX_REQUESTS_PER_CONNECTION,
+            )
+            return False
+        return persistent
+
     def rawDataReceived(self, data: bytes) -> None:
         if self._refused:
             return  # the body of a refused request: never read into anything
@@ -466,6 +494,12 @@ class ChatChannel(HTTPChannel):
         super().allContentReceived()
 
     def requestDone(self, request: Request) -> None:
+        if self.transport is not None and self.transport.disconnecting:
+            # Closing (aborted, or the client hung up): what it pipelined
+            # behind this request is never parsed, let alone answered.
+            self._dataBuffer = []
+            self.persistent = False
+            self.dataReceived = self.lineReceived = _ignore  # type: ignore[method-assign]
         super().requestDone(request)
         if self.transport is not None and not self.transport.disconnecting:
             _cancel(self._deadline)
