@@ -355,7 +355,10 @@ class WebChatProtocol(FlowControl, Keepalive, WebSocketServerProtocol):
         ):
             # A page can only show why it was closed if it is told in words
             # it reads: an error event with the close's code, just before it.
-            kind = self.drop_reason[0] if self.drop_reason else "message_too_big"
+            if self.drop_reason is not None:
+                kind = self.drop_reason[0]
+            else:  # Autobahn's own close: an oversized message or frame
+                kind = "message_too_big" if code == 1009 else "policy_violation"
             reason = (reasonUtf8 or b"").decode("utf-8", "replace")
             self.transport.write(
                 event_frame(
