@@ -9,9 +9,11 @@ reach it by ``webchat.flow``, and when it is pinged by ``webchat.keepalive``.
 Wire protocol (docs/protocol.md has the long form)
 --------------------------------------------------
 
-* A client opens a WebSocket on ``/`` or ``/ws``.  No subprotocol, no
-  extensions.  On open it is given the next connection id ``N`` (1, 2, ...),
-  which it is never told: other people see it.
+* A client opens a WebSocket on ``/``, ``/ws`` (the lobby) or ``/ws/<room>``.
+  No extensions.  Offering the ``webchat.v1.json`` subprotocol gets JSON
+  events instead of what follows (docs/protocol.md); without it, the seed's
+  protocol byte for byte.  On open it is given the next connection id
+  ``N`` (1, 2, ...), which it is never told: other people see it.
 * Client → server: a *text* message ``M`` (any UTF-8, empty included).
 * Server → every *other* open client: the text message ``id N: M``, in the
   order the server received the originals.  The sender gets nothing back.
@@ -39,6 +41,7 @@ Refused opening handshakes get an HTTP status instead: 403 for a foreign
 
 from __future__ import annotations
 
+from collections import deque
 from typing import TYPE_CHECKING, Any
 
 import txaio
@@ -48,6 +51,7 @@ from twisted.internet.interfaces import IDelayedCall
 from twisted.logger import Logger
 
 from webchat.access import canonical_address
+from webchat.codecs import JSON, event_frame
 from webchat.flow import FlowControl
 from webchat.keepalive import Keepalive
 from webchat.ratelimit import TokenBucket
@@ -64,6 +68,13 @@ ERROR_CLOSE_CODES = frozenset({1002, 1003, 1007, 1008, 1009, 1011})
 #: Error closes that are the server's own fault, logged at ``error``; the
 #: rest (a client's mistake or misbehaviour) are logged at ``warn``.
 SERVER_FAULT_CODES = frozenset({1011})
+
+#: The ``error`` code a JSON client is sent before a policy close, by the
+#: kind of close (the rest: the kind itself).
+_ERROR_CODE_OF = {
+    "too_many_frames": "message_too_big",
+    "bad_events": "bad_event",
+}
 
 #: Seconds a cleanly closed connection may take to send what it still holds.
 CLOSE_LINGER = 2.0
@@ -112,6 +123,14 @@ class WebChatProtocol(FlowControl, Keepalive, WebSocketServerProtocol):
     room: Room | None = None
     #: What admission decided, once the handshake is let through.
     admitted: Admitted | None = None
+    #: The name shown to others (set by the room), and the one asked for
+    #: with ``?name=`` until the connection opens.
+    chat_name = ""
+    wanted_name: str | None = None
+    #: When the last ``typing`` event was relayed (reactor time).
+    typed_at = float("-inf")
+    #: When the latest bad JSON events came (see ``WebChatFactory.reject``).
+    bad_events: deque[float] | None = None
     _bucket: TokenBucket | None = None
     #: Budgets for every frame and every byte received (see ``onFrameBegin``).
     _frame_bucket: TokenBucket | None = None
@@ -136,8 +155,10 @@ class WebChatProtocol(FlowControl, Keepalive, WebSocketServerProtocol):
         self.factory.connections.add(self)
         self.start_flow_control()
 
-    def onConnect(self, request: Any) -> None:
+    def onConnect(self, request: Any) -> str | None:
         self.factory.admit(self, request)
+        # The subprotocol answered: the codec's (JSON), or none (the seed's).
+        return self.admitted.codec.subprotocol if self.admitted else None
 
     def onOpen(self) -> None:
         self._shed_handshake_state()
@@ -261,7 +282,11 @@ class WebChatProtocol(FlowControl, Keepalive, WebSocketServerProtocol):
             self.close_with(1003, "binary messages are not supported")
             return
         try:
-            self.factory.relay(self, payload)
+            admitted = self.admitted
+            if admitted is not None and admitted.codec is JSON:
+                self.factory.receive_event(self, payload)
+            else:
+                self.factory.relay(self, payload)
         except Exception:
             # A bug in relaying one message must not take the reactor's
             # read loop down with it: report it and end just this connection.
@@ -328,6 +353,30 @@ class WebChatProtocol(FlowControl, Keepalive, WebSocketServerProtocol):
         reasonUtf8: bytes | None = None,
         isReply: bool = False,
     ) -> None:
+        if (
+            not isReply
+            and code in (1008, 1009)
+            and self.state == _OPEN
+            and self.admitted is not None
+            and self.admitted.codec is JSON
+            and self.transport is not None
+        ):
+            # A page can only show why it was closed if it is told in words
+            # it reads: an error event with the close's code, just before it.
+            if self.drop_reason is not None:
+                kind = self.drop_reason[0]
+            else:  # Autobahn's own close: an oversized message or frame
+                kind = "message_too_big" if code == 1009 else "policy_violation"
+            reason = (reasonUtf8 or b"").decode("utf-8", "replace")
+            self.transport.write(
+                event_frame(
+                    {
+                        "type": "error",
+                        "code": _ERROR_CODE_OF.get(kind, kind),
+                        "reason": reason,
+                    }
+                )
+            )
         super().sendCloseFrame(code=code, reasonUtf8=reasonUtf8, isReply=isReply)
         timeout = self._close_timeout
         if timeout is None:

@@ -14,6 +14,7 @@ import re
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
+from urllib.parse import quote
 
 from autobahn.twisted.resource import WebSocketResource
 from twisted.internet.interfaces import IDelayedCall
@@ -21,7 +22,7 @@ from twisted.internet.protocol import Protocol
 from twisted.logger import Logger
 from twisted.protocols.policies import ProtocolWrapper
 from twisted.web.http import HTTPChannel
-from twisted.web.pages import notFound
+from twisted.web.pages import errorPage, notFound
 from twisted.web.resource import IResource, Resource
 from twisted.web.server import NOT_DONE_YET, Request, Site
 from twisted.web.static import File
@@ -31,6 +32,7 @@ from webchat.chat import WebChatFactory
 from webchat.health import HealthResource
 from webchat.limits import MAX_REQUESTS_PER_CONNECTION
 from webchat.logtext import escape_for_log
+from webchat.rooms import ROOM_NAME
 
 log = Logger(namespace="webchat")
 
@@ -82,11 +84,18 @@ class ChatRoot(Resource):
 
     def getChildWithDefault(self, path: bytes, request: Request) -> IResource:
         at_end = not request.postpath
-        if at_end and path in WEBSOCKET_PATHS:
+        in_room = path == b"ws" and len(request.postpath) == 1  # /ws/<room>
+        if (at_end and path in WEBSOCKET_PATHS) or in_room:
             if wants_websocket(request):
-                return self._websocket
+                return self._websocket  # admission judges the room's name
             if path == b"ws":
                 return _upgrade_required()
+        if path == b"r" and len(request.postpath) == 1:
+            # /r/<room>: the same page, which reads the room from its address.
+            if not ROOM_NAME.fullmatch(request.postpath[0].decode("latin-1")):
+                return _bad_room()
+            request.postpath = []
+            return self._files.getChildWithDefault(b"index.html", request)
         endpoint = self._endpoints.get(path)
         if endpoint is not None and at_end:
             return endpoint
@@ -165,7 +174,7 @@ class ChatWebSocketResource(WebSocketResource):
             transport._networkProducer.resumeProducing()
         elif hasattr(transport, "resumeProducing"):
             transport.resumeProducing()
-        head = [request.method + b" " + request.uri + b" HTTP/1.1\r\n"]
+        head = [request.method + b" " + _canonical_uri(request) + b" HTTP/1.1\r\n"]
         for name, values in request.requestHeaders.getAllRawHeaders():
             head.append(name + b": " + b",".join(values) + b"\r\n")
         head.append(b"\r\n")
@@ -214,6 +223,25 @@ def _is_loopback(address: str) -> bool:
         return ipaddress.ip_address(canonical_address(address)).is_loopback
     except ValueError:
         return False
+
+
+def _canonical_uri(request: Request) -> bytes:
+    """
+    The request's target as the chat reads it: the path segments twisted.web
+    routed by (decoded: ``/%77s`` is ``/ws``), each quoted again, so a room
+    name with characters a name may not have (``/ws/a%20b``) is still refused
+    by admission, and the query as it came.
+    """
+    segments = [
+        quote(segment, safe=b"") for segment in request.prepath + request.postpath
+    ]
+    path = ("/" + "/".join(segments)).encode("ascii")
+    _, mark, query = request.uri.partition(b"?")
+    return path + mark + query
+
+
+def _bad_room() -> IResource:
+    return errorPage(400, "Bad Request", "bad room name: 1-64 of A-Z a-z 0-9 . _ -")
 
 
 def _upgrade_required() -> IResource:
@@ -319,7 +347,7 @@ def _cancel(call: IDelayedCall | None) -> None:
 MAX_HEAD = 16384
 
 _UPGRADE_LINE = re.compile(rb"\r\nupgrade:[ \t]*websocket[ \t]*\r\n")
-_REQUEST_LINE = re.compile(rb"^GET (/|/ws)(\?[^ ]*)? HTTP/1\.1$")
+_REQUEST_LINE = re.compile(rb"^GET (/|/ws|/ws/[^ ?]*)(\?[^ ]*)? HTTP/1\.1$")
 
 
 def is_chat_upgrade(head: bytes) -> bool:
