@@ -73,6 +73,16 @@ LIE_ABOUT_THE_LIMIT = """
 """
 
 
+#: Run before the page's own script: the tab is hidden while ``window.__hidden``
+#: (headless Chromium's tabs are never hidden by themselves).
+PRETEND_HIDDEN = """
+Object.defineProperty(Document.prototype, 'hidden', {
+  configurable: true,
+  get() { return Boolean(window.__hidden); },
+});
+"""
+
+
 def chromium_path() -> str | None:
     """Debian's Chromium (Playwright's own browser downloads are not used)."""
     path = os.environ.get("WEBCHAT_CHROMIUM") or shutil.which("chromium")
@@ -331,6 +341,54 @@ class PageTests(BrowserMixin, SynchronousTestCase):
         self.assertEqual(self.messages(page), [])
         page.locator("#message-input").fill("é" * (limit // 2))
         self.expect(page.locator("#send-button")).to_be_enabled()
+
+    def test_what_arrives_while_scrolled_up_or_away_is_pointed_out(self) -> None:
+        ann = self.open_tab(name="ann", script=PRETEND_HIDDEN)
+        bob = self.open_tab(name="bob")
+        tall = "\n".join(f"line {n}" for n in range(15))
+        for _ in range(3):
+            self.send_with_button(bob, tall)
+        self.wait_for_messages(ann, 3)
+        self.expect(ann.locator("#new-messages")).to_be_hidden()
+
+        # Scrolled back to read: the log stays put and says there is more.
+        log = ann.locator("#messages")
+        log.evaluate("e => { e.scrollTop = 0; }")
+        self.send_with_button(bob, "one more")
+        self.wait_for_messages(ann, 4)
+        self.expect(ann.locator("#new-messages")).to_be_visible()
+        self.expect(ann.locator("#new-messages")).to_have_text("New messages ↓")
+        self.assertEqual(log.evaluate("e => e.scrollTop"), 0)
+        ann.locator("#new-messages").click()
+        self.expect(ann.locator("#new-messages")).to_be_hidden()
+        self.assertLess(
+            log.evaluate("e => e.scrollHeight - e.scrollTop - e.clientHeight"), 24
+        )
+        self.expect(ann.locator("#message-input")).to_be_focused()
+
+        # Bob types: Ann sees it; he sends: the hint goes.
+        # (The server relays one typing event per 2 s: his earlier ones,
+        # from filling in the messages above, may hold back the first few.)
+        typing = ann.locator("#typing")
+        for _ in range(10):
+            bob.locator("#message-input").press_sequentially("typing ")
+            if typing.text_content() == "bob is typing…":
+                break
+            ann.wait_for_timeout(500)
+        self.expect(typing).to_have_text("bob is typing…")
+        bob.locator("#message-input").press("Enter")
+        self.expect(ann.locator("#typing")).to_have_text("")
+
+        # Ann's tab is in the background: the title counts what she missed.
+        ann.evaluate("window.__hidden = true")
+        self.send_with_button(bob, "are you there?")
+        self.send_with_button(bob, "hello?")
+        self.expect(ann).to_have_title("(2) #lobby — WebChat")
+        ann.evaluate(
+            "window.__hidden = false;"
+            "document.dispatchEvent(new Event('visibilitychange'))"
+        )
+        self.expect(ann).to_have_title("#lobby — WebChat")
 
     def test_page_reconnects_after_a_server_restart(self) -> None:
         a = self.open_tab(name="ann")

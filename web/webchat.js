@@ -27,6 +27,10 @@
   const NAME_KEY = 'webchat.name';
   // Two messages of one sender this close together share one header.
   const GROUP_WINDOW_MS = 5 * 60 * 1000;
+  // The server relays at most one typing event per 2 s per member; a typist
+  // is shown a little longer than that, so steady typing does not flicker.
+  const TYPING_SEND_MS = 2000;
+  const TYPING_SHOW_MS = 4000;
   // Shown until the server's welcome says otherwise (the server's default).
   const FALLBACK_MAX_TEXT_BYTES = 65280;
 
@@ -55,6 +59,7 @@
   const roomInput = byId('room-input');
   const roomNote = byId('room-note');
   const newMessagesButton = byId('new-messages');
+  const typingLine = byId('typing');
   const encoder = new TextEncoder();
   const timeFormat = new Intl.DateTimeFormat(undefined, { hour: '2-digit', minute: '2-digit' });
 
@@ -72,6 +77,9 @@
   const pending = new Map();
   // The last error event without a ref: the reason a policy close is about to give.
   let lastError = null;
+  // Who is typing: id -> timer that forgets them.
+  const typists = new Map();
+  let lastTypingSent = 0;
 
   // -- the room and the name ---------------------------------------------------
 
@@ -132,11 +140,12 @@
 
   function updateSendButton() {
     const size = byteLength(input.value);
-    const tooBig = size > maxTextBytes;
+    // 0: the server sets no limit (it runs with --max-message-size 0).
+    const tooBig = maxTextBytes > 0 && size > maxTextBytes;
     input.setAttribute('aria-invalid', tooBig ? 'true' : 'false');
     if (tooBig) {
       limitNote.textContent = `Too long: ${size} of at most ${maxTextBytes} bytes`;
-    } else if (size > maxTextBytes * 0.9) {
+    } else if (maxTextBytes > 0 && size > maxTextBytes * 0.9) {
       limitNote.textContent = `${maxTextBytes - size} bytes left`;
     } else {
       limitNote.textContent = '';
@@ -178,6 +187,7 @@
     const when = new Date(ms);
     time.dateTime = when.toISOString();
     time.textContent = timeFormat.format(when);
+    time.title = when.toLocaleString();
     return time;
   }
 
@@ -213,6 +223,8 @@
     body.dir = 'auto';
     body.textContent = text;
 
+    // A grouped message hides its header: its time is still there on hover.
+    item.title = new Date(ts).toLocaleString();
     item.append(header, body);
     if (mine) {
       const state = document.createElement('span');
@@ -285,6 +297,8 @@
     if (event.limits && Number.isInteger(event.limits.max_text_bytes)) {
       maxTextBytes = event.limits.max_text_bytes;
     }
+    typists.clear();
+    showTypists();
     nameInput.value = event.name;
     renderMembers();
     failedAttempts = 0;
@@ -292,7 +306,33 @@
     setStatus('open');
   }
 
+  function showTypists() {
+    const names = [...typists.keys()].map(nameOf);
+    if (names.length === 0) {
+      typingLine.textContent = '';
+    } else if (names.length <= 3) {
+      typingLine.textContent = `${names.join(', ')} ${names.length === 1 ? 'is' : 'are'} typing…`;
+    } else {
+      typingLine.textContent = 'Several people are typing…';
+    }
+  }
+
+  function stopTyping(id) {
+    if (typists.has(id)) {
+      window.clearTimeout(typists.get(id));
+      typists.delete(id);
+      showTypists();
+    }
+  }
+
+  function onTyping(event) {
+    stopTyping(event.id);
+    typists.set(event.id, window.setTimeout(() => stopTyping(event.id), TYPING_SHOW_MS));
+    showTypists();
+  }
+
   function onMessage(event) {
+    stopTyping(event.id);
     appendMessage({
       senderId: event.id,
       name: event.name,
@@ -336,6 +376,7 @@
   }
 
   function onLeave(event) {
+    stopTyping(event.member.id);
     members.delete(event.member.id);
     renderMembers();
     appendNotice(`${event.member.name} left`);
@@ -361,6 +402,7 @@
     join: onJoin,
     leave: onLeave,
     name: onName,
+    typing: onTyping,
   };
 
   function receive(data) {
@@ -454,6 +496,7 @@
     failPending('you left the room before the server confirmed it');
     members.clear();
     renderMembers();
+    for (const id of [...typists.keys()]) stopTyping(id);
     messageList.replaceChildren();
     newMessagesButton.hidden = true;
     failedAttempts = 0;
@@ -473,7 +516,7 @@
 
   function send() {
     const text = input.value;
-    if (text.trim() === '' || !isOpen() || byteLength(text) > maxTextBytes) {
+    if (text.trim() === '' || !isOpen() || sendButton.disabled) {
       return; // keep the draft; Send says why it is disabled
     }
     const ref = `c${nextRef}`;
@@ -489,6 +532,7 @@
     item.dataset.ref = ref;
     setDelivery(item, 'pending', 'Sending…');
     pending.set(ref, item);
+    lastTypingSent = 0; // the message ended the typing others were shown
     input.value = '';
     updateSendButton();
     input.focus();
@@ -507,7 +551,14 @@
       send();
     }
   });
-  input.addEventListener('input', updateSendButton);
+  input.addEventListener('input', () => {
+    updateSendButton();
+    const now = Date.now();
+    if (isOpen() && input.value !== '' && now - lastTypingSent >= TYPING_SEND_MS) {
+      lastTypingSent = now;
+      socket.send(JSON.stringify({ type: 'typing' }));
+    }
+  });
 
   nameForm.addEventListener('submit', (event) => {
     event.preventDefault();
