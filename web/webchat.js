@@ -244,6 +244,8 @@
   }
 
   function setDelivery(item, state, text) {
+    // A longer label (a failure's reason) must not push the end out of view.
+    const follow = isScrolledToBottom();
     item.classList.remove('pending', 'failed');
     if (state) {
       item.classList.add(state);
@@ -251,6 +253,9 @@
     const label = item.querySelector('.delivery');
     if (label) {
       label.textContent = text;
+    }
+    if (follow) {
+      scrollToBottom();
     }
   }
 
