@@ -308,6 +308,31 @@ class PageTests(BrowserMixin, SynchronousTestCase):
         self.expect(ann.locator("#name-input")).to_have_value("ann")
         self.assert_online(ann, "carol", "ann (you)")
 
+    def test_a_refused_name_is_explained_and_not_remembered(self) -> None:
+        ann = self.open_tab(name="ann")
+        bob = self.open_tab(name="bob")
+        field, note = bob.locator("#name-input"), bob.locator("#name-note")
+
+        field.fill("ANN")  # names are unique case-insensitively
+        bob.locator("#name-button").click()
+        self.expect(note).to_have_text(re.compile(r"\S"))
+        self.expect(field).to_have_value("bob")
+        taken = note.text_content()
+
+        field.fill("evil\u202ename")  # a bidi override
+        bob.locator("#name-button").click()
+        self.expect(note).to_have_text(re.compile(r"\S"))
+        self.expect(note).not_to_have_text(taken or "")
+        self.expect(field).to_have_value("bob")
+        self.assertEqual(bob.evaluate("localStorage.getItem('webchat.name')"), "bob")
+        self.assert_online(ann, "ann (you)", "bob")
+
+        # A remembered name the server refuses is forgotten: guest next time.
+        carol = self.open_tab(name="car\u202eol")
+        self.expect(carol.locator("#name-note")).to_have_text(re.compile(r"\S"))
+        self.expect(carol.locator("#name-input")).to_have_value(re.compile(r"^guest-"))
+        self.assertEqual(carol.evaluate("localStorage.getItem('webchat.name')"), "")
+
     def test_html_in_a_message_is_shown_as_text(self) -> None:
         a = self.open_tab()
         b = self.open_tab()

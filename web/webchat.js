@@ -80,6 +80,8 @@
   // Who is typing: id -> timer that forgets them.
   const typists = new Map();
   let lastTypingSent = 0;
+  // A name event sent and not yet answered (by a name event or an error).
+  let renaming = false;
 
   // -- the room and the name ---------------------------------------------------
 
@@ -294,6 +296,7 @@
 
   function onWelcome(event) {
     myId = event.id;
+    renaming = false;
     members.clear();
     for (const member of event.members || []) {
       members.set(member.id, member.name);
@@ -368,6 +371,11 @@
     if (event.code === 'bad_name' || event.code === 'name_taken') {
       nameNote.textContent = reason;
       nameInput.value = nameOf(myId);
+      if (!renaming) {
+        // The remembered name (sent as ?name=) was refused: stop sending it.
+        storeName('');
+      }
+      renaming = false;
       return;
     }
     lastError = reason;
@@ -391,6 +399,8 @@
     members.set(event.id, event.name);
     renderMembers();
     if (event.id === myId) {
+      renaming = false;
+      storeName(event.name);
       nameInput.value = event.name;
       nameNote.textContent = '';
       appendNotice(`You are now ${event.name}`);
@@ -572,10 +582,17 @@
       nameNote.textContent = 'A name needs at least one character';
       return;
     }
-    storeName(name);
     nameNote.textContent = '';
-    if (isOpen() && name !== nameOf(myId)) {
-      socket.send(JSON.stringify({ type: 'name', name }));
+    if (isOpen()) {
+      // Remembered once the server takes it (its `name` event).
+      if (name === nameOf(myId)) {
+        storeName(name);
+      } else {
+        renaming = true;
+        socket.send(JSON.stringify({ type: 'name', name }));
+      }
+    } else {
+      storeName(name); // sent as ?name= on the next connect
     }
     input.focus();
   });
