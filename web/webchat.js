@@ -148,7 +148,8 @@
     if (tooBig) {
       limitNote.textContent = `Too long: ${size} of at most ${maxTextBytes} bytes`;
     } else if (maxTextBytes > 0 && size > maxTextBytes * 0.9) {
-      limitNote.textContent = `${maxTextBytes - size} bytes left`;
+      const left = maxTextBytes - size;
+      limitNote.textContent = `${left} ${left === 1 ? 'byte' : 'bytes'} left`;
     } else {
       limitNote.textContent = '';
     }
@@ -620,11 +621,23 @@
   window.addEventListener('popstate', () => switchRoom(roomFromLocation()));
   window.addEventListener('hashchange', () => switchRoom(roomFromLocation()));
 
+  // Whether the reader was at the end when the log last scrolled: when the
+  // log then shrinks (the composer grows a line, a phone's keyboard opens),
+  // the end stays in view instead of sliding under the composer.
+  let pinnedToBottom = true;
   messageList.addEventListener('scroll', () => {
-    if (isScrolledToBottom()) {
+    pinnedToBottom = isScrolledToBottom();
+    if (pinnedToBottom) {
       newMessagesButton.hidden = true;
     }
   });
+  if (window.ResizeObserver) {
+    new ResizeObserver(() => {
+      if (pinnedToBottom) {
+        messageList.scrollTop = messageList.scrollHeight;
+      }
+    }).observe(messageList);
+  }
   newMessagesButton.addEventListener('click', () => {
     scrollToBottom();
     input.focus();
