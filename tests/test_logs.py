@@ -97,7 +97,8 @@ class JsonLoggerProcessTests(SynchronousTestCase):
         sent = next(r for r in ours if r["text"].startswith("Connection 1 sending"))
         self.assertEqual(
             sent["text"],
-            "Connection 1 sending message hello\\nforged to 1 other connection(s)",
+            "Connection 1 sending message hello\\nforged to 1 other connection(s) "
+            "in room lobby",
         )
         self.assertEqual((sent["id"], sent["count"]), (1, 1))
         self.assertTrue(

@@ -213,7 +213,8 @@ class LogTests(ServerMixin, TestCase):
                 "New connection! (1) from 127.0.0.1 in room lobby",
                 "New connection! (2) from 127.0.0.1 in room lobby",
                 "New connection! (3) from 127.0.0.1 in room lobby",
-                "Connection 1 sending message hi there to 2 other connection(s)",
+                "Connection 1 sending message hi there to 2 other connection(s) "
+                "in room lobby",
             ],
         )
         self.assertRegex(
@@ -253,11 +254,13 @@ class LogTests(ServerMixin, TestCase):
         self.assertEqual(
             lines,
             [
-                r"Connection 1 sending message one\\ntwo to 1 other connection(s)",
-                r"Connection 1 sending message one\ntwo to 1 other connection(s)",
+                r"Connection 1 sending message one\\ntwo to 1 other connection(s) "
+                "in room lobby",
+                r"Connection 1 sending message one\ntwo to 1 other connection(s) "
+                "in room lobby",
                 r"Connection 1 sending message invoice\u202a\u202b\u202c\u202d"
                 r"\u202e\u2066\u2067\u2068\u2069\u2028\u2029exe.pdf to 1 other "
-                "connection(s)",
+                "connection(s) in room lobby",
             ],
         )
         for char in bidi:
@@ -383,6 +386,6 @@ class LogLineTests(ServerMixin, TestCase):
         yield b.received.get()
         self.assertIn(
             "Connection 1 sending message ok\\u200e\\u200f\\u061c\\u200b\\ufeff"
-            "\\u2028New connection! (9) to 1 other connection(s)",
+            "\\u2028New connection! (9) to 1 other connection(s) in room lobby",
             self.logs.lines,
         )

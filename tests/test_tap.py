@@ -210,7 +210,7 @@ class TwistdTests(SynchronousTestCase):
         self.assertIn("New connection! (2)", log)
         self.assertIn(
             r"Connection 1 sending message hello\nNew connection! (42) to 1 other "
-            "connection(s)",
+            "connection(s) in room lobby",
             log,
         )
         # The forged line never starts a line of its own.

@@ -441,10 +441,12 @@ class WebChatFactory(WebSocketServerFactory):
             )
         else:
             log.info(
-                "Connection {id} sending message {text} to {count} other connection(s)",
+                "Connection {id} sending message {text} to {count} other "
+                "connection(s) in room {room}",
                 id=sender.chat_id,
                 text=LogText(payload),
                 count=count,
+                room=room.name if room is not None else "-",
             )
         return count
 

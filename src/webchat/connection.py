@@ -9,9 +9,11 @@ reach it by ``webchat.flow``, and when it is pinged by ``webchat.keepalive``.
 Wire protocol (docs/protocol.md has the long form)
 --------------------------------------------------
 
-* A client opens a WebSocket on ``/`` or ``/ws``.  No subprotocol, no
-  extensions.  On open it is given the next connection id ``N`` (1, 2, ...),
-  which it is never told: other people see it.
+* A client opens a WebSocket on ``/``, ``/ws`` (the lobby) or ``/ws/<room>``.
+  No extensions.  Offering the ``webchat.v1.json`` subprotocol gets JSON
+  events instead of what follows (docs/protocol.md); without it, the seed's
+  protocol byte for byte.  On open it is given the next connection id
+  ``N`` (1, 2, ...), which it is never told: other people see it.
 * Client → server: a *text* message ``M`` (any UTF-8, empty included).
 * Server → every *other* open client: the text message ``id N: M``, in the
   order the server received the originals.  The sender gets nothing back.
