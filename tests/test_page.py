@@ -240,7 +240,10 @@ class PageTests(BrowserMixin, SynchronousTestCase):
             self.expect(page.locator("#message-input")).to_be_focused()
 
         # Bob came without a name and picks one; Ann sees the rename.
-        self.expect(bob.locator("#name-input")).to_have_value(re.compile(r"^guest-"))
+        self.expect(bob.locator("#name-input")).to_have_value("")
+        self.expect(bob.locator("#name-input")).to_have_attribute(
+            "placeholder", re.compile(r"^Choose a name \(now guest-\d+\)$")
+        )
         bob.locator("#name-input").fill("bob")
         bob.locator("#name-button").click()
         self.assert_online(ann, "ann (you)", "bob")
@@ -330,7 +333,10 @@ class PageTests(BrowserMixin, SynchronousTestCase):
         # A remembered name the server refuses is forgotten: guest next time.
         carol = self.open_tab(name="car\u202eol")
         self.expect(carol.locator("#name-note")).to_have_text(re.compile(r"\S"))
-        self.expect(carol.locator("#name-input")).to_have_value(re.compile(r"^guest-"))
+        self.expect(carol.locator("#name-input")).to_have_value("")
+        self.expect(carol.locator("#members > li.me")).to_have_text(
+            re.compile(r"^guest-\d+ \(you\)$")
+        )
         self.assertEqual(carol.evaluate("localStorage.getItem('webchat.name')"), "")
 
     def test_html_in_a_message_is_shown_as_text(self) -> None:

@@ -289,6 +289,19 @@
     memberCount.textContent = `(${members.size})`;
   }
 
+  // The name prompt: until a name is chosen (and remembered), the field is
+  // empty and asks for one, saying what others see meanwhile.
+  function showOwnName() {
+    const name = nameOf(myId);
+    if (storedName()) {
+      nameInput.value = name;
+      nameInput.placeholder = 'Choose a name';
+    } else {
+      nameInput.value = '';
+      nameInput.placeholder = `Choose a name (now ${name})`;
+    }
+  }
+
   function nameOf(id) {
     return members.get(id) || `guest-${id}`;
   }
@@ -308,7 +321,7 @@
     }
     typists.clear();
     showTypists();
-    nameInput.value = event.name;
+    showOwnName();
     renderMembers();
     failedAttempts = 0;
     lastError = null;
@@ -371,12 +384,12 @@
     }
     if (event.code === 'bad_name' || event.code === 'name_taken') {
       nameNote.textContent = reason;
-      nameInput.value = nameOf(myId);
       if (!renaming) {
         // The remembered name (sent as ?name=) was refused: stop sending it.
         storeName('');
       }
       renaming = false;
+      showOwnName();
       return;
     }
     lastError = reason;
@@ -402,7 +415,7 @@
     if (event.id === myId) {
       renaming = false;
       storeName(event.name);
-      nameInput.value = event.name;
+      showOwnName();
       nameNote.textContent = '';
       appendNotice(`You are now ${event.name}`);
     } else {
