@@ -241,8 +241,11 @@ class PageTests(BrowserMixin, SynchronousTestCase):
 
         # Bob came without a name and picks one; Ann sees the rename.
         self.expect(bob.locator("#name-input")).to_have_value("")
+        self.expect(bob.locator("#members > li.me")).to_have_text(
+            re.compile(r"^guest-\d+ \(you\)$")
+        )
         self.expect(bob.locator("#name-input")).to_have_attribute(
-            "placeholder", re.compile(r"^Choose a name \(now guest-\d+\)$")
+            "placeholder", "Choose a name"
         )
         bob.locator("#name-input").fill("bob")
         bob.locator("#name-button").click()

@@ -290,16 +290,9 @@
   }
 
   // The name prompt: until a name is chosen (and remembered), the field is
-  // empty and asks for one, saying what others see meanwhile.
+  // empty and asks for one (the online list shows the guest name meanwhile).
   function showOwnName() {
-    const name = nameOf(myId);
-    if (storedName()) {
-      nameInput.value = name;
-      nameInput.placeholder = 'Choose a name';
-    } else {
-      nameInput.value = '';
-      nameInput.placeholder = `Choose a name (now ${name})`;
-    }
+    nameInput.value = storedName() ? nameOf(myId) : '';
   }
 
   function nameOf(id) {
