@@ -415,7 +415,11 @@ _BROKEN_VALUES = {
 def _handshakes(draw: Any) -> RawExample:
     """A WebSocket handshake with headers dropped, broken, or added."""
     keep = draw(st.lists(_one_in(6).map(lambda drop: not drop), min_size=5, max_size=5))
-    path = draw(st.sampled_from((b"/", b"/ws", b"/?room=1", b"/nope", b"/ws/x")))
+    path = draw(
+        st.sampled_from(
+            (b"/", b"/ws", b"/ws/x", b"/?room=1", b"/nope", b"/ws/x/y", b"/ws/a%20b")
+        )
+    )
     lines = [b"GET " + path + b" HTTP/1.1"]
     dropped: list[str] = []
     broken: list[str] = []
@@ -447,7 +451,8 @@ def _handshakes(draw: Any) -> RawExample:
     lines += extra
     blob = b"\r\n".join(lines) + b"\r\n\r\n"
     # Required headers, by RFC 6455 4.2.1 (Host by HTTP/1.1).
-    if dropped or broken or path in (b"/nope", b"/ws/x"):
+    # /ws/<room> is a room (issue #13); a path that is no room name is not.
+    if dropped or broken or path in (b"/nope", b"/ws/x/y", b"/ws/a%20b"):
         oracle = "no-upgrade"
     elif b"Origin: http://evil.example" in extra:
         oracle = "no-upgrade"

@@ -14,6 +14,7 @@ import re
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
+from urllib.parse import quote
 
 from autobahn.twisted.resource import WebSocketResource
 from twisted.internet.interfaces import IDelayedCall
@@ -172,7 +173,7 @@ class ChatWebSocketResource(WebSocketResource):
             transport._networkProducer.resumeProducing()
         elif hasattr(transport, "resumeProducing"):
             transport.resumeProducing()
-        head = [request.method + b" " + request.uri + b" HTTP/1.1\r\n"]
+        head = [request.method + b" " + _canonical_uri(request) + b" HTTP/1.1\r\n"]
         for name, values in request.requestHeaders.getAllRawHeaders():
             head.append(name + b": " + b",".join(values) + b"\r\n")
         head.append(b"\r\n")
@@ -221,6 +222,21 @@ def _is_loopback(address: str) -> bool:
         return ipaddress.ip_address(canonical_address(address)).is_loopback
     except ValueError:
         return False
+
+
+def _canonical_uri(request: Request) -> bytes:
+    """
+    The request's target as the chat reads it: the path segments twisted.web
+    routed by (decoded: ``/%77s`` is ``/ws``), each quoted again, so a room
+    name with characters a name may not have (``/ws/a%20b``) is still refused
+    by admission, and the query as it came.
+    """
+    segments = [
+        quote(segment, safe=b"") for segment in request.prepath + request.postpath
+    ]
+    path = ("/" + "/".join(segments)).encode("ascii")
+    _, mark, query = request.uri.partition(b"?")
+    return path + mark + query
 
 
 def _bad_room() -> IResource:
