@@ -5,6 +5,7 @@ Run from a checkout's root (the wheel does not ship the benchmarks)::
     python -m benchmarks                  # everything, with both baselines (~10 min)
     python -m benchmarks --quick          # a smoke run (~1-2 min)
     python -m benchmarks --scenario fanout --senders 1,10 --slow-reader
+    python -m benchmarks --scenario json,rooms   # the JSON codec; 1,000 rooms x 10
     python -m benchmarks --scenario cluster   # 2 nodes + Redis vs 1 node (~1 min)
     python -m benchmarks --url ws://127.0.0.1:8080/ --pid 1234 --no-baselines
 
