@@ -129,7 +129,7 @@ def compute_ratios(results: dict[str, Any], baselines: list[str]) -> dict[str, A
 
 
 def check_targets(results: dict[str, Any]) -> list[dict[str, Any]]:
-    """Issue #5's targets, for webchat, where this run measured them."""
+    """Issues #5 and #13: the targets, for webchat, where this run measured them."""
     checks: list[dict[str, Any]] = []
 
     def check(
@@ -477,7 +477,7 @@ def render_table(document: dict[str, Any]) -> str:
         lines.append(render_cluster(cluster))
     checks = document.get("issue_targets") or []
     if checks:
-        lines.append("Issue #5 targets (webchat):")
+        lines.append("Targets (webchat; issues #5 and #13):")
         for item in checks:
             verdict = {True: "met", False: "NOT met", None: "n/a"}[item["met"]]
             note = f" ({item['note']})" if item["note"] else ""
