@@ -93,7 +93,7 @@ class JsonLoggerProcessTests(SynchronousTestCase):
         records += [json.loads(line) for line in out.splitlines()]  # every line is JSON
         ours = [r for r in records if r["namespace"] == "webchat"]
         texts = [r["text"] for r in ours]
-        self.assertIn("New connection! (1) from 127.0.0.1", texts)
+        self.assertIn("New connection! (1) from 127.0.0.1 in room lobby", texts)
         sent = next(r for r in ours if r["text"].startswith("Connection 1 sending"))
         self.assertEqual(
             sent["text"],

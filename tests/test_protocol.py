@@ -210,9 +210,9 @@ class LogTests(ServerMixin, TestCase):
         self.assertEqual(
             lines[:4],
             [
-                "New connection! (1) from 127.0.0.1",
-                "New connection! (2) from 127.0.0.1",
-                "New connection! (3) from 127.0.0.1",
+                "New connection! (1) from 127.0.0.1 in room lobby",
+                "New connection! (2) from 127.0.0.1 in room lobby",
+                "New connection! (3) from 127.0.0.1 in room lobby",
                 "Connection 1 sending message hi there to 2 other connection(s)",
             ],
         )
@@ -337,8 +337,8 @@ class QuietTests(ServerMixin, TestCase):
         self.assertEqual(
             self.logs.lines,
             [
-                "New connection! (1) from 127.0.0.1",
-                "New connection! (2) from 127.0.0.1",
+                "New connection! (1) from 127.0.0.1 in room lobby",
+                "New connection! (2) from 127.0.0.1 in room lobby",
             ],
         )
 

@@ -12,17 +12,17 @@ tested with a header dict (tests/test_admission.py).
 from __future__ import annotations
 
 from collections import Counter
-from collections.abc import Mapping
-from typing import NamedTuple
+from collections.abc import Container, Mapping
+from typing import NamedTuple, NoReturn
 
 from autobahn.websocket.types import ConnectionDeny
 from twisted.logger import Logger
 
 from webchat.access import AccessPolicy
-from webchat.codecs import SEED, Codec
+from webchat.codecs import JSON, JSON_SUBPROTOCOL, SEED, Codec
 from webchat.limits import Limits
 from webchat.logtext import escape_for_log
-from webchat.rooms import LOBBY
+from webchat.rooms import room_of_path
 
 log = Logger(namespace="webchat")
 
@@ -61,13 +61,18 @@ class Admission:
         tls: bool,
         draining: bool,
         connections: int,
+        path: str = "/",
+        rooms: Container[str] = (),
+        rooms_open: int = 0,
     ) -> Admitted:
         """
         Admit a handshake from ``peer`` (the TCP peer's address) with
         ``headers`` (lower-case names), or raise ``ConnectionDeny``.
 
         ``tls``: whether it came over TLS; ``draining``: the server is
-        shutting down; ``connections``: open TCP connections, this one too.
+        shutting down; ``connections``: open TCP connections, this one too;
+        ``path``: the raw request path, which names the room; ``rooms``:
+        the rooms open now (``rooms_open`` of them).
         An admitted connection holds a place against the per-address cap
         until ``release``.
         """
@@ -93,6 +98,15 @@ class Admission:
                 # The one thing the operator needs to know next.
                 hint=f"start webchat with --allowed-origin {shown} to allow it",
             )
+        room = room_of_path(path)
+        if room is None:
+            self._refuse(
+                address,
+                400,
+                "bad_room",
+                "bad room name: 1-64 of A-Z a-z 0-9 . _ -",
+                f"bad room name {escape_for_log(path)}",
+            )
         if limits.max_connections and connections > limits.max_connections:
             self._refuse(address, 503, "max_connections", "server is full")
         per_ip = limits.max_connections_per_ip
@@ -104,9 +118,20 @@ class Admission:
                 "too many connections",
                 f"already {per_ip} connection(s) from this address",
             )
+        max_rooms = limits.max_rooms
+        if max_rooms and room not in rooms and rooms_open >= max_rooms:
+            self._refuse(
+                address,
+                503,
+                "max_rooms",
+                "too many rooms",
+                f"room {room} would be one more than --max-rooms {max_rooms}",
+            )
         self.per_address[address] += 1
-        # Rooms by path (/ws/<room>) is issue #13: the room is chosen here.
-        return Admitted(address, LOBBY, SEED)
+        offered = headers.get("sec-websocket-protocol", "")
+        wanted = {name.strip() for name in offered.split(",")}
+        codec = JSON if JSON_SUBPROTOCOL in wanted else SEED
+        return Admitted(address, room, codec)
 
     def release(self, address: str) -> None:
         """An admitted connection from ``address`` is gone."""
@@ -122,7 +147,7 @@ class Admission:
         reason: str,
         detail: str = "",
         hint: str = "",
-    ) -> None:
+    ) -> NoReturn:
         """Count and log a refused handshake, then refuse it with ``status``."""
         self.refused[kind] += 1
         log.warn(

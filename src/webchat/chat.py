@@ -22,7 +22,7 @@ process, or hand in a fake clock.
 
 from __future__ import annotations
 
-from collections import Counter
+from collections import Counter, deque
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
@@ -34,15 +34,23 @@ from twisted.logger import Logger
 
 from webchat.access import AccessPolicy
 from webchat.admission import Admission
+from webchat.codecs import JSON, event_frame
 from webchat.connection import (
     _CLOSED,
     ERROR_CLOSE_CODES,
     SERVER_FAULT_CODES,
     WebChatProtocol,
 )
-from webchat.limits import Limits
+from webchat.events import BadEvent, check_name, parse_event
+from webchat.limits import (
+    BAD_EVENTS_MAX,
+    BAD_EVENTS_WINDOW,
+    TYPING_INTERVAL,
+    Limits,
+)
 from webchat.logtext import LogText, escape_for_log
 from webchat.metrics import ChatStats
+from webchat.room import Room
 from webchat.rooms import LOBBY, Rooms
 
 if TYPE_CHECKING:
@@ -170,7 +178,13 @@ class WebChatFactory(WebSocketServerFactory):
             tls=ISSLTransport.providedBy(protocol.transport),
             draining=self.draining,
             connections=len(self.connections),
+            path=request.path,
+            rooms=self.rooms,
+            rooms_open=self.rooms.open,
         )
+        names = (request.params or {}).get("name")
+        if names and protocol.admitted.codec is JSON:
+            protocol.wanted_name = names[0]
 
     def allocate_id(self) -> int:
         """
@@ -189,19 +203,69 @@ class WebChatFactory(WebSocketServerFactory):
         if admitted is None:
             raise RuntimeError("a connection opened without being admitted")
         protocol.chat_id = self.allocate_id()
-        protocol.room = self.rooms.join(admitted.room, protocol, admitted.codec)
+        name = ""
+        bad_name: BadEvent | None = None
+        if protocol.wanted_name is not None:
+            try:
+                name = check_name(protocol.wanted_name)
+            except BadEvent as e:
+                bad_name = e
+            protocol.wanted_name = None
+        room = self.rooms.join(admitted.room, protocol, admitted.codec, name)
+        protocol.room = room
         self.stats.opened += 1
         protocol.opened_at = self.reactor.seconds()
         log.info(
-            "New connection! ({id}) from {peer}",
+            "New connection! ({id}) from {peer} in room {room}",
             id=protocol.chat_id,
             peer=escape_for_log(protocol.client_address),
+            room=room.name,
         )
+        member = {"id": protocol.chat_id, "name": protocol.chat_name}
+        if admitted.codec is JSON:
+            protocol.deliver(self._welcome(protocol, room))
+            if bad_name is not None:
+                self.reject(protocol, bad_name)
+        room.publish_event(
+            event_frame({"type": "join", "room": room.name, "member": member}),
+            protocol.chat_id,
+        )
+
+    def _welcome(self, protocol: WebChatProtocol, room: Room) -> bytes:
+        limits = self.limits
+        rate: float | int = limits.rate_limit
+        if rate == int(rate):
+            rate = int(rate)
+        return event_frame(
+            {
+                "type": "welcome",
+                "id": protocol.chat_id,
+                "name": protocol.chat_name,
+                "room": room.name,
+                "members": room.roster(),
+                "limits": {
+                    "max_text_bytes": limits.max_text_bytes,
+                    "max_message_size": limits.max_message_size,
+                    "rate_limit": rate,
+                    "rate_burst": limits.rate_burst,
+                },
+            }
+        )
+
+    def now_ms(self) -> int:
+        """The server's time in ms, from the factory's clock (JSON ``ts``)."""
+        return int(self.reactor.seconds() * 1000)
 
     def unregister(self, protocol: WebChatProtocol) -> None:
         room = protocol.room
         if not protocol.chat_id or room is None or not self.rooms.leave(room, protocol):
             return  # never opened, or already gone
+        if len(room):
+            member = {"id": protocol.chat_id, "name": protocol.chat_name}
+            room.publish_event(
+                event_frame({"type": "leave", "room": room.name, "member": member}),
+                protocol.chat_id,
+            )
         code = _close_code(protocol)
         self.stats.closed[code] += 1
         error = None
@@ -246,6 +310,113 @@ class WebChatFactory(WebSocketServerFactory):
         """A delivery to ``protocol`` raised (a bug): end just that connection."""
         protocol.close_with(1011, "internal error")
         return True
+
+    # -- JSON events ----------------------------------------------------------------
+
+    def receive_event(self, sender: WebChatProtocol, payload: bytes) -> None:
+        """A JSON client's event (docs/protocol.md): act on it, or say why not."""
+        try:
+            event = parse_event(payload)
+            if event.type == "message":
+                self._message_event(sender, event.value, event.ref)
+            elif event.type == "name":
+                self._name_event(sender, event.value)
+            else:
+                self._typing_event(sender)
+        except BadEvent as e:
+            self.reject(sender, e)
+
+    def _message_event(
+        self, sender: WebChatProtocol, text: str, ref: str | int | None
+    ) -> None:
+        try:
+            data = text.encode("utf-8")
+        except UnicodeEncodeError:
+            raise BadEvent("bad_event", "text is not valid Unicode", ref) from None
+        most = self.limits.max_text_bytes
+        if most and len(data) > most:
+            raise BadEvent("message_too_big", f"text is over {most} bytes (UTF-8)", ref)
+        self.relay(sender, data)
+        room = sender.room
+        seq, ts = (room.seq, room.ts) if room is not None else (0, self.now_ms())
+        sender.deliver(event_frame({"type": "ack", "ref": ref, "seq": seq, "ts": ts}))
+
+    def _name_event(self, sender: WebChatProtocol, raw: str) -> None:
+        name = check_name(raw)
+        room = sender.room
+        if room is None:
+            return
+        old = sender.chat_name
+        if not room.rename(sender, name):
+            raise BadEvent("name_taken", "someone in this room has that name")
+        if name == old:
+            return
+        room.publish_event(
+            event_frame(
+                {
+                    "type": "name",
+                    "room": room.name,
+                    "id": sender.chat_id,
+                    "old": old,
+                    "name": name,
+                }
+            )
+        )
+        log.info(
+            "Connection {id} is now called {name} in room {room}",
+            id=sender.chat_id,
+            name=escape_for_log(name),
+            room=room.name,
+        )
+
+    def _typing_event(self, sender: WebChatProtocol) -> None:
+        now = self.reactor.seconds()
+        room = sender.room
+        if room is None or now - sender.typed_at < TYPING_INTERVAL:
+            return  # at most one every TYPING_INTERVAL, the rest dropped
+        sender.typed_at = now
+        room.publish_event(
+            event_frame(
+                {
+                    "type": "typing",
+                    "room": room.name,
+                    "id": sender.chat_id,
+                    "name": sender.chat_name,
+                }
+            ),
+            sender.chat_id,
+        )
+
+    def reject(self, protocol: WebChatProtocol, error: BadEvent) -> None:
+        """
+        Tell a JSON client why its event was not acted on (logged once,
+        counted); too many bad events in a row close it with 1008.
+        """
+        self.stats.bad_events[error.code] += 1
+        event: dict[str, object] = {
+            "type": "error",
+            "code": error.code,
+            "reason": error.reason,
+        }
+        if error.ref is not None:
+            event["ref"] = error.ref
+        protocol.deliver(event_frame(event))
+        log.warn(
+            "Connection {id} from {peer}: {code} ({reason})",
+            id=protocol.chat_id,
+            peer=escape_for_log(protocol.client_address),
+            code=error.code,
+            reason=error.reason,
+        )
+        if error.code in ("bad_name", "name_taken", "message_too_big"):
+            return  # a person's mistake, not garbage
+        now = self.reactor.seconds()
+        recent = protocol.bad_events
+        if recent is None:
+            recent = protocol.bad_events = deque(maxlen=BAD_EVENTS_MAX)
+        recent.append(now)
+        if len(recent) == BAD_EVENTS_MAX and now - recent[0] <= BAD_EVENTS_WINDOW:
+            protocol.close_with(1008, "too many bad events", kind="bad_events")
 
     def relay(self, sender: WebChatProtocol, payload: bytes) -> int:
         """

@@ -10,9 +10,16 @@ a new codec here and a choice in admission: the room does not change.
 
 from __future__ import annotations
 
-from typing import NamedTuple, Protocol
+import json
+from typing import Any, NamedTuple, Protocol
 
 from webchat.frames import text_frame
+
+#: The subprotocol a client offers to be spoken to in JSON events; the
+#: version is in the name so the format can evolve (docs/protocol.md).
+JSON_SUBPROTOCOL = "webchat.v1.json"
+
+_dumps = json.JSONEncoder(ensure_ascii=False, separators=(",", ":")).encode
 
 
 class Message(NamedTuple):
@@ -28,13 +35,25 @@ class Message(NamedTuple):
     #: The member of this room that sent it, who is not sent it back; 0 when
     #: the sender is not a member here (server, API, another node).
     member_id: int
+    #: The room's name, and the sender's name as the JSON events show them.
+    room: str = ""
+    name: str = ""
+    #: Server time in ms when it was received, and the room's message number.
+    ts: int = 0
+    seq: int = 0
+    #: A presence event (join, leave, name, typing), as one whole JSON text
+    #: frame already: it rides in the turn so its order with the messages is
+    #: kept, and codecs without events (the seed's) skip it.
+    event: bytes | None = None
 
 
 class Codec(Protocol):
     """A wire format: one message in, one or more whole frames out."""
 
-    #: A short name, for admission to choose by and for logs.
+    #: A short name, for admission to choose by, for logs and metrics.
     name: str
+    #: The subprotocol the server answers with, or None (none offered).
+    subprotocol: str | None
 
     def encode(self, message: Message) -> bytes:
         """The bytes of ``message`` in this format: whole frames only."""
@@ -47,10 +66,46 @@ class SeedCodec:
     """
 
     name = "seed"
+    subprotocol = None
 
     def encode(self, message: Message) -> bytes:
+        if message.event is not None:
+            return b""  # the seed's clients never heard of presence
         return text_frame(b"id %d: " % message.sender_id, message.text)
 
 
-#: The one codec every connection speaks today.
+class JsonCodec:
+    """
+    JSON events (``webchat.v1.json``): one compact JSON object per text
+    frame.  A message is encoded once per turn like the seed's; presence
+    events come already encoded.
+    """
+
+    name = "json"
+    subprotocol = JSON_SUBPROTOCOL
+
+    def encode(self, message: Message) -> bytes:
+        if message.event is not None:
+            return message.event
+        return event_frame(
+            {
+                "type": "message",
+                "room": message.room,
+                "id": message.sender_id,
+                "name": message.name,
+                "text": message.text.decode("utf-8"),
+                "ts": message.ts,
+                "seq": message.seq,
+            }
+        )
+
+
+def event_frame(event: dict[str, Any]) -> bytes:
+    """One JSON event as a whole text frame (compact, UTF-8, fields in order)."""
+    return text_frame(b"", _dumps(event).encode("utf-8"))
+
+
+#: The seed's codec: what a client that offers no subprotocol speaks.
 SEED = SeedCodec()
+#: JSON events, for a client that offers ``webchat.v1.json``.
+JSON = JsonCodec()

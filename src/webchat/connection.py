@@ -39,6 +39,7 @@ Refused opening handshakes get an HTTP status instead: 403 for a foreign
 
 from __future__ import annotations
 
+from collections import deque
 from typing import TYPE_CHECKING, Any
 
 import txaio
@@ -48,6 +49,7 @@ from twisted.internet.interfaces import IDelayedCall
 from twisted.logger import Logger
 
 from webchat.access import canonical_address
+from webchat.codecs import JSON, event_frame
 from webchat.flow import FlowControl
 from webchat.keepalive import Keepalive
 from webchat.ratelimit import TokenBucket
@@ -64,6 +66,13 @@ ERROR_CLOSE_CODES = frozenset({1002, 1003, 1007, 1008, 1009, 1011})
 #: Error closes that are the server's own fault, logged at ``error``; the
 #: rest (a client's mistake or misbehaviour) are logged at ``warn``.
 SERVER_FAULT_CODES = frozenset({1011})
+
+#: The ``error`` code a JSON client is sent before a policy close, by the
+#: kind of close (the rest: the kind itself).
+_ERROR_CODE_OF = {
+    "too_many_frames": "message_too_big",
+    "bad_events": "bad_event",
+}
 
 #: Seconds a cleanly closed connection may take to send what it still holds.
 CLOSE_LINGER = 2.0
@@ -112,6 +121,14 @@ class WebChatProtocol(FlowControl, Keepalive, WebSocketServerProtocol):
     room: Room | None = None
     #: What admission decided, once the handshake is let through.
     admitted: Admitted | None = None
+    #: The name shown to others (set by the room), and the one asked for
+    #: with ``?name=`` until the connection opens.
+    chat_name = ""
+    wanted_name: str | None = None
+    #: When the last ``typing`` event was relayed (reactor time).
+    typed_at = float("-inf")
+    #: When the latest bad JSON events came (see ``WebChatFactory.reject``).
+    bad_events: deque[float] | None = None
     _bucket: TokenBucket | None = None
     #: Budgets for every frame and every byte received (see ``onFrameBegin``).
     _frame_bucket: TokenBucket | None = None
@@ -136,8 +153,10 @@ class WebChatProtocol(FlowControl, Keepalive, WebSocketServerProtocol):
         self.factory.connections.add(self)
         self.start_flow_control()
 
-    def onConnect(self, request: Any) -> None:
+    def onConnect(self, request: Any) -> str | None:
         self.factory.admit(self, request)
+        # The subprotocol answered: the codec's (JSON), or none (the seed's).
+        return self.admitted.codec.subprotocol if self.admitted else None
 
     def onOpen(self) -> None:
         self._shed_handshake_state()
@@ -255,7 +274,11 @@ class WebChatProtocol(FlowControl, Keepalive, WebSocketServerProtocol):
             self.close_with(1003, "binary messages are not supported")
             return
         try:
-            self.factory.relay(self, payload)
+            admitted = self.admitted
+            if admitted is not None and admitted.codec is JSON:
+                self.factory.receive_event(self, payload)
+            else:
+                self.factory.relay(self, payload)
         except Exception:
             # A bug in relaying one message must not take the reactor's
             # read loop down with it: report it and end just this connection.
@@ -322,6 +345,30 @@ class WebChatProtocol(FlowControl, Keepalive, WebSocketServerProtocol):
         reasonUtf8: bytes | None = None,
         isReply: bool = False,
     ) -> None:
+        if (
+            not isReply
+            and code in (1008, 1009)
+            and self.state == _OPEN
+            and self.admitted is not None
+            and self.admitted.codec is JSON
+            and self.transport is not None
+        ):
+            # A page can only show why it was closed if it is told in words
+            # it reads: an error event with the close's code, just before it.
+            if self.drop_reason is not None:
+                kind = self.drop_reason[0]
+            else:  # Autobahn's own close: an oversized message or frame
+                kind = "message_too_big" if code == 1009 else "policy_violation"
+            reason = (reasonUtf8 or b"").decode("utf-8", "replace")
+            self.transport.write(
+                event_frame(
+                    {
+                        "type": "error",
+                        "code": _ERROR_CODE_OF.get(kind, kind),
+                        "reason": reason,
+                    }
+                )
+            )
         super().sendCloseFrame(code=code, reasonUtf8=reasonUtf8, isReply=isReply)
         timeout = self._close_timeout
         if timeout is None:

@@ -55,6 +55,24 @@ SHUTDOWN_GRACE = 5.0
 CLOSE_TIMEOUT = 1.0
 #: Connections per client address; 0 = no cap (behind a proxy all share one).
 MAX_CONNECTIONS_PER_IP = 0
+#: Rooms open at once; a join that would open one more gets HTTP 503.
+#: 0 = no cap.  Generous: an empty room costs nothing (it is freed), an open
+#: one a few hundred bytes.
+MAX_ROOMS = 10000
+#: Bytes of a JSON ``message`` event that are not its text (type, room,
+#: name, ids, time, escaping slack): a text may be this much shorter than
+#: --max-message-size, so its event still fits the frame limit.
+JSON_OVERHEAD = 256
+#: Bad client events (malformed JSON, unknown types, wrong fields) a JSON
+#: connection may send within BAD_EVENTS_WINDOW seconds; one more closes it
+#: with 1008 "too many bad events".
+BAD_EVENTS_MAX = 10
+BAD_EVENTS_WINDOW = 10.0
+#: Seconds between two ``typing`` events relayed for one member; the ones in
+#: between are dropped without a word.
+TYPING_INTERVAL = 2.0
+#: Longest name, in characters (after trimming).
+MAX_NAME_CHARS = 32
 #: File descriptors kept back from --max-connections for listening sockets,
 #: log files, page requests and Redis, so accept() never fails with EMFILE.
 FD_RESERVE = 64
@@ -106,6 +124,14 @@ class Limits:
     #: 0 here means "no cap"; the command line fills in default_max_connections().
     max_connections: int = 0
     max_connections_per_ip: int = MAX_CONNECTIONS_PER_IP
+    max_rooms: int = MAX_ROOMS
+
+    @property
+    def max_text_bytes(self) -> int:
+        """Longest text a JSON ``message`` event may carry (0 = no limit)."""
+        if not self.max_message_size:
+            return 0
+        return max(self.max_message_size - JSON_OVERHEAD, 1)
 
     @property
     def frame_burst(self) -> int:

@@ -30,6 +30,7 @@ from twisted.web.resource import Resource
 from twisted.web.server import Request
 
 from webchat import __version__
+from webchat.codecs import JSON, SEED
 
 if TYPE_CHECKING:
     from webchat.chat import WebChatFactory
@@ -41,6 +42,8 @@ REFUSAL_REASONS = (
     "max_connections_per_ip",
     "draining",
     "http_version",
+    "bad_room",
+    "max_rooms",
 )
 #: Every kind of connection the server ends for cause.
 DROP_REASONS = (
@@ -61,6 +64,16 @@ DROP_REASONS = (
     "response_timeout",
     "request_body",
     "header_too_large",
+    "bad_events",
+)
+#: Every error code a JSON client event can earn (docs/protocol.md).
+BAD_EVENT_CODES = (
+    "bad_json",
+    "unknown_type",
+    "bad_event",
+    "message_too_big",
+    "bad_name",
+    "name_taken",
 )
 #: Fan-out time buckets, in seconds: 10 µs .. 1 s.
 FANOUT_BUCKETS = (
@@ -77,6 +90,8 @@ class ChatStats:
         self.closed: Counter[int] = Counter()
         self.refused: Counter[str] = Counter()
         self.dropped: Counter[str] = Counter()
+        #: Bad JSON events answered with an ``error``, by its code.
+        self.bad_events: Counter[str] = Counter()
         self.messages_received = 0
         self.deliveries = 0
         self.bytes_received = 0
@@ -105,6 +120,13 @@ class ChatCollector(Collector):
         yield GaugeMetricFamily(
             "webchat_connections", "Open WebSocket connections.", len(factory.rooms)
         )
+        yield GaugeMetricFamily("webchat_rooms", "Rooms open.", factory.rooms.open)
+        members = GaugeMetricFamily(
+            "webchat_members", "Room members, by wire format.", labels=["codec"]
+        )
+        for codec in (SEED, JSON):
+            members.add_metric([codec.name], factory.rooms.members(codec))
+        yield members
         yield CounterMetricFamily(
             "webchat_connections_opened",
             "WebSocket connections opened (handshake completed).",
@@ -132,6 +154,12 @@ class ChatCollector(Collector):
             "before the handshake deadline, as browsers' spare connections do).",
             DROP_REASONS,
             stats.dropped,
+        )
+        yield _by_reason(
+            "webchat_bad_events",
+            "JSON client events answered with an error event, by its code.",
+            BAD_EVENT_CODES,
+            stats.bad_events,
         )
         yield CounterMetricFamily(
             "webchat_messages_received",

@@ -32,7 +32,7 @@ from typing import TYPE_CHECKING, Protocol
 
 from twisted.logger import Logger
 
-from webchat.codecs import Codec, Message
+from webchat.codecs import SEED, Codec, Message
 
 if TYPE_CHECKING:
     from webchat.metrics import ChatStats
@@ -54,6 +54,9 @@ class Member(Protocol):
     """What a room needs from a connection."""
 
     chat_id: int
+    #: The name others see (``guest-N`` unless it chose one), unique in its
+    #: room case-insensitively; set by the room.
+    chat_name: str
 
     def deliver(self, data: bytes | memoryview) -> bool:
         """
@@ -77,8 +80,11 @@ class Room:
         schedule: Callable[[Room], object],
         release_memory: Callable[[], object],
         delivery_failed: Callable[[Member], bool] | None = None,
+        clock: Callable[[], float] | None = None,
     ) -> None:
         self.name = name
+        #: The server's clock (seconds), for a message's ``ts``.
+        self._clock = clock
         self._stats = stats
         self._schedule = schedule
         self._release_memory = release_memory
@@ -89,11 +95,54 @@ class Room:
         self._codec_of: dict[int, Codec] = {}
         self._by_codec: dict[Codec, dict[int, Member]] = {}
         self._pending: list[Message] = []
+        #: Names in use here, case-folded, to the member id holding each.
+        self._names: dict[str, int] = {}
+        #: The room's last message number: 1, 2, ... for the room's lifetime,
+        #: and the server time (ms) it arrived at.
+        self.seq = 0
+        self.ts = 0
 
-    def join(self, member: Member, codec: Codec) -> None:
+    def join(self, member: Member, codec: Codec, name: str = "") -> None:
+        """
+        Add ``member`` speaking ``codec``, named ``name`` (default
+        ``guest-N``), or that name with the first free suffix (``-2``, ...).
+        """
+        member.chat_name = self.free_name(name or f"guest-{member.chat_id}")
+        self._names[member.chat_name.casefold()] = member.chat_id
         self._members[member.chat_id] = member
         self._codec_of[member.chat_id] = codec
         self._by_codec.setdefault(codec, {})[member.chat_id] = member
+
+    def free_name(self, wanted: str) -> str:
+        """``wanted``, or ``wanted-2``, ``wanted-3``, ...: the first not in use here."""
+        name = wanted
+        suffix = 1
+        while name.casefold() in self._names:
+            suffix += 1
+            name = f"{wanted}-{suffix}"
+        return name
+
+    def rename(self, member: Member, name: str) -> bool:
+        """Give ``member`` ``name``; False if someone else here has it."""
+        key = name.casefold()
+        holder = self._names.get(key)
+        if holder is not None and holder != member.chat_id:
+            return False
+        del self._names[member.chat_name.casefold()]
+        self._names[key] = member.chat_id
+        member.chat_name = name
+        return True
+
+    def roster(self) -> list[dict[str, object]]:
+        """Everyone here, in join order, as the JSON events list them."""
+        return [
+            {"id": chat_id, "name": member.chat_name}
+            for chat_id, member in self._members.items()
+        ]
+
+    def count(self, codec: Codec) -> int:
+        """Members here that speak ``codec``."""
+        return len(self._by_codec.get(codec, ()))
 
     def leave(self, member: Member) -> bool:
         """Forget ``member``; return whether it was still here."""
@@ -101,6 +150,8 @@ class Room:
         if self._members.pop(chat_id, None) is None:
             return False
         codec = self._codec_of.pop(chat_id)
+        if self._names.get(member.chat_name.casefold()) == chat_id:
+            del self._names[member.chat_name.casefold()]
         same = self._by_codec[codec]
         del same[chat_id]
         if not same:
@@ -119,24 +170,61 @@ class Room:
         return not self._members and not self._pending
 
     def publish(
-        self, sender: Member | None, text: bytes, sender_id: int | None = None
+        self,
+        sender: Member | None,
+        text: bytes,
+        sender_id: int | None = None,
+        *,
+        name: str = "",
     ) -> int:
         """
         Queue ``text`` from ``sender`` (``None``: the server, an API, another
         node) for every member except ``sender``, to go out at the end of
-        this reactor turn; return how many members that is now.
+        this reactor turn, as the room's next message (``seq``); return how
+        many members that is now.
 
         ``sender_id`` is the id it is shown as from when that is not the
         sender's own (a client of another node); default: ``sender``'s, or 0.
+        ``name`` is the sender's name (default: its own, else ``guest-N``),
+        for the JSON events; its time (``ts``, ms) is the room's clock's.
         """
         member_id = sender.chat_id if sender is not None else 0
         if sender_id is None:
             sender_id = member_id
+        if not name:
+            name = sender.chat_name if sender is not None else f"guest-{sender_id}"
         if not self._pending:
             self._schedule(self)
-        self._pending.append(Message(sender_id, text, perf_counter(), member_id))
+        self.seq += 1
+        ts = self.ts = int(self._clock() * 1000) if self._clock is not None else 0
+        self._pending.append(
+            Message(
+                sender_id,
+                text,
+                perf_counter(),
+                member_id,
+                self.name,
+                name,
+                ts,
+                self.seq,
+            )
+        )
         members = len(self._members)
         return members - 1 if member_id in self._members else members
+
+    def publish_event(self, frame: bytes, member_id: int = 0) -> None:
+        """
+        Queue a presence event (one whole frame) for this turn, for every
+        member whose codec has events except ``member_id``: in the turn, so
+        it keeps its order with the messages.  Nothing at all when only the
+        seed's codec is spoken here.
+        """
+        by_codec = self._by_codec
+        if not by_codec or (len(by_codec) == 1 and SEED in by_codec):
+            return
+        if not self._pending:
+            self._schedule(self)
+        self._pending.append(Message(0, b"", perf_counter(), member_id, event=frame))
 
     def flush(self) -> int:
         """
@@ -160,7 +248,8 @@ class Room:
         stats = self._stats
         done = perf_counter()
         for message in pending:
-            stats.fanout_seconds.observe(done - message.arrived)
+            if message.event is None:
+                stats.fanout_seconds.observe(done - message.arrived)
         stats.deliveries += copies
         stats.bytes_sent += sent
         if biggest > RELEASE_ABOVE:
@@ -182,7 +271,9 @@ class Room:
         encode = codec.encode
         frames = [encode(message) for message in pending]
         everything = frames[0] if len(frames) == 1 else b"".join(frames)
-        total = len(frames)
+        if not everything:
+            return 0, 0, 0  # nothing this codec speaks (presence, for the seed's)
+        total = len(frames) - frames.count(b"")
         copies = 0
         sent = 0
         for chat_id, member in list(members.items()):
@@ -192,7 +283,7 @@ class Room:
                     # worked out here, when its turn comes, and let go before
                     # the next member's: a copy per sender held for the whole
                     # loop grows with senders x bytes (150 x 60 KB: 1.3 GB).
-                    if total > 1:
+                    if len(frames) > 1:
                         got, size = _deliver_without(
                             member, chat_id, pending, frames, everything
                         )
@@ -249,7 +340,7 @@ def _deliver_without(
         others = [
             frame
             for message, frame in zip(pending, frames, strict=True)
-            if message.member_id != sender_id
+            if message.member_id != sender_id and frame
         ]
         data = b"".join(others)
         if data and member.deliver(data):
@@ -261,7 +352,7 @@ def _deliver_without(
     for message, frame in zip(pending, frames, strict=True):
         if message.member_id != sender_id:
             end += len(frame)
-            count += 1
+            count += 1 if frame else 0
             continue
         if end > start:
             if not member.deliver(view[start:end]):

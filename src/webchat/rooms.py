@@ -11,6 +11,7 @@ per room.
 
 from __future__ import annotations
 
+import re
 from collections.abc import Callable, Iterator
 from typing import TYPE_CHECKING, Any
 
@@ -21,8 +22,25 @@ from webchat.room import Member, Room
 if TYPE_CHECKING:
     from webchat.metrics import ChatStats
 
-#: The room every connection joins until rooms are chosen by path (#13).
+#: The room of ``/``, ``/ws`` and ``/ws/``: where the seed's page lands.
 LOBBY = "lobby"
+#: What a room name may be (``/ws/<room>``, ``/r/<room>``).
+ROOM_NAME = re.compile(r"[A-Za-z0-9._-]{1,64}")
+
+
+def room_of_path(path: str) -> str | None:
+    """
+    The room a WebSocket request path asks for, or None if it names none
+    that may exist: ``/``, ``/ws``, ``/ws/`` → the lobby, ``/ws/<room>`` → room.
+    The path is the raw one, so percent-encoded junk is simply not a name.
+    """
+    if path in ("", "/", "/ws", "/ws/"):
+        return LOBBY
+    if path.startswith("/ws/"):
+        name = path[4:]
+        if ROOM_NAME.fullmatch(name):
+            return name
+    return None
 
 
 class Rooms:
@@ -45,8 +63,13 @@ class Rooms:
         self._busy: list[Room] = []
         self._flush_call: Any = None
 
-    def join(self, name: str, member: Member, codec: Codec = SEED) -> Room:
-        """Put ``member`` in room ``name`` (made now if need be); return the room."""
+    def join(
+        self, name: str, member: Member, codec: Codec = SEED, member_name: str = ""
+    ) -> Room:
+        """
+        Put ``member`` in room ``name`` (made now if need be), named
+        ``member_name`` (see ``Room.join``); return the room.
+        """
         room = self._rooms.get(name)
         if room is None:
             room = self._rooms[name] = Room(
@@ -55,8 +78,9 @@ class Rooms:
                 self._schedule,
                 self._release_memory,
                 self._member_failed,
+                self._reactor.seconds,
             )
-        room.join(member, codec)
+        room.join(member, codec, member_name)
         return room
 
     def leave(self, room: Room, member: Member) -> bool:
@@ -80,6 +104,18 @@ class Rooms:
     @property
     def names(self) -> list[str]:
         return list(self._rooms)
+
+    @property
+    def open(self) -> int:
+        """Rooms open now."""
+        return len(self._rooms)
+
+    def __contains__(self, name: object) -> bool:
+        return name in self._rooms
+
+    def members(self, codec: Codec) -> int:
+        """Members speaking ``codec``, in all rooms (for the metrics)."""
+        return sum(room.count(codec) for room in self._rooms.values())
 
     def _member_failed(self, member: Member) -> bool:
         """Hand a member whose delivery raised to the owner; False: nobody took it."""

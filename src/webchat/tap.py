@@ -49,6 +49,7 @@ PLACEHOLDERS = {
     "trust-proxy": "ADDR",
     "max-connections": "N",
     "max-connections-per-ip": "N",
+    "max-rooms": "N",
     "max-message-size": "BYTES",
     "max-message-frames": "N",
     "rate-limit": "N",
@@ -192,6 +193,14 @@ class Options(usage.Options):
             limits.MAX_CONNECTIONS_PER_IP,
             "Most connections from one client address; more get HTTP 429. 0 = off "
             "(behind a proxy every client shares its address: see --trust-proxy).",
+            _int,
+        ],
+        [
+            "max-rooms",
+            None,
+            limits.MAX_ROOMS,
+            "Most rooms open at once (/ws/<room>); a join that would open one more "
+            "gets HTTP 503. 0 = no cap.",
             _int,
         ],
         [
@@ -455,6 +464,7 @@ class Options(usage.Options):
             shutdown_grace=self["shutdown-grace"],
             max_connections=self["max-connections"] or 0,
             max_connections_per_ip=self["max-connections-per-ip"],
+            max_rooms=self["max-rooms"],
         )
 
 

@@ -21,7 +21,7 @@ from twisted.internet.protocol import Protocol
 from twisted.logger import Logger
 from twisted.protocols.policies import ProtocolWrapper
 from twisted.web.http import HTTPChannel
-from twisted.web.pages import notFound
+from twisted.web.pages import errorPage, notFound
 from twisted.web.resource import IResource, Resource
 from twisted.web.server import NOT_DONE_YET, Request, Site
 from twisted.web.static import File
@@ -30,6 +30,7 @@ from webchat.access import canonical_address
 from webchat.chat import WebChatFactory
 from webchat.health import HealthResource
 from webchat.logtext import escape_for_log
+from webchat.rooms import ROOM_NAME
 
 log = Logger(namespace="webchat")
 
@@ -81,11 +82,18 @@ class ChatRoot(Resource):
 
     def getChildWithDefault(self, path: bytes, request: Request) -> IResource:
         at_end = not request.postpath
-        if at_end and path in WEBSOCKET_PATHS:
+        in_room = path == b"ws" and len(request.postpath) == 1  # /ws/<room>
+        if (at_end and path in WEBSOCKET_PATHS) or in_room:
             if wants_websocket(request):
-                return self._websocket
+                return self._websocket  # admission judges the room's name
             if path == b"ws":
                 return _upgrade_required()
+        if path == b"r" and len(request.postpath) == 1:
+            # /r/<room>: the same page, which reads the room from its address.
+            if not ROOM_NAME.fullmatch(request.postpath[0].decode("latin-1")):
+                return _bad_room()
+            request.postpath = []
+            return self._files.getChildWithDefault(b"index.html", request)
         endpoint = self._endpoints.get(path)
         if endpoint is not None and at_end:
             return endpoint
@@ -215,6 +223,10 @@ def _is_loopback(address: str) -> bool:
         return False
 
 
+def _bad_room() -> IResource:
+    return errorPage(400, "Bad Request", "bad room name: 1-64 of A-Z a-z 0-9 . _ -")
+
+
 def _upgrade_required() -> IResource:
     return _UpgradeRequired()
 
@@ -318,7 +330,7 @@ def _cancel(call: IDelayedCall | None) -> None:
 MAX_HEAD = 16384
 
 _UPGRADE_LINE = re.compile(rb"\r\nupgrade:[ \t]*websocket[ \t]*\r\n")
-_REQUEST_LINE = re.compile(rb"^GET (/|/ws)(\?[^ ]*)? HTTP/1\.1$")
+_REQUEST_LINE = re.compile(rb"^GET (/|/ws|/ws/[^ ?]*)(\?[^ ]*)? HTTP/1\.1$")
 
 
 def is_chat_upgrade(head: bytes) -> bool:
