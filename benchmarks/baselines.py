@@ -18,8 +18,11 @@ ratio to each, so a number means something on any machine::
   any Python server (``python -m benchmarks --scenario calibrate``).
 
 All speak the same protocol as webchat: a text message M from connection N
-goes to every *other* connection as ``id N: M``; ids count up from 1.  Only
-127.0.0.1 is listened on.  Each keeps its library's defaults otherwise.
+goes to every *other* connection of its room as ``id N: M``; ids count up
+from 1.  The room is the path, as webchat's (``/ws/<room>``; ``/``, ``/ws``
+and ``/ws/`` are the lobby), so the rooms scenario measures both the same
+way; the C server has one room.  Only 127.0.0.1 is listened on.  Each keeps
+its library's defaults otherwise.
 """
 
 from __future__ import annotations
@@ -32,6 +35,13 @@ import sys
 from typing import Any
 
 
+def room_of(path: str) -> str:
+    """The room a request path joins: ``/ws/<room>``, else the lobby."""
+    if path.startswith("/ws/") and len(path) > 4:
+        return path[4:]
+    return "lobby"
+
+
 def serve_autobahn(reactor: Any, port: int) -> None:
     """Listen with the naive Autobahn chat; ``reactor.run()`` is the caller's."""
     from autobahn.twisted.websocket import (
@@ -41,26 +51,33 @@ def serve_autobahn(reactor: Any, port: int) -> None:
 
     class NaiveChatProtocol(WebSocketServerProtocol):
         chat_id = 0
+        room = "lobby"
+
+        def onConnect(self, request: Any) -> None:
+            self.room = room_of(request.path)
 
         def onOpen(self) -> None:
             self.chat_id = next(self.factory.ids)
-            self.factory.clients[self.chat_id] = self
+            self.factory.rooms.setdefault(self.room, {})[self.chat_id] = self
 
         def onMessage(self, payload: bytes, isBinary: bool) -> None:
             if isBinary:
                 return
             message = b"id %d: %b" % (self.chat_id, payload)
-            for client in list(self.factory.clients.values()):
+            for client in list(self.factory.rooms.get(self.room, {}).values()):
                 if client is not self:
                     client.sendMessage(message)
 
         def onClose(self, wasClean: bool, code: int | None, reason: str | None) -> None:
-            self.factory.clients.pop(self.chat_id, None)
+            members = self.factory.rooms.get(self.room, {})
+            members.pop(self.chat_id, None)
+            if not members:
+                self.factory.rooms.pop(self.room, None)
 
     factory = WebSocketServerFactory(f"ws://127.0.0.1:{port}")
     factory.protocol = NaiveChatProtocol
     factory.ids = itertools.count(1)
-    factory.clients = {}
+    factory.rooms = {}
     reactor.listenTCP(port, factory, interface="127.0.0.1")
 
 
@@ -69,10 +86,12 @@ async def serve_websockets(port: int) -> None:
     from websockets.asyncio.server import broadcast, serve
 
     ids = itertools.count(1)
-    clients: dict[Any, int] = {}
+    rooms: dict[str, dict[Any, int]] = {}
 
     async def chat(connection: Any) -> None:
         chat_id = next(ids)
+        room = room_of(connection.request.path)
+        clients = rooms.setdefault(room, {})
         clients[connection] = chat_id
         try:
             async for message in connection:
@@ -81,6 +100,8 @@ async def serve_websockets(port: int) -> None:
                     broadcast(others, f"id {chat_id}: {message}")
         finally:
             del clients[connection]
+            if not clients:
+                rooms.pop(room, None)
 
     async with serve(chat, "127.0.0.1", port) as server:
         await server.serve_forever()

@@ -5,6 +5,7 @@ Run from a checkout's root (the wheel does not ship the benchmarks)::
     python -m benchmarks                  # everything, with both baselines (~10 min)
     python -m benchmarks --quick          # a smoke run (~1-2 min)
     python -m benchmarks --scenario fanout --senders 1,10 --slow-reader
+    python -m benchmarks --scenario json,rooms   # the JSON codec; 1,000 rooms x 10
     python -m benchmarks --scenario cluster   # 2 nodes + Redis vs 1 node (~1 min)
     python -m benchmarks --url ws://127.0.0.1:8080/ --pid 1234 --no-baselines
 
@@ -45,7 +46,9 @@ from benchmarks.scenarios import (
 )
 from benchmarks.servers import BASELINES, EXTRA_BASELINES
 
-SCENARIOS = ("fanout", "connect", "echo")
+SCENARIOS = ("fanout", "json", "rooms", "connect", "echo")
+#: Fan-out variants whose baselines cannot take part: they speak no JSON.
+WEBCHAT_ONLY = ("json",)
 #: Run only when named: not part of "all" (``make bench``).
 EXTRA_SCENARIOS = ("calibrate", "cluster")
 DEFAULT_OUT = Path("bench-results") / "bench.json"
@@ -101,7 +104,8 @@ def build_parser() -> argparse.ArgumentParser:
     what.add_argument(
         "--scenario",
         default="all",
-        help="fanout, connect, echo, all (= those three), calibrate (the load "
+        help="fanout, json (the JSON codec's fan-out), rooms (1,000 rooms x 10), "
+        "connect, echo, all (= those five), calibrate (the load "
         "generator against the C server) or cluster (2 nodes + Redis vs 1 node, "
         "issue #6); comma-separated [all]",
     )
@@ -135,6 +139,17 @@ def build_parser() -> argparse.ArgumentParser:
     fan.add_argument("--receivers", type=int, help="receiving connections [1000]")
     fan.add_argument(
         "--senders", type=_int_list, help="sender counts to run [1,10; quick: 1]"
+    )
+    fan.add_argument(
+        "--json-senders",
+        type=_int_list,
+        help="json: sender counts to run [1,10; quick: 1]",
+    )
+    fan.add_argument("--rooms", type=int, help="rooms: how many [1000; quick: 100]")
+    fan.add_argument(
+        "--room-members",
+        type=int,
+        help="rooms: members per room, one a sender, >= 2 [10]",
     )
     fan.add_argument("--payload", type=int, help="payload bytes, >= 30 [64]")
     fan.add_argument(
@@ -207,6 +222,9 @@ def make_config(args: argparse.Namespace) -> BenchConfig:
     overrides = {
         "receivers": args.receivers,
         "senders": args.senders,
+        "json_senders": args.json_senders,
+        "rooms": args.rooms,
+        "room_members": args.room_members,
         "payload": args.payload,
         "step_seconds": args.step_seconds,
         "start_rate": args.start_rate,
@@ -248,6 +266,10 @@ def _validate(parser: argparse.ArgumentParser, args: argparse.Namespace) -> list
         parser.error(
             "--payload must be 30..60000 (it carries a step id and a timestamp)"
         )
+    if args.rooms is not None and args.rooms < 1:
+        parser.error("--rooms must be >= 1")
+    if args.room_members is not None and args.room_members < 2:
+        parser.error("--room-members must be >= 2 (a sender and a receiver)")
     for name in [] if args.no_baselines else _csv(args.baselines):
         if name not in BASELINES + EXTRA_BASELINES:
             parser.error(f"unknown baseline {name!r}")
@@ -357,7 +379,13 @@ def _run_scenario(
         results["cluster"] = _guarded(run_cluster, bench)
         write_json(out, document)
         return
-    table = results.setdefault(scenario, {})
+    if scenario in ("json", "rooms"):
+        # Fan-out variants: their runs join the fan-out table, keyed by variant.
+        table = results.setdefault("fanout", {})
+        if scenario in WEBCHAT_ONLY:
+            targets = ["webchat"]
+    else:
+        table = results.setdefault(scenario, {})
     for target in targets:
         _run_target(bench, scenario, target, table, document, out)
 
@@ -382,6 +410,22 @@ def _run_target(
             run.setdefault("slow_reader", slow)
             runs.append(run)
             write_json(out, document)  # an interrupted run still leaves its data
+    elif scenario == "json":
+        runs = table.setdefault(target, [])
+        for senders in config.json_senders:
+            run = _guarded(run_fanout, bench, target, senders, codec="json")
+            run.setdefault("senders", senders)
+            run.setdefault("variant", "json")
+            runs.append(run)
+            write_json(out, document)
+    elif scenario == "rooms":
+        runs = table.setdefault(target, [])
+        run = _guarded(run_fanout, bench, target, config.rooms, rooms=config.rooms)
+        run.setdefault("senders", config.rooms)
+        run.setdefault("variant", "rooms")
+        run.setdefault("rooms", config.rooms)
+        runs.append(run)
+        write_json(out, document)
     elif scenario == "connect":
         webchat = target == "webchat"
         count = config.connections if webchat else config.baseline_connections

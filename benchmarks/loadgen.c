@@ -36,6 +36,18 @@
  *       reported apart, as "send_lag".  Then wait up to DRAIN_S for every
  *       receiver to have every message, then up to SETTLE_S for the line to
  *       go quiet.
+ *   codec seed|json
+ *       Connections opened from now on speak the seed's protocol (send text,
+ *       receive "id N: text"), or offer the subprotocol webchat.v1.json (the
+ *       server must accept it): they send {"type":"message","text":PAYLOAD}
+ *       and find PAYLOAD in the "text" of each {"type":"message",...} event;
+ *       other events (welcome, join, ack, ...) are counted as "other".
+ *   rooms R PREFIX
+ *       Connections opened from now on go to PREFIX0 .. PREFIX<R-1> in turn
+ *       (the k-th connection of an "open" to room k mod R); "rooms 0 -" goes
+ *       back to the command line's PATH (one room).  A message reaches the
+ *       receivers of its sender's room only: a step expects, per sender, its
+ *       messages times its room's receivers.
  *   check      state of every connection (and the slow readers' TCP state)
  *   reset      reset every connection and forget it
  *   quit       reset every connection and exit
@@ -256,6 +268,9 @@ typedef struct conn {
     int fd;
     uint8_t role, state, dirty;
     uint8_t target;      /* index into target_ports (client mode) */
+    uint8_t json;        /* speaks webchat.v1.json (client mode) */
+    uint8_t in_room;     /* opened under "rooms R": its path is room_prefix + room */
+    uint32_t room;       /* index of its room, 0 with one room (client mode) */
     uint16_t close_code; /* from the peer's close frame, 0 if none */
     uint32_t interest;   /* epoll events registered, 0 = not in the epoll set */
     int index;           /* position in its list (server mode) */
@@ -357,6 +372,15 @@ static hist_t target_lat[MAX_TARGETS];
 static uint64_t target_received[MAX_TARGETS];
 static const char *host_header = "127.0.0.1";
 static const char *url_path = "/";
+/* What "codec" and "rooms" set for the connections opened next. */
+static int open_json;
+static uint32_t open_rooms; /* 0: every connection to url_path */
+static char room_prefix[256];
+#define JSON_SUBPROTOCOL "webchat.v1.json"
+#define JSON_SEND_HEAD "{\"type\":\"message\",\"text\":\""
+#define JSON_SEND_TAIL "\"}"
+#define JSON_EVENT_HEAD "{\"type\":\"message\","
+#define JSON_TEXT_KEY "\"text\":\""
 
 static conn_t **conns;
 static size_t nconns, conns_cap;
@@ -460,11 +484,28 @@ static void client_text(conn_t *c, const uint8_t *p, uint64_t len, uint64_t t) {
         step_other++;
         return;
     }
-    if (len < payload_bytes || len < 3 || memcmp(p, "id ", 3) != 0) {
-        step_bad++;
-        return;
+    const uint8_t *mine;
+    if (c->json) {
+        /* {"type":"message","room":..,"id":..,"name":..,"text":"PAYLOAD",...} */
+        size_t head = sizeof JSON_EVENT_HEAD - 1, key = sizeof JSON_TEXT_KEY - 1;
+        if (len < head || memcmp(p, JSON_EVENT_HEAD, head) != 0) {
+            step_other++; /* welcome, join, leave, ...: not a chat message */
+            return;
+        }
+        const uint8_t *text = memmem(p, len, JSON_TEXT_KEY, key);
+        if (!text || (uint64_t)(p + len - (text + key)) < payload_bytes + 1 ||
+            text[key + payload_bytes] != '"') {
+            step_bad++;
+            return;
+        }
+        mine = text + key;
+    } else {
+        if (len < payload_bytes || len < 3 || memcmp(p, "id ", 3) != 0) {
+            step_bad++;
+            return;
+        }
+        mine = p + len - payload_bytes;
     }
-    const uint8_t *mine = p + len - payload_bytes;
     int ok = 1;
     uint64_t sid = parse_digits(mine, 8, &ok);
     uint64_t ts = parse_digits(mine + 9, 20, &ok);
@@ -583,6 +624,15 @@ static void client_readable(conn_t *c) {
             while (*accept == ' ') accept++;
             good = strncmp(accept, expected, strlen(expected)) == 0;
         }
+        if (good && c->json) { /* the server must have chosen the JSON codec */
+            char *proto = strcasestr(head, "\r\nsec-websocket-protocol:");
+            if (proto) {
+                proto += 26;
+                while (*proto == ' ') proto++;
+            }
+            good = proto && strncmp(proto, JSON_SUBPROTOCOL, strlen(JSON_SUBPROTOCOL)) == 0 &&
+                   (proto[strlen(JSON_SUBPROTOCOL)] == '\r' || proto[strlen(JSON_SUBPROTOCOL)] == ' ');
+        }
         if (!good) {
             err_http++;
             conn_close(c, "handshake refused", 1);
@@ -630,12 +680,17 @@ static void client_writable(conn_t *c) {
             memcpy(raw + i, &r, 4);
         }
         base64(raw, 16, c->key);
-        char req[1024];
+        char req[1024], path[300];
+        if (c->in_room)
+            snprintf(path, sizeof path, "%s%u", room_prefix, c->room);
+        else
+            snprintf(path, sizeof path, "%s", url_path);
         int n = snprintf(req, sizeof req,
                          "GET %s HTTP/1.1\r\nHost: %s\r\nUpgrade: websocket\r\n"
                          "Connection: Upgrade\r\nSec-WebSocket-Key: %s\r\n"
-                         "Sec-WebSocket-Version: 13\r\n\r\n",
-                         url_path, host_header, c->key);
+                         "Sec-WebSocket-Version: 13\r\n%s\r\n",
+                         path, host_header, c->key,
+                         c->json ? "Sec-WebSocket-Protocol: " JSON_SUBPROTOCOL "\r\n" : "");
         buf_reserve(&c->out, (uint32_t)n, 4096);
         memcpy(c->out.p + c->out.len, req, (size_t)n);
         c->out.len += (uint32_t)n;
@@ -653,10 +708,13 @@ static void client_event(conn_t *c, uint32_t events) {
     if (c->state != ST_CLOSED && events & (EPOLLIN | EPOLLHUP | EPOLLERR)) client_readable(c);
 }
 
-static conn_t *client_connect(int role, int target) {
+static conn_t *client_connect(int role, int target, uint64_t k) {
     conn_t *c = calloc(1, sizeof *c);
     c->role = (uint8_t)role;
     c->target = (uint8_t)target;
+    c->json = (uint8_t)open_json;
+    c->in_room = open_rooms > 0;
+    c->room = open_rooms ? (uint32_t)(k % open_rooms) : 0;
     c->t_start = now_ns();
     c->fd = socket(AF_INET, SOCK_STREAM | SOCK_NONBLOCK | SOCK_CLOEXEC, 0);
     if (nconns == conns_cap) {
@@ -752,7 +810,7 @@ static void cmd_open(int role, uint64_t count, uint64_t concurrency, double time
     double cpu0 = cpu_seconds();
     while (open_ok + open_failed < count && now < deadline) {
         while (open_inflight < concurrency && started < count) {
-            client_connect(role, target);
+            client_connect(role, target, started);
             started++;
         }
         poll_once(10, client_event);
@@ -792,13 +850,22 @@ static void cmd_step(uint32_t id, double rate, double seconds, uint32_t payload,
                      double drain_s, double settle_s) {
     conn_t **senders = malloc((nconns + 1) * sizeof *senders);
     size_t nsend = 0, nrecv = 0;
+    uint32_t nrooms = 1; /* rooms are 0 .. nrooms-1 */
+    for (size_t i = 0; i < nconns; i++)
+        if (conns[i]->room >= nrooms) nrooms = conns[i]->room + 1;
+    /* per room: open receivers now, and messages sent this step */
+    uint64_t *room_recv = calloc(nrooms, sizeof *room_recv);
+    uint64_t *room_sent = calloc(nrooms, sizeof *room_sent);
     for (size_t i = 0; i < nconns; i++) {
         conn_t *c = conns[i];
         if (c->state != ST_OPEN) continue;
         c->got = 0;
         c->seq = 0;
         if (c->role == ROLE_SEND) senders[nsend++] = c;
-        if (c->role == ROLE_RECV) nrecv++;
+        if (c->role == ROLE_RECV) {
+            nrecv++;
+            room_recv[c->room]++;
+        }
     }
     step_id = id;
     payload_bytes = payload;
@@ -817,6 +884,12 @@ static void cmd_step(uint32_t id, double rate, double seconds, uint32_t payload,
     for (size_t i = 0; i < nsend; i++) senders[i]->due0 = t0 + interval * i / nsend;
     double cpu0 = cpu_seconds();
     uint64_t next_report = t0 + 1000000000ull;
+    /* The frame's text: the payload, or the payload inside a JSON message event. */
+    size_t jhead = sizeof JSON_SEND_HEAD - 1, jtail = sizeof JSON_SEND_TAIL - 1;
+    uint8_t *json_msg = malloc(jhead + payload + jtail);
+    memcpy(json_msg, JSON_SEND_HEAD, jhead);
+    memset(json_msg + jhead, 'x', payload);
+    memcpy(json_msg + jhead + payload, JSON_SEND_TAIL, jtail);
     uint8_t *msg = malloc(payload + 1);
     memset(msg, 'x', payload);
     while (now < t_end) {
@@ -830,11 +903,20 @@ static void cmd_step(uint32_t id, double rate, double seconds, uint32_t payload,
                 char head[32];
                 snprintf(head, sizeof head, "%08u %020llu ", id, (unsigned long long)stamp);
                 hist_add(&send_lag, stamp - due, 1);
-                memcpy(msg, head, 30 < payload ? 30 : payload);
-                if (!queue_frame(c, 1, msg, payload, 1, SENDER_OUT_CAP)) {
+                int queued;
+                if (c->json) {
+                    memcpy(json_msg + jhead, head, 30 < payload ? 30 : payload);
+                    queued = queue_frame(c, 1, json_msg, jhead + payload + jtail, 1,
+                                         SENDER_OUT_CAP);
+                } else {
+                    memcpy(msg, head, 30 < payload ? 30 : payload);
+                    queued = queue_frame(c, 1, msg, payload, 1, SENDER_OUT_CAP);
+                }
+                if (!queued) {
                     overflow++; /* the server is not reading: this one is never sent */
                 } else {
                     sent++;
+                    room_sent[c->room]++;
                 }
                 c->seq++;
             }
@@ -851,7 +933,8 @@ static void cmd_step(uint32_t id, double rate, double seconds, uint32_t payload,
     }
     double send_wall = (now - t0) / 1e9;
     double send_cpu = (cpu_seconds() - cpu0) / send_wall;
-    uint64_t expected = sent * nrecv;
+    uint64_t expected = 0;
+    for (uint32_t r = 0; r < nrooms; r++) expected += room_sent[r] * room_recv[r];
     uint64_t drain_start = now, drain_end = now + (uint64_t)(drain_s * 1e9);
     uint64_t last_change = now, last_seen = step_received;
     progress("drain", t0, sent, cpu0);
@@ -878,7 +961,8 @@ static void cmd_step(uint32_t id, double rate, double seconds, uint32_t payload,
     for (size_t i = 0; i < nconns; i++) {
         conn_t *c = conns[i];
         if (c->role != ROLE_RECV) continue;
-        if (c->got < sent && (c->state == ST_OPEN || c->got > 0)) short_receivers++;
+        if (c->got < room_sent[c->room] && (c->state == ST_OPEN || c->got > 0))
+            short_receivers++;
         if (c->state == ST_OPEN && c->got < min_got) min_got = c->got;
     }
     if (min_got == UINT64_MAX) min_got = 0;
@@ -921,7 +1005,10 @@ static void cmd_step(uint32_t id, double rate, double seconds, uint32_t payload,
     printf("}\n");
     fflush(stdout);
     free(msg);
+    free(json_msg);
     free(senders);
+    free(room_recv);
+    free(room_sent);
 }
 
 static const char *tcp_state_name(int fd) {
@@ -1055,6 +1142,14 @@ static int client_main(int argc, char **argv) {
             } else {
                 cmd_step(id, a, b, payload, c, d);
             }
+        } else if (strcmp(line, "codec seed") == 0 || strcmp(line, "codec json") == 0) {
+            open_json = strcmp(line, "codec json") == 0;
+            printf("{\"type\": \"codec\", \"json\": %s}\n", open_json ? "true" : "false");
+            fflush(stdout);
+        } else if (sscanf(line, "rooms %u %255s", &id, room_prefix) == 2) {
+            open_rooms = id;
+            printf("{\"type\": \"rooms\", \"rooms\": %u}\n", open_rooms);
+            fflush(stdout);
         } else if (strncmp(line, "check", 5) == 0) {
             cmd_check();
         } else if (strncmp(line, "reset", 5) == 0) {

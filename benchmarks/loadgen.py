@@ -159,6 +159,17 @@ class LoadGen:
             on_progress,
         )
 
+    def codec(self, name: str) -> dict[str, Any]:
+        """The wire format of the connections opened next: ``seed`` or ``json``."""
+        return self.command(f"codec {name}", 10)
+
+    def rooms(self, count: int, prefix: str = "/ws/r") -> dict[str, Any]:
+        """
+        Spread the connections opened next over ``count`` rooms, paths
+        ``prefix0`` .. ``prefix<count-1>``, in turn; 0: the one path given.
+        """
+        return self.command(f"rooms {count} {prefix if count else '-'}", 10)
+
     def check(self) -> dict[str, Any]:
         return self.command("check", 30)
 

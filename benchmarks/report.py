@@ -13,6 +13,11 @@ from typing import Any
 
 #: Issue #5's targets for webchat (1000 receivers, 64 B, server on one core).
 TARGET_FANOUT_DELIVERIES = 2_000_000
+#: Issue #13: the JSON codec's one-room fan-out, and rooms against the naive server.
+TARGET_JSON_DELIVERIES = 5_000_000
+TARGET_ROOMS_RATIO = 10.0
+#: Issue #13: the seed fan-out no more than 10% below this (docs/benchmarks.md).
+REFERENCE_FANOUT_DELIVERIES = 20_460_000
 TARGET_ECHO_P50_MS = 1.0
 TARGET_ECHO_P99_MS = 5.0
 TARGET_RSS_PER_CONN = 8 * 1024
@@ -76,7 +81,13 @@ def _git_describe(tree: Path) -> dict[str, Any] | None:
 
 
 def fanout_key(run: dict[str, Any]) -> str:
-    return f"fanout S={run['senders']}" + (" +slow" if run.get("slow_reader") else "")
+    """The table's row: the variant (seed fan-out, JSON, rooms) and its shape."""
+    variant = run.get("variant", "fanout")
+    if variant == "rooms":
+        return f"rooms {run.get('rooms')}x{run.get('room_members') or '?'}"
+    return f"{variant} S={run['senders']}" + (
+        " +slow" if run.get("slow_reader") else ""
+    )
 
 
 def _ratio(ours: float | None, theirs: float | None) -> float | None:
@@ -118,7 +129,7 @@ def compute_ratios(results: dict[str, Any], baselines: list[str]) -> dict[str, A
 
 
 def check_targets(results: dict[str, Any]) -> list[dict[str, Any]]:
-    """Issue #5's targets, for webchat, where this run measured them."""
+    """Issues #5 and #13: the targets, for webchat, where this run measured them."""
     checks: list[dict[str, Any]] = []
 
     def check(
@@ -128,8 +139,41 @@ def check_targets(results: dict[str, Any]) -> list[dict[str, Any]]:
             {"target": name, "value": value, "shown": shown, "met": met, "note": note}
         )
 
-    for run in results.get("fanout", {}).get("webchat", []):
-        if run.get("slow_reader") or run.get("receivers") != 1000 or "error" in run:
+    fanout = results.get("fanout", {})
+    for run in fanout.get("webchat", []):
+        if run.get("slow_reader") or "error" in run:
+            continue
+        variant = run.get("variant", "fanout")
+        value = run.get("deliveries_per_s")
+        saturated = "load generator saturated" if run.get("loadgen_saturated") else ""
+        if variant == "json" and run.get("receivers") == 1000:
+            check(
+                f"JSON fan-out S={run['senders']} >= 5,000,000 deliveries/s"
+                " (p99 <= 100 ms, no loss)",
+                value,
+                f"{_rate(value)} deliveries/s",
+                value is not None and value >= TARGET_JSON_DELIVERIES,
+                saturated,
+            )
+        if variant == "rooms":
+            naive = next(
+                (
+                    r
+                    for r in fanout.get("autobahn", [])
+                    if fanout_key(r) == fanout_key(run)
+                ),
+                None,
+            )
+            ratio = _ratio(value, (naive or {}).get("deliveries_per_s"))
+            check(
+                f"{fanout_key(run)} >= 10x the naive Autobahn server",
+                ratio,
+                f"{_times(ratio)} ({_rate(value)} vs"
+                f" {_rate((naive or {}).get('deliveries_per_s'))} deliveries/s)",
+                None if ratio is None else ratio >= TARGET_ROOMS_RATIO,
+                saturated or ("" if naive else "no baseline in this run"),
+            )
+        if variant != "fanout" or run.get("receivers") != 1000:
             continue
         value = run.get("deliveries_per_s")
         check(
@@ -138,6 +182,14 @@ def check_targets(results: dict[str, Any]) -> list[dict[str, Any]]:
             value,
             f"{_rate(value)} deliveries/s",
             value is not None and value >= TARGET_FANOUT_DELIVERIES,
+            "load generator saturated" if run.get("loadgen_saturated") else "",
+        )
+        check(
+            f"fan-out S={run['senders']} within 10% of docs/benchmarks.md's"
+            f" {_rate(REFERENCE_FANOUT_DELIVERIES)}",
+            value,
+            f"{_rate(value)} deliveries/s",
+            value is not None and value >= 0.9 * REFERENCE_FANOUT_DELIVERIES,
             "load generator saturated" if run.get("loadgen_saturated") else "",
         )
     echo = results.get("echo", {}).get("webchat")
@@ -276,8 +328,9 @@ def render_table(document: dict[str, Any]) -> str:
             "deliveries_per_s",
             lower_bound=(by_target["webchat"] or {}).get("limited_by") == "loadgen",
         )
+        shape = next((r for r in by_target.values() if r), {})
         add(
-            f"  C={cfg['receivers']}, {cfg['payload']} B",
+            f"  C={shape.get('receivers', cfg['receivers'])}, {cfg['payload']} B",
             "  p50 / p99 / max ms",
             [
                 _cell(
@@ -424,7 +477,7 @@ def render_table(document: dict[str, Any]) -> str:
         lines.append(render_cluster(cluster))
     checks = document.get("issue_targets") or []
     if checks:
-        lines.append("Issue #5 targets (webchat):")
+        lines.append("Targets (webchat; issues #5 and #13):")
         for item in checks:
             verdict = {True: "met", False: "NOT met", None: "n/a"}[item["met"]]
             note = f" ({item['note']})" if item["note"] else ""

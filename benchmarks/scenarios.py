@@ -1,4 +1,4 @@
-"""The benchmark's scenarios: fan-out, connect, echo (and calibrate).
+"""The scenarios: fan-out (seed, JSON, rooms), connect, echo (and calibrate).
 
 Each scenario gets a fresh server and a fresh load generator, so no run
 inherits another's heap, ids or backlog.  The server is pinned to one CPU
@@ -43,6 +43,11 @@ class BenchConfig:
 
     receivers: int = 1000
     senders: list[int] = field(default_factory=lambda: [1, 10])
+    #: json: the JSON codec's fan-out, one room of ``receivers``; its senders.
+    json_senders: list[int] = field(default_factory=lambda: [1, 10])
+    #: rooms: this many rooms of ``room_members`` (one sender, the rest receivers).
+    rooms: int = 1000
+    room_members: int = 10
     payload: int = 64
     slow_reader: bool = False
     step_seconds: float = 3.0
@@ -70,6 +75,8 @@ class BenchConfig:
         """Short steps and fewer connections: a smoke run of a minute or two."""
         return cls(
             senders=[1],
+            json_senders=[1],
+            rooms=100,
             step_seconds=1.0,
             drain_seconds=2.0,
             settle_seconds=2.0,
@@ -300,13 +307,32 @@ def run_fanout(
     slow_reader: bool = False,
     start_rate: float | None = None,
     max_rate: float | None = None,
+    codec: str = "seed",
+    rooms: int = 0,
 ) -> dict[str, Any]:
-    """C receivers, S senders, an offered-rate ramp; the highest passing rate."""
+    """
+    C receivers, S senders, an offered-rate ramp; the highest passing rate.
+
+    ``codec`` ``json``: every connection offers webchat.v1.json.  ``rooms``
+    R > 0: R rooms (``/ws/r0`` ..) of ``room_members``, one of them the
+    room's sender, so a message has ``room_members - 1`` receivers and
+    ``senders`` is R.
+    """
     cfg = bench.config
     receivers = cfg.receivers
-    label = f"{name} fanout S={senders}" + (" +slow" if slow_reader else "")
+    per_message = receivers  # deliveries a message makes
+    if rooms:
+        senders = rooms
+        per_message = cfg.room_members - 1
+        receivers = rooms * per_message
+    variant = "rooms" if rooms else "json" if codec == "json" else "fanout"
+    label = f"{name} {variant} S={senders}" + (" +slow" if slow_reader else "")
     result: dict[str, Any] = {
         "target": name,
+        "variant": variant,
+        "codec": codec,
+        "rooms": rooms,
+        "room_members": cfg.room_members if rooms else None,
         "senders": senders,
         "receivers": receivers,
         "payload_bytes": cfg.payload,
@@ -317,6 +343,8 @@ def run_fanout(
     with bench.server(name) as server:
         result["server"] = server.describe()
         with bench.loadgen(server, label.replace(" ", "-")) as generator:
+            generator.codec(codec)
+            generator.rooms(rooms)
             if not _open_all(
                 bench, generator, label, result, receivers, senders, slow_reader
             ):
@@ -335,7 +363,7 @@ def run_fanout(
             def run_step_once(
                 deliveries: float, warmup: bool, retry: bool = False
             ) -> dict[str, Any]:
-                messages = deliveries / receivers
+                messages = deliveries / per_message
                 kind = "warm-up" if warmup else "retry" if retry else "step"
                 title = f"{label} | {kind} {_fmt_rate(deliveries)} deliveries/s"
                 state: dict[str, Any] = {}
@@ -363,7 +391,9 @@ def run_fanout(
                 )
                 passed, reasons = judge_step(raw, cfg.p99_limit_ms)
                 usage = state.get("usage") or meter.read()
-                step = _step_record(raw, deliveries, receivers, passed, reasons, usage)
+                step = _step_record(
+                    raw, deliveries, per_message, passed, reasons, usage
+                )
                 step["fatal"] = raw["closed"]["recv"] + raw["closed"]["send"] > 0
                 lat = raw["latency"]
                 bench.progress.done(
@@ -453,7 +483,7 @@ def _disturbed(usage: dict[str, float | None]) -> bool:
 def _step_record(
     raw: dict[str, Any],
     offered: float,
-    receivers: int,
+    per_message: int,
     passed: bool,
     reasons: list[str],
     usage: dict[str, float | None],
@@ -462,8 +492,9 @@ def _step_record(
     lat = raw["latency"]
     return {
         "offered_deliveries_per_s": round(offered, 1),
-        "offered_messages_per_s": round(offered / receivers, 3),
-        "deliveries_per_s": round(raw["sent"] * raw["receivers"] / seconds, 1),
+        "offered_messages_per_s": round(offered / per_message, 3),
+        # what the sent messages owed the receivers (in their senders' rooms)
+        "deliveries_per_s": round(raw["expected"] / seconds, 1),
         "messages_per_s": round(raw["sent"] / seconds, 3),
         "received_per_s": round(raw["received"] / seconds, 1),
         "passed": passed,

@@ -71,6 +71,78 @@ class QuickRunTests(SynchronousTestCase):
 
 
 @slow
+class FanoutVariantRunTests(SynchronousTestCase):
+    """The JSON and rooms scenarios at toy size, one fixed step each (~10 s)."""
+
+    def assert_step_delivered(self, run: dict, per_message: int) -> None:
+        """Every message of the one step reached its room's receivers, once."""
+        self.assertNotIn("error", run)
+        (step,) = run["steps"]
+        raw = step["raw"]
+        self.assertTrue(step["passed"], step["reasons"])
+        self.assertGreater(raw["sent"], 0)
+        self.assertEqual(raw["expected"], raw["sent"] * per_message)
+        self.assertEqual(raw["received"], raw["expected"])
+        self.assertEqual((raw["lost"], raw["bad"], raw["stale"]), (0, 0, 0))
+        self.assertGreater(step["p50_ms"], 0)
+
+    def test_json_one_room(self):
+        document, output = run_bench(
+            "--quick",
+            "--scenario",
+            "json",
+            "--no-baselines",
+            "--receivers",
+            "20",
+            # one step of 2000 deliveries/s: 100 messages/s, no search above it
+            "--start-rate",
+            "2000",
+            "--max-rate",
+            "2000",
+        )
+
+        self.assertEqual(document["status"], "complete")
+        (run,) = document["results"]["fanout"]["webchat"]
+        self.assertEqual((run["variant"], run["codec"]), ("json", "json"))
+        self.assertEqual((run["receivers"], run["senders"]), (20, 1))
+        # The handshake chose webchat.v1.json (else the load generator refuses
+        # it), and the payload was found inside each message event's "text".
+        self.assert_step_delivered(run, 20)
+        self.assertIn("json S=1", output)
+
+    def test_rooms_webchat_and_the_naive_baseline(self):
+        document, output = run_bench(
+            "--quick",
+            "--scenario",
+            "rooms",
+            "--baselines",
+            "autobahn",
+            "--rooms",
+            "5",
+            "--room-members",
+            "4",
+            # 5 senders, 3 receivers each: 300 deliveries/s is 20 messages/s a room
+            "--start-rate",
+            "300",
+            "--max-rate",
+            "300",
+        )
+
+        self.assertEqual(document["status"], "complete")
+        for target in ("webchat", "autobahn"):
+            (run,) = document["results"]["fanout"][target]
+            self.assertEqual(run["variant"], "rooms")
+            self.assertEqual(
+                (run["rooms"], run["receivers"], run["senders"]), (5, 15, 5)
+            )
+            # A message reaching another room would be more than expected: a loss
+            # of a negative count, and a failed step.
+            self.assert_step_delivered(run, 3)
+        self.assertIn("rooms 5x4", output)
+        self.assertIn("webchat/autobahn", output)
+
+
+@slow
 class ClusterQuickRunTests(SynchronousTestCase):
     """``--scenario cluster`` at toy size: Redis, two nodes, one node (~8 s)."""
 
@@ -162,6 +234,18 @@ class BaselineProtocolTests(SynchronousTestCase):
         # The sender never hears itself.
         with self.assertRaises(TimeoutError):
             first.recv(timeout=0.3)
+
+        # Rooms by path, as webchat's: /ws/<room>; "/" is the lobby.
+        elsewhere = clients.enter_context(connect(f"{url}ws/other", open_timeout=5))
+        third = clients.enter_context(connect(f"{url}ws/other", open_timeout=5))
+        time.sleep(0.2)
+        third.send("in other")
+        self.assertEqual(elsewhere.recv(timeout=5), "id 4: in other")
+        second.send("in lobby")
+        self.assertEqual(first.recv(timeout=5), "id 2: in lobby")
+        for outsider in (first, second, third):
+            with self.assertRaises(TimeoutError):
+                outsider.recv(timeout=0.3)
 
     def test_autobahn(self):
         self.check_baseline("autobahn")
