@@ -48,6 +48,8 @@ from twisted.internet import tcp
 from twisted.internet.interfaces import IPushProducer
 from zope.interface import implementer
 
+from webchat.memory import release_free_heap
+
 if TYPE_CHECKING:
     from webchat.limits import Limits
 
@@ -75,6 +77,11 @@ FEED_CHUNK = 64 * 1024
 #: turn of MBs in milliseconds on a LAN and in a few seconds on a slow link;
 #: one that does not read keeps only views of shared buffers meanwhile.
 OVER_GRACE = 5.0
+#: Once a member has let go of views of more than this (bytes) the C heap's
+#: free memory is handed back to the system (``webchat.memory``), at most
+#: once a second per server: the turn outlived its flush (``Room.flush``
+#: trims after big turns too), and glibc would keep tens of MB resident.
+RELEASE_ABOVE = 4 * 1024 * 1024
 
 
 @implementer(IPushProducer)
@@ -94,6 +101,8 @@ class FlowControl:
     #: Views of turn buffers not yet handed to Twisted, and their bytes.
     _queue: deque[memoryview] | None = None
     _queued = 0
+    #: Bytes queued as views since the queue was last empty.
+    _viewed = 0
     #: Taking a big turn: what comes next waits behind it (``deliver``).
     _draining = False
     #: Since when (the factory's clock) it has held more than its allowance.
@@ -217,6 +226,7 @@ class FlowControl:
             self._queue = deque()
         self._queue.append(view)
         self._queued += len(view)
+        self._viewed += len(view)
         self._feed()
         return self._judge()
 
@@ -244,17 +254,32 @@ class FlowControl:
                     queue[0] = view[end:]
             self._queued -= len(piece)
             write(bytes(piece))
+        if not queue:
+            self._let_go()
 
     def _drop_queue(self) -> None:
         """Let go of the queued views (the connection is closing or gone)."""
         if self._queue:
             self._queue.clear()
         self._queued = 0
+        self._let_go()
         self._draining = False
         self._over_since = None
         check, self._over_check = self._over_check, None
         if check is not None and check.active():
             check.cancel()
+
+    def _let_go(self) -> None:
+        """The queue is empty: after a big turn, have the free heap released."""
+        viewed, self._viewed = self._viewed, 0
+        if viewed <= RELEASE_ABOVE:
+            return
+        # One release a second for the whole server, however many members
+        # finish a burst: the factory holds the pending call.
+        factory = self.factory  # type: ignore[attr-defined]
+        pending = getattr(factory, "_heap_release", None)
+        if pending is None or not pending.active():
+            factory._heap_release = factory.reactor.callLater(1.0, release_free_heap)
 
     def _judge(self) -> bool:
         """
