@@ -47,6 +47,8 @@ class Member:
     _paused = False
     _backlog = 0
     _kernel_share = KERNEL_SHARE
+    _queue = None  # views of a big turn waiting for Twisted (none here)
+    _draining = False
 
     def __init__(self, chat_id: int) -> None:
         self.chat_id = chat_id
@@ -58,7 +60,7 @@ class Member:
 
 
 # The helpers deliver calls on its slow paths, where this version has them.
-for _name in ("_room", "_buffered", "_backlog_limit", "_too_slow"):
+for _name in ("_room", "_buffered", "_backlog_limit", "_too_slow", "_take_later"):
     if hasattr(WebChatProtocol, _name):
         setattr(Member, _name, getattr(WebChatProtocol, _name))
 

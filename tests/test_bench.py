@@ -367,7 +367,7 @@ class JudgeTests(SynchronousTestCase):
 class BurstRunTests(SynchronousTestCase):
     """``python -m benchmarks.burst`` end to end, small (~5 s)."""
 
-    def test_a_burst_over_the_allowance_closes_everyone_1008(self):
+    def test_a_burst_over_the_allowance_reaches_every_reader(self):
         with tempfile.TemporaryDirectory() as tmp:
             out = Path(tmp) / "burst.json"
             result = subprocess.run(
@@ -378,11 +378,12 @@ class BurstRunTests(SynchronousTestCase):
                     "--connections",
                     "4",
                     "--drain",
-                    "10",
+                    "3",
                     "--settle",
                     "0.5",
-                    # Less than one message: every member is closed, however
-                    # the server's turns happen to fall.
+                    # Less than one message: a turn is judged by what a
+                    # member leaves unread over time, not by its size, so
+                    # readers that read get it all and stay (review of #9).
                     "--server-arg=--max-send-buffer=50000",
                     "--out",
                     str(out),
@@ -396,8 +397,9 @@ class BurstRunTests(SynchronousTestCase):
             # 1 is a missed memory target: a figure, not a broken script.
             self.assertIn(result.returncode, (0, 1), result.stderr + result.stdout)
             figures = json.loads(out.read_text())
-        self.assertEqual(figures["clients"]["closed_by_server"], 4)
-        self.assertEqual(figures["clients"]["closed_1008"], 4)
+        self.assertEqual(figures["clients"]["closed_by_server"], 0)
+        # Each of the 4 gets the other 3 messages of 60 KB.
+        self.assertGreater(figures["clients"]["bytes_received"], 4 * 3 * 60_000)
         mib = figures["mib"]
         self.assertGreater(mib["rss_start"], 10)
         self.assertLessEqual(mib["hwm_before_burst"], mib["hwm_after_burst"])

@@ -3,14 +3,19 @@
 from __future__ import annotations
 
 import socket
+from types import SimpleNamespace
 
+from autobahn.websocket.protocol import WebSocketProtocol
 from twisted.internet import tcp
 from twisted.internet.protocol import Protocol
+from twisted.internet.task import Clock
 from twisted.internet.testing import MemoryReactor
 from twisted.logger import formatEvent, globalLogPublisher
 from twisted.trial.unittest import SynchronousTestCase
 
-from webchat.flow import TRANSPORT_INTERNALS
+from webchat.flow import _OPEN, OVER_GRACE, TRANSPORT_INTERNALS, FlowControl
+from webchat.frames import text_frame
+from webchat.limits import Limits
 from webchat.testing import ChatPump
 
 
@@ -78,3 +83,82 @@ class DeliveryFailureTests(SynchronousTestCase):
         )
         self.assertEqual(len(self.flushLoggedErrors(RuntimeError)), 1)
         self.assertEqual(pump.factory.dropped["internal_error"], 1)
+
+
+class _Member(FlowControl):
+    """The parts of a connection ``FlowControl`` needs, on a real socket pair."""
+
+    def __init__(self, limits: Limits, clock: Clock, ours: socket.socket) -> None:
+        self.state = _OPEN
+        self.factory = SimpleNamespace(limits=limits, reactor=clock)
+        self.closed: list[tuple[int, str]] = []
+        # A memory reactor: the transport sends only when the test calls
+        # ``doWrite``, as the reactor would once the peer has read.
+        self.transport = tcp.Connection(ours, Protocol(), reactor=MemoryReactor())
+        self.transport.connected = True
+        self.start_flow_control()
+
+    def close_with(self, code: int, reason: str, kind: str | None = None) -> None:
+        self.closed.append((code, reason))
+        self.state = WebSocketProtocol.STATE_CLOSING
+
+
+class BigTurnFlowTests(SynchronousTestCase):
+    """
+    A turn bigger than the allowance, handed to a member that was reading:
+    kept as views and fed a chunk at a time; too slow only if it stays over
+    the allowance for ``OVER_GRACE`` seconds (review of issue #9).
+    """
+
+    allowance = 256 * 1024
+
+    def setUp(self):
+        ours, self.peer = socket.socketpair()
+        self.addCleanup(self.peer.close)
+        self.addCleanup(ours.close)
+        self.peer.setblocking(False)
+        self.clock = Clock()
+        self.member = _Member(Limits(max_send_buffer=self.allowance), self.clock, ours)
+        self.frames = [text_frame(b"%d " % n, b"x" * 60_000) for n in range(40)]
+        self.turn = b"".join(self.frames)  # 2.4 MB: ten times the allowance
+
+    def read_peer(self) -> bytes:
+        data = b""
+        while True:
+            try:
+                chunk = self.peer.recv(1 << 20)
+            except BlockingIOError:
+                return data
+            data += chunk
+
+    def test_a_reader_gets_the_whole_turn_in_order_and_stays(self):
+        self.assertTrue(self.member.deliver(self.turn))
+        self.assertGreater(self.member._queued, 0)  # views, not a copy
+        got = b""
+        for _ in range(1000):
+            got += self.read_peer()
+            if len(got) == len(self.turn):
+                break
+            self.member.transport.doWrite()
+            self.clock.advance(0.001)
+        self.assertEqual(got, self.turn)
+        self.clock.advance(OVER_GRACE * 2)
+        self.assertEqual(self.member.closed, [])
+
+    def test_a_member_that_stops_reading_is_closed_after_the_grace(self):
+        self.assertTrue(self.member.deliver(self.turn))
+        self.clock.advance(OVER_GRACE - 0.5)
+        self.assertEqual(self.member.closed, [])
+        self.clock.advance(1)
+        self.assertEqual(self.member.closed, [(1008, "too slow")])
+        self.assertEqual(self.member._queued, 0)  # the views are let go
+        # What it was sent ends with a whole frame: the close can follow.
+        transport = self.member.transport
+        sent = (
+            self.read_peer()
+            + bytes(transport.dataBuffer[transport.offset :])
+            + b"".join(transport._tempDataBuffer)
+        )
+        self.assertTrue(self.turn.startswith(sent))
+        ends = {sum(len(f) for f in self.frames[:n]) for n in range(41)}
+        self.assertIn(len(sent), ends)

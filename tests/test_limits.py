@@ -886,3 +886,41 @@ class BigTurnTests(LimitsMixin, TestCase):
                 got, [t for t, o in zip(everything, order, strict=True) if o != n]
             )
         yield self.assert_bystanders_chat()
+
+
+class ManyBigMessagesTests(LimitsMixin, TestCase):
+    """
+    A turn owed in one go that is bigger than --max-send-buffer is no reason
+    to close members that read (review of issue #9): 25 clients each sending
+    one ordinary 60 KB message at the same moment (1.5 MB, inside every
+    limit) must not empty the room.  What is judged is what a member leaves
+    unread over time, not the size of one turn.
+    """
+
+    timeout = 120
+    senders = 25
+    size = 60_000
+    limits = Limits(rate_limit=0, max_message_size=65536)
+
+    @inlineCallbacks
+    def test_every_reader_gets_every_message_and_stays(self):
+        self.assertLess(self.limits.max_send_buffer, self.senders * self.size)
+        senders = yield self.connect_many(self.senders)
+        # Every sender's frame leaves in the same client write turn, so the
+        # server reads them all in one turn too.
+        for n, sender in enumerate(senders):
+            sender.send_text(f"{n} " + "x" * (self.size - len(f"{n} ")))
+        everything = yield take(self.alice, self.senders)
+        self.assertEqual((yield take(self.bob, self.senders)), everything)
+        order = [int(text.split(" ", 3)[2]) for text in everything]
+        self.assertEqual(sorted(order), list(range(self.senders)))
+        for n, sender in enumerate(senders):
+            got = yield take(sender, self.senders - 1)
+            self.assertEqual(
+                got, [t for t, o in zip(everything, order, strict=True) if o != n]
+            )
+        self.assertEqual(self.factory.dropped["too_slow"], 0)
+        self.assertFalse([x for x in self.logs.lines if "too slow" in x])
+        for client in [self.alice, self.bob, *senders]:
+            self.assertIsNone(client.closed_code)
+        yield self.assert_bystanders_chat()

@@ -5,7 +5,7 @@ This is the only module that reaches into Twisted's transport internals
 upgrade renames them).  It lives apart from the WebSocket wire handling so
 that what depends on Twisted's private parts is small and in one place.
 
-Three jobs, all for ``deliver``, which a room calls once per member per turn:
+Four jobs, all for ``deliver``, which a room calls once per member per turn:
 
 * The direct-socket fast path: Twisted's ``transport.write`` buffers and
   sends on a later iteration, at a cost larger than the send itself, so
@@ -13,10 +13,21 @@ Three jobs, all for ``deliver``, which a room calls once per member per turn:
 * Slow readers: the transport's producer signals (``pauseProducing``) start
   a count of what piles up; past ``--max-send-buffer`` the connection is
   closed 1008 "too slow".
-* The turn allowance: a delivery that does not fit what the connection may
-  still be owed is refused before anything is copied, so one turn of big
-  messages cannot hold many times the allowance per member.  ``SO_SNDBUF``
-  is fixed at connection time so the kernel's share stays bounded too.
+* Big turns: a member that is reading (Twisted holds nothing unsent for it)
+  takes a turn of any size.  What the kernel does not take at once is kept
+  as *views* of the room's one turn buffer, never a copy, in a small
+  per-connection queue, and fed into Twisted a bounded chunk of whole frames
+  at a time as Twisted drains (``resumeProducing``).  So the copy held per
+  member is about one Twisted buffer, however many senders the turn had.
+  "Too slow" is judged over time: a member whose unsent bytes (views,
+  Twisted's buffer, the kernel's) stay over ``--max-send-buffer`` for
+  ``OVER_GRACE`` seconds is closed 1008; one that drains is never closed for
+  the size of one turn.
+* A member already behind (Twisted holds bytes for it: its kernel buffer is
+  full) is not handed a turn that does not fit what it may still be owed:
+  it is closed 1008 "too slow" before anything of the turn is copied.
+  ``SO_SNDBUF`` is fixed at connection time so the kernel's share stays
+  bounded too.
 
 ``FlowControl`` is a mixin of ``WebChatProtocol`` rather than an object of
 its own: an idle connection's memory is mostly its ``__dict__``, and the
@@ -29,12 +40,15 @@ import fcntl
 import socket
 import struct
 import termios
+from collections import deque
 from typing import TYPE_CHECKING, Any
 
 from autobahn.websocket.protocol import WebSocketProtocol
 from twisted.internet import tcp
 from twisted.internet.interfaces import IPushProducer
 from zope.interface import implementer
+
+from webchat.memory import release_free_heap
 
 if TYPE_CHECKING:
     from webchat.limits import Limits
@@ -54,6 +68,21 @@ TRANSPORT_INTERNALS = (
 
 _OPEN = WebSocketProtocol.STATE_OPEN
 
+#: A member taking a big turn is fed this much (bytes, whole frames, at
+#: least one) into Twisted at a time: Twisted pauses us once it holds more
+#: than its 64 KiB mark, and resumes us when it has sent it all.
+FEED_CHUNK = 64 * 1024
+#: How long (seconds) a member may hold more than ``--max-send-buffer``
+#: unsent while taking a big turn before it is too slow: a reader drains a
+#: turn of MBs in milliseconds on a LAN and in a few seconds on a slow link;
+#: one that does not read keeps only views of shared buffers meanwhile.
+OVER_GRACE = 5.0
+#: Once a member has let go of views of more than this (bytes) the C heap's
+#: free memory is handed back to the system (``webchat.memory``), at most
+#: once a second per server: the turn outlived its flush (``Room.flush``
+#: trims after big turns too), and glibc would keep tens of MB resident.
+RELEASE_ABOVE = 4 * 1024 * 1024
+
 
 @implementer(IPushProducer)
 class FlowControl:
@@ -69,6 +98,16 @@ class FlowControl:
 
     _paused = False
     _backlog = 0
+    #: Views of turn buffers not yet handed to Twisted, and their bytes.
+    _queue: deque[memoryview] | None = None
+    _queued = 0
+    #: Bytes queued as views since the queue was last empty.
+    _viewed = 0
+    #: Taking a big turn: what comes next waits behind it (``deliver``).
+    _draining = False
+    #: Since when (the factory's clock) it has held more than its allowance.
+    _over_since: float | None = None
+    _over_check: Any = None
     #: Unsent bytes the kernel may hold for us (see ``start_flow_control``).
     _kernel_share = 0
     #: The raw socket, for plain TCP/Unix transports (see ``deliver``).
@@ -109,16 +148,17 @@ class FlowControl:
     def deliver(self, data: bytes | memoryview) -> bool:
         """
         Send whole frames built by a room's codec; refuse them if this connection is
-        closing.
+        closing (or is closed for being too slow).
 
         Twisted's ``transport.write`` does not write: it buffers, registers
         the socket with epoll and sends on a later iteration, inside its
         logging wrapper, and that bookkeeping costs more than the send.  So
         when Twisted holds nothing unsent for this connection the bytes go
-        straight to the socket, and only what the kernel does not take goes
-        through ``transport.write``.  Once anything is buffered everything
-        goes through Twisted, so the order of bytes on the wire and Twisted's
-        back-pressure signals (which find slow readers) stay intact.  TLS
+        straight to the socket.  What the kernel does not take is finished to
+        the end of its frame through ``transport.write``; the whole frames
+        after that wait in the queue as views (``_feed``).  Once anything is
+        buffered or queued everything goes behind it, so the order of bytes
+        on the wire and Twisted's back-pressure signals stay intact.  TLS
         transports always take ``transport.write``: their bytes must pass
         through the TLS layer.
 
@@ -127,9 +167,14 @@ class FlowControl:
         """
         if self.state != _OPEN:
             return False
+        if self._queue:
+            # Taking a big turn: what comes next waits behind it, as views.
+            return self._take_later(data)
         transport = self.transport
         size = len(data)
         if self._paused:
+            if self._draining:
+                return self._take_later(data)
             self._backlog += size
             # The count assumes the kernel's share full; before calling the
             # connection too slow, ask what really is unsent.
@@ -141,25 +186,141 @@ class FlowControl:
             and not transport._tempDataLen
             and not transport.dataBuffer
         ):
-            # The allowance is consulted before anything is taken: once the
-            # kernel has had its part, the rest would be copied into Twisted's
-            # buffer whole, and one turn of big messages can owe each member
-            # many times its allowance (150 senders of 60 KB: 9 MB each).
-            if size > self._sure_fit and size > self._room():
-                self._too_slow()
-                return False
+            # Nothing unsent in Twisted: this member reads.  It takes the
+            # turn whatever its size; only what it then leaves unread is
+            # judged (``_judge``).
             try:
                 sent = self._socket.send(data)
             except OSError:
                 sent = 0  # EAGAIN, or a reset Twisted will notice and report
             if sent == size:
                 return True
+            # Whatever else this turn owes it (a sender's next run of other
+            # people's frames) goes behind this, not through the check for
+            # members that were behind before the turn.
+            if not self._draining:
+                self._draining = True
+                self.factory.reactor.callLater(0, self._turn_over)  # type: ignore[attr-defined]
+            boundary = _frame_boundary(data, sent)
+            if boundary < size:
+                # The rest of the turn stays where it is, in the room's
+                # buffer, until Twisted asks for more.
+                if boundary > sent:
+                    transport.write(bytes(data[sent:boundary]))
+                return self._take_later(memoryview(data)[boundary:])
             data = data[sent:]
+        elif self._draining:
+            return self._take_later(data)
         elif size > self._sure_fit - self._buffered() and size > self._room():
+            # Behind already (its kernel buffer is full): a turn that does
+            # not fit is refused before any of it is copied.
             self._too_slow()
             return False
         transport.write(data if type(data) is bytes else bytes(data))
         return True
+
+    def _take_later(self, data: bytes | memoryview) -> bool:
+        """Queue ``data`` (whole frames) as a view, feed what Twisted may take."""
+        view = data if type(data) is memoryview else memoryview(data)
+        if self._queue is None:
+            self._queue = deque()
+        self._queue.append(view)
+        self._queued += len(view)
+        self._viewed += len(view)
+        self._feed()
+        return self._judge()
+
+    def _feed(self) -> None:
+        """
+        Hand Twisted whole frames from the queue, ``FEED_CHUNK`` at a time,
+        until it pauses us (it holds more than its mark) or the queue is empty.
+        """
+        queue = self._queue
+        write = self.transport.write
+        while queue and not self._paused:
+            if self.state != _OPEN:
+                self._drop_queue()
+                return
+            view = queue[0]
+            if len(view) <= FEED_CHUNK:
+                queue.popleft()
+                piece = view
+            else:
+                end = _frame_boundary(view, FEED_CHUNK)
+                piece = view[:end]
+                if end >= len(view):
+                    queue.popleft()
+                else:
+                    queue[0] = view[end:]
+            self._queued -= len(piece)
+            write(bytes(piece))
+        if not queue:
+            self._let_go()
+
+    def _drop_queue(self) -> None:
+        """Let go of the queued views (the connection is closing or gone)."""
+        if self._queue:
+            self._queue.clear()
+        self._queued = 0
+        self._let_go()
+        self._draining = False
+        self._over_since = None
+        check, self._over_check = self._over_check, None
+        if check is not None and check.active():
+            check.cancel()
+
+    def _let_go(self) -> None:
+        """The queue is empty: after a big turn, have the free heap released."""
+        viewed, self._viewed = self._viewed, 0
+        if viewed <= RELEASE_ABOVE:
+            return
+        # One release a second for the whole server, however many members
+        # finish a burst: the factory holds the pending call.
+        factory = self.factory  # type: ignore[attr-defined]
+        pending = getattr(factory, "_heap_release", None)
+        if pending is None or not pending.active():
+            factory._heap_release = factory.reactor.callLater(1.0, release_free_heap)
+
+    def _judge(self) -> bool:
+        """
+        Whether this connection, taking a big turn, is still within its
+        allowance over time; close it 1008 "too slow" if it has held more
+        than ``--max-send-buffer`` unsent for ``OVER_GRACE`` seconds.
+        """
+        if self.state != _OPEN:
+            self._drop_queue()
+            return False
+        limit = self._limits.max_send_buffer
+        if limit <= 0:
+            return True
+        unsent = self._queued + self._buffered() + self._kernel_share
+        if unsent > limit:
+            unsent = self._queued + limit - self._room()  # ask the kernel
+        if unsent <= limit:
+            self._over_since = None
+            return True
+        clock = self.factory.reactor  # type: ignore[attr-defined]
+        now = clock.seconds()
+        if self._over_since is None:
+            self._over_since = now
+        elif now - self._over_since >= OVER_GRACE:
+            self._too_slow()
+            return False
+        if self._over_check is None or not self._over_check.active():
+            self._over_check = clock.callLater(
+                self._over_since + OVER_GRACE - now, self._judge_later
+            )
+        return True
+
+    def _turn_over(self) -> None:
+        """The turn that found this member reading is over."""
+        if not self._queue:
+            self._draining = False
+
+    def _judge_later(self) -> None:
+        self._over_check = None
+        if self._queue or self._draining:
+            self._judge()
 
     def _buffered(self) -> int:
         """Bytes Twisted holds unsent for this connection (0 where it cannot say)."""
@@ -201,6 +362,9 @@ class FlowControl:
         return max(limit - held, 0)
 
     def _too_slow(self) -> None:
+        # Views not yet fed are never sent: the close goes right after the
+        # whole frames Twisted already holds.
+        self._drop_queue()
         self.close_with(1008, "too slow", kind="too_slow")
         # The close frame sits behind everything unread; Autobahn's close
         # handshake timeout drops the connection (and its buffer) soon after.
@@ -215,8 +379,33 @@ class FlowControl:
             self._backlog = max(self._buffered() - mark, 0)
 
     def resumeProducing(self) -> None:
+        # Twisted has sent all it held: the next chunk of a big turn, if any.
         self._paused = False
         self._backlog = 0
+        if self._queue:
+            self._feed()
+            self._judge()
+        if not self._queue and self._draining:
+            self._draining = False
+            self._over_since = None
 
     def stopProducing(self) -> None:
         self._paused = False
+        self._drop_queue()
+
+
+def _frame_boundary(data: bytes | memoryview, offset: int) -> int:
+    """
+    Where the frame holding byte ``offset`` of ``data`` (whole server frames,
+    unmasked) ends: ``offset`` itself if a frame starts there.
+    """
+    at = 0
+    while at < offset:
+        length = data[at + 1] & 0x7F
+        if length < 126:
+            at += 2 + length
+        elif length == 126:
+            at += 4 + int.from_bytes(data[at + 2 : at + 4], "big")
+        else:
+            at += 10 + int.from_bytes(data[at + 2 : at + 10], "big")
+    return at
