@@ -48,6 +48,7 @@ from twisted.internet import tcp
 from twisted.internet.interfaces import IPushProducer
 from zope.interface import implementer
 
+from webchat.limits import OVER_GRACE
 from webchat.memory import release_free_heap
 
 if TYPE_CHECKING:
@@ -72,11 +73,6 @@ _OPEN = WebSocketProtocol.STATE_OPEN
 #: least one) into Twisted at a time: Twisted pauses us once it holds more
 #: than its 64 KiB mark, and resumes us when it has sent it all.
 FEED_CHUNK = 64 * 1024
-#: How long (seconds) a member may hold more than ``--max-send-buffer``
-#: unsent while taking a big turn before it is too slow: a reader drains a
-#: turn of MBs in milliseconds on a LAN and in a few seconds on a slow link;
-#: one that does not read keeps only views of shared buffers meanwhile.
-OVER_GRACE = 5.0
 #: Once a member has let go of views of more than this (bytes) the C heap's
 #: free memory is handed back to the system (``webchat.memory``), at most
 #: once a second per server: the turn outlived its flush (``Room.flush``

@@ -60,6 +60,12 @@ SHUTDOWN_GRACE = 5.0
 #: close frame before its TCP connection is dropped, and what it holds with it.
 #: Not an option: short, because such a client is usually hostile or stuck.
 CLOSE_TIMEOUT = 1.0
+#: How long (seconds) a member may hold more than ``--max-send-buffer``
+#: unsent while taking a big turn before it is too slow: a reader drains a
+#: turn of MBs in milliseconds on a LAN and in a few seconds on a slow link;
+#: one that does not read keeps only views of shared buffers meanwhile.
+#: Not an option.
+OVER_GRACE = 5.0
 #: Connections per client address; 0 = no cap (behind a proxy all share one).
 MAX_CONNECTIONS_PER_IP = 0
 #: Rooms open at once; a join that would open one more gets HTTP 503.
