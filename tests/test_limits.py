@@ -55,6 +55,25 @@ class LimitsMixin(ServerMixin):
         self.assertIsNone(self.bob.closed_code)
 
     @inlineCallbacks
+    def open_unread_socket(self):
+        """
+        A WebSocket opened on a real socket with a 4 KiB receive window that
+        the test never reads: a client whose kernel buffers fill at once.
+        """
+        port = self.port.getHost().port
+
+        def open_socket() -> socket.socket:
+            s = socket.socket()
+            s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+            s.connect(("127.0.0.1", port))
+            s.sendall(HANDSHAKE)
+            return s
+
+        stuck = yield deferToThread(open_socket)
+        self.addCleanup(stuck.close)
+        return stuck
+
+    @inlineCallbacks
     def handshake(self, extra: bytes = b"", host: bytes = b"127.0.0.1"):
         """Send an opening handshake with ``extra`` headers; return the reply head."""
         peer = yield connect_raw(self.port.getHost().port)
@@ -557,17 +576,7 @@ class SlowReaderTests(LimitsMixin, TestCase):
     @inlineCallbacks
     def test_a_reader_that_never_reads_is_dropped_and_others_get_everything(self):
         # A real socket with a tiny receive window that nobody ever reads.
-        port = self.port.getHost().port
-
-        def open_stuck_socket() -> socket.socket:
-            s = socket.socket()
-            s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
-            s.connect(("127.0.0.1", port))
-            s.sendall(HANDSHAKE)
-            return s
-
-        stuck = yield deferToThread(open_stuck_socket)
-        self.addCleanup(stuck.close)
+        yield self.open_unread_socket()  # kept open (and unread) until cleanup
         yield deferLater(0.1)
         chunk = "z" * 60000
         sent = 0
@@ -796,17 +805,7 @@ class BigTurnTests(LimitsMixin, TestCase):
     @inlineCallbacks
     def open_stuck_reader(self):
         """A member that never reads: its kernel buffers full, Twisted holding some."""
-        port = self.port.getHost().port
-
-        def open_stuck_socket() -> socket.socket:
-            s = socket.socket()
-            s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
-            s.connect(("127.0.0.1", port))
-            s.sendall(HANDSHAKE)
-            return s
-
-        stuck = yield deferToThread(open_stuck_socket)
-        self.addCleanup(stuck.close)
+        stuck = yield self.open_unread_socket()
         server_side = []
         for _ in range(100):
             server_side = [p for p in self.factory.connections if p.chat_id == 3]
