@@ -96,16 +96,18 @@ class MemoryHistory:
         ring.last = newest.offset
         ring.newest_ms = newest.ts
         if self.limit:
-            kept = ring.messages
-            kept.extend(messages)
-            size = 0
-            for message in messages:
-                size += len(message.text)
+            ring.messages.extend(messages)
+            if len(messages) == 1:
+                size = len(newest.text)
+            else:
+                size = sum(len(message.text) for message in messages)
             ring.bytes += size
-            self.counts.messages += len(messages)
-            self.counts.bytes += size
-            self._trim(ring)
-        self._sweep()
+            counts = self.counts
+            counts.messages += len(messages)
+            counts.bytes += size
+            self._trim(ring, newest.ts)
+        if self._idle:
+            self._sweep()
 
     def read(self, room: str, after: int, upto: int) -> list[Message]:
         ring = self._rooms.get(room)
@@ -149,12 +151,15 @@ class MemoryHistory:
             return float("-inf")
         return (self._clock() - self.ttl) * 1000
 
-    def _trim(self, ring: _Ring) -> None:
-        """Drop a ring's oldest messages past its count, bytes or age."""
+    def _trim(self, ring: _Ring, now_ms: int) -> None:
+        """
+        Drop a ring's oldest messages past its count, bytes or age (measured
+        from ``now_ms``, the newest message's time: no clock call per turn).
+        """
         kept = ring.messages
         limit = self.limit
         max_bytes = self.max_bytes
-        oldest_ms = self._oldest_ms()
+        oldest_ms = now_ms - self.ttl * 1000 if self.ttl else float("-inf")
         counts = self.counts
         while kept and (
             len(kept) > limit
