@@ -30,6 +30,7 @@ from webchat.limits import Limits
 class SQLiteServerMixin(ServerMixin):
     timeout = 60
     limits = Limits(rate_limit=0, history=1000)
+    store = SQLiteHistory
 
     def db_path(self) -> str:
         directory = Path(self.mktemp()).resolve()
@@ -42,7 +43,7 @@ class SQLiteServerMixin(ServerMixin):
         self.db_logs = LogCapture()
         globalLogPublisher.addObserver(self.db_logs)
         self.addCleanup(globalLogPublisher.removeObserver, self.db_logs)
-        self.history = SQLiteHistory(
+        self.history = self.store(
             reactor, path, limit=self.limits.history, ttl=self.limits.history_ttl
         )
         self.history.startService()
@@ -58,17 +59,27 @@ class SQLiteServerMixin(ServerMixin):
         return got
 
 
+class SlowDiskHistory(SQLiteHistory):
+    """SQLite whose reads take 0.1 s in its thread, as on a busy disk."""
+
+    def _select(self, *args):
+        time.sleep(0.1)
+        return super()._select(*args)
+
+
 class SeamOverSocketsTests(SQLiteServerMixin, TestCase):
+    store = SlowDiskHistory
+
     @inlineCallbacks
     def test_messages_flowing_during_the_replay(self):
         """
-        A talker sends 400 messages, a few per reactor turn; a JSON client
-        joins with ``since=`` in the middle, while SQLite (a thread) is
+        A talker sends 300 messages, one every 2 ms; a JSON client joins with
+        ``since=`` after the 20th, while SQLite (a thread, 0.1 s a read) is
         reading its history: it gets every offset once, in order.
         """
         yield self.start_with_db(self.db_path())
         talker, listener = yield self.connect_many(2)
-        total = 400
+        total = 300
         for i in range(20):
             talker.send_text(f"m{i}")
         for _ in range(20):
@@ -78,8 +89,7 @@ class SeamOverSocketsTests(SQLiteServerMixin, TestCase):
         def talk():
             for i in range(20, total):
                 talker.send_text(f"m{i}")
-                if i % 3 == 0:
-                    yield deferLater(0)
+                yield deferLater(0.002)
 
         talking = cooperate(talk()).whenDone()
         ann = yield connect_json(
