@@ -21,7 +21,7 @@ from twisted.logger import globalLogPublisher
 from twisted.python.usage import UsageError
 from twisted.trial.unittest import SynchronousTestCase
 
-from tests.support import LogCapture
+from tests.support import LogCapture, parse_server_frames
 from tests.test_room import Recorder
 from webchat.codecs import JSON, Message
 from webchat.events import BadEvent, parse_event
@@ -297,6 +297,20 @@ class JoinHistoryTests(HistoryTestCase):
                          [1])  # fmt: skip
         self.pump.clock.advance(0)
         self.assertEqual([json.loads(w[2:])["offset"] for w in late.writes], [2])
+
+
+class NumberedElsewhereTests(SynchronousTestCase):
+    def test_a_message_numbered_elsewhere_keeps_its_offset_and_time(self):
+        clock = Clock()
+        rooms = Rooms(clock, ChatStats(), history=MemoryHistory(clock.seconds, ttl=0))
+        member = Recorder(1)
+        room = rooms.join("r", member, JSON)
+        room.publish(None, b"from afar", sender_id=9, offset=41, ts=123)
+        room.publish(None, b"next", sender_id=9)
+        clock.advance(0)
+        got = [json.loads(p) for _, p in parse_server_frames(b"".join(member.writes))]
+        self.assertEqual([(e["offset"], e["ts"]) for e in got], [(41, 123), (42, 0)])
+        self.assertEqual([m.offset for m in rooms.history.read("r", 0, 42)], [41, 42])
 
 
 class NoHistoryTests(HistoryTestCase):

@@ -186,6 +186,8 @@ class Room:
         sender_id: int | None = None,
         *,
         name: str = "",
+        offset: int | None = None,
+        ts: int | None = None,
     ) -> int:
         """
         Queue ``text`` from ``sender`` (``None``: the server, an API, another
@@ -196,7 +198,9 @@ class Room:
         ``sender_id`` is the id it is shown as from when that is not the
         sender's own (a client of another node); default: ``sender``'s, or 0.
         ``name`` is the sender's name (default: its own, else ``guest-N``),
-        for the JSON events; its time (``ts``, ms) is the room's clock's.
+        for the JSON events; its time (``ts``, ms) is the room's clock's,
+        and its ``offset`` the room's next, unless given: a message numbered
+        elsewhere (a history shared by several nodes) keeps its own.
         """
         member_id = sender.chat_id if sender is not None else 0
         if sender_id is None:
@@ -205,8 +209,10 @@ class Room:
             name = sender.chat_name if sender is not None else f"guest-{sender_id}"
         if not self._pending:
             self._schedule(self)
-        self.offset += 1
-        ts = self.ts = int(self._clock() * 1000) if self._clock is not None else 0
+        self.offset = self.offset + 1 if offset is None else offset
+        if ts is None:
+            ts = int(self._clock() * 1000) if self._clock is not None else 0
+        self.ts = ts
         self._pending.append(
             Message(
                 sender_id,
@@ -236,6 +242,11 @@ class Room:
             self._schedule(self)
         self._pending.append(Message(0, b"", perf_counter(), member_id, event=frame))
 
+    def _same_codec(self, member: Member) -> dict[int, Member] | None:
+        """The members speaking ``member``'s codec, ``member`` among them."""
+        codec = self._codec_of.get(member.chat_id)
+        return self._by_codec.get(codec) if codec is not None else None
+
     def hold(self, member: Member, most: int = 0) -> None:
         """
         Keep what turns owe ``member`` instead of sending it, until
@@ -245,13 +256,13 @@ class Room:
         codec's list is taken by a stand-in that keeps the frames (shared
         bytes, no copies).
         """
-        same = self._by_codec.get(self._codec_of.get(member.chat_id))  # type: ignore[arg-type]
+        same = self._same_codec(member)
         if same is not None and member.chat_id in same:
             same[member.chat_id] = _Held(member, most)
 
     def holding(self, member: Member) -> bool:
         """Whether ``member``'s traffic is being held (``hold``)."""
-        same = self._by_codec.get(self._codec_of.get(member.chat_id))  # type: ignore[arg-type]
+        same = self._same_codec(member)
         return same is not None and isinstance(same.get(member.chat_id), _Held)
 
     def tell(self, member: Member, frame: bytes) -> bool:
@@ -259,7 +270,7 @@ class Room:
         Queue ``frame`` (an event for ``member`` alone: an ack, an error)
         behind what is held for it; False when nothing is held: send it now.
         """
-        same = self._by_codec.get(self._codec_of.get(member.chat_id))  # type: ignore[arg-type]
+        same = self._same_codec(member)
         held = same.get(member.chat_id) if same is not None else None
         if isinstance(held, _Held):
             held.deliver(frame)
@@ -274,7 +285,7 @@ class Room:
         """
         chunks: list[bytes | memoryview] = []
         overflowed = False
-        same = self._by_codec.get(self._codec_of.get(member.chat_id))  # type: ignore[arg-type]
+        same = self._same_codec(member)
         if same is not None:
             held = same.get(member.chat_id)
             if isinstance(held, _Held):
