@@ -361,8 +361,10 @@ class WebChatFactory(WebSocketServerFactory):
                 log.failure("An error has occurred: reading history failed")
                 answer = []
         if not isinstance(answer, Deferred):
-            for frame in frames(answer):
-                protocol.deliver(frame)
+            # One write for the welcome and the whole replay, not one each.
+            data = b"".join(frames(answer))
+            if data:
+                protocol.deliver(data)
             return
         room.hold(protocol, self.limits.max_send_buffer)
 

@@ -292,7 +292,9 @@ class Room:
                 same[member.chat_id] = member
                 chunks = held.chunks
                 overflowed = held.overflowed
-        for data in (*first, *chunks):
+        if first and not member.deliver(b"".join(first)):  # one write, not one each
+            return False
+        for data in chunks:
             if not member.deliver(data):
                 return False
         return not overflowed
