@@ -8,7 +8,9 @@ with each report is short, because the work lives elsewhere:
 * ``onConnect`` → ``admit``: ``webchat.admission`` decides (origin, caps),
   giving the address, room and codec, or the HTTP refusal.
 * ``onOpen`` → ``register``: the connection gets its id and joins its room
-  (``webchat.rooms``), with the "New connection!" log line.
+  (``webchat.rooms``), with the "New connection!" log line; a JSON client
+  is sent its welcome and the room's history (``webchat.history``), or
+  what it missed when it asked to resume (``_replay``).
 * ``onMessage`` → ``relay``: the sender's room publishes it
   (``webchat.room``), and the Redis link publishes it to other nodes.
 * ``onClose`` → ``unregister``: leaves the room, with the close's log lines
@@ -270,8 +272,8 @@ class WebChatFactory(WebSocketServerFactory):
                 except BadEvent as e:
                     errors.append(self._error(protocol, e))
             since, epoch = resume if resume is not None else (None, "")
-            self._replay(protocol, room, self._welcome(protocol, room), since, epoch,
-                         errors)  # fmt: skip
+            welcome = self._welcome(protocol, room)
+            self._replay(protocol, room, welcome, since, epoch, errors)
         elif self.history_for_text_clients:
             self._replay(protocol, room, None, None, "")
         room.publish_event(
