@@ -16,7 +16,9 @@ from prometheus_client import generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 from twisted.internet.defer import Deferred
 from twisted.internet.task import Clock
+from twisted.internet.testing import MemoryReactorClock
 from twisted.logger import globalLogPublisher
+from twisted.python.usage import UsageError
 from twisted.trial.unittest import SynchronousTestCase
 
 from tests.support import LogCapture
@@ -25,9 +27,11 @@ from webchat.codecs import JSON, Message
 from webchat.events import BadEvent, parse_event
 from webchat.history import EPOCH
 from webchat.history.memory import MemoryHistory
-from webchat.limits import Limits
+from webchat.history.sqlite import SQLiteHistory
+from webchat.limits import HISTORY, HISTORY_TTL, Limits
 from webchat.metrics import ChatStats, make_registry
 from webchat.rooms import Rooms
+from webchat.tap import Options, makeService
 from webchat.testing import ChatPump, MemoryClient
 
 PROTOCOL = {"Sec_WebSocket_Protocol": "webchat.v1.json"}
@@ -551,3 +555,40 @@ class HistoryMetricsTests(HistoryTestCase):
             samples[("webchat_resumes_total", (("recovered", "false"),))], 1
         )
         self.assertEqual(samples[("webchat_history_write_failures_total", ())], 0)
+
+
+class OptionTests(SynchronousTestCase):
+    def parse(self, *argv: str) -> Options:
+        options = Options(environ={})
+        options.parseOptions(list(argv))
+        return options
+
+    def test_defaults_and_zero(self):
+        options = self.parse()
+        limits = options.limits()
+        self.assertEqual((limits.history, limits.history_ttl), (HISTORY, HISTORY_TTL))
+        self.assertEqual((options["history-db"], options["history-for-text-clients"]),
+                         (None, 0))  # fmt: skip
+        limits = self.parse("--history", "0", "--history-ttl", "0").limits()
+        self.assertEqual((limits.history, limits.history_ttl), (0, 0))
+        self.assertTrue(self.parse("--history-for-text-clients")[
+            "history-for-text-clients"])  # fmt: skip
+
+    def test_bad_values_name_the_option(self):
+        for argv in (("--history", "-1"), ("--history", "x"), ("--history-ttl", "nan")):
+            with self.assertRaises(UsageError) as caught:
+                self.parse(*argv)
+            self.assertIn(argv[0], str(caught.exception))
+
+    def test_a_db_is_for_one_process(self):
+        with self.assertRaises(UsageError) as caught:
+            self.parse("--history-db", "h.db", "--redis", "redis://127.0.0.1:6379")
+        self.assertIn("--history-db", str(caught.exception))
+
+    def test_the_service_tree_opens_the_db_before_listening(self):
+        options = self.parse("--history-db", self.mktemp(), "--port", "tcp:0")
+        top = makeService(options, MemoryReactorClock())
+        history = top.getServiceNamed("history")
+        self.assertIsInstance(history, SQLiteHistory)
+        self.assertIs(next(iter(top)), history)
+        self.assertEqual(history.limit, HISTORY)
