@@ -17,6 +17,7 @@ so "before the page reconnects" is a certainty, not a race with its backoff.
 from __future__ import annotations
 
 import json
+import re
 from contextlib import ExitStack
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -104,7 +105,7 @@ class HistoryPageMixin(BrowserMixin):
         page.evaluate("window.__offline = true")
         if drop:
             page.evaluate("window.__sockets.at(-1).close()")
-        self.assert_closed(page)
+            self.assert_closed(page)
 
     def assert_closed(self, page: Page) -> None:
         self.expect(page.locator("#status")).to_have_attribute(
@@ -209,6 +210,50 @@ class JoinHistoryPageTests(HistoryPageMixin, SynchronousTestCase):
         # Nothing replayed twice: the page asked from where it stood.
         self.assertRegex(
             ann.evaluate("window.__sockets.at(-1).url"), r"[?&]since=2&epoch=[\w-]+"
+        )
+
+    def test_a_message_whose_ack_was_lost_is_shown_sent_once(self) -> None:
+        bob = self.bob("team")
+        ann = self.open_tab("/r/team", name="ann", script=OFFLINE_SWITCH)
+        bob.say("hello")
+        self.wait_for_messages(ann, 1)
+
+        # Sent, and the socket closed in the same turn: the server takes the
+        # message, but its ack never reaches the page (a closing socket
+        # delivers nothing more).
+        self.go_offline(ann, drop=False)  # from now on, no way back in
+        ann.evaluate(
+            """() => {
+                 const input = document.getElementById('message-input');
+                 input.value = 'did it arrive?';
+                 input.dispatchEvent(new Event('input'));
+                 document.getElementById('message-form').requestSubmit();
+                 window.__sockets.at(-1).close();
+               }"""
+        )
+        self.assert_closed(ann)
+        failed = ann.locator("#messages > li.failed")
+        self.expect(failed).to_have_count(1, timeout=QUICK)
+        self.expect(failed.locator(".delivery")).to_have_text(
+            re.compile(r"^Not sent: the connection closed before the server confirmed")
+        )
+        bob.say("did you say something?")
+
+        # Back: the replay has it under her old id: that item is now sent, and
+        # there is no second copy.
+        self.go_online(ann)
+        self.expect(failed).to_have_count(0, timeout=QUICK)
+        self.assertEqual(
+            self.wait_for_messages(ann, 3),
+            [
+                ("bob", "hello"),
+                ("ann (you)", "did it arrive?"),
+                ("bob", "did you say something?"),
+            ],
+        )
+        self.assertEqual(self.offsets(ann), [1, 2, 3])
+        self.expect(ann.locator("#messages > li.message").nth(1)).to_have_class(
+            "message mine"
         )
 
 
