@@ -32,17 +32,33 @@ if TYPE_CHECKING:
 
 #: Run before the page's own script: keeps every WebSocket the page opens in
 #: ``window.__sockets``, and while ``window.__offline`` is true points new
-#: ones at a room name the server refuses, so the page stays offline.
+#: ones at a room name the server refuses, so the page stays offline.  It can
+#: also play a network that delays and repeats: the event whose text is
+#: ``window.__hold`` is held back until ``window.__release()``, and while
+#: ``window.__twice`` every event is handed to the page twice.
 OFFLINE_SWITCH = """
 (() => {
   window.__sockets = [];
   window.__offline = false;
+  window.__hold = null;
+  window.__twice = false;
   const Real = window.WebSocket;
   window.WebSocket = class extends Real {
     constructor(url, ...rest) {
       super(window.__offline ? url.replace(/\\/ws\\/[^?]*/, '/ws/%25offline') : url,
             ...rest);
       window.__sockets.push(this);
+    }
+    addEventListener(type, listener, ...rest) {
+      if (type !== 'message') return super.addEventListener(type, listener, ...rest);
+      return super.addEventListener(type, (event) => {
+        if (window.__hold !== null && JSON.parse(event.data).text === window.__hold) {
+          window.__release = () => listener(event);
+          return;
+        }
+        listener(event);
+        if (window.__twice) listener(event);
+      }, ...rest);
     }
   };
 })();
@@ -211,6 +227,37 @@ class JoinHistoryPageTests(HistoryPageMixin, SynchronousTestCase):
         self.assertRegex(
             ann.evaluate("window.__sockets.at(-1).url"), r"[?&]since=2&epoch=[\w-]+"
         )
+
+    def test_late_and_repeated_messages_are_shown_once_in_offset_order(self) -> None:
+        bob = self.bob("team")
+        ann = self.open_tab("/r/team", name="ann", script=OFFLINE_SWITCH)
+        bob.say("one")
+        self.wait_for_messages(ann, 1)
+
+        # "two" is held back on its way (as a message delayed by a Redis
+        # outage would be), and every event arrives twice.
+        ann.evaluate("window.__hold = 'two'; window.__twice = true")
+        bob.say("two")
+        bob.say("three")
+        self.assertEqual(
+            self.wait_for_messages(ann, 2), [("bob", "one"), ("bob", "three")]
+        )
+        ann.evaluate("window.__release()")
+        self.assertEqual(
+            self.wait_for_messages(ann, 3),
+            [("bob", "one"), ("bob", "two"), ("bob", "three")],
+        )
+        self.assertEqual(self.offsets(ann), [1, 2, 3])
+        kinds = [line["kind"] for line in self.log(ann) if "message" in line["kind"]]
+        self.assertEqual(kinds, ["message", "message grouped", "message grouped"])
+
+        # The gap is filled: a reconnect now asks from 3.
+        self.go_offline(ann, drop=True)
+        bob.say("four")
+        self.go_online(ann)
+        self.assertEqual(self.wait_for_messages(ann, 4)[-1], ("bob", "four"))
+        self.assertEqual(self.offsets(ann), [1, 2, 3, 4])
+        self.assertRegex(ann.evaluate("window.__sockets.at(-1).url"), r"since=3&")
 
     def test_a_message_whose_ack_was_lost_is_shown_sent_once(self) -> None:
         bob = self.bob("team")
