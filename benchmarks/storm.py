@@ -219,7 +219,9 @@ def run_storm(bench: Bench) -> dict[str, Any]:
                     f" | {_usage_text(meter.read(), p['loadgen_cpu'])}"
                 )
 
-            timeout = _open_timeout(clients)
+            # Generous: SYNs the accept queue dropped are retried after 1, 3,
+            # 7, 15, 31 s; bounded all the same.
+            timeout = max(_open_timeout(clients), clients / 50.0, 60.0)
             opened = generator.open(
                 "resume", clients, cfg.storm_concurrency, timeout, on_progress
             )
