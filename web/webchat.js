@@ -470,7 +470,8 @@
       return; // shown already (a replay after a reconnect repeats some)
     }
     const mine = event.id === myId || ourIdentities.has(`${event.id} ${event.name}`);
-    const lost = mine && event.id !== myId ? unconfirmedItem(event) : null;
+    // (Only a replay can bring back ours: the server never echoes a live one.)
+    const lost = mine && event.history ? unconfirmedItem(event) : null;
     if (lost && offset !== undefined) {
       // It did reach the server: no second copy, and it is not failed.
       delete lost.dataset.unconfirmed;
