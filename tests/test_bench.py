@@ -16,6 +16,7 @@ from pathlib import Path
 from twisted.trial.unittest import SynchronousTestCase
 from websockets.sync.client import connect
 
+from benchmarks.cli import main as bench_main
 from benchmarks.scenarios import judge_step, ramp
 from tests.support import ROOT, free_port, require, slow
 
@@ -404,6 +405,22 @@ class RampTests(SynchronousTestCase):
 
         ramp(step, start=1000, limit=1e6, bisections=3)
         self.assertEqual(tried, [1000])
+
+
+class StormOptionTests(SynchronousTestCase):
+    """What the command line refuses before starting anything (exit status 2)."""
+
+    def refused(self, *argv: str) -> None:
+        with self.assertRaises(SystemExit) as stopped:
+            bench_main(list(argv))
+        self.assertEqual(stopped.exception.code, 2)
+
+    def test_storm_sizes_below_one(self):
+        for option in ("--storm-clients", "--storm-rooms", "--storm-behind"):
+            self.refused("--scenario", "storm", option, "0")
+
+    def test_history_needs_servers_of_its_own(self):
+        self.refused("--scenario", "history", "--url", "ws://127.0.0.1:1/")
 
 
 class JudgeTests(SynchronousTestCase):
