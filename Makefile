@@ -35,7 +35,7 @@ test: $(BIN)/.installed
 test-fast: $(BIN)/.installed
 	$(BIN)/python -m pytest -q -m "not slow"
 
-## bench: the benchmarks of issues #5 and #13 against naive baselines (~15 min, needs gcc);
+## bench: the benchmarks of issues #5, #13 and #14 against naive baselines (~20 min, needs gcc);
 ##        BENCH_ARGS="--scenario fanout --senders 1" and so on for options.
 ##        benchmarks/ runs from this checkout: the wheel does not ship it.
 bench: $(BIN)/.installed

@@ -7,6 +7,8 @@ Run from a checkout's root (the wheel does not ship the benchmarks)::
     python -m benchmarks --scenario fanout --senders 1,10 --slow-reader
     python -m benchmarks --scenario json,rooms   # the JSON codec; 1,000 rooms x 10
     python -m benchmarks --scenario cluster   # 2 nodes + Redis vs 1 node (~1 min)
+    python -m benchmarks --scenario history,storm  # issue #14: history on vs off;
+                                          # 10,000 clients resume at once
     python -m benchmarks --url ws://127.0.0.1:8080/ --pid 1234 --no-baselines
 
 Progress goes to stderr, the table to stdout, everything measured to the
@@ -45,10 +47,14 @@ from benchmarks.scenarios import (
     run_fanout,
 )
 from benchmarks.servers import BASELINES, EXTRA_BASELINES
+from benchmarks.storm import run_storm
 
-SCENARIOS = ("fanout", "json", "rooms", "connect", "echo")
-#: Fan-out variants whose baselines cannot take part: they speak no JSON.
-WEBCHAT_ONLY = ("json",)
+SCENARIOS = ("fanout", "json", "rooms", "history", "storm", "connect", "echo")
+#: Fan-out variants whose baselines cannot take part: they speak no JSON
+#: (and keep no history).
+WEBCHAT_ONLY = ("json", "history")
+#: history: each JSON fan-out twice, with these options after --server-arg's.
+HISTORY_VARIANTS = (("history-off", ["--history", "0"]), ("history-on", []))
 #: Run only when named: not part of "all" (``make bench``).
 EXTRA_SCENARIOS = ("calibrate", "cluster")
 DEFAULT_OUT = Path("bench-results") / "bench.json"
@@ -105,7 +111,9 @@ def build_parser() -> argparse.ArgumentParser:
         "--scenario",
         default="all",
         help="fanout, json (the JSON codec's fan-out), rooms (1,000 rooms x 10), "
-        "connect, echo, all (= those five), calibrate (the load "
+        "history (the JSON fan-out with --history 0 and with history on), "
+        "storm (10,000 JSON clients resume at once, 50 messages behind), "
+        "connect, echo, all (= those seven), calibrate (the load "
         "generator against the C server) or cluster (2 nodes + Redis vs 1 node, "
         "issue #6); comma-separated [all]",
     )
@@ -186,6 +194,18 @@ def build_parser() -> argparse.ArgumentParser:
         help="CPU for node 2 [the server's, with node 1 and Redis]",
     )
 
+    storm = parser.add_argument_group("storm (issue #14)")
+    storm.add_argument(
+        "--storm-clients", type=int, help="clients reconnecting [10000; quick: 1000]"
+    )
+    storm.add_argument(
+        "--storm-rooms", type=int, help="rooms they are spread over [1000; quick: 100]"
+    )
+    storm.add_argument("--storm-behind", type=int, help="messages each has missed [50]")
+    storm.add_argument(
+        "--storm-concurrency", type=int, help="handshakes in flight [1000]"
+    )
+
     conn = parser.add_argument_group("connect / echo")
     conn.add_argument(
         "--connections", type=int, help="for webchat [15000; quick: 2000]"
@@ -238,6 +258,10 @@ def make_config(args: argparse.Namespace) -> BenchConfig:
         "echo_seconds": args.echo_seconds,
         "cluster_rates": args.cluster_rates,
         "publish_requests": args.publish_requests,
+        "storm_clients": args.storm_clients,
+        "storm_rooms": args.storm_rooms,
+        "storm_behind": args.storm_behind,
+        "storm_concurrency": args.storm_concurrency,
     }
     for name, value in overrides.items():
         if value is not None:
@@ -262,6 +286,13 @@ def _validate(parser: argparse.ArgumentParser, args: argparse.Namespace) -> list
         parser.error("--pid only goes with --url")
     if args.url and "cluster" in scenarios:
         parser.error("the cluster scenario starts its own nodes: not with --url")
+    if args.url and "history" in scenarios:
+        parser.error(
+            "the history scenario starts servers with --history: not with --url"
+        )
+    for name in ("storm_clients", "storm_rooms", "storm_behind", "storm_concurrency"):
+        if getattr(args, name) is not None and getattr(args, name) < 1:
+            parser.error(f"--{name.replace('_', '-')} must be >= 1")
     if args.payload is not None and not 30 <= args.payload <= 60000:
         parser.error(
             "--payload must be 30..60000 (it carries a step id and a timestamp)"
@@ -379,7 +410,11 @@ def _run_scenario(
         results["cluster"] = _guarded(run_cluster, bench)
         write_json(out, document)
         return
-    if scenario in ("json", "rooms"):
+    if scenario == "storm":
+        results["storm"] = _guarded(run_storm, bench)
+        write_json(out, document)
+        return
+    if scenario in ("json", "rooms", "history"):
         # Fan-out variants: their runs join the fan-out table, keyed by variant.
         table = results.setdefault("fanout", {})
         if scenario in WEBCHAT_ONLY:
@@ -418,6 +453,24 @@ def _run_target(
             run.setdefault("variant", "json")
             runs.append(run)
             write_json(out, document)
+    elif scenario == "history":
+        # Off, then on, for each sender count: the same run, one after the other.
+        runs = table.setdefault(target, [])
+        for senders in config.json_senders:
+            for variant, extra in HISTORY_VARIANTS:
+                run = _guarded(
+                    run_fanout,
+                    bench,
+                    target,
+                    senders,
+                    codec="json",
+                    variant=variant,
+                    server_args=extra,
+                )
+                run.setdefault("senders", senders)
+                run.setdefault("variant", variant)
+                runs.append(run)
+                write_json(out, document)
     elif scenario == "rooms":
         runs = table.setdefault(target, [])
         run = _guarded(run_fanout, bench, target, config.rooms, rooms=config.rooms)

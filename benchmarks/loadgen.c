@@ -26,6 +26,9 @@
  *       ROLE recv: counts and times every message of the current step.
  *       ROLE send: sends the step's messages; reads (and drops) the rest.
  *       ROLE slow: never reads a byte after its handshake.
+ *       ROLE resume: JSON, counts the message events it is sent (history
+ *       replays) and the welcome's "recovered"; see "catchup".  Its open
+ *       starts the reconnect storm's clock.
  *   step ID RATE SECONDS PAYLOAD DRAIN_S SETTLE_S
  *       Senders send RATE messages/s in all (spread evenly) for SECONDS.
  *       Each payload is PAYLOAD bytes: "<ID, 8 digits> <CLOCK_MONOTONIC ns
@@ -48,6 +51,15 @@
  *       back to the command line's PATH (one room).  A message reaches the
  *       receivers of its sender's room only: a step expects, per sender, its
  *       messages times its room's receivers.
+ *   query R QUERY
+ *       Connections opened from now on to room R (0 with one room) add QUERY
+ *       (e.g. "?since=10&epoch=abc", no spaces) to their path; "query clear"
+ *       forgets every one.
+ *   catchup EXPECT TIMEOUT_S
+ *       Wait until every open "resume" connection has been sent EXPECT
+ *       message events (or TIMEOUT_S); report when each had its last one,
+ *       from its connect and from the storm's start, and what the welcomes
+ *       said about "recovered".
  *   check      state of every connection (and the slow readers' TCP state)
  *   reset      reset every connection and forget it
  *   quit       reset every connection and exit
@@ -255,9 +267,11 @@ static void hist_json(const char *name, const hist_t *h) {
 
 /* -- connections ------------------------------------------------------------ */
 
-enum role { ROLE_RECV, ROLE_SEND, ROLE_SLOW, ROLE_SERVER };
+enum role { ROLE_RECV, ROLE_SEND, ROLE_SLOW, ROLE_SERVER, ROLE_RESUME };
 enum state { ST_CONNECTING, ST_HANDSHAKE, ST_OPEN, ST_CLOSED };
-static const char *role_names[] = {"recv", "send", "slow", "server"};
+static const char *role_names[] = {"recv", "send", "slow", "server", "resume"};
+/* What a resume connection's welcome said: not yet seen, true, false, absent. */
+enum recovered { REC_UNSEEN, REC_TRUE, REC_FALSE, REC_ABSENT };
 
 typedef struct {
     uint8_t *p;
@@ -271,6 +285,7 @@ typedef struct conn {
     uint8_t json;        /* speaks webchat.v1.json (client mode) */
     uint8_t in_room;     /* opened under "rooms R": its path is room_prefix + room */
     uint32_t room;       /* index of its room, 0 with one room (client mode) */
+    uint8_t recovered;   /* resume role: enum recovered */
     uint16_t close_code; /* from the peer's close frame, 0 if none */
     uint32_t interest;   /* epoll events registered, 0 = not in the epoll set */
     int index;           /* position in its list (server mode) */
@@ -281,6 +296,7 @@ typedef struct conn {
     uint64_t got;  /* this step's messages received (recv role) */
     uint64_t seq;  /* this step's messages sent (send role) */
     uint64_t due0; /* this step's schedule origin (send role) */
+    uint64_t t_last; /* when its last message event arrived (resume role) */
     const char *error;
 } conn_t;
 
@@ -376,6 +392,12 @@ static const char *url_path = "/";
 static int open_json;
 static uint32_t open_rooms; /* 0: every connection to url_path */
 static char room_prefix[256];
+/* "query R QUERY": what room R's connections add to their path. */
+static char **room_queries;
+static uint32_t nroom_queries;
+/* The reconnect storm: when its "open resume" began, and what came back. */
+static uint64_t storm_t0;
+static uint64_t storm_history, storm_errors, storm_other, storm_closed;
 #define JSON_SUBPROTOCOL "webchat.v1.json"
 #define JSON_SEND_HEAD "{\"type\":\"message\",\"text\":\""
 #define JSON_SEND_TAIL "\"}"
@@ -422,6 +444,8 @@ static void conn_close(conn_t *c, const char *why, int reset) {
         open_failed++;
     } else if (c->role <= ROLE_SLOW) {
         step_closed[c->role]++;
+    } else if (c->role == ROLE_RESUME) {
+        storm_closed++;
     }
     if (reset) {
         struct linger lg = {1, 0}; /* RST: no TIME_WAIT pile-up across runs */
@@ -479,7 +503,31 @@ static inline uint64_t parse_digits(const uint8_t *p, int n, int *ok) {
     return v;
 }
 
+#define HAS(p, len, s) (memmem((p), (len), (s), sizeof(s) - 1) != NULL)
+#define STARTS(p, len, s) ((len) >= sizeof(s) - 1 && memcmp((p), (s), sizeof(s) - 1) == 0)
+
+/* A resume connection: its welcome's "recovered", then the replay. */
+static void resume_text(conn_t *c, const uint8_t *p, uint64_t len, uint64_t t) {
+    if (STARTS(p, len, JSON_EVENT_HEAD)) {
+        c->got++;
+        c->t_last = t;
+        if (HAS(p, len, "\"history\":true")) storm_history++;
+    } else if (STARTS(p, len, "{\"type\":\"welcome\"")) {
+        c->recovered = HAS(p, len, "\"recovered\":true")    ? REC_TRUE
+                       : HAS(p, len, "\"recovered\":false") ? REC_FALSE
+                                                             : REC_ABSENT;
+    } else if (STARTS(p, len, "{\"type\":\"error\"")) {
+        storm_errors++;
+    } else {
+        storm_other++; /* join, leave, ... */
+    }
+}
+
 static void client_text(conn_t *c, const uint8_t *p, uint64_t len, uint64_t t) {
+    if (c->role == ROLE_RESUME) {
+        resume_text(c, p, len, t);
+        return;
+    }
     if (c->role != ROLE_RECV) {
         step_other++;
         return;
@@ -680,11 +728,14 @@ static void client_writable(conn_t *c) {
             memcpy(raw + i, &r, 4);
         }
         base64(raw, 16, c->key);
-        char req[1024], path[300];
+        char req[1536], path[800];
+        const char *query = c->room < nroom_queries && room_queries[c->room]
+                                ? room_queries[c->room]
+                                : "";
         if (c->in_room)
-            snprintf(path, sizeof path, "%s%u", room_prefix, c->room);
+            snprintf(path, sizeof path, "%s%u%s", room_prefix, c->room, query);
         else
-            snprintf(path, sizeof path, "%s", url_path);
+            snprintf(path, sizeof path, "%s%s", url_path, query);
         int n = snprintf(req, sizeof req,
                          "GET %s HTTP/1.1\r\nHost: %s\r\nUpgrade: websocket\r\n"
                          "Connection: Upgrade\r\nSec-WebSocket-Key: %s\r\n"
@@ -808,6 +859,10 @@ static void cmd_open(int role, uint64_t count, uint64_t concurrency, double time
     now = now_ns();
     uint64_t t0 = now, deadline = now + (uint64_t)(timeout_s * 1e9), next_report = now + 1000000000ull;
     double cpu0 = cpu_seconds();
+    if (role == ROLE_RESUME) {
+        storm_t0 = t0;
+        storm_history = storm_errors = storm_other = storm_closed = 0;
+    }
     while (open_ok + open_failed < count && now < deadline) {
         while (open_inflight < concurrency && started < count) {
             client_connect(role, target, started);
@@ -1060,6 +1115,92 @@ static void cmd_check(void) {
     fflush(stdout);
 }
 
+static void cmd_query(uint32_t room, const char *query) {
+    if (room >= nroom_queries) {
+        uint32_t n = room + 1 > nroom_queries * 2 ? room + 1 : nroom_queries * 2;
+        room_queries = realloc(room_queries, n * sizeof *room_queries);
+        memset(room_queries + nroom_queries, 0, (n - nroom_queries) * sizeof *room_queries);
+        nroom_queries = n;
+    }
+    free(room_queries[room]);
+    room_queries[room] = strdup(query);
+    printf("{\"type\": \"query\", \"room\": %u}\n", room);
+    fflush(stdout);
+}
+
+static void cmd_query_clear(void) {
+    for (uint32_t r = 0; r < nroom_queries; r++) free(room_queries[r]);
+    free(room_queries);
+    room_queries = NULL;
+    nroom_queries = 0;
+    printf("{\"type\": \"query\", \"room\": null}\n");
+    fflush(stdout);
+}
+
+/* Every open resume connection has had `expect` message events (or the time is up). */
+static void cmd_catchup(uint64_t expect, double timeout_s) {
+    now = now_ns();
+    uint64_t t0 = now, deadline = now + (uint64_t)(timeout_s * 1e9), next_report = now + 1000000000ull;
+    double cpu0 = cpu_seconds();
+    for (;;) {
+        uint64_t behind = 0, got = 0;
+        for (size_t i = 0; i < nconns; i++) {
+            conn_t *c = conns[i];
+            if (c->role != ROLE_RESUME) continue;
+            got += c->got;
+            if (c->state == ST_OPEN && c->got < expect) behind++;
+        }
+        if (behind == 0 || now >= deadline) break;
+        poll_once(10, client_event);
+        if (now >= next_report) {
+            step_received = got;
+            progress("catchup", t0, 0, cpu0);
+            next_report += 1000000000ull;
+        }
+    }
+    hist_t from_connect, from_start;
+    memset(&from_connect, 0, sizeof from_connect);
+    memset(&from_start, 0, sizeof from_start);
+    uint64_t clients = 0, open = 0, caught_up = 0, messages = 0, extra = 0, last = 0;
+    uint64_t rec[4] = {0};
+    for (size_t i = 0; i < nconns; i++) {
+        conn_t *c = conns[i];
+        if (c->role != ROLE_RESUME) continue;
+        clients++;
+        if (c->state == ST_OPEN) open++;
+        rec[c->recovered]++;
+        messages += c->got;
+        if (c->got > expect) extra += c->got - expect;
+        if (c->got >= expect) {
+            caught_up++;
+            uint64_t at = expect ? c->t_last : c->t_start;
+            hist_add(&from_connect, at > c->t_start ? at - c->t_start : 0, 1);
+            hist_add(&from_start, at > storm_t0 ? at - storm_t0 : 0, 1);
+            if (at > last) last = at;
+        }
+    }
+    printf("{\"type\": \"catchup\", \"expect\": %llu, \"clients\": %llu, \"open\": %llu, "
+           "\"caught_up\": %llu, \"messages\": %llu, \"history\": %llu, \"extra\": %llu, "
+           "\"errors\": %llu, \"other\": %llu, \"closed\": %llu, "
+           "\"recovered\": {\"true\": %llu, \"false\": %llu, \"absent\": %llu, "
+           "\"no_welcome\": %llu}, \"all_caught_up_s\": %.4f, \"waited_s\": %.3f, "
+           "\"loadgen_cpu\": %.3f, ",
+           (unsigned long long)expect, (unsigned long long)clients, (unsigned long long)open,
+           (unsigned long long)caught_up, (unsigned long long)messages,
+           (unsigned long long)storm_history, (unsigned long long)extra,
+           (unsigned long long)storm_errors, (unsigned long long)storm_other,
+           (unsigned long long)storm_closed, (unsigned long long)rec[REC_TRUE],
+           (unsigned long long)rec[REC_FALSE], (unsigned long long)rec[REC_ABSENT],
+           (unsigned long long)rec[REC_UNSEEN],
+           caught_up == clients && clients ? (last - storm_t0) / 1e9 : -1.0,
+           (now - t0) / 1e9, now > t0 ? (cpu_seconds() - cpu0) / ((now - t0) / 1e9) : 0.0);
+    hist_json("from_connect", &from_connect);
+    printf(", ");
+    hist_json("from_start", &from_start);
+    printf("}\n");
+    fflush(stdout);
+}
+
 static char line[4096];
 static size_t line_len;
 
@@ -1120,12 +1261,15 @@ static int client_main(int argc, char **argv) {
     printf("{\"type\": \"ready\", \"pid\": %d}\n", getpid());
     fflush(stdout);
     while (next_command()) {
-        char role[16];
+        char role[16], query[701];
         unsigned long long count, concurrency;
         unsigned id, payload, port = target_ports[0];
         double a, b, c, d;
         if (sscanf(line, "open %15s %llu %llu %lf %u", role, &count, &concurrency, &a, &port) >= 4) {
-            int r = strcmp(role, "send") == 0 ? ROLE_SEND : strcmp(role, "slow") == 0 ? ROLE_SLOW : ROLE_RECV;
+            int r = strcmp(role, "send") == 0     ? ROLE_SEND
+                    : strcmp(role, "slow") == 0   ? ROLE_SLOW
+                    : strcmp(role, "resume") == 0 ? ROLE_RESUME
+                                                  : ROLE_RECV;
             int target = 0;
             while (target < ntargets && target_ports[target] != port) target++;
             if (target == ntargets && (ntargets == MAX_TARGETS || port == 0 || port > 65535)) {
@@ -1150,6 +1294,12 @@ static int client_main(int argc, char **argv) {
             open_rooms = id;
             printf("{\"type\": \"rooms\", \"rooms\": %u}\n", open_rooms);
             fflush(stdout);
+        } else if (strcmp(line, "query clear") == 0) {
+            cmd_query_clear();
+        } else if (sscanf(line, "query %u %700s", &id, query) == 2) {
+            cmd_query(id, query);
+        } else if (sscanf(line, "catchup %llu %lf", &count, &a) == 2) {
+            cmd_catchup(count, a);
         } else if (strncmp(line, "check", 5) == 0) {
             cmd_check();
         } else if (strncmp(line, "reset", 5) == 0) {

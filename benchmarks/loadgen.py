@@ -131,7 +131,7 @@ class LoadGen:
         port: int | None = None,
     ) -> dict[str, Any]:
         """
-        Open ``count`` connections of ``role`` (recv, send or slow), to ``port``
+        Open ``count`` connections of ``role`` (recv, send, slow or resume), to ``port``
         on the same IP if given (another node), else to the generator's server.
         """
         target = "" if port is None else f" {port}"
@@ -169,6 +169,25 @@ class LoadGen:
         ``prefix0`` .. ``prefix<count-1>``, in turn; 0: the one path given.
         """
         return self.command(f"rooms {count} {prefix if count else '-'}", 10)
+
+    def query(self, room: int, query: str) -> dict[str, Any]:
+        """
+        Connections opened next to room ``room`` (0 with one room) add
+        ``query`` (``?since=10&epoch=abc``, no spaces) to their path.
+        """
+        if not query or any(ch.isspace() for ch in query):
+            raise ValueError(f"a query needs no spaces: {query!r}")
+        return self.command(f"query {room} {query}", 10)
+
+    def query_clear(self) -> dict[str, Any]:
+        return self.command("query clear", 10)
+
+    def catchup(self, expect: int, timeout: float) -> dict[str, Any]:
+        """
+        Wait until every open ``resume`` connection has had ``expect`` message
+        events; when each had its last one, and what its welcome said.
+        """
+        return self.command(f"catchup {expect} {timeout:g}", timeout + 30)
 
     def check(self) -> dict[str, Any]:
         return self.command("check", 30)

@@ -11,11 +11,15 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any
 
+from benchmarks.storm import storm_lines
+
 #: Issue #5's targets for webchat (1000 receivers, 64 B, server on one core).
 TARGET_FANOUT_DELIVERIES = 2_000_000
 #: Issue #13: the JSON codec's one-room fan-out, and rooms against the naive server.
 TARGET_JSON_DELIVERIES = 5_000_000
 TARGET_ROOMS_RATIO = 10.0
+#: Issue #14: fan-out with history on at most 15% below history off, same run.
+TARGET_HISTORY_RATIO = 0.85
 #: Issue #13: the seed fan-out no more than 10% below this (docs/benchmarks.md).
 REFERENCE_FANOUT_DELIVERIES = 20_460_000
 TARGET_ECHO_P50_MS = 1.0
@@ -129,7 +133,7 @@ def compute_ratios(results: dict[str, Any], baselines: list[str]) -> dict[str, A
 
 
 def check_targets(results: dict[str, Any]) -> list[dict[str, Any]]:
-    """Issues #5 and #13: the targets, for webchat, where this run measured them."""
+    """Issues #5, #13 and #14: the targets for webchat that this run measured."""
     checks: list[dict[str, Any]] = []
 
     def check(
@@ -172,6 +176,27 @@ def check_targets(results: dict[str, Any]) -> list[dict[str, Any]]:
                 f" {_rate((naive or {}).get('deliveries_per_s'))} deliveries/s)",
                 None if ratio is None else ratio >= TARGET_ROOMS_RATIO,
                 saturated or ("" if naive else "no baseline in this run"),
+            )
+        if variant == "history-on":
+            off = next(
+                (
+                    r
+                    for r in fanout.get("webchat", [])
+                    if r.get("variant") == "history-off"
+                    and r.get("senders") == run.get("senders")
+                    and "error" not in r
+                ),
+                None,
+            )
+            ratio = _ratio(value, (off or {}).get("deliveries_per_s"))
+            check(
+                f"JSON fan-out S={run['senders']} with history on >= 85% of"
+                " history off (same run)",
+                ratio,
+                f"{_times(ratio)} ({_rate(value)} vs"
+                f" {_rate((off or {}).get('deliveries_per_s'))} deliveries/s)",
+                None if ratio is None else ratio >= TARGET_HISTORY_RATIO,
+                saturated or ("" if off else "no history-off run"),
             )
         if variant != "fanout" or run.get("receivers") != 1000:
             continue
@@ -475,9 +500,12 @@ def render_table(document: dict[str, Any]) -> str:
         )
     if cluster:
         lines.append(render_cluster(cluster))
+    storm = results.get("storm")
+    if storm:
+        lines.extend(storm_lines(storm))
     checks = document.get("issue_targets") or []
     if checks:
-        lines.append("Targets (webchat; issues #5 and #13):")
+        lines.append("Targets (webchat; issues #5, #13 and #14):")
         for item in checks:
             verdict = {True: "met", False: "NOT met", None: "n/a"}[item["met"]]
             note = f" ({item['note']})" if item["note"] else ""

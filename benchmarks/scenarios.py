@@ -68,6 +68,12 @@ class BenchConfig:
         default_factory=lambda: [100_000.0, 1_000_000.0, 5_000_000.0, 20_000_000.0]
     )
     publish_requests: int = 200_000
+    #: storm (issue #14): JSON clients that reconnect at once, in how many
+    #: rooms, how many messages behind each, and how many handshakes in flight.
+    storm_clients: int = 10_000
+    storm_rooms: int = 1000
+    storm_behind: int = 50
+    storm_concurrency: int = 1000
     quick: bool = False
 
     @classmethod
@@ -87,6 +93,8 @@ class BenchConfig:
             echo_seconds=2.0,
             cluster_rates=[100_000.0, 1_000_000.0],
             publish_requests=20_000,
+            storm_clients=1000,
+            storm_rooms=100,
             quick=True,
         )
 
@@ -150,12 +158,17 @@ class Bench:
         return UsageMeter(server.pid, self.cores, [generator.pid, os.getpid()])
 
     @contextmanager
-    def server(self, name: str) -> Iterator[Server]:
-        """A fresh server (or the given URL for webchat), stopped afterwards."""
+    def server(
+        self, name: str, extra_args: list[str] | None = None
+    ) -> Iterator[Server]:
+        """
+        A fresh server (or the given URL for webchat), stopped afterwards;
+        ``extra_args`` after ``--server-arg``'s (a later option wins).
+        """
         if name == "webchat" and self.url:
             yield external_server(self.url, self.pid)
             return
-        args = self.server_args if name == "webchat" else []
+        args = [*self.server_args, *(extra_args or [])] if name == "webchat" else []
         server = start_server(name, self.registry, self.workdir, self.server_cpu, args)
         try:
             yield server
@@ -309,6 +322,8 @@ def run_fanout(
     max_rate: float | None = None,
     codec: str = "seed",
     rooms: int = 0,
+    variant: str | None = None,
+    server_args: list[str] | None = None,
 ) -> dict[str, Any]:
     """
     C receivers, S senders, an offered-rate ramp; the highest passing rate.
@@ -316,7 +331,9 @@ def run_fanout(
     ``codec`` ``json``: every connection offers webchat.v1.json.  ``rooms``
     R > 0: R rooms (``/ws/r0`` ..) of ``room_members``, one of them the
     room's sender, so a message has ``room_members - 1`` receivers and
-    ``senders`` is R.
+    ``senders`` is R.  ``variant`` names the run in the table (else it
+    follows from the codec and rooms); ``server_args`` are added to the
+    server's command line (``--history 0``).
     """
     cfg = bench.config
     receivers = cfg.receivers
@@ -325,7 +342,7 @@ def run_fanout(
         senders = rooms
         per_message = cfg.room_members - 1
         receivers = rooms * per_message
-    variant = "rooms" if rooms else "json" if codec == "json" else "fanout"
+    variant = variant or ("rooms" if rooms else "json" if codec == "json" else "fanout")
     label = f"{name} {variant} S={senders}" + (" +slow" if slow_reader else "")
     result: dict[str, Any] = {
         "target": name,
@@ -339,8 +356,9 @@ def run_fanout(
         "slow_reader": slow_reader,
         "step_seconds": cfg.step_seconds,
         "p99_limit_ms": cfg.p99_limit_ms,
+        "server_args": server_args or [],
     }
-    with bench.server(name) as server:
+    with bench.server(name, server_args) as server:
         result["server"] = server.describe()
         with bench.loadgen(server, label.replace(" ", "-")) as generator:
             generator.codec(codec)

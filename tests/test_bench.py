@@ -16,6 +16,7 @@ from pathlib import Path
 from twisted.trial.unittest import SynchronousTestCase
 from websockets.sync.client import connect
 
+from benchmarks.cli import main as bench_main
 from benchmarks.scenarios import judge_step, ramp
 from tests.support import ROOT, free_port, require, slow
 
@@ -140,6 +141,82 @@ class FanoutVariantRunTests(SynchronousTestCase):
             self.assert_step_delivered(run, 3)
         self.assertIn("rooms 5x4", output)
         self.assertIn("webchat/autobahn", output)
+
+
+@slow
+class HistoryRunTests(SynchronousTestCase):
+    """Issue #14's scenarios at toy size: history on vs off, the storm (~15 s)."""
+
+    def test_history_off_and_on_one_step_each(self):
+        document, output = run_bench(
+            "--quick",
+            "--scenario",
+            "history",
+            "--no-baselines",
+            "--receivers",
+            "20",
+            "--start-rate",
+            "2000",
+            "--max-rate",
+            "2000",
+        )
+
+        self.assertEqual(document["status"], "complete")
+        off, on = document["results"]["fanout"]["webchat"]
+        self.assertEqual((off["variant"], on["variant"]), ("history-off", "history-on"))
+        # Off is --history 0, after --server-arg's; on is the default ring.
+        self.assertEqual(off["server"]["command"][-2:], ["--history", "0"])
+        self.assertNotIn("--history", on["server"]["command"])
+        for run in (off, on):
+            self.assertEqual(run["codec"], "json")
+            self.assertNotIn("error", run)
+            (step,) = run["steps"]
+            self.assertTrue(step["passed"], step["reasons"])
+            raw = step["raw"]
+            self.assertEqual(raw["received"], raw["sent"] * 20)
+            self.assertEqual((raw["lost"], raw["bad"]), (0, 0))
+        (target,) = document["issue_targets"]
+        self.assertIn("history on >= 85% of history off", target["target"])
+        self.assertIsNotNone(target["met"])
+        self.assertIn("history-on S=1", output)
+
+    def test_storm_every_client_resumes_exactly(self):
+        document, output = run_bench(
+            "--quick",
+            "--scenario",
+            "storm",
+            "--storm-clients",
+            "20",
+            "--storm-rooms",
+            "3",
+            "--storm-behind",
+            "7",
+        )
+
+        self.assertEqual(document["status"], "complete")
+        self.assertEqual(document["targets"], ["webchat", "autobahn", "websockets"])
+        storm = document["results"]["storm"]
+        self.assertNotIn("error", storm)
+        self.assertEqual(
+            (storm["clients"], storm["rooms"], storm["behind"]), (20, 3, 7)
+        )
+        # Everyone came back, was told recovered, and got exactly the 7 it
+        # missed, from history (a replay from 0 would be 17, and "extra").
+        self.assertEqual((storm["opened"], storm["failed"]), (20, 0))
+        self.assertEqual(storm["caught_up"], 20)
+        self.assertEqual(
+            storm["recovered"], {"true": 20, "false": 0, "absent": 0, "no_welcome": 0}
+        )
+        self.assertEqual(storm["messages"], 20 * 7)
+        self.assertEqual(storm["history_messages"], 20 * 7)
+        self.assertEqual((storm["extra_messages"], storm["error_events"]), (0, 0))
+        self.assertGreater(storm["all_caught_up_s"], 0)
+        self.assertLessEqual(
+            storm["from_connect"]["p50_ms"], storm["from_connect"]["max_ms"] * 1.01
+        )
+        self.assertGreater(storm["rss_before_kb"], 10_000)
+        self.assertGreaterEqual(storm["hwm_after_kb"], storm["rss_before_kb"])
+        self.assertIn("caught up 20/20", output)
 
 
 @slow
@@ -328,6 +405,22 @@ class RampTests(SynchronousTestCase):
 
         ramp(step, start=1000, limit=1e6, bisections=3)
         self.assertEqual(tried, [1000])
+
+
+class StormOptionTests(SynchronousTestCase):
+    """What the command line refuses before starting anything (exit status 2)."""
+
+    def refused(self, *argv: str) -> None:
+        with self.assertRaises(SystemExit) as stopped:
+            bench_main(list(argv))
+        self.assertEqual(stopped.exception.code, 2)
+
+    def test_storm_sizes_below_one(self):
+        for option in ("--storm-clients", "--storm-rooms", "--storm-behind"):
+            self.refused("--scenario", "storm", option, "0")
+
+    def test_history_needs_servers_of_its_own(self):
+        self.refused("--scenario", "history", "--url", "ws://127.0.0.1:1/")
 
 
 class JudgeTests(SynchronousTestCase):

@@ -16,6 +16,13 @@
 //   backoff (0.5 s doubling to 10 s, each wait drawn from [d/2, d]), so a
 //   restarted server is not stampeded by every open tab at the same instant;
 //   the status line says why it closed (code and reason) meanwhile.
+// - Nothing said is lost to a reconnect: the page keeps the room's epoch and
+//   the offset up to which it has shown every message, and reconnects with
+//   ?since=&epoch= so the server sends exactly what it missed.  Messages are
+//   shown once per offset (a replay may repeat what was already shown) and in
+//   offset order; "Some messages may be missing" says when the server could
+//   not send all of them, and a separator marks a new epoch (the room's
+//   history was lost: offsets start again and must not be mixed with the old).
 'use strict';
 
 (() => {
@@ -82,6 +89,18 @@
   let lastTypingSent = 0;
   // A name event sent and not yet answered (by a name event or an error).
   let renaming = false;
+  // Where this room's log stands, for resuming after a reconnect: the epoch
+  // (null: never welcomed in this room since its log was last cleared), the
+  // offset up to which every message has been shown (`since` for the next
+  // connect), and each offset shown (or acked as ours) in this epoch.
+  const resumePoint = { epoch: null, upTo: 0, shown: new Set() };
+  // Whether the current connection asked to resume, and the welcome's offset.
+  let resuming = false;
+  let joinOffset = 0;
+  // Who we have been, "id name" per connection: after a reconnect our own
+  // messages come back from history under an earlier id.  The name is part of
+  // the key because ids start again at 1 when the server restarts.
+  const ourIdentities = new Set();
 
   // -- the room and the name ---------------------------------------------------
 
@@ -170,15 +189,15 @@
     newMessagesButton.hidden = true;
   }
 
-  function addToLog(item, mine) {
+  function addToLog(item, mine, before = null, countUnread = true) {
     const follow = mine || isScrolledToBottom();
-    messageList.append(item);
+    messageList.insertBefore(item, before);
     if (follow) {
       scrollToBottom();
     } else {
       newMessagesButton.hidden = false;
     }
-    if (!mine && document.hidden) {
+    if (!mine && countUnread && document.hidden) {
       unread += 1;
       document.title = titleText();
     }
@@ -194,24 +213,56 @@
     return time;
   }
 
-  // A message: header (sender, time), text, and for ours a delivery state.
   // A message right after one of the same sender joins its group: the header
   // is then hidden visually but still read out by screen readers.
-  function appendMessage({ senderId, name, text, ts, mine }) {
+  function regroup(item) {
+    if (!item || !item.classList.contains('message')) return;
+    const previous = item.previousElementSibling;
+    const grouped = Boolean(
+      previous &&
+        previous.classList.contains('message') &&
+        !previous.classList.contains('failed') &&
+        !item.classList.contains('failed') &&
+        previous.dataset.sender === item.dataset.sender &&
+        Math.abs(Number(item.dataset.ts) - Number(previous.dataset.ts)) < GROUP_WINDOW_MS,
+    );
+    item.classList.toggle('grouped', grouped);
+  }
+
+  // Where a message with this offset goes: before the later messages of the
+  // same epoch at the end of the log (and before our own still being sent),
+  // so a replayed or late message takes its place in offset order.  Notices
+  // in between stay where they are; a separator or an earlier message ends
+  // the search.
+  function placeFor(offset) {
+    let before = null;
+    for (let el = messageList.lastElementChild; el; el = el.previousElementSibling) {
+      if (!el.classList.contains('message')) {
+        if (el.classList.contains('notice')) continue;
+        break; // a separator: another epoch above
+      }
+      if (el.dataset.offset === undefined) {
+        if (el.classList.contains('pending')) {
+          before = el; // ours, not yet numbered: it stays last
+          continue;
+        }
+        continue; // ours, never numbered (failed): no place in the order
+      }
+      if (el.dataset.epoch !== resumePoint.epoch || Number(el.dataset.offset) < offset) break;
+      before = el;
+    }
+    return before;
+  }
+
+  // A message: header (sender, time), text, and for ours a delivery state.
+  function appendMessage({ senderId, name, text, ts, mine, offset, countUnread = true }) {
     const item = document.createElement('li');
     item.className = mine ? 'message mine' : 'message';
     item.dataset.sender = String(senderId);
     item.dataset.ts = String(ts);
-
-    const previous = messageList.lastElementChild;
-    if (
-      previous &&
-      previous.classList.contains('message') &&
-      !previous.classList.contains('failed') &&
-      previous.dataset.sender === item.dataset.sender &&
-      ts - Number(previous.dataset.ts) < GROUP_WINDOW_MS
-    ) {
-      item.classList.add('grouped');
+    if (offset !== undefined) {
+      item.dataset.offset = String(offset);
+      item.dataset.epoch = resumePoint.epoch;
     }
 
     const header = document.createElement('span');
@@ -234,16 +285,65 @@
       state.className = 'delivery';
       item.append(state);
     }
-    addToLog(item, mine);
+    addToLog(item, mine, offset === undefined ? null : placeFor(offset), countUnread);
+    regroup(item);
+    regroup(item.nextElementSibling);
     return item;
   }
 
   // Join, leave, rename and connection notices: one quiet line.
-  function appendNotice(text) {
+  function appendNotice(text, kind = '') {
     const item = document.createElement('li');
-    item.className = 'notice';
+    item.className = kind ? `notice ${kind}` : 'notice';
     item.textContent = text;
     addToLog(item, true);
+  }
+
+  // The room's history was lost (a new epoch): a line between the two.
+  function appendSeparator() {
+    const item = document.createElement('li');
+    item.className = 'separator';
+    item.setAttribute('role', 'separator');
+    item.textContent = "The room's history was reset";
+    addToLog(item, true);
+  }
+
+  // -- offsets and resuming ------------------------------------------------------
+
+  // An offset is shown: remember it, and move `upTo` over every offset now
+  // shown without a gap (a late one fills a gap; the next connect asks
+  // from the first offset not yet shown).
+  function markShown(offset) {
+    resumePoint.shown.add(offset);
+    while (resumePoint.shown.has(resumePoint.upTo + 1)) {
+      resumePoint.upTo += 1;
+    }
+  }
+
+  function resetResumePoint() {
+    resumePoint.epoch = null;
+    resumePoint.upTo = 0;
+    resumePoint.shown = new Set();
+  }
+
+  // The welcome says where the room stands, and whether our resume worked.
+  function onResumeState(event) {
+    joinOffset = Number.isInteger(event.offset) ? event.offset : 0;
+    const epoch = typeof event.epoch === 'string' ? event.epoch : null;
+    const asked = resuming;
+    const newEpoch = resumePoint.epoch !== null && epoch !== resumePoint.epoch;
+    if (resumePoint.epoch === null || newEpoch) {
+      // A first join here, or the history we knew is gone: offsets start over.
+      resumePoint.epoch = epoch;
+      resumePoint.shown = new Set();
+      resumePoint.upTo = joinOffset; // the join history is a courtesy, not a promise
+      if (newEpoch) appendSeparator();
+    }
+    if (asked && event.recovered === false) {
+      appendNotice('Some messages may be missing', 'missing');
+      // Said once: what follows is all the server still has.
+      resumePoint.upTo = Math.max(resumePoint.upTo, joinOffset);
+    }
   }
 
   function setDelivery(item, state, text) {
@@ -262,9 +362,13 @@
     }
   }
 
-  function failPending(reason) {
+  // `unconfirmed`: the connection closed before the ack, so the server may
+  // have taken it after all; if it comes back from history, it is shown as
+  // sent then (see onMessage).
+  function failPending(reason, unconfirmed = false) {
     for (const item of pending.values()) {
       setDelivery(item, 'failed', `Not sent: ${reason}`);
+      if (unconfirmed) item.dataset.unconfirmed = 'true';
     }
     pending.clear();
   }
@@ -303,6 +407,7 @@
 
   function onWelcome(event) {
     myId = event.id;
+    ourIdentities.add(`${event.id} ${event.name}`);
     renaming = false;
     members.clear();
     for (const member of event.members || []) {
@@ -316,6 +421,7 @@
     showTypists();
     showOwnName();
     renderMembers();
+    onResumeState(event);
     failedAttempts = 0;
     lastError = null;
     setStatus('open');
@@ -346,26 +452,66 @@
     showTypists();
   }
 
+  // Ours, from an earlier connection, that never got its ack (the connection
+  // closed first): the item marked failed then, with the same text.
+  function unconfirmedItem(event) {
+    for (const item of messageList.querySelectorAll('li.message.mine.failed')) {
+      if (item.dataset.unconfirmed === 'true' && item.querySelector('.text').textContent === event.text) {
+        return item;
+      }
+    }
+    return null;
+  }
+
   function onMessage(event) {
-    stopTyping(event.id);
+    if (!event.history) stopTyping(event.id);
+    const offset = Number.isInteger(event.offset) ? event.offset : undefined;
+    if (offset !== undefined && resumePoint.shown.has(offset)) {
+      return; // shown already (a replay after a reconnect repeats some)
+    }
+    const mine = event.id === myId || ourIdentities.has(`${event.id} ${event.name}`);
+    // (Only a replay can bring back ours: the server never echoes a live one.)
+    const lost = mine && event.history ? unconfirmedItem(event) : null;
+    if (lost && offset !== undefined) {
+      // It did reach the server: no second copy, and it is not failed.
+      delete lost.dataset.unconfirmed;
+      confirm(lost, offset, event.ts);
+      messageList.insertBefore(lost, placeFor(offset));
+      regroup(lost);
+      regroup(lost.nextElementSibling);
+      return;
+    }
     appendMessage({
       senderId: event.id,
       name: event.name,
       text: event.text,
       ts: event.ts,
-      mine: event.id === myId,
+      mine,
+      offset,
+      // What was said before we joined is not news; what we missed is.
+      countUnread: !(event.history && !resuming && offset <= joinOffset),
     });
+    if (offset !== undefined) markShown(offset);
+  }
+
+  // Our message has its place in the room: its offset and the server's time.
+  function confirm(item, offset, ts) {
+    item.dataset.ts = String(ts);
+    if (Number.isInteger(offset)) {
+      item.dataset.offset = String(offset);
+      item.dataset.epoch = resumePoint.epoch;
+      markShown(offset);
+    }
+    const time = item.querySelector('time');
+    if (time) time.replaceWith(timeElement(ts));
+    setDelivery(item, null, '');
   }
 
   function onAck(event) {
     const item = pending.get(event.ref);
     if (!item) return;
     pending.delete(event.ref);
-    item.dataset.ts = String(event.ts);
-    item.dataset.seq = String(event.seq);
-    const time = item.querySelector('time');
-    if (time) time.replaceWith(timeElement(event.ts));
-    setDelivery(item, null, '');
+    confirm(item, event.offset, event.ts);
   }
 
   function onError(event) {
@@ -406,6 +552,7 @@
     members.set(event.id, event.name);
     renderMembers();
     if (event.id === myId) {
+      ourIdentities.add(`${event.id} ${event.name}`);
       renaming = false;
       storeName(event.name);
       showOwnName();
@@ -444,8 +591,14 @@
 
   function socketURL() {
     const scheme = window.location.protocol === 'https:' ? 'wss:' : 'ws:';
+    const params = [];
     const name = storedName();
-    const query = name ? `?name=${encodeURIComponent(name)}` : '';
+    if (name) params.push(`name=${encodeURIComponent(name)}`);
+    resuming = resumePoint.epoch !== null;
+    if (resuming) {
+      params.push(`since=${resumePoint.upTo}`, `epoch=${encodeURIComponent(resumePoint.epoch)}`);
+    }
+    const query = params.length ? `?${params.join('&')}` : '';
     return `${scheme}//${window.location.host}/ws/${encodeURIComponent(room)}${query}`;
   }
 
@@ -500,7 +653,7 @@
       myId = null;
       const why = closeText(event.code, event.reason);
       lastError = null;
-      failPending(`the connection closed before the server confirmed it (${why})`);
+      failPending(`the connection closed before the server confirmed it (${why})`, true);
       scheduleReconnect(why);
     });
   }
@@ -520,6 +673,8 @@
     renderMembers();
     for (const id of [...typists.keys()]) stopTyping(id);
     messageList.replaceChildren();
+    // The log is empty again: the next join gets the room's history afresh.
+    resetResumePoint();
     newMessagesButton.hidden = true;
     failedAttempts = 0;
   }
