@@ -6,6 +6,7 @@ import os
 import re
 import shutil
 import signal
+import select
 import socket
 import subprocess
 import sys
@@ -218,6 +219,40 @@ class TwistdTests(SynchronousTestCase):
         self.assertNotIn("] New connection! (42)", log)
         self.assertIn("Closed 2 of 2 connection(s) cleanly", log)
         self.assertNotIn("Traceback", log)
+
+    def test_a_reconnect_storm_is_not_dropped_by_the_listen_backlog(self):
+        # After a restart or a network blip every page reconnects in the same
+        # instant.  Connections the kernel has no room for are not refused:
+        # their SYN is dropped and retried 1, 3, 7, 15 s later, so a small
+        # listen backlog (Twisted's default is 50) turns one blip into a
+        # quarter of a minute of "reconnecting" for the unlucky ones.
+        server = self.start("--port", "tcp:0:interface=127.0.0.1")
+        (port,) = listening_ports(server.wait_for_log("Site starting on"))
+        storm = 300
+        server.process.send_signal(signal.SIGSTOP)  # accepts nothing meanwhile
+        sockets = []
+        try:
+            for _ in range(storm):
+                s = socket.socket()
+                s.setblocking(False)
+                s.connect_ex(("127.0.0.1", port))
+                sockets.append(s)
+            deadline = time.monotonic() + 0.5
+            pending = list(sockets)
+            while pending and time.monotonic() < deadline:
+                _, ready, _ = select.select([], pending, [], 0.05)
+                pending = [s for s in pending if s not in ready]
+            connected = sum(
+                1
+                for s in sockets
+                if s.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR) == 0
+                and s not in pending
+            )
+        finally:
+            server.process.send_signal(signal.SIGCONT)
+            for s in sockets:
+                s.close()
+        self.assertEqual(connected, storm)
 
     def test_listens_on_several_endpoints_and_serves_another_web_root(self):
         workdir = Path(self.mktemp()).resolve()

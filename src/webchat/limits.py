@@ -10,6 +10,12 @@ from __future__ import annotations
 import resource
 from dataclasses import dataclass
 
+#: Connections the kernel holds for us, completed but not yet accepted, on a
+#: TCP/TLS --port that does not say ``backlog=``.  Twisted's default is 50;
+#: when every page reconnects at once (a restart, a network blip) the kernel
+#: silently drops the SYNs beyond it, and those clients retry 1, 3, 7, 15 s
+#: later.  The kernel caps it at net.core.somaxconn (4096 on current Linux).
+LISTEN_BACKLOG = 1024
 #: Largest message (and single frame) a client may send, in bytes.
 MAX_MESSAGE_SIZE = 64 * 1024
 #: Messages per second a connection may send, on average ...

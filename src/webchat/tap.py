@@ -620,6 +620,18 @@ def check_web_root(web_root: str) -> None:
         raise usage.UsageError(f"--web-root: {web_root}: has no index.html")
 
 
+def with_backlog(description: str) -> str:
+    """
+    ``description`` with ``backlog=`` (``limits.LISTEN_BACKLOG``) added when it
+    is a TCP or TLS endpoint that does not choose its own: a reconnect storm
+    must not meet Twisted's default of 50.
+    """
+    kind = description.split(":", 1)[0]
+    if kind not in ("tcp", "tcp6", "ssl") or "backlog=" in description:
+        return description
+    return f"{description}:backlog={limits.LISTEN_BACKLOG}"
+
+
 def listen(
     reactor: Any,
     parent: MultiService,
@@ -629,6 +641,6 @@ def listen(
 ) -> None:
     """Listen on ``description`` (given as ``--option``) once the service starts."""
     # Already parsed once by the options (check_endpoint): this cannot fail now.
-    endpoint = serverFromString(reactor, description)
+    endpoint = serverFromString(reactor, with_backlog(description))
     service = ListeningService(reactor, endpoint, factory, f"--{option} {description}")
     service.setServiceParent(parent)
