@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import os
 import re
+import select
 import shutil
 import signal
-import select
 import socket
 import subprocess
 import sys
@@ -245,8 +245,8 @@ class TwistdTests(SynchronousTestCase):
             connected = sum(
                 1
                 for s in sockets
-                if s.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR) == 0
-                and s not in pending
+                if s not in pending
+                and s.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR) == 0
             )
         finally:
             server.process.send_signal(signal.SIGCONT)
