@@ -101,6 +101,9 @@ class Room:
         #: and the server time (ms) it arrived at.
         self.seq = 0
         self.ts = 0
+        #: Whether a member elsewhere (another node, --redis) has a name in
+        #: this room: (room name, case-folded name) -> bool; set by ``Rooms``.
+        self.names_elsewhere: Callable[[str, str], bool] | None = None
 
     def join(self, member: Member, codec: Codec, name: str = "") -> None:
         """
@@ -117,16 +120,24 @@ class Room:
         """``wanted``, or ``wanted-2``, ``wanted-3``, ...: the first not in use here."""
         name = wanted
         suffix = 1
-        while name.casefold() in self._names:
+        while self._taken(name.casefold()):
             suffix += 1
             name = f"{wanted}-{suffix}"
         return name
 
+    def _taken(self, folded: str) -> bool:
+        elsewhere = self.names_elsewhere
+        return folded in self._names or (
+            elsewhere is not None and elsewhere(self.name, folded)
+        )
+
     def rename(self, member: Member, name: str) -> bool:
-        """Give ``member`` ``name``; False if someone else here has it."""
+        """Give ``member`` ``name``; False if someone here (or elsewhere) has it."""
         key = name.casefold()
         holder = self._names.get(key)
         if holder is not None and holder != member.chat_id:
+            return False
+        if holder is None and self._taken(key):
             return False
         del self._names[member.chat_name.casefold()]
         self._names[key] = member.chat_id
@@ -176,6 +187,7 @@ class Room:
         sender_id: int | None = None,
         *,
         name: str = "",
+        ts: int | None = None,
     ) -> int:
         """
         Queue ``text`` from ``sender`` (``None``: the server, an API, another
@@ -186,7 +198,8 @@ class Room:
         ``sender_id`` is the id it is shown as from when that is not the
         sender's own (a client of another node); default: ``sender``'s, or 0.
         ``name`` is the sender's name (default: its own, else ``guest-N``),
-        for the JSON events; its time (``ts``, ms) is the room's clock's.
+        for the JSON events; its time (``ts``, ms) is the room's clock's
+        unless given (another node's, when it received the message).
         """
         member_id = sender.chat_id if sender is not None else 0
         if sender_id is None:
@@ -196,7 +209,9 @@ class Room:
         if not self._pending:
             self._schedule(self)
         self.seq += 1
-        ts = self.ts = int(self._clock() * 1000) if self._clock is not None else 0
+        if ts is None:
+            ts = int(self._clock() * 1000) if self._clock is not None else 0
+        self.ts = ts
         self._pending.append(
             Message(
                 sender_id,
