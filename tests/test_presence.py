@@ -7,6 +7,7 @@ from __future__ import annotations
 from typing import Any
 
 from twisted.internet.task import Clock
+from twisted.logger import formatEvent, globalLogPublisher
 from twisted.trial.unittest import SynchronousTestCase
 
 from webchat.chat import WebChatFactory
@@ -108,6 +109,9 @@ def hash_reply(version: int, **members: tuple[str, str]) -> list[bytes]:
 
 class RemotePresenceTests(SynchronousTestCase):
     def setUp(self) -> None:
+        self.logs: list[dict[str, Any]] = []
+        globalLogPublisher.addObserver(self.logs.append)
+        self.addCleanup(globalLogPublisher.removeObserver, self.logs.append)
         self.clock = Clock()
         self.asked: list[str] = []
         self.presence = RemotePresence(self.clock, self.asked.append, timeout=3.0)
@@ -238,6 +242,9 @@ class RemotePresenceTests(SynchronousTestCase):
         self.assertEqual(presence.members, 5)
         self.assertEqual(len(presence.nodes), 2)
         self.assertEqual(presence.dropped["over_cap"], 4)  # 3 of b, c itself
+        lines = [formatEvent(e) for e in self.logs if e.get("log_source") is presence]
+        self.assertEqual(len(lines), 1, lines)  # one line a minute at most
+        self.assertIn("more than 5 members of other nodes", lines[0])
         # A node may not claim another's member.
         presence.snapshot("b", hash_reply(5, m9701=("r", "thief")), 3000)
         self.assertEqual(presence.dropped["conflict"], 1)

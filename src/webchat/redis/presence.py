@@ -31,6 +31,8 @@ from collections import Counter
 from collections.abc import Callable
 from typing import Any, Protocol
 
+from twisted.logger import Logger
+
 from webchat.limits import MAX_REMOTE_MEMBERS, MAX_REMOTE_NODES, PRESENCE_TIMEOUT
 from webchat.redis.envelope import (
     MalformedEnvelopeError,
@@ -43,6 +45,8 @@ from webchat.redis.envelope import (
 #: Snapshots asked for and not yet answered, at most: a flood of made-up
 #: node ids on the channel costs Redis this many HGETALLs at a time.
 MAX_SNAPSHOTS_IN_FLIGHT = 32
+#: At most one "not taken" log line per this many seconds.
+DROP_LOG_INTERVAL = 60.0
 
 
 class PresenceListener(Protocol):
@@ -133,6 +137,8 @@ class RemotePresence:
         #: What was dropped, by reason: "over_cap", "malformed", "conflict",
         #: "busy" (too many snapshots in flight).
         self.dropped: Counter[str] = Counter()
+        self._log = Logger(namespace="webchat", source=self)
+        self._drop_logged_at: float | None = None
 
     # -- what arrives ---------------------------------------------------------------
 
@@ -200,7 +206,7 @@ class RemotePresence:
             heard_at = now - max(0.0, self.timeout - ttl_ms / 1000)
         if state is None:
             if len(self._nodes) >= self.max_nodes:
-                self.dropped["over_cap"] += 1
+                self._drop("over_cap", f"more than {self.max_nodes} other nodes")
                 return
             state = self._nodes[node] = _Node(0, heard_at)
         elif version < state.version:
@@ -276,7 +282,7 @@ class RemotePresence:
     def _set(self, node: str, state: _Node, chat_id: int, room: str, name: str) -> None:
         owner = self._owner.get(chat_id)
         if owner is not None and owner != node:
-            self.dropped["conflict"] += 1
+            self._drop("conflict", f"node {node} claims member {chat_id} of {owner}")
             return
         old = state.members.get(chat_id)
         if old == (room, name):
@@ -293,7 +299,9 @@ class RemotePresence:
         if old is not None:
             self._leave(node, state, chat_id)
         if self.members >= self.max_members:
-            self.dropped["over_cap"] += 1
+            self._drop(
+                "over_cap", f"more than {self.max_members} members of other nodes"
+            )
             return
         state.members[chat_id] = (room, name)
         self._owner[chat_id] = node
@@ -302,6 +310,20 @@ class RemotePresence:
         self.members += 1
         if listener is not None:
             listener.remote_joined(room, chat_id, name)
+
+    def _drop(self, reason: str, why: str) -> None:
+        """Count what is not taken; say so at most once a minute."""
+        self.dropped[reason] += 1
+        now = self._clock.seconds()
+        last = self._drop_logged_at
+        if last is not None and now - last < DROP_LOG_INTERVAL:
+            return
+        self._drop_logged_at = now
+        self._log.warn(
+            "Presence of other nodes not taken: {why} (counted in "
+            "webchat_redis_presence_dropped_total; at most one such line a minute)",
+            why=why,
+        )
 
     def _leave(self, node: str, state: _Node, chat_id: int) -> None:
         old = state.members.pop(chat_id, None)
