@@ -81,13 +81,14 @@ class WelcomeAndMessageTests(ChatTestCase):
     def test_welcome_byte_for_byte(self):
         self.pump.connect("/ws/lobby")  # a seed member: guest-1
         ann = self.json_client("/?name=ann")
+        epoch = self.pump.factory.rooms.get("lobby").epoch
         self.assertEqual(
             ann.texts,
             [
                 '{"type":"welcome","id":2,"name":"ann","room":"lobby","members":'
                 '[{"id":1,"name":"guest-1"},{"id":2,"name":"ann"}],"limits":'
                 '{"max_text_bytes":65280,"max_message_size":65536,"rate_limit":0,'
-                '"rate_burst":60}}'
+                f'"rate_burst":60}},"offset":0,"epoch":"{epoch}"}}'
             ],
         )
 
@@ -97,12 +98,12 @@ class WelcomeAndMessageTests(ChatTestCase):
         seed = self.pump.connect("/")
         self.send(ann, type="message", text="hi \u00e9", ref="c1")
         self.assertEqual(
-            ann.texts[-1], '{"type":"ack","ref":"c1","seq":1,"ts":1764633600000}'
+            ann.texts[-1], '{"type":"ack","ref":"c1","offset":1,"ts":1764633600000}'
         )
         self.assertEqual(
             bob.texts[-1],
             '{"type":"message","room":"lobby","id":1,"name":"ann",'
-            '"text":"hi \u00e9","ts":1764633600000,"seq":1}',
+            '"text":"hi \u00e9","ts":1764633600000,"offset":1}',
         )
         self.assertEqual(seed.texts, ["id 1: hi \u00e9"])
         # The JSON sender never gets its own message back.
@@ -115,12 +116,12 @@ class WelcomeAndMessageTests(ChatTestCase):
             events(ann)[-2:],
             [
                 {"type": "message", "room": "lobby", "id": 3, "name": "guest-3",
-                 "text": "plain", "ts": 1764633601500, "seq": 2},
+                 "text": "plain", "ts": 1764633601500, "offset": 2},
                 {"type": "message", "room": "lobby", "id": 2, "name": "bob",
-                 "text": "x", "ts": 1764633601500, "seq": 3},
+                 "text": "x", "ts": 1764633601500, "offset": 3},
             ],
         )  # fmt: skip
-        self.assertEqual(events(bob)[-1], {"type": "ack", "ref": 7, "seq": 3,
+        self.assertEqual(events(bob)[-1], {"type": "ack", "ref": 7, "offset": 3,
                                            "ts": 1764633601500})  # fmt: skip
         self.assertEqual(seed.texts[-1], "id 2: x")
         self.send(ann, type="message", text="no ref")
@@ -162,7 +163,7 @@ class PresenceTests(ChatTestCase):
                 {"type": "join", "room": "r", "member": {"id": 3, "name": "bob"}},
                 {"type": "name", "room": "r", "id": 3, "old": "bob", "name": "Robert"},
                 {"type": "message", "room": "r", "id": 3, "name": "Robert",
-                 "text": "hello", "ts": 1764633600000, "seq": 1},
+                 "text": "hello", "ts": 1764633600000, "offset": 1},
                 {"type": "leave", "room": "r", "member": {"id": 3, "name": "Robert"}},
                 {"type": "leave", "room": "r", "member": {"id": 2, "name": "guest-2"}},
             ],
@@ -417,4 +418,4 @@ class EncodedOnceTests(SynchronousTestCase):
 
 def room_message(room, sender_id: int, text: bytes) -> Message:
     return Message(sender_id, text, 0.0, sender_id, room.name, f"guest-{sender_id}",
-                   room.ts, room.seq)  # fmt: skip
+                   room.ts, room.offset)  # fmt: skip

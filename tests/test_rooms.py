@@ -103,13 +103,13 @@ class MixedRoomTests(RoomsMixin, TestCase):
         seed.send_text("from the seed")
         message = yield self.next_event(ann)
         self.assertEqual(
-            (message["id"], message["name"], message["text"], message["seq"]),
+            (message["id"], message["name"], message["text"], message["offset"]),
             (4, "guest-4", "from the seed", 1),
         )
         ann.send_text(json.dumps({"type": "message", "text": "from ann", "ref": "a"}))
         self.assertEqual((yield seed.received.get()), "id 3: from ann")
         ack = yield self.next_event(ann)
-        self.assertEqual((ack["type"], ack["ref"], ack["seq"]), ("ack", "a", 2))
+        self.assertEqual((ack["type"], ack["ref"], ack["offset"]), ("ack", "a", 2))
         # The lobby heard none of it, and its chat never reached the room.
         yield self.assert_bystanders_chat()
         self.assertEqual(self.alice.pending() + self.bob.pending(), [])

@@ -23,7 +23,7 @@ process, or hand in a fake clock.
 from __future__ import annotations
 
 from collections import Counter, deque
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Any
 
 import txaio
@@ -31,20 +31,24 @@ from autobahn.twisted.websocket import WebSocketServerFactory
 from twisted.internet.defer import Deferred, DeferredList, succeed
 from twisted.internet.interfaces import IReactorTime, ISSLTransport
 from twisted.logger import Logger
+from twisted.python.failure import Failure
 
 from webchat.access import AccessPolicy
 from webchat.admission import Admission
-from webchat.codecs import JSON, event_frame
+from webchat.codecs import JSON, SEED, Message, event_frame
 from webchat.connection import (
     _CLOSED,
     ERROR_CLOSE_CODES,
     SERVER_FAULT_CODES,
     WebChatProtocol,
 )
-from webchat.events import BadEvent, check_name, parse_event
+from webchat.events import BadEvent, check_name, check_resume, parse_event
+from webchat.history import HistoryStore
+from webchat.history.memory import MemoryHistory
 from webchat.limits import (
     BAD_EVENTS_MAX,
     BAD_EVENTS_WINDOW,
+    MAX_HISTORY_ROOMS,
     TYPING_INTERVAL,
     Limits,
 )
@@ -55,6 +59,10 @@ from webchat.rooms import Rooms
 
 if TYPE_CHECKING:
     from webchat.redis import Envelope, RedisRelay
+
+#: Error codes that are a person's (or a page's) mistake, not garbage: they
+#: do not count towards the bad events that close a connection.
+_MISTAKES = frozenset({"bad_name", "name_taken", "message_too_big", "bad_resume"})
 
 #: How each error close is counted (``WebChatFactory.dropped``).
 _DROP_KIND = {
@@ -95,17 +103,35 @@ class WebChatFactory(WebSocketServerFactory):
         quiet: bool = False,
         limits: Limits | None = None,
         access: AccessPolicy | None = None,
+        history: HistoryStore | None = None,
+        history_for_text_clients: bool = False,
     ) -> None:
         # "webchat", not Autobahn's name and version, in the 101's Server:.
         super().__init__(reactor=reactor, server="webchat")
         self.stats = ChatStats()
-        self.rooms = Rooms(reactor, self.stats, delivery_failed=self._delivery_failed)
+        limits = limits or Limits()
+        if history is None:
+            history = MemoryHistory(
+                reactor.seconds,
+                limit=limits.history,
+                ttl=limits.history_ttl,
+                max_bytes=limits.history * limits.max_message_size,
+                max_rooms=MAX_HISTORY_ROOMS,
+            )
+        self.rooms = Rooms(
+            reactor,
+            self.stats,
+            delivery_failed=self._delivery_failed,
+            history=history,
+        )
+        #: Whether seed-format clients are sent history too (as ``id N:`` lines).
+        self.history_for_text_clients = history_for_text_clients
         self._next_id = 1
         #: Where ids come from when several nodes share the chat (the Redis
         #: relay's allocator); ``None`` for this process's own counter.
         self.id_source: Callable[[], int] | None = None
         self.quiet = quiet
-        self.limits = limits or Limits()
+        self.limits = limits
         self.access = access or AccessPolicy()
         #: Every connection from TCP accept to close, open or still handshaking.
         self.connections: set[WebChatProtocol] = set()
@@ -182,9 +208,17 @@ class WebChatFactory(WebSocketServerFactory):
             rooms=self.rooms,
             rooms_open=self.rooms.open,
         )
-        names = (request.params or {}).get("name")
-        if names and protocol.admitted.codec is JSON:
-            protocol.wanted_name = names[0]
+        params = request.params or {}
+        names = params.get("name")
+        if protocol.admitted.codec is JSON:
+            if names:
+                protocol.wanted_name = names[0]
+            since, epoch = params.get("since"), params.get("epoch")
+            if since or epoch:
+                protocol.wanted_resume = (
+                    since[0] if since else None,
+                    epoch[0] if epoch else None,
+                )
 
     def allocate_id(self) -> int:
         """
@@ -225,34 +259,48 @@ class WebChatFactory(WebSocketServerFactory):
         if self.link is not None:
             self.link.member_joined(room.name, protocol.chat_id, protocol.chat_name)
         if admitted.codec is JSON:
-            protocol.deliver(self._welcome(protocol, room))
+            # The welcome, the errors about the URL right after it, then the
+            # history: all before any live event (see _replay).
+            errors = []
             if bad_name is not None:
-                self.reject(protocol, bad_name)
+                errors.append(self._error(protocol, bad_name))
+            resume = None
+            wanted, protocol.wanted_resume = protocol.wanted_resume, None
+            if wanted is not None:
+                try:
+                    resume = check_resume(*wanted)
+                except BadEvent as e:
+                    errors.append(self._error(protocol, e))
+            since, epoch = resume if resume is not None else (None, "")
+            self._replay(protocol, room, self._welcome(protocol, room), since, epoch,
+                         errors)  # fmt: skip
+        elif self.history_for_text_clients:
+            self._replay(protocol, room, None, None, "")
         room.publish_event(
             event_frame({"type": "join", "room": room.name, "member": member}),
             protocol.chat_id,
         )
 
-    def _welcome(self, protocol: WebChatProtocol, room: Room) -> bytes:
+    def _welcome(self, protocol: WebChatProtocol, room: Room) -> dict[str, Any]:
         limits = self.limits
         rate: float | int = limits.rate_limit
         if rate == int(rate):
             rate = int(rate)
-        return event_frame(
-            {
-                "type": "welcome",
-                "id": protocol.chat_id,
-                "name": protocol.chat_name,
-                "room": room.name,
-                "members": self._roster(room),
-                "limits": {
-                    "max_text_bytes": limits.max_text_bytes,
-                    "max_message_size": limits.max_message_size,
-                    "rate_limit": rate,
-                    "rate_burst": limits.rate_burst,
-                },
-            }
-        )
+        return {
+            "type": "welcome",
+            "id": protocol.chat_id,
+            "name": protocol.chat_name,
+            "room": room.name,
+            "members": self._roster(room),
+            "limits": {
+                "max_text_bytes": limits.max_text_bytes,
+                "max_message_size": limits.max_message_size,
+                "rate_limit": rate,
+                "rate_burst": limits.rate_burst,
+            },
+            "offset": room.flushed,
+            "epoch": room.epoch,
+        }
 
     def _roster(self, room: Room) -> list[dict[str, object]]:
         """The room's members here, then those on other nodes (--redis)."""
@@ -265,6 +313,96 @@ class WebChatFactory(WebSocketServerFactory):
                 if member["id"] not in here
             ]
         return members
+
+    # -- history: on join, on resume ------------------------------------------------
+
+    def _replay(
+        self,
+        protocol: WebChatProtocol,
+        room: Room,
+        head: dict[str, Any] | None,
+        since: int | None,
+        epoch: str,
+        extra: list[bytes] | tuple[bytes, ...] = (),
+    ) -> None:
+        """
+        Send ``protocol`` ``head`` (its welcome or resumed event, with
+        ``recovered`` when it asked to resume from ``since`` in ``epoch``),
+        ``extra`` frames, then the history it is owed, then live traffic.
+
+        History runs up to the room's last *flushed* offset: what this turn
+        still queues reaches the member live.  A store that answers later
+        (a thread, the network) has the member's live traffic held by the
+        room meanwhile (``Room.hold``), so nothing overtakes the replay and
+        nothing is sent twice.
+        """
+        upto = room.flushed
+        store = self.rooms.history
+        limit = store.limit if store is not None else 0
+        recovered: bool | None = None
+        if since is not None and epoch == room.epoch and since <= upto:
+            after = since
+        else:
+            after = max(upto - limit, 0)
+            if since is not None:
+                recovered = False  # another epoch, or an offset never given out
+        codec = protocol.admitted.codec if protocol.admitted else SEED
+
+        def frames(messages: Sequence[Message]) -> list[bytes]:
+            nonlocal recovered
+            messages = [m for m in messages if after < m.offset <= upto]
+            if since is not None and recovered is None:
+                # Offsets have no gaps: all were there if all were found.
+                recovered = len(messages) == upto - since
+            out = []
+            if head is not None:
+                if since is not None:
+                    head["recovered"] = recovered
+                    self.stats.resumes["true" if recovered else "false"] += 1
+                out.append(event_frame(head))
+            out.extend(extra)
+            encode = codec.encode_history
+            out.extend(encode(message) for message in messages)
+            self.stats.history_replayed += len(messages)
+            return out
+
+        if store is None or not limit or after >= upto:
+            answer: Sequence[Message] | Deferred[Sequence[Message]] = []
+        else:
+            try:
+                answer = store.read(room.name, after, upto)
+            except Exception:
+                log.failure("An error has occurred: reading history failed")
+                answer = []
+        if not isinstance(answer, Deferred):
+            for frame in frames(answer):
+                protocol.deliver(frame)
+            return
+        room.hold(protocol, self.limits.max_send_buffer)
+
+        def failed(failure: Failure) -> list[Message]:
+            log.failure(
+                "An error has occurred: reading history of room {room} failed",
+                failure,
+                room=room.name,
+            )
+            return []
+
+        def answered(messages: Sequence[Message]) -> None:
+            if not room.release(protocol, frames(messages)):
+                protocol.close_with(1008, "too slow", kind="too_slow")
+
+        answer.addErrback(failed).addCallback(answered).addErrback(
+            lambda failure: log.failure(
+                "An error has occurred: replaying history failed", failure
+            )
+        )
+
+    def _tell(self, protocol: WebChatProtocol, frame: bytes) -> None:
+        """Send one event to one member, behind anything its room holds for it."""
+        room = protocol.room
+        if room is None or not room.tell(protocol, frame):
+            protocol.deliver(frame)
 
     def now_ms(self) -> int:
         """The server's time in ms, from the factory's clock (JSON ``ts``)."""
@@ -337,6 +475,8 @@ class WebChatFactory(WebSocketServerFactory):
                 self._message_event(sender, event.value, event.ref)
             elif event.type == "name":
                 self._name_event(sender, event.value)
+            elif event.type == "resume":
+                self._resume_event(sender, event.since, event.value)
             else:
                 self._typing_event(sender)
         except BadEvent as e:
@@ -354,8 +494,24 @@ class WebChatFactory(WebSocketServerFactory):
             raise BadEvent("message_too_big", f"text is over {most} bytes (UTF-8)", ref)
         self.relay(sender, data)
         room = sender.room
-        seq, ts = (room.seq, room.ts) if room is not None else (0, self.now_ms())
-        sender.deliver(event_frame({"type": "ack", "ref": ref, "seq": seq, "ts": ts}))
+        offset, ts = (room.offset, room.ts) if room is not None else (0, self.now_ms())
+        self._tell(
+            sender, event_frame({"type": "ack", "ref": ref, "offset": offset, "ts": ts})
+        )
+
+    def _resume_event(self, sender: WebChatProtocol, since: int, epoch: str) -> None:
+        room = sender.room
+        if room is None:
+            return
+        if room.holding(sender):
+            raise BadEvent("bad_event", "a resume is already under way")
+        head = {
+            "type": "resumed",
+            "room": room.name,
+            "offset": room.flushed,
+            "epoch": room.epoch,
+        }
+        self._replay(sender, room, head, since, epoch)
 
     def _name_event(self, sender: WebChatProtocol, raw: str) -> None:
         name = check_name(raw)
@@ -412,23 +568,8 @@ class WebChatFactory(WebSocketServerFactory):
         Tell a JSON client why its event was not acted on (logged once,
         counted); too many bad events in a row close it with 1008.
         """
-        self.stats.bad_events[error.code] += 1
-        event: dict[str, object] = {
-            "type": "error",
-            "code": error.code,
-            "reason": error.reason,
-        }
-        if error.ref is not None:
-            event["ref"] = error.ref
-        protocol.deliver(event_frame(event))
-        log.warn(
-            "Connection {id} from {peer}: {code} ({reason})",
-            id=protocol.chat_id,
-            peer=escape_for_log(protocol.client_address),
-            code=error.code,
-            reason=error.reason,
-        )
-        if error.code in ("bad_name", "name_taken", "message_too_big"):
+        self._tell(protocol, self._error(protocol, error))
+        if error.code in _MISTAKES:
             return  # a person's mistake, not garbage
         now = self.reactor.seconds()
         recent = protocol.bad_events
@@ -437,6 +578,25 @@ class WebChatFactory(WebSocketServerFactory):
         recent.append(now)
         if len(recent) == BAD_EVENTS_MAX and now - recent[0] <= BAD_EVENTS_WINDOW:
             protocol.close_with(1008, "too many bad events", kind="bad_events")
+
+    def _error(self, protocol: WebChatProtocol, error: BadEvent) -> bytes:
+        """The ``error`` event for ``error``, logged once and counted."""
+        self.stats.bad_events[error.code] += 1
+        event: dict[str, object] = {
+            "type": "error",
+            "code": error.code,
+            "reason": error.reason,
+        }
+        if error.ref is not None:
+            event["ref"] = error.ref
+        log.warn(
+            "Connection {id} from {peer}: {code} ({reason})",
+            id=protocol.chat_id,
+            peer=escape_for_log(protocol.client_address),
+            code=error.code,
+            reason=error.reason,
+        )
+        return event_frame(event)
 
     def relay(self, sender: WebChatProtocol, payload: bytes) -> int:
         """

@@ -38,9 +38,10 @@ class Message(NamedTuple):
     #: The room's name, and the sender's name as the JSON events show them.
     room: str = ""
     name: str = ""
-    #: Server time in ms when it was received, and the room's message number.
+    #: Server time in ms when it was received, and the room's offset: its
+    #: message number, 1, 2, ... within the room's epoch (webchat.history).
     ts: int = 0
-    seq: int = 0
+    offset: int = 0
     #: A presence event (join, leave, name, typing), as one whole JSON text
     #: frame already: it rides in the turn so its order with the messages is
     #: kept, and codecs without events (the seed's) skip it.
@@ -58,6 +59,9 @@ class Codec(Protocol):
     def encode(self, message: Message) -> bytes:
         """The bytes of ``message`` in this format: whole frames only."""
 
+    def encode_history(self, message: Message) -> bytes:
+        """``message`` sent again from history (on join, on resume)."""
+
 
 class SeedCodec:
     """
@@ -73,6 +77,10 @@ class SeedCodec:
             return b""  # the seed's clients never heard of presence
         return text_frame(b"id %d: " % message.sender_id, message.text)
 
+    #: The seed's clients are sent history (--history-for-text-clients) as
+    #: the lines they would have heard live.
+    encode_history = encode
+
 
 class JsonCodec:
     """
@@ -87,17 +95,24 @@ class JsonCodec:
     def encode(self, message: Message) -> bytes:
         if message.event is not None:
             return message.event
-        return event_frame(
-            {
-                "type": "message",
-                "room": message.room,
-                "id": message.sender_id,
-                "name": message.name,
-                "text": message.text.decode("utf-8"),
-                "ts": message.ts,
-                "seq": message.seq,
-            }
-        )
+        return event_frame(_message_event(message))
+
+    def encode_history(self, message: Message) -> bytes:
+        event = _message_event(message)
+        event["history"] = True
+        return event_frame(event)
+
+
+def _message_event(message: Message) -> dict[str, Any]:
+    return {
+        "type": "message",
+        "room": message.room,
+        "id": message.sender_id,
+        "name": message.name,
+        "text": message.text.decode("utf-8"),
+        "ts": message.ts,
+        "offset": message.offset,
+    }
 
 
 def event_frame(event: dict[str, Any]) -> bytes:

@@ -127,6 +127,8 @@ class WebChatProtocol(FlowControl, Keepalive, WebSocketServerProtocol):
     #: with ``?name=`` until the connection opens.
     chat_name = ""
     wanted_name: str | None = None
+    #: The ``?since=`` and ``?epoch=`` asked for, until the connection opens.
+    wanted_resume: tuple[str | None, str | None] | None = None
     #: When the last ``typing`` event was relayed (reactor time).
     typed_at = float("-inf")
     #: When the latest bad JSON events came (see ``WebChatFactory.reject``).

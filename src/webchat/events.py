@@ -13,6 +13,7 @@ import json
 import unicodedata
 from typing import Any, NamedTuple
 
+from webchat.history import EPOCH, SINCE
 from webchat.limits import MAX_NAME_CHARS
 
 #: Longest ``ref`` a client may tag a message with (string form).
@@ -26,12 +27,15 @@ _BAD_CATEGORIES = frozenset({"Cc", "Cf", "Cs", "Zl", "Zp"})
 class ClientEvent(NamedTuple):
     """A well-formed client event."""
 
-    #: "message", "name" or "typing".
+    #: "message", "name", "typing" or "resume".
     type: str
-    #: The message's text, or the name asked for; "" for typing.
+    #: The message's text, the name asked for, or the epoch to resume in;
+    #: "" for typing.
     value: str = ""
     #: The client's tag for a message (string or integer), echoed in its ack.
     ref: str | int | None = None
+    #: The last offset a ``resume`` has seen.
+    since: int = 0
 
 
 class BadEvent(Exception):  # noqa: N818 - it is the event, not an error of ours
@@ -56,6 +60,21 @@ def check_name(raw: str) -> str:
     if any(unicodedata.category(char) in _BAD_CATEGORIES for char in name):
         raise BadEvent("bad_name", "a name may not have control characters")
     return name
+
+
+def check_resume(since: str | None, epoch: str | None) -> tuple[int, str] | None:
+    """
+    The ``(since, epoch)`` a WebSocket URL's ``?since=&epoch=`` asks to
+    resume from, None when it asks nothing, ``BadEvent("bad_resume")`` when
+    either is missing or malformed (the connection still opens).
+    """
+    if since is None and epoch is None:
+        return None
+    if since is None or not SINCE.fullmatch(since):
+        raise BadEvent("bad_resume", "since must be an offset (an integer >= 0)")
+    if epoch is None or not EPOCH.fullmatch(epoch):
+        raise BadEvent("bad_resume", "epoch must be 1-64 of A-Z a-z 0-9 _ -")
+    return int(since), epoch
 
 
 def _ref(event: dict[str, Any]) -> str | int | None:
@@ -95,6 +114,14 @@ def parse_event(payload: bytes) -> ClientEvent:
         return ClientEvent("name", name)
     if kind == "typing":
         return ClientEvent("typing")
+    if kind == "resume":
+        since = event.get("since")
+        epoch = event.get("epoch")
+        if isinstance(since, bool) or not isinstance(since, int) or since < 0:
+            raise BadEvent("bad_event", "a resume needs since, an integer >= 0")
+        if not isinstance(epoch, str) or not EPOCH.fullmatch(epoch):
+            raise BadEvent("bad_event", "a resume needs an epoch string")
+        return ClientEvent("resume", epoch, since=since)
     if not isinstance(kind, str):
         raise BadEvent("bad_event", "an event needs a type string")
     raise BadEvent("unknown_type", "unknown event type")

@@ -86,6 +86,17 @@ BAD_EVENTS_WINDOW = 10.0
 TYPING_INTERVAL = 2.0
 #: Longest name, in characters (after trimming).
 MAX_NAME_CHARS = 32
+#: Messages each room remembers for joiners and reconnects (--history);
+#: 0 = none (messages are still numbered, nothing is kept).
+HISTORY = 100
+#: Seconds a message is kept and replayed (--history-ttl); 0 = no age limit.
+#: An emptied room keeps its history this long after its newest message.
+HISTORY_TTL = 86400.0
+#: Rooms whose history is kept in memory at once; past it the idle room
+#: emptied longest ago is forgotten (open rooms never are: --max-rooms
+#: bounds them).  Not an option: with the per-room bound (--history x
+#: --max-message-size) it bounds the memory history may take.
+MAX_HISTORY_ROOMS = 10000
 #: Seconds a node of a cluster (--redis) may go unheard before the other
 #: nodes count its members as gone (--presence-timeout); each node beats
 #: every third of it, so a live node is heard about three times a timeout.
@@ -148,6 +159,8 @@ class Limits:
     max_connections: int = 0
     max_connections_per_ip: int = MAX_CONNECTIONS_PER_IP
     max_rooms: int = MAX_ROOMS
+    history: int = HISTORY
+    history_ttl: float = HISTORY_TTL
 
     @property
     def max_text_bytes(self) -> int:

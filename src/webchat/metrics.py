@@ -75,6 +75,7 @@ BAD_EVENT_CODES = (
     "message_too_big",
     "bad_name",
     "name_taken",
+    "bad_resume",
 )
 #: Fan-out time buckets, in seconds: 10 µs .. 1 s.
 FANOUT_BUCKETS = (
@@ -101,6 +102,10 @@ class ChatStats:
         self.deliveries = 0
         self.bytes_received = 0
         self.bytes_sent = 0
+        #: Messages sent from history (on join, on resume).
+        self.history_replayed = 0
+        #: Resumes answered, by whether everything missed was sent ("true").
+        self.resumes: Counter[str] = Counter()
         # Not registered anywhere: the collector below reports it.
         self.fanout_seconds = Histogram(
             "webchat_fanout_seconds",
@@ -185,6 +190,7 @@ class ChatCollector(Collector):
             "webchat_sent_bytes", "WebSocket bytes sent.", stats.bytes_sent
         )
         yield from stats.fanout_seconds.collect()
+        yield from _history_metrics(factory)
         link = factory.link
         if link is not None:
             yield GaugeMetricFamily(
@@ -236,6 +242,47 @@ class ChatCollector(Collector):
                 PRESENCE_DROP_REASONS,
                 link.presence.dropped,
             )
+
+
+def _history_metrics(factory: WebChatFactory) -> Iterator[Metric]:
+    """History and resuming (docs/operations.md, "History")."""
+    stats = factory.stats
+    history = factory.rooms.history
+    counts = history.stats if history is not None else None
+    yield GaugeMetricFamily(
+        "webchat_history_rooms",
+        "Rooms whose history (or numbering) is kept, open or idle.",
+        counts.rooms if counts else 0,
+    )
+    yield GaugeMetricFamily(
+        "webchat_history_messages",
+        "Messages of history held in memory.",
+        counts.messages if counts else 0,
+    )
+    yield GaugeMetricFamily(
+        "webchat_history_bytes",
+        "Bytes of message text of history held in memory.",
+        counts.bytes if counts else 0,
+    )
+    yield CounterMetricFamily(
+        "webchat_history_replayed",
+        "Messages sent from history (on join and on resume).",
+        stats.history_replayed,
+    )
+    resumes = CounterMetricFamily(
+        "webchat_resumes",
+        "Resumes answered (URL since= or resume event), by whether every "
+        "missed message could be sent.",
+        labels=["recovered"],
+    )
+    for recovered in ("true", "false"):
+        resumes.add_metric([recovered], stats.resumes[recovered])
+    yield resumes
+    yield CounterMetricFamily(
+        "webchat_history_write_failures",
+        "Messages that could not be written to the history database.",
+        counts.write_failures if counts else 0,
+    )
 
 
 def _by_reason(

@@ -26,7 +26,7 @@ delivery comes and let go before the next member's.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from time import perf_counter
 from typing import TYPE_CHECKING, Protocol
 
@@ -35,6 +35,7 @@ from twisted.logger import Logger
 from webchat.codecs import SEED, Codec, Message
 
 if TYPE_CHECKING:
+    from webchat.history import HistoryStore
     from webchat.metrics import ChatStats
 
 #: Turns bigger than this (bytes) reach their senders as views of the one
@@ -81,6 +82,9 @@ class Room:
         release_memory: Callable[[], object],
         delivery_failed: Callable[[Member], bool] | None = None,
         clock: Callable[[], float] | None = None,
+        history: HistoryStore | None = None,
+        epoch: str = "",
+        offset: int = 0,
     ) -> None:
         self.name = name
         #: The server's clock (seconds), for a message's ``ts``.
@@ -97,10 +101,16 @@ class Room:
         self._pending: list[Message] = []
         #: Names in use here, case-folded, to the member id holding each.
         self._names: dict[str, int] = {}
-        #: The room's last message number: 1, 2, ... for the room's lifetime,
-        #: and the server time (ms) it arrived at.
-        self.seq = 0
+        #: The room's last offset (message number: 1, 2, ... within its
+        #: epoch, webchat.history), and the server time (ms) it arrived at.
+        self.offset = offset
         self.ts = 0
+        #: The epoch those offsets belong to.
+        self.epoch = epoch
+        #: The last offset sent out (and handed to the history): a member
+        #: joining now is owed history up to here, and live traffic after it.
+        self.flushed = offset
+        self._history = history
         #: Whether a member elsewhere (another node, --redis) has a name in
         #: this room: (room name, case-folded name) -> bool; set by ``Rooms``.
         self.names_elsewhere: Callable[[str, str], bool] | None = None
@@ -192,7 +202,7 @@ class Room:
         """
         Queue ``text`` from ``sender`` (``None``: the server, an API, another
         node) for every member except ``sender``, to go out at the end of
-        this reactor turn, as the room's next message (``seq``); return how
+        this reactor turn, as the room's next message (``offset``); return how
         many members that is now.
 
         ``sender_id`` is the id it is shown as from when that is not the
@@ -208,7 +218,7 @@ class Room:
             name = sender.chat_name if sender is not None else f"guest-{sender_id}"
         if not self._pending:
             self._schedule(self)
-        self.seq += 1
+        self.offset += 1
         if ts is None:
             ts = int(self._clock() * 1000) if self._clock is not None else 0
         self.ts = ts
@@ -221,7 +231,7 @@ class Room:
                 self.name,
                 name,
                 ts,
-                self.seq,
+                self.offset,
             )
         )
         members = len(self._members)
@@ -241,6 +251,56 @@ class Room:
             self._schedule(self)
         self._pending.append(Message(0, b"", perf_counter(), member_id, event=frame))
 
+    def hold(self, member: Member, most: int = 0) -> None:
+        """
+        Keep what turns owe ``member`` instead of sending it, until
+        ``release``: while its history is being read, live traffic must not
+        overtake the replay.  ``most``: bytes to hold before giving up on it
+        (0 = no cap).  Costs the fan-out nothing: the member's place in its
+        codec's list is taken by a stand-in that keeps the frames (shared
+        bytes, no copies).
+        """
+        same = self._by_codec.get(self._codec_of.get(member.chat_id))  # type: ignore[arg-type]
+        if same is not None and member.chat_id in same:
+            same[member.chat_id] = _Held(member, most)
+
+    def holding(self, member: Member) -> bool:
+        """Whether ``member``'s traffic is being held (``hold``)."""
+        same = self._by_codec.get(self._codec_of.get(member.chat_id))  # type: ignore[arg-type]
+        return same is not None and isinstance(same.get(member.chat_id), _Held)
+
+    def tell(self, member: Member, frame: bytes) -> bool:
+        """
+        Queue ``frame`` (an event for ``member`` alone: an ack, an error)
+        behind what is held for it; False when nothing is held: send it now.
+        """
+        same = self._by_codec.get(self._codec_of.get(member.chat_id))  # type: ignore[arg-type]
+        held = same.get(member.chat_id) if same is not None else None
+        if isinstance(held, _Held):
+            held.deliver(frame)
+            return True
+        return False
+
+    def release(self, member: Member, first: Sequence[bytes] = ()) -> bool:
+        """
+        Send ``member`` ``first`` (its welcome or resumed and its history),
+        then what was held for it, and deliver to it directly again; False if
+        it could not all be sent (closing, or past the hold's cap).
+        """
+        chunks: list[bytes | memoryview] = []
+        overflowed = False
+        same = self._by_codec.get(self._codec_of.get(member.chat_id))  # type: ignore[arg-type]
+        if same is not None:
+            held = same.get(member.chat_id)
+            if isinstance(held, _Held):
+                same[member.chat_id] = member
+                chunks = held.chunks
+                overflowed = held.overflowed
+        for data in (*first, *chunks):
+            if not member.deliver(data):
+                return False
+        return not overflowed
+
     def flush(self) -> int:
         """
         Send each member what this turn owes it, in one write (a sender in a
@@ -249,6 +309,16 @@ class Room:
         pending, self._pending = self._pending, []
         if not pending:
             return 0
+        if len(pending) == 1:
+            said = pending if pending[0].event is None else ()
+        else:
+            said = [message for message in pending if message.event is None]
+        if said:
+            # Kept once per turn, before anyone is sent it: a member joining
+            # after this turn is owed it as history, never live.
+            self.flushed = said[-1].offset
+            if self._history is not None:
+                self._history.append(self.name, said)
         if len(pending) == 1:
             senders = {pending[0].member_id}
         else:
@@ -332,6 +402,32 @@ class Room:
                 )
         if not handled:
             self.leave(member)
+
+
+class _Held:
+    """A member's stand-in in the fan-out while its history is read."""
+
+    __slots__ = ("chat_id", "chunks", "member", "most", "overflowed", "size")
+
+    def __init__(self, member: Member, most: int) -> None:
+        self.member = member
+        self.chat_id = member.chat_id
+        self.chunks: list[bytes | memoryview] = []
+        self.size = 0
+        self.most = most
+        self.overflowed = False
+
+    def deliver(self, data: bytes | memoryview) -> bool:
+        if self.overflowed:
+            return False
+        self.size += len(data)
+        if self.most and self.size > self.most:
+            # Too much to hold for one member: it is closed on release.
+            self.overflowed = True
+            self.chunks = []
+            return False
+        self.chunks.append(data)
+        return True
 
 
 def _deliver_without(

@@ -16,10 +16,12 @@ from collections.abc import Callable, Iterator
 from typing import TYPE_CHECKING, Any
 
 from webchat.codecs import SEED, Codec
+from webchat.history import new_epoch
 from webchat.memory import release_free_heap
 from webchat.room import Member, Room
 
 if TYPE_CHECKING:
+    from webchat.history import HistoryStore
     from webchat.metrics import ChatStats
 
 #: The room of ``/``, ``/ws`` and ``/ws/``: where the seed's page lands.
@@ -52,8 +54,11 @@ class Rooms:
         stats: ChatStats,
         release_memory: Callable[[], object] = release_free_heap,
         delivery_failed: Callable[[Member], bool] | None = None,
+        history: HistoryStore | None = None,
     ) -> None:
         self._reactor = reactor
+        #: Where rooms' messages are kept, their epochs and offsets with them.
+        self.history = history
         self._stats = stats
         self._release_memory = release_memory
         #: What to do with a member whose delivery raised (see ``Room``).
@@ -75,6 +80,10 @@ class Rooms:
         """
         room = self._rooms.get(name)
         if room is None:
+            if self.history is not None:
+                epoch, offset = self.history.open_room(name)
+            else:
+                epoch, offset = new_epoch(), 0
             room = self._rooms[name] = Room(
                 name,
                 self._stats,
@@ -82,6 +91,9 @@ class Rooms:
                 self._release_memory,
                 self._member_failed,
                 self._reactor.seconds,
+                self.history,
+                epoch,
+                offset,
             )
             room.names_elsewhere = self.names_elsewhere
         room.join(member, codec, member_name)
@@ -91,8 +103,14 @@ class Rooms:
         """Take ``member`` out of ``room``; return whether it was still there."""
         left = room.leave(member)
         if room.idle and self._rooms.get(room.name) is room:
-            del self._rooms[room.name]
+            self._close(room)
         return left
+
+    def _close(self, room: Room) -> None:
+        """``room`` is empty and owes nothing: let it go (its history stays)."""
+        del self._rooms[room.name]
+        if self.history is not None:
+            self.history.room_closed(room.name)
 
     def get(self, name: str) -> Room | None:
         return self._rooms.get(name)
@@ -141,5 +159,5 @@ class Rooms:
         for room in busy:
             copies += room.flush()
             if room.idle and self._rooms.get(room.name) is room:
-                del self._rooms[room.name]
+                self._close(room)
         return copies

@@ -18,6 +18,7 @@ from twisted.python import usage
 from webchat import __version__, limits
 from webchat.access import AccessPolicy
 from webchat.chat import WebChatFactory
+from webchat.history.sqlite import SQLiteHistory
 from webchat.metrics import MetricsPage, make_registry
 from webchat.redis import (
     DEFAULT_CHANNEL,
@@ -67,6 +68,9 @@ PLACEHOLDERS = {
     "redis-channel": "NAME",
     "node-id": "NAME",
     "presence-timeout": "S",
+    "history": "N",
+    "history-ttl": "S",
+    "history-db": "PATH",
 }
 
 
@@ -175,6 +179,12 @@ class Options(usage.Options):
     optFlags = [
         ["quiet", "q", "Do not log a line for every relayed message."],
         ["no-metrics", None, "Do not serve /metrics at all."],
+        [
+            "history-for-text-clients",
+            None,
+            "Send seed-format clients the room's history too, as 'id N: text' "
+            "lines, when they join.",
+        ],
     ]
     optParameters = [
         [
@@ -331,6 +341,30 @@ class Options(usage.Options):
             _float,
         ],
         [
+            "history",
+            None,
+            limits.HISTORY,
+            "Messages each room remembers for members who join or reconnect "
+            "(JSON clients get them on join; a reconnect gets what it missed). "
+            "0 = none.",
+            _int,
+        ],
+        [
+            "history-ttl",
+            None,
+            limits.HISTORY_TTL,
+            "Seconds a message is remembered; an emptied room keeps its history "
+            "this long after its last message. 0 = no age limit.",
+            _float,
+        ],
+        [
+            "history-db",
+            None,
+            None,
+            "Keep history in this SQLite file, so it survives a restart (one "
+            "process only; not with --redis). Default: in memory.",
+        ],
+        [
             "shutdown-grace",
             None,
             limits.SHUTDOWN_GRACE,
@@ -445,6 +479,10 @@ class Options(usage.Options):
             check_web_root(self["web-root"])
         if not self["redis"]:
             self["redis"] = self._environ.get(REDIS_URL_VARIABLE) or None
+        if self["history-db"] and self["redis"]:
+            raise usage.UsageError(
+                "--history-db is for one process; with --redis history lives in Redis"
+            )
         self["redis-password"] = None
         if self["redis-password-file"]:
             self["redis-password"] = read_password(self["redis-password-file"])
@@ -486,6 +524,8 @@ class Options(usage.Options):
             max_connections=self["max-connections"] or 0,
             max_connections_per_ip=self["max-connections-per-ip"],
             max_rooms=self["max-rooms"],
+            history=self["history"],
+            history_ttl=self["history-ttl"],
         )
 
 
@@ -527,12 +567,29 @@ def makeService(options: Options, reactor: Any = None) -> IService:
             files=open_files,
             max=chosen.max_connections,
         )
+    history = None
+    if options["history-db"]:
+        history = SQLiteHistory(
+            reactor,
+            options["history-db"],
+            limit=chosen.history,
+            ttl=chosen.history_ttl,
+        )
     factory = WebChatFactory(
-        reactor, quiet=options["quiet"], limits=chosen, access=options["access"]
+        reactor,
+        quiet=options["quiet"],
+        limits=chosen,
+        access=options["access"],
+        history=history,
+        history_for_text_clients=options["history-for-text-clients"],
     )
     # The listeners are children of the chat service: it drains the chat
     # before they stop listening.
     top = ChatService(factory, handle_signals=True)
+    if history is not None:
+        # Before the listeners: the database is open before anyone joins,
+        # and the last turns are written after the drain.
+        history.setServiceParent(top)
     if options["redis"]:
         link = RedisRelay(
             reactor,
