@@ -440,6 +440,18 @@ class RedisRelay(Service):
             more=self._unlogged_drops(),
         )
 
+    def command(self, *args: Any) -> Deferred[Any]:
+        """
+        Run one Redis command on the command connection (``streams.py``);
+        fails at once with ``ConnectionError`` while Redis is away.
+        """
+        protocol = self._publisher.protocol
+        if protocol is None:
+            from twisted.internet.defer import fail
+
+            return fail(ConnectionError("Redis is down"))
+        return protocol.execute_command(*args)
+
     # -- presence: this node's members ----------------------------------------------
 
     def member_joined(self, room: str, chat_id: int, name: str) -> None:
