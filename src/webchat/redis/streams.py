@@ -19,6 +19,8 @@ with it: an epoch never mixes two histories.
 
 ``RoomStreams`` only talks to Redis (through ``execute``, the relay's
 command connection); what the chat does with the answers is the caller's.
+Not wired into the chat yet: with ``--redis`` each node still numbers and
+keeps its rooms' messages itself (``webchat.history.memory``).
 """
 
 from __future__ import annotations
