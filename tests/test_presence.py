@@ -20,6 +20,7 @@ from webchat.redis.envelope import (
     decode_envelope,
     encode_envelope,
     encode_presence,
+    stream_envelope_parts,
 )
 from webchat.redis.presence import RemotePresence, parse_snapshot
 
@@ -73,6 +74,26 @@ class Wc2EnvelopeTests(SynchronousTestCase):
             with self.assertRaises(MalformedEnvelopeError, msg=payload) as caught:
                 decode_envelope(payload)
             self.assertIn(error, str(caught.exception), payload)
+
+    def test_a_kept_message_carries_its_offset_and_epoch(self):
+        before, between, after = stream_envelope_parts(
+            "n1", "r", 7, 100, "Ann Lee", b"hi\nthere", delayed=False
+        )
+        payload = before + b"12" + between + b"Ep_-1" + after
+        self.assertEqual(payload, b"wc2 n1 s r 12 Ep_-1 7 100 Ann Lee\nhi\nthere")
+        self.assertEqual(
+            decode_envelope(payload),
+            Envelope("n1", 7, b"hi\nthere", "r", "Ann Lee", 100, 12, "Ep_-1", False),
+        )
+        self.assertTrue(decode_envelope(b"wc2 n1 d r 3 e 7 1 A\nx").delayed)
+        for bad, error in [
+            (b"wc2 n1 s r 0 e 7 1 A\nx", "invalid offset"),
+            (b"wc2 n1 s r 1 e/x 7 1 A\nx", "invalid epoch"),
+            (b"wc2 n1 s r 1 e 7 1\nx", "needs room, offset, epoch"),
+        ]:
+            with self.assertRaises(MalformedEnvelopeError, msg=bad) as caught:
+                decode_envelope(bad)
+            self.assertIn(error, str(caught.exception))
 
     def test_names_beyond_the_fast_path_still_pass_when_good(self):
         # A no-break space is not "printable" to Python, but a fine name.

@@ -118,3 +118,48 @@ class RoomStreamsTests(RedisTestCase):
         d.addErrback(failures.append)
         yield wait_until(lambda: failures, what="the failure")
         self.assertIn("Redis", str(failures[0].value))
+
+
+class KeptMessagesOnTheChannelTests(RedisTestCase):
+    @inlineCallbacks
+    def test_every_node_hears_kept_messages_in_offset_order_its_own_included(self):
+        self.server = self.start_redis()
+        nodes = [self.start_relay(self.server.url, node_id=f"n{i}") for i in range(2)]
+        relays = [relay for relay, _ in nodes]
+        yield self.wait_up(*relays)
+        heard: dict[str, list] = {}
+        for relay in relays:
+            relay.keep_history(100, 600)
+            heard[relay.node_id] = []
+            relay.on_stream = heard[relay.node_id].append
+        appended = []
+        for n in range(10):
+            relay = relays[n % 2]
+            appended.append(
+                relay.append_message(
+                    "r",
+                    n + 1,
+                    "Ann Lee",
+                    1000 + n,
+                    b"text %d\nline" % n,
+                    delayed=n == 9,
+                )
+            )
+        results = yield gatherResults(appended)
+        self.assertEqual(sorted(o for o, _ in results), list(range(1, 11)))
+        yield wait_until(
+            lambda: all(len(got) == 10 for got in heard.values()), what="10 each"
+        )
+        for relay in relays:
+            got = heard[relay.node_id]
+            self.assertEqual([e.offset for e in got], list(range(1, 11)))
+            self.assertEqual({e.epoch for e in got}, {results[0][1]})
+            self.assertEqual([e.delayed for e in got], [False] * 9 + [True])
+            self.assertEqual(
+                {(e.node, e.chat_id, e.name, e.room) for e in got if e.chat_id == 1},
+                {("n0", 1, "Ann Lee", "r")},
+            )
+        # Ordinary messages are still not echoed to their own node.
+        self.assertTrue(relays[0].publish(5, b"plain"))
+        yield wait_until(lambda: len(nodes[1][1]) == 1, what="the plain message")
+        self.assertEqual(nodes[0][1], [])

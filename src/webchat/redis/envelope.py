@@ -5,6 +5,9 @@ tells the others is one Redis message on the channel, ``wc2``'s words
 separated by single spaces (SP), a chat message's text after the first LF::
 
     wc2 <node> m <room> <id> <ts> <name> LF <text>     a chat message
+    wc2 <node> s <room> <offset> <epoch> <id> <ts> <name> LF <text>
+                                                       one kept in Redis (d:
+                                                       delayed by an outage)
     wc2 <node> j <version> <room> <id> <name>          joined
     wc2 <node> n <version> <room> <id> <name>          renamed
     wc2 <node> l <version> <room> <id>                 left
@@ -64,6 +67,7 @@ MAX_CHAT_ID = (1 << 53) - 1
 _NODE_ID = re.compile(r"[A-Za-z0-9._:-]{1,64}")
 _NODE_ID_BYTES = re.compile(rb"[A-Za-z0-9._:-]{1,64}")
 _ROOM_BYTES = re.compile(rb"[A-Za-z0-9._-]{1,64}")
+_EPOCH_BYTES = re.compile(rb"[A-Za-z0-9_-]{1,64}")
 _SURROGATE = re.compile("[\udc80-\udcff]")
 #: Largest ``ts`` (ms) or presence version an envelope may carry.
 _MAX_NUMBER = (1 << 53) - 1
@@ -83,6 +87,12 @@ class Envelope(NamedTuple):
     room: str = LEGACY_ROOM
     name: str = ""
     ts: int = 0
+    #: Kinds ``s`` and ``d`` (a message kept in the room's Redis Stream,
+    #: issue #14): its offset and the room's epoch, and whether it was said
+    #: during a Redis outage and appended after it (``d``).  0 and "" else.
+    offset: int = 0
+    epoch: str = ""
+    delayed: bool = False
 
 
 #: Presence kinds by their letter on the wire, and back.
@@ -174,6 +184,8 @@ def decode_envelope(payload: bytes) -> Envelope | PresenceEvent:
     if _NODE_ID_BYTES.fullmatch(node) is None:
         raise MalformedEnvelopeError("invalid node id")
     node_id = node.decode("ascii")
+    if kind in (b"s", b"d"):
+        return _stream_message(node_id, kind == b"d", rest)
     if kind == b"m":
         head, newline, text = rest.partition(b"\n")
         fields = head.split(b" ", 3)
@@ -220,6 +232,47 @@ def decode_envelope(payload: bytes) -> Envelope | PresenceEvent:
         _room(room),
         _chat_id(chat_id),
         _name(name) if presence != "leave" else "",
+    )
+
+
+def stream_envelope_parts(
+    node: str, room: str, chat_id: int, ts: int, name: str, text: bytes, delayed: bool
+) -> tuple[bytes, bytes, bytes]:
+    """
+    A kept message's envelope around its offset and epoch, which only the
+    Redis script that appends it knows (``webchat.redis.streams``)::
+
+        wc2 <node> s|d <room> <offset> <epoch> <id> <ts> <name> LF <text>
+    """
+    head = envelope_prefix(node) + (b"d " if delayed else b"s ")
+    return (
+        head + room.encode("ascii") + b" ",
+        b" ",
+        b" %d %d %b\n%b" % (chat_id, ts, name.encode("utf-8"), text),
+    )
+
+
+def _stream_message(node_id: str, delayed: bool, rest: bytes) -> Envelope:
+    head, newline, text = rest.partition(b"\n")
+    fields = head.split(b" ", 5)
+    if not newline or len(fields) != 6:
+        raise MalformedEnvelopeError(
+            "a kept message needs room, offset, epoch, id, ts, name, LF"
+        )
+    room, offset, epoch, chat_id, ts, name = fields
+    if _EPOCH_BYTES.fullmatch(epoch) is None:
+        raise MalformedEnvelopeError("invalid epoch")
+    _check_text(text)
+    return Envelope(
+        node_id,
+        _chat_id(chat_id),
+        text,
+        _room(room),
+        _name(name),
+        _number(ts, "ts", zero=True),
+        _number(offset, "offset"),
+        epoch.decode("ascii"),
+        delayed,
     )
 
 

@@ -36,6 +36,7 @@ from webchat.redis.envelope import (
     encode_presence,
     envelope_prefix,
     payload_for_log,
+    stream_envelope_parts,
     too_large,
 )
 from webchat.redis.ids import ID_BLOCK, IdAllocator
@@ -50,6 +51,7 @@ from webchat.redis.link import (
     is_refusal,
 )
 from webchat.redis.presence import RemotePresence
+from webchat.redis.streams import RoomStreams
 from webchat.redis.url import DEFAULT_CHANNEL, check_channel, parse_redis_url
 
 #: PUBLISHes sent but not yet answered before publish() refuses more: what a
@@ -196,6 +198,11 @@ class RedisRelay(Service):
         self._ttl_ms = int(presence_timeout * 1000)
         self._beat_loop: LoopingCall | None = None
         self._presence_refused = False
+        #: The rooms' Redis Streams, once ``keep_history`` is called, and who
+        #: is handed the kept messages (``s``/``d`` envelopes, this node's
+        #: own included: the channel's order is their offset order).
+        self.streams: RoomStreams | None = None
+        self.on_stream: Callable[[Envelope], None] | None = None
 
         self._channel_bytes = self.channel.encode("ascii")
         self._prefix = envelope_prefix(self.node_id)
@@ -361,8 +368,12 @@ class RedisRelay(Service):
 
     def message_received(self, payload: Any) -> None:
         """A message on the channel (the subscriber connection calls this)."""
-        if isinstance(payload, bytes) and payload.startswith(self._prefix):
-            return  # our own, echoed back by Redis
+        prefix = self._prefix
+        if isinstance(payload, bytes) and payload.startswith(prefix):
+            # Our own, echoed back by Redis: only a kept message's echo
+            # matters (it brings the offset Redis gave it).
+            if payload[len(prefix) : len(prefix) + 2] not in (b"s ", b"d "):
+                return
         try:
             envelope = decode_envelope(payload)
         except MalformedEnvelopeError as e:
@@ -382,9 +393,12 @@ class RedisRelay(Service):
         if too_large(envelope, self.max_text_size):
             self._dropped_oversized(envelope)
             return
+        handler = self.on_stream if envelope.offset else self.on_envelope
+        if handler is None:
+            return
         self.received += 1
         try:
-            self.on_envelope(envelope)
+            handler(envelope)
         except Exception:
             # One bad message must not cost the subscriber connection.
             self._log.failure(
@@ -451,6 +465,39 @@ class RedisRelay(Service):
 
             return fail(ConnectionError("Redis is down"))
         return protocol.execute_command(*args)
+
+    # -- history in Redis Streams (issue #14) -----------------------------------------
+
+    def keep_history(self, limit: int, ttl: float) -> RoomStreams:
+        """Keep rooms' messages in Redis Streams (``append_message``)."""
+        self.streams = RoomStreams(
+            self.command, self.channel, limit=limit, ttl=ttl, clock=self.reactor.seconds
+        )
+        return self.streams
+
+    def append_message(
+        self,
+        room: str,
+        chat_id: int,
+        name: str,
+        ts: int,
+        text: bytes,
+        delayed: bool = False,
+    ) -> Deferred[tuple[int, str]]:
+        """
+        Keep ``text`` in ``room``'s Stream and PUBLISH it with its offset,
+        to every node, this one included (``on_stream``); fires with
+        (offset, epoch), or fails at once while Redis is away.
+        """
+        if self.streams is None:
+            raise RuntimeError("keep_history() first")
+        name = name or f"guest-{chat_id}"
+        parts = stream_envelope_parts(
+            self.node_id, room, chat_id, ts, name, text, delayed
+        )
+        return self.streams.append(
+            room, chat_id, name, ts, text, self._channel_bytes, parts
+        )
 
     # -- presence: this node's members ----------------------------------------------
 
