@@ -13,6 +13,7 @@ import signal
 import time
 from contextlib import ExitStack
 from pathlib import Path
+from urllib.parse import quote
 from urllib.request import urlopen
 
 from prometheus_client.parser import text_string_to_metric_families
@@ -31,6 +32,8 @@ class Cluster(SynchronousTestCase):
     """Redis plus ``nodes`` webchat processes, and clients to talk through them."""
 
     nodes = 3
+    #: More options for every node.
+    node_args: tuple[str, ...] = ()
 
     def setUp(self):
         self.redis = RedisServer()
@@ -48,15 +51,30 @@ class Cluster(SynchronousTestCase):
             "--port", "tcp:0:interface=127.0.0.1",
             "--redis", self.redis.url,
             "--node-id", name,
+            *self.node_args,
         )  # fmt: skip
         self.addCleanup(server.stop, signal.SIGKILL)
         log = server.wait_for_log("Redis link up")
         port = int(re.search(r"Site starting on (\d+)", log).group(1))
         return server, port
 
-    def client(self, node: int) -> ClientConnection:
-        url = f"ws://127.0.0.1:{self.servers[node][1]}/"
+    def client(self, node: int, room: str = "") -> ClientConnection:
+        path = f"/ws/{room}" if room else "/"
+        url = f"ws://127.0.0.1:{self.servers[node][1]}{path}"
         return self.stack.enter_context(connect(url, open_timeout=5))
+
+    def json_client(
+        self, node: int, room: str, name: str = ""
+    ) -> tuple[ClientConnection, dict]:
+        """A JSON client of ``node`` in ``room``, and its welcome."""
+        query = f"?name={quote(name)}" if name else ""
+        url = f"ws://127.0.0.1:{self.servers[node][1]}/ws/{room}{query}"
+        client = self.stack.enter_context(
+            connect(url, open_timeout=5, subprotocols=["webchat.v1.json"])
+        )
+        welcome = json.loads(client.recv(timeout=5))
+        self.assertEqual(welcome["type"], "welcome")
+        return client, welcome
 
     def scrape(self, node: int) -> dict[str, float]:
         port = self.servers[node][1]
@@ -67,6 +85,13 @@ class Cluster(SynchronousTestCase):
             for family in text_string_to_metric_families(text)
             for sample in family.samples
         }
+
+    def wait_remote(self, node: int, count: int, timeout: float = 10.0) -> None:
+        """Until ``node`` knows of ``count`` members of other nodes."""
+        deadline = time.monotonic() + timeout
+        while self.scrape(node)["webchat_redis_remote_members"] != count:
+            self.assertLess(time.monotonic(), deadline, f"{count} remote members")
+            time.sleep(0.05)
 
     def health(self, node: int) -> dict:
         port = self.servers[node][1]
@@ -225,3 +250,229 @@ class ClusterLogTests(Cluster):
             r"Connection \d+ on node node0 sending message hello to 2 "
             r"connection\(s\) here\n",
         )
+
+
+def events_until(
+    client: ClientConnection, wanted, timeout: float = 5.0
+) -> tuple[dict, list[dict]]:
+    """Read JSON events until one makes ``wanted(event)`` true: it, and the rest."""
+    deadline = time.monotonic() + timeout
+    seen = []
+    while True:
+        left = deadline - time.monotonic()
+        if left <= 0:
+            raise AssertionError(f"no such event within {timeout} s; got {seen}")
+        try:
+            event = json.loads(client.recv(timeout=left))
+        except TimeoutError:
+            continue
+        if wanted(event):
+            return event, seen
+        seen.append(event)
+
+
+def drain(client: ClientConnection, wait: float = 0.5) -> list:
+    """Everything ``client`` receives until it has been quiet ``wait`` seconds."""
+    got = []
+    while True:
+        try:
+            got.append(client.recv(timeout=wait))
+        except TimeoutError:
+            return got
+
+
+def member_ids(welcome: dict) -> dict[int, str]:
+    return {member["id"]: member["name"] for member in welcome["members"]}
+
+
+@slow
+class ClusterRoomTests(Cluster):
+    """Issue #13 across nodes: rooms, names and presence with --redis."""
+
+    nodes = 2
+    node_args = ("--presence-timeout", "3")
+
+    def test_a_room_spans_the_nodes_and_no_other_room_hears_it(self):
+        # Bystanders chatting in the lobby on both nodes throughout.
+        lobby = [self.client(0), self.client(1)]
+        ann, _ = self.json_client(0, "red", "ann")
+        seed0 = self.client(0, "red")
+        bob, _ = self.json_client(1, "red", "bob")
+        seed1 = self.client(1, "red")
+        blue_json, _ = self.json_client(1, "blue", "carl")
+        blue_seed = self.client(1, "blue")
+        # Everyone's presence has gone round (the lobby's members count too).
+        self.wait_remote(0, 5)
+        self.wait_remote(1, 3)
+        for client in (ann, bob, blue_json):
+            drain(client, 0.3)
+        lobby[0].send("lobby before")
+        ann.send(json.dumps({"type": "message", "text": "from ann\nline 2"}))
+        seed0.send("from seed0")
+        bob.send(json.dumps({"type": "message", "text": "from bob"}))
+        seed1.send("from seed1")
+        lobby[1].send("lobby after")
+
+        def messages(client: ClientConnection) -> list[tuple[str, str]]:
+            events = [json.loads(raw) for raw in drain(client, 1.0)]
+            for event in events:
+                if event["type"] == "message":
+                    self.assertEqual(event["room"], "red")
+                    self.assertIsInstance(event["ts"], int)
+            return sorted(
+                (e["name"], e["text"]) for e in events if e["type"] == "message"
+            )
+
+        got_ann = messages(ann)
+        got_bob = messages(bob)
+        # Exactly once each, never its own, names from either node.
+        self.assertEqual(len(got_ann), 3, got_ann)
+        self.assertEqual(
+            {text for _, text in got_ann}, {"from seed0", "from bob", "from seed1"}
+        )
+        self.assertIn(("bob", "from bob"), got_ann)
+        self.assertEqual(len(got_bob), 3, got_bob)
+        self.assertEqual(
+            {text for _, text in got_bob},
+            {"from ann\nline 2", "from seed0", "from seed1"},
+        )
+        self.assertIn(("ann", "from ann\nline 2"), got_bob)
+        # Seed-format clients get exactly "id N: text", from remote senders too.
+        for seed, others in [
+            (seed0, {"from ann\nline 2", "from bob", "from seed1"}),
+            (seed1, {"from ann\nline 2", "from bob", "from seed0"}),
+        ]:
+            lines = drain(seed, 1.0)
+            self.assertEqual(len(lines), 3, lines)
+            self.assertEqual({ID_TEXT.match(line).group(2) for line in lines}, others)
+        # The other room heard nothing of it.
+        self.assertEqual(
+            [
+                e
+                for e in map(json.loads, drain(blue_json, 0.5))
+                if e["type"] == "message"
+            ],
+            [],
+        )
+        self.assert_silent(blue_seed)
+        # The bystanders' chat went on across the nodes.
+        self.assertEqual(
+            [t for _, t in self.receive_all(lobby[1], 1)], ["lobby before"]
+        )
+        self.assertEqual([t for _, t in self.receive_all(lobby[0], 1)], ["lobby after"])
+        self.logs_are_clean()
+
+    def test_presence_spans_the_nodes(self):
+        ann, ann_welcome = self.json_client(0, "r", "ann")
+        self.wait_remote(1, 1)
+        bob, welcome = self.json_client(1, "r", "bob")
+        members = member_ids(welcome)
+        self.assertEqual(sorted(members.values()), ["ann", "bob"])
+        self.assertEqual(members[ann_welcome["id"]], "ann")
+        joined, _ = events_until(ann, lambda e: e["type"] == "join")
+        self.assertEqual(joined["member"], {"id": welcome["id"], "name": "bob"})
+        # A name a member of the other node has is not free here.
+        twin, twin_welcome = self.json_client(1, "r", "ANN")
+        self.assertEqual(twin_welcome["name"], "ANN-2")
+        twin.send(json.dumps({"type": "name", "name": "ann"}))
+        refused, _ = events_until(twin, lambda e: e["type"] == "error")
+        self.assertEqual(refused["code"], "name_taken")
+        # Join, rename, typing and leave on node 0 reach node 1.
+        cy, cy_welcome = self.json_client(0, "r", "cy")
+        self.assertEqual(len(cy_welcome["members"]), 4)
+        event, _ = events_until(
+            bob, lambda e: e["type"] == "join" and e["member"]["name"] == "cy"
+        )
+        self.assertEqual(
+            event,
+            {
+                "type": "join",
+                "room": "r",
+                "member": {"id": cy_welcome["id"], "name": "cy"},
+            },
+        )
+        cy.send(json.dumps({"type": "name", "name": "dee"}))
+        event, _ = events_until(bob, lambda e: e["type"] == "name")
+        self.assertEqual(
+            event,
+            {
+                "type": "name",
+                "room": "r",
+                "id": cy_welcome["id"],
+                "old": "cy",
+                "name": "dee",
+            },
+        )
+        cy.send(json.dumps({"type": "typing"}))
+        event, _ = events_until(bob, lambda e: e["type"] == "typing")
+        self.assertEqual(event["id"], cy_welcome["id"])
+        cy.close()
+        event, _ = events_until(bob, lambda e: e["type"] == "leave")
+        self.assertEqual(event["member"], {"id": cy_welcome["id"], "name": "dee"})
+        self.assertEqual(self.scrape(1)["webchat_redis_remote_members"], 1)
+        self.logs_are_clean()
+
+    def test_a_killed_node_s_members_leave_within_the_timeout(self):
+        self.json_client(0, "r", "ann")
+        self.client(0, "r")  # a seed-format member: it leaves too
+        lobby = [self.client(1), self.client(1)]
+        self.wait_remote(1, 2)
+        bob, welcome = self.json_client(1, "r", "bob")
+        self.assertEqual(len(welcome["members"]), 3)
+        gone = {i for i, n in member_ids(welcome).items() if n != "bob"}
+        self.servers[0][0].process.send_signal(signal.SIGKILL)
+        self.servers[0][0].process.wait(5)
+        killed_at = time.monotonic()
+        left = set()
+        while left != gone:
+            event, _ = events_until(bob, lambda e: e["type"] == "leave", timeout=10)
+            left.add(event["member"]["id"])
+        took = time.monotonic() - killed_at
+        self.assertLess(took, 3 * 3.0, took)  # 3 x --presence-timeout
+        self.assertEqual(self.scrape(1)["webchat_redis_remote_members"], 0)
+        self.servers[1][0].wait_for_log("Node node0 not heard from for 3 s")
+        # A newcomer on the surviving node sees only the living.
+        _, late = self.json_client(1, "r", "late")
+        self.assertEqual(sorted(member_ids(late).values()), ["bob", "late"])
+        # Bystanders never noticed.
+        lobby[0].send("fine")
+        self.assertEqual([t for _, t in self.receive_all(lobby[1], 1)], ["fine"])
+        self.assertNotIn("Traceback", self.servers[1][0].log())
+
+    def test_a_node_that_stops_cleanly_takes_its_members_at_once(self):
+        self.json_client(0, "r", "ann")
+        self.wait_remote(1, 1)
+        bob, _ = self.json_client(1, "r", "bob")
+        self.servers[0][0].stop()
+        event, _ = events_until(bob, lambda e: e["type"] == "leave", timeout=2.5)
+        self.assertEqual(event["member"]["name"], "ann")
+
+    def test_presence_converges_after_a_redis_restart(self):
+        ann, _ = self.json_client(0, "r", "ann")
+        self.json_client(1, "r", "bob")
+        self.wait_remote(1, 1)
+        self.redis.kill()
+        for server, _ in self.servers:
+            server.wait_for_log("Redis link lost")
+        # Meanwhile on node 0: ann goes, cy comes.
+        ann.close()
+        self.json_client(0, "r", "cy")
+        time.sleep(1.0)
+        self.redis.start()
+        # Whatever node 1 said meanwhile (it may have timed node 0 out), its
+        # room ends up as node 0 has it: cy and bob, no ann.
+        deadline = time.monotonic() + 20
+        while True:
+            self.assertLess(time.monotonic(), deadline, "presence did not converge")
+            _, late = self.json_client(1, "r", "late")
+            names = sorted(
+                n for n in member_ids(late).values() if not n.startswith("late")
+            )
+            if names == ["bob", "cy"]:
+                break
+            time.sleep(0.5)
+        # And the other way round.
+        _, late0 = self.json_client(0, "r", "late0")
+        self.assertIn("bob", member_ids(late0).values())
+        self.assertNotIn("Traceback", self.servers[0][0].log())
+        self.assertNotIn("Traceback", self.servers[1][0].log())

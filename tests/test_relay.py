@@ -57,6 +57,11 @@ class Logs:
         return [line for line in self.of(*sources) if needle in line]
 
 
+def sent_as(node: str, chat_id: int, text: bytes) -> Envelope:
+    """What ``RedisRelay.publish(chat_id, text)`` arrives as: the lobby, ``guest-N``."""
+    return Envelope(node, chat_id, text, "lobby", f"guest-{chat_id}", 0)
+
+
 # -- the parts, without Redis -------------------------------------------------------
 
 
@@ -64,11 +69,17 @@ class EnvelopeTests(SynchronousTestCase):
     def test_round_trip(self) -> None:
         for text in [b"", b"hi", b"two words", b"line\nbreak \r\n", "é 😀".encode()]:
             payload = encode_envelope("node-1", 42, text)
-            self.assertEqual(decode_envelope(payload), Envelope("node-1", 42, text))
+            self.assertEqual(decode_envelope(payload), sent_as("node-1", 42, text))
 
     def test_wire_form(self) -> None:
         self.assertEqual(
-            encode_envelope("a.b:c_d-1", 7, b"x y"), b"wc1 a.b:c_d-1 7 x y"
+            encode_envelope("a.b:c_d-1", 7, b"x y"),
+            b"wc2 a.b:c_d-1 m lobby 7 0 guest-7\nx y",
+        )
+
+    def test_the_previous_version_still_reads_into_the_lobby(self) -> None:
+        self.assertEqual(
+            decode_envelope(b"wc1 old-node 7 x y"), Envelope("old-node", 7, b"x y")
         )
 
     def test_largest_id(self) -> None:
@@ -79,7 +90,7 @@ class EnvelopeTests(SynchronousTestCase):
         bad = {
             b"": "fewer than four",
             b"wc1 n 1": "fewer than four",
-            b"wc2 n 1 hi": "unknown format",
+            b"wc3 n 1 hi": "unknown format",
             b'{"v": 1, "node": "n", "id": 1, "text": "hi"}': "unknown format",
             b"wc1 n/x 1 hi": "invalid node id",
             b"wc1  1 hi": "invalid node id",
@@ -200,6 +211,7 @@ class ReconnectBackoffTests(SynchronousTestCase):
             retry_initial=0.5,
             retry_max=4.0,
             rng=random.Random(11),
+            presence_timeout=0,  # no heartbeat timer among the waits
         )
         relay.startService()
         self.addCleanup(relay.stopService)
@@ -241,6 +253,7 @@ class LinkOnFakeReactorTests(SynchronousTestCase):
             retry_initial=0.5,
             retry_max=4.0,
             rng=random.Random(3),
+            presence_timeout=0,  # no heartbeat timer among the waits
         )
         self.events: list[dict[str, Any]] = []
         globalLogPublisher.addObserver(self.events.append)
@@ -337,7 +350,7 @@ class ReceivingTests(SynchronousTestCase):
     def test_own_echo_is_skipped(self) -> None:
         self.relay.message_received(encode_envelope("me", 1, b"mine"))
         self.relay.message_received(encode_envelope("other", 2, b"theirs"))
-        self.assertEqual(self.got, [Envelope("other", 2, b"theirs")])
+        self.assertEqual(self.got, [sent_as("other", 2, b"theirs")])
         self.assertEqual((self.relay.received, self.relay.malformed), (1, 0))
 
     def test_malformed_logged_escaped_and_rate_limited(self) -> None:
@@ -531,7 +544,7 @@ class RelayTests(RedisTestCase):
                 text = f"from {i}: message {n} with spaces\nand a newline".encode()
                 self.assertTrue(relay.publish(100 * i + n + 1, text))
                 sent[relay.node_id].append(
-                    Envelope(relay.node_id, 100 * i + n + 1, text)
+                    sent_as(relay.node_id, 100 * i + n + 1, text)
                 )
         yield wait_until(
             lambda: all(len(got) == 40 for _, got in nodes), what="40 each"
@@ -583,7 +596,7 @@ class RelayTests(RedisTestCase):
         self.assertIn("\\x00garbage\\n\\xff", lines[0])
         self.assertTrue(other.publish(5, b"still here"))
         yield wait_until(lambda: len(got) == 1, what="a message after the garbage")
-        self.assertEqual(got, [Envelope(other.node_id, 5, b"still here")])
+        self.assertEqual(got, [sent_as(other.node_id, 5, b"still here")])
         self.assertEqual((relay.state, relay.received, relay.malformed), ("up", 1, 1))
 
     @inlineCallbacks
@@ -597,7 +610,7 @@ class RelayTests(RedisTestCase):
         at_limit = encode_envelope("rogue", 7, b"y" * 1000)
         self.assertEqual(server.command("PUBLISH", "webchat", at_limit), 1)
         yield wait_until(lambda: len(got) == 1, what="the message at the limit")
-        self.assertEqual(got, [Envelope("rogue", 7, b"y" * 1000)])
+        self.assertEqual(got, [sent_as("rogue", 7, b"y" * 1000)])
         self.assertEqual((relay.oversized, relay.received), (1, 1))
         self.assertEqual(
             self.logs.matching("oversized", relay),
@@ -652,7 +665,7 @@ class RelayTests(RedisTestCase):
         self.assertEqual(len(self.logs.matching("Redis link up", relay)), 2)
         self.assertTrue(relay.publish(7, b"back again"))
         yield wait_until(lambda: len(other_got) == 1, what="relaying after the restart")
-        self.assertEqual(other_got, [Envelope(relay.node_id, 7, b"back again")])
+        self.assertEqual(other_got, [sent_as(relay.node_id, 7, b"back again")])
         back = self.logs.matching("Redis is back: relaying again", relay)
         self.assertEqual(
             back, ["Redis is back: relaying again (100 message(s) were not relayed)"]
@@ -730,7 +743,7 @@ class ConnectionFormsTests(RedisTestCase):
                          [f"Redis link up ({url})"])  # fmt: skip
         self.assertTrue(other.publish(9, b"over a unix socket"))
         yield wait_until(lambda: got, what="the message")
-        self.assertEqual(got, [Envelope(other.node_id, 9, b"over a unix socket")])
+        self.assertEqual(got, [sent_as(other.node_id, 9, b"over a unix socket")])
         yield wait_until(lambda: relay.ids.ready, what="ids")
         self.assertIsNotNone(_get_in_db(server, 1, "webchat:webchat:ids"))
 
@@ -755,7 +768,7 @@ class ConnectionFormsTests(RedisTestCase):
         yield self.wait_up(relay, other)
         self.assertTrue(other.publish(3, b"encrypted"))
         yield wait_until(lambda: got, what="the message")
-        self.assertEqual(got, [Envelope(other.node_id, 3, b"encrypted")])
+        self.assertEqual(got, [sent_as(other.node_id, 3, b"encrypted")])
         self.assertEqual(server.command("GET", "webchat:webchat:nodes"), b"2")
 
         untrusting, _ = self.start_relay(

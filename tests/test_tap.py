@@ -114,8 +114,9 @@ class InProcessServiceTreeTests(SynchronousTestCase):
         # Redis refuses the first tree's links: only its clock gets the retries.
         for _host, _port, factory, *_ in first.tcpClients:
             factory.clientConnectionFailed(None, Failure(ConnectionRefusedError()))
-        self.assertEqual(len([c for c in first.getDelayedCalls() if c.active()]), 2)
-        self.assertEqual([c for c in second.getDelayedCalls() if c.active()], [])
+        # Two retries, and each tree's presence heartbeat on its own clock.
+        self.assertEqual(len([c for c in first.getDelayedCalls() if c.active()]), 3)
+        self.assertEqual(len([c for c in second.getDelayedCalls() if c.active()]), 1)
         first.advance(5.0)
         self.assertEqual(len(first.tcpClients), 4)
         self.assertEqual(len(second.tcpClients), 2)

@@ -57,7 +57,7 @@ from webchat.limits import (
 from webchat.logtext import LogText, escape_for_log
 from webchat.metrics import ChatStats
 from webchat.room import Room
-from webchat.rooms import LOBBY, Rooms
+from webchat.rooms import Rooms
 
 if TYPE_CHECKING:
     from webchat.redis import Envelope, RedisRelay
@@ -258,6 +258,8 @@ class WebChatFactory(WebSocketServerFactory):
             room=room.name,
         )
         member = {"id": protocol.chat_id, "name": protocol.chat_name}
+        if self.link is not None:
+            self.link.member_joined(room.name, protocol.chat_id, protocol.chat_name)
         if admitted.codec is JSON:
             # The welcome, the errors about the URL right after it, then the
             # history: all before any live event (see _replay).
@@ -291,7 +293,7 @@ class WebChatFactory(WebSocketServerFactory):
             "id": protocol.chat_id,
             "name": protocol.chat_name,
             "room": room.name,
-            "members": room.roster(),
+            "members": self._roster(room),
             "limits": {
                 "max_text_bytes": limits.max_text_bytes,
                 "max_message_size": limits.max_message_size,
@@ -301,6 +303,18 @@ class WebChatFactory(WebSocketServerFactory):
             "offset": room.flushed,
             "epoch": room.epoch,
         }
+
+    def _roster(self, room: Room) -> list[dict[str, object]]:
+        """The room's members here, then those on other nodes (--redis)."""
+        members = room.roster()
+        if self.link is not None:
+            here = {member["id"] for member in members}
+            members += [
+                member
+                for member in self.link.presence.roster(room.name)
+                if member["id"] not in here
+            ]
+        return members
 
     # -- history: on join, on resume ------------------------------------------------
 
@@ -402,6 +416,8 @@ class WebChatFactory(WebSocketServerFactory):
         room = protocol.room
         if not protocol.chat_id or room is None or not self.rooms.leave(room, protocol):
             return  # never opened, or already gone
+        if self.link is not None:
+            self.link.member_left(room.name, protocol.chat_id)
         if len(room):
             member = {"id": protocol.chat_id, "name": protocol.chat_name}
             room.publish_event(
@@ -511,6 +527,8 @@ class WebChatFactory(WebSocketServerFactory):
             raise BadEvent("name_taken", "someone in this room has that name")
         if name == old:
             return
+        if self.link is not None:
+            self.link.member_renamed(room.name, sender.chat_id, name)
         room.publish_event(
             event_frame(
                 {
@@ -535,6 +553,8 @@ class WebChatFactory(WebSocketServerFactory):
         if room is None or now - sender.typed_at < TYPING_INTERVAL:
             return  # at most one every TYPING_INTERVAL, the rest dropped
         sender.typed_at = now
+        if self.link is not None:
+            self.link.member_typing(room.name, sender.chat_id, sender.chat_name)
         room.publish_event(
             event_frame(
                 {
@@ -591,8 +611,10 @@ class WebChatFactory(WebSocketServerFactory):
         room = sender.room
         count = room.publish(sender, payload) if room is not None else 0
         self.stats.messages_received += 1
-        if self.link is not None:
-            self.link.publish(sender.chat_id, payload)
+        if self.link is not None and room is not None:
+            self.link.publish(
+                sender.chat_id, payload, room.name, sender.chat_name, room.ts
+            )
         if self.quiet:
             pass
         elif self.link is not None:
@@ -624,13 +646,25 @@ class WebChatFactory(WebSocketServerFactory):
         """
         self.link = link
         self.id_source = link.ids.next_id
+        link.presence.listener = self
+        # A name is free in a room only if no member of another node has it.
+        self.rooms.names_elsewhere = link.presence.name_taken
 
     def deliver_remote(self, envelope: Envelope) -> None:
-        """A message from a client of another node: everyone in the lobby gets it."""
-        room = self.rooms.get(LOBBY)
-        count = 0
-        if room is not None:
-            count = room.publish(None, envelope.text, sender_id=envelope.chat_id)
+        """
+        A message from a client of another node: everyone in its room here
+        gets it (nobody, if nobody here is in that room).
+        """
+        room = self.rooms.get(envelope.room)
+        if room is None:
+            return
+        count = room.publish(
+            None,
+            envelope.text,
+            sender_id=envelope.chat_id,
+            name=envelope.name,
+            ts=envelope.ts or None,
+        )
         if not self.quiet:
             log.info(
                 "Connection {id} on node {node} sending message {text} to {count} "
@@ -640,6 +674,34 @@ class WebChatFactory(WebSocketServerFactory):
                 text=LogText(envelope.text),
                 count=count,
             )
+
+    # What members of other nodes do (``RemotePresence`` calls these): JSON
+    # members of the room here hear of it, as of a member of this node.
+
+    def remote_joined(self, room: str, chat_id: int, name: str) -> None:
+        self._remote_event(
+            room, {"type": "join", "member": {"id": chat_id, "name": name}}
+        )
+
+    def remote_left(self, room: str, chat_id: int, name: str) -> None:
+        self._remote_event(
+            room, {"type": "leave", "member": {"id": chat_id, "name": name}}
+        )
+
+    def remote_renamed(self, room: str, chat_id: int, old: str, name: str) -> None:
+        self._remote_event(
+            room, {"type": "name", "id": chat_id, "old": old, "name": name}
+        )
+
+    def remote_typing(self, room: str, chat_id: int, name: str) -> None:
+        self._remote_event(room, {"type": "typing", "id": chat_id, "name": name})
+
+    def _remote_event(self, name: str, event: dict[str, object]) -> None:
+        room = self.rooms.get(name)
+        if room is None:
+            return  # nobody here to tell
+        kind = event.pop("type")
+        room.publish_event(event_frame({"type": kind, "room": name, **event}))
 
     # -- shutdown ------------------------------------------------------------------
 

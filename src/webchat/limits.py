@@ -103,6 +103,16 @@ HISTORY_TTL = 86400.0
 #: bounds them).  Not an option: with the per-room bound (--history x
 #: --max-message-size) it bounds the memory history may take.
 MAX_HISTORY_ROOMS = 10000
+#: Seconds a node of a cluster (--redis) may go unheard before the other
+#: nodes count its members as gone (--presence-timeout); each node beats
+#: every third of it, so a live node is heard about three times a timeout.
+PRESENCE_TIMEOUT = 30.0
+#: Members of other nodes a node keeps track of, all rooms together: anyone
+#: who can PUBLISH on the channel could otherwise make it hold any number.
+#: Not an option: a hundred thousand people are ~20 MB of bookkeeping.
+MAX_REMOTE_MEMBERS = 100_000
+#: Other nodes a node keeps track of (real or claimed on the channel).
+MAX_REMOTE_NODES = 1000
 #: File descriptors kept back from --max-connections for listening sockets,
 #: log files, page requests and Redis, so accept() never fails with EMFILE.
 FD_RESERVE = 64

@@ -84,6 +84,10 @@ FANOUT_BUCKETS = (
 )  # fmt: skip
 
 
+#: Why presence of another node is dropped (webchat_redis_presence_dropped).
+PRESENCE_DROP_REASONS = ("over_cap", "malformed", "conflict", "busy")
+
+
 class ChatStats:
     """The server's counters: plain numbers, cheap to bump."""
 
@@ -223,6 +227,20 @@ class ChatCollector(Collector):
                 "webchat_redis_oversized",
                 "Envelopes whose text was over --max-message-size, dropped.",
                 link.oversized,
+            )
+            yield GaugeMetricFamily(
+                "webchat_redis_remote_members",
+                "Members of other nodes this node knows of (all rooms).",
+                link.presence.members,
+            )
+            yield _by_reason(
+                "webchat_redis_presence_dropped",
+                "Presence of other nodes not taken, by reason (over_cap: over "
+                "the remote member or node cap; malformed: a bad presence hash "
+                "field; conflict: an id another node holds; busy: too many "
+                "presence reads at once).",
+                PRESENCE_DROP_REASONS,
+                link.presence.dropped,
             )
 
 

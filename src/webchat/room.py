@@ -111,6 +111,9 @@ class Room:
         #: joining now is owed history up to here, and live traffic after it.
         self.flushed = offset
         self._history = history
+        #: Whether a member elsewhere (another node, --redis) has a name in
+        #: this room: (room name, case-folded name) -> bool; set by ``Rooms``.
+        self.names_elsewhere: Callable[[str, str], bool] | None = None
 
     def join(self, member: Member, codec: Codec, name: str = "") -> None:
         """
@@ -127,16 +130,24 @@ class Room:
         """``wanted``, or ``wanted-2``, ``wanted-3``, ...: the first not in use here."""
         name = wanted
         suffix = 1
-        while name.casefold() in self._names:
+        while self._taken(name.casefold()):
             suffix += 1
             name = f"{wanted}-{suffix}"
         return name
 
+    def _taken(self, folded: str) -> bool:
+        elsewhere = self.names_elsewhere
+        return folded in self._names or (
+            elsewhere is not None and elsewhere(self.name, folded)
+        )
+
     def rename(self, member: Member, name: str) -> bool:
-        """Give ``member`` ``name``; False if someone else here has it."""
+        """Give ``member`` ``name``; False if someone here (or elsewhere) has it."""
         key = name.casefold()
         holder = self._names.get(key)
         if holder is not None and holder != member.chat_id:
+            return False
+        if holder is None and self._taken(key):
             return False
         del self._names[member.chat_name.casefold()]
         self._names[key] = member.chat_id
@@ -198,8 +209,9 @@ class Room:
         ``sender_id`` is the id it is shown as from when that is not the
         sender's own (a client of another node); default: ``sender``'s, or 0.
         ``name`` is the sender's name (default: its own, else ``guest-N``),
-        for the JSON events; its time (``ts``, ms) is the room's clock's,
-        and its ``offset`` the room's next, unless given: a message numbered
+        for the JSON events; its time (``ts``, ms) is the room's clock's
+        unless given (another node's, when it received the message), and
+        its ``offset`` the room's next, unless given: a message numbered
         elsewhere (a history shared by several nodes) keeps its own.
         """
         member_id = sender.chat_id if sender is not None else 0

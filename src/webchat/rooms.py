@@ -63,6 +63,9 @@ class Rooms:
         self._release_memory = release_memory
         #: What to do with a member whose delivery raised (see ``Room``).
         self.delivery_failed = delivery_failed
+        #: Whether a member of another node has a name in a room (--redis):
+        #: (room, case-folded name) -> bool; names here avoid those too.
+        self.names_elsewhere: Callable[[str, str], bool] | None = None
         self._rooms: dict[str, Room] = {}
         #: Rooms with messages this turn, in the order they got their first.
         self._busy: list[Room] = []
@@ -92,6 +95,7 @@ class Rooms:
                 epoch,
                 offset,
             )
+            room.names_elsewhere = self.names_elsewhere
         room.join(member, codec, member_name)
         return room
 

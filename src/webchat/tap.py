@@ -67,6 +67,7 @@ PLACEHOLDERS = {
     "redis-password-file": "FILE",
     "redis-channel": "NAME",
     "node-id": "NAME",
+    "presence-timeout": "S",
     "history": "N",
     "history-ttl": "S",
     "history-db": "PATH",
@@ -331,6 +332,15 @@ class Options(usage.Options):
             "This node's name in relayed messages [default: host-pid-random].",
         ],
         [
+            "presence-timeout",
+            None,
+            limits.PRESENCE_TIMEOUT,
+            "With --redis: seconds another node may go unheard before its "
+            "members leave everywhere (each node beats every third of it; use "
+            "the same on every node). 0 = never.",
+            _float,
+        ],
+        [
             "history",
             None,
             limits.HISTORY,
@@ -589,6 +599,7 @@ def makeService(options: Options, reactor: Any = None) -> IService:
             max_text_size=chosen.max_message_size,
             on_envelope=factory.deliver_remote,
             password=options["redis-password"],
+            presence_timeout=options["presence-timeout"],
         )
         factory.attach_link(link)
         # Before the listeners: it starts first, and stops after the drain.

@@ -3,8 +3,9 @@
 ``url.py``       where Redis is: the ``--redis`` URL, the channel name
 ``link.py``      one connection kept open (ClientService, handshake, PING)
 ``protocols.py`` the txredisapi protocols, imported once a connection is made
-``envelope.py``  ``wc1 <node> <id> <text>``: one message between nodes
+``envelope.py``  ``wc2 <node> m <room> ...``: one message or presence event
 ``pubsub.py``    ``RedisRelay``: publish, subscribe, deliver
+``presence.py``  ``RemotePresence``: the other nodes' members, with expiry
 ``ids.py``       connection ids unique across the nodes
 
 Importing this package installs no reactor (txredisapi's import would).

@@ -6,7 +6,9 @@ own clients send to one Redis channel; every node delivers what the *other*
 nodes published to its own clients.  ``RedisRelay`` is that service: it keeps
 two links to Redis open (``link.py``: one for commands, one subscribed to the
 channel), wraps each message in an envelope (``envelope.py``) and hands out
-connection ids unique across the nodes (``ids.py``).
+connection ids unique across the nodes (``ids.py``).  It also keeps this
+node's members where the others can see them, and tracks theirs
+(``presence.py``).
 """
 
 from __future__ import annotations
@@ -17,19 +19,24 @@ from dataclasses import replace
 from typing import Any
 
 from twisted.application.service import Service
-from twisted.internet.defer import Deferred, DeferredList
+from twisted.internet.defer import Deferred, DeferredList, succeed
+from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
+from webchat.limits import PRESENCE_TIMEOUT
 from webchat.logtext import escape_for_log
 from webchat.redis.envelope import (
     Envelope,
     MalformedEnvelopeError,
+    PresenceEvent,
     check_node_id,
     decode_envelope,
     default_node_id,
+    encode_presence,
     envelope_prefix,
     payload_for_log,
+    stream_envelope_parts,
     too_large,
 )
 from webchat.redis.ids import ID_BLOCK, IdAllocator
@@ -43,6 +50,8 @@ from webchat.redis.link import (
     failure_reason,
     is_refusal,
 )
+from webchat.redis.presence import RemotePresence
+from webchat.redis.streams import RoomStreams
 from webchat.redis.url import DEFAULT_CHANNEL, check_channel, parse_redis_url
 
 #: PUBLISHes sent but not yet answered before publish() refuses more: what a
@@ -50,6 +59,53 @@ from webchat.redis.url import DEFAULT_CHANNEL, check_channel, parse_redis_url
 MAX_IN_FLIGHT = 10_000
 #: At most one "malformed message" log line per this many seconds.
 MALFORMED_LOG_INTERVAL = 60.0
+#: SCAN rounds at most when reading every node's presence hash on link up.
+MAX_SCAN_ROUNDS = 1000
+
+# The presence scripts (docs/protocol.md, "Presence").  Each changes this
+# node's hash and PUBLISHes the event in one step, so no node can see an
+# event and then read a hash older than it.
+
+#: (A TTL of 0: --presence-timeout 0, the hash never expires.)
+#: A join, rename (ARGV[5] = "room name") or leave (ARGV[5] = ""), unless
+#: the hash is gone (Redis lost it): then 0, and the node writes it whole.
+#: KEYS[1]: the hash; ARGV: ttl ms, channel, version, id, value, payload.
+_CHANGE = """
+if redis.call('EXISTS', KEYS[1]) == 0 then return 0 end
+if ARGV[5] == '' then redis.call('HDEL', KEYS[1], ARGV[4])
+else redis.call('HSET', KEYS[1], ARGV[4], ARGV[5]) end
+redis.call('HSET', KEYS[1], '_v', ARGV[3])
+if ARGV[1] ~= '0' then redis.call('PEXPIRE', KEYS[1], ARGV[1]) end
+redis.call('PUBLISH', ARGV[2], ARGV[6])
+return 1
+"""
+#: The whole hash, written anew, then a beat with its version.
+#: ARGV: ttl ms, channel, version, beat payload, then id, value pairs.
+_SYNC = """
+redis.call('DEL', KEYS[1])
+redis.call('HSET', KEYS[1], '_v', ARGV[3])
+for i = 5, #ARGV, 2 do redis.call('HSET', KEYS[1], ARGV[i], ARGV[i + 1]) end
+if ARGV[1] ~= '0' then redis.call('PEXPIRE', KEYS[1], ARGV[1]) end
+redis.call('PUBLISH', ARGV[2], ARGV[4])
+return 1
+"""
+#: The heartbeat: the hash lives on; 0 if it is gone (write it whole then).
+#: ARGV: ttl ms, channel, payload.
+_BEAT = """
+if redis.call('PEXPIRE', KEYS[1], ARGV[1]) == 0 then return 0 end
+redis.call('PUBLISH', ARGV[2], ARGV[3])
+return 1
+"""
+#: A clean stop: the hash goes, and the others hear so.  ARGV: channel, payload.
+_GONE = """
+redis.call('DEL', KEYS[1])
+redis.call('PUBLISH', ARGV[1], ARGV[2])
+return 1
+"""
+#: Another node's hash, and how long it has left (when it last beat).
+_SNAPSHOT = """
+return {redis.call('PTTL', KEYS[1]), redis.call('HGETALL', KEYS[1])}
+"""
 
 
 class RedisRelay(Service):
@@ -89,6 +145,7 @@ class RedisRelay(Service):
         max_in_flight: int = MAX_IN_FLIGHT,
         rng: random.Random | None = None,
         password: str | None = None,
+        presence_timeout: float = PRESENCE_TIMEOUT,
     ) -> None:
         self.reactor = reactor
         self._log = Logger(namespace="webchat", source=self)
@@ -122,6 +179,31 @@ class RedisRelay(Service):
         self.malformed = 0
         self.oversized = 0
 
+        #: Seconds a node may go unheard before its members count as gone;
+        #: this node beats every third of it.
+        self.presence_timeout = presence_timeout
+        #: The other nodes' members (its ``listener`` is the chat).
+        self.presence = RemotePresence(
+            reactor, self._request_snapshot, timeout=presence_timeout
+        )
+        #: This node's own members, id -> (room, name), and its version.
+        self._mine: dict[int, tuple[str, str]] = {}
+        # Starts at the time in ms, so a node restarted under the same
+        # --node-id goes on above the versions the others saw of it.
+        self._version = int(reactor.seconds() * 1000)
+        #: Set when the hash may be out of date (a change Redis did not take).
+        self._dirty = True
+        self._presence_prefix = f"webchat:{self.channel}:presence:".encode()
+        self._presence_key = self._presence_prefix + self.node_id.encode("ascii")
+        self._ttl_ms = int(presence_timeout * 1000)
+        self._beat_loop: LoopingCall | None = None
+        self._presence_refused = False
+        #: The rooms' Redis Streams, once ``keep_history`` is called, and who
+        #: is handed the kept messages (``s``/``d`` envelopes, this node's
+        #: own included: the channel's order is their offset order).
+        self.streams: RoomStreams | None = None
+        self.on_stream: Callable[[Envelope], None] | None = None
+
         self._channel_bytes = self.channel.encode("ascii")
         self._prefix = envelope_prefix(self.node_id)
         self._publisher = Link(self, "publisher")
@@ -150,13 +232,46 @@ class RedisRelay(Service):
         )
         self._publisher.start()
         self._subscriber.start()
+        if self.presence_timeout > 0:
+            self._beat_loop = LoopingCall(self._beat)
+            self._beat_loop.clock = self.reactor
+            self._beat_loop.start(self.presence_timeout / 3, now=False)
 
     def stopService(self) -> Deferred[None]:
         super().stopService()
-        self._up = False
-        self.ids.disconnected()
-        closing = [self._publisher.stop(), self._subscriber.stop()]
-        return DeferredList(closing).addCallback(lambda _: None)
+        if self._beat_loop is not None and self._beat_loop.running:
+            self._beat_loop.stop()
+        # The others forget this node's members at once, not after the timeout.
+        gone = self._say_gone()
+
+        def close(_: object) -> Deferred[None]:
+            self._up = False
+            self.ids.disconnected()
+            closing = [self._publisher.stop(), self._subscriber.stop()]
+            return DeferredList(closing).addCallback(lambda _: None)
+
+        return gone.addBoth(close)
+
+    def _say_gone(self) -> Deferred[Any]:
+        protocol = self._publisher.protocol
+        if protocol is None:
+            return succeed(None)
+        self._version += 1
+        payload = encode_presence(PresenceEvent(self.node_id, "gone", self._version))
+        try:
+            d = protocol.execute_command(
+                b"EVAL", _GONE, 1, self._presence_key, self._channel_bytes, payload
+            )
+        except Exception:
+            return succeed(None)
+        # A Redis that does not answer must not hold the shutdown up.
+        timer = self.reactor.callLater(self.ping_timeout, d.cancel)
+
+        def done(result: object) -> None:
+            if timer.active():
+                timer.cancel()
+
+        return d.addBoth(done)
 
     @property
     def state(self) -> str:
@@ -173,9 +288,17 @@ class RedisRelay(Service):
 
     # -- publishing ---------------------------------------------------------------
 
-    def publish(self, chat_id: int, text: bytes) -> bool:
+    def publish(
+        self,
+        chat_id: int,
+        text: bytes,
+        room: str = "lobby",
+        name: str = "",
+        ts: int = 0,
+    ) -> bool:
         """
-        Send ``text`` from connection ``chat_id`` to the other nodes.
+        Send ``text`` from connection ``chat_id``, called ``name``, said in
+        ``room`` at ``ts`` (ms), to the other nodes.
 
         Fire and forget: returns at once, True if the message was handed to
         Redis, False (and counted in ``relay_failures``) if it could not be.
@@ -194,7 +317,15 @@ class RedisRelay(Service):
             d = protocol.execute_command(
                 b"PUBLISH",
                 self._channel_bytes,
-                b"%b%d %b" % (self._prefix, chat_id, text),
+                b"%bm %b %d %d %b\n%b"
+                % (
+                    self._prefix,
+                    room.encode("ascii"),
+                    chat_id,
+                    ts,
+                    (name or f"guest-{chat_id}").encode("utf-8"),
+                    text,
+                ),
             )
         except Exception as e:  # the connection went in this very turn
             self._not_relayed(f"Redis is down ({escape_for_log(str(e))})")
@@ -237,19 +368,37 @@ class RedisRelay(Service):
 
     def message_received(self, payload: Any) -> None:
         """A message on the channel (the subscriber connection calls this)."""
-        if isinstance(payload, bytes) and payload.startswith(self._prefix):
-            return  # our own, echoed back by Redis
+        prefix = self._prefix
+        if isinstance(payload, bytes) and payload.startswith(prefix):
+            # Our own, echoed back by Redis: only a kept message's echo
+            # matters (it brings the offset Redis gave it).
+            if payload[len(prefix) : len(prefix) + 2] not in (b"s ", b"d "):
+                return
         try:
             envelope = decode_envelope(payload)
         except MalformedEnvelopeError as e:
             self._dropped_malformed(payload, str(e))
             return
+        if isinstance(envelope, PresenceEvent):
+            try:
+                self.presence.heard(envelope.node)
+                self.presence.event(envelope)
+            except Exception:
+                self._log.failure(
+                    "An error has occurred: presence from node {node} failed",
+                    node=envelope.node,
+                )
+            return
+        self.presence.heard(envelope.node)
         if too_large(envelope, self.max_text_size):
             self._dropped_oversized(envelope)
             return
+        handler = self.on_stream if envelope.offset else self.on_envelope
+        if handler is None:
+            return
         self.received += 1
         try:
-            self.on_envelope(envelope)
+            handler(envelope)
         except Exception:
             # One bad message must not cost the subscriber connection.
             self._log.failure(
@@ -305,6 +454,231 @@ class RedisRelay(Service):
             more=self._unlogged_drops(),
         )
 
+    def command(self, *args: Any) -> Deferred[Any]:
+        """
+        Run one Redis command on the command connection (``streams.py``);
+        fails at once with ``ConnectionError`` while Redis is away.
+        """
+        protocol = self._publisher.protocol
+        if protocol is None:
+            from twisted.internet.defer import fail
+
+            return fail(ConnectionError("Redis is down"))
+        return protocol.execute_command(*args)
+
+    # -- history in Redis Streams (issue #14) -----------------------------------------
+
+    def keep_history(self, limit: int, ttl: float) -> RoomStreams:
+        """Keep rooms' messages in Redis Streams (``append_message``)."""
+        self.streams = RoomStreams(
+            self.command, self.channel, limit=limit, ttl=ttl, clock=self.reactor.seconds
+        )
+        return self.streams
+
+    def append_message(
+        self,
+        room: str,
+        chat_id: int,
+        name: str,
+        ts: int,
+        text: bytes,
+        delayed: bool = False,
+    ) -> Deferred[tuple[int, str]]:
+        """
+        Keep ``text`` in ``room``'s Stream and PUBLISH it with its offset,
+        to every node, this one included (``on_stream``); fires with
+        (offset, epoch), or fails at once while Redis is away.
+        """
+        if self.streams is None:
+            raise RuntimeError("keep_history() first")
+        name = name or f"guest-{chat_id}"
+        parts = stream_envelope_parts(
+            self.node_id, room, chat_id, ts, name, text, delayed
+        )
+        return self.streams.append(
+            room, chat_id, name, ts, text, self._channel_bytes, parts
+        )
+
+    # -- presence: this node's members ----------------------------------------------
+
+    def member_joined(self, room: str, chat_id: int, name: str) -> None:
+        """A client of this node joined ``room`` as ``name``: tell the others."""
+        self._mine[chat_id] = (room, name)
+        self._change("join", room, chat_id, name)
+
+    def member_renamed(self, room: str, chat_id: int, name: str) -> None:
+        self._mine[chat_id] = (room, name)
+        self._change("name", room, chat_id, name)
+
+    def member_left(self, room: str, chat_id: int) -> None:
+        if self._mine.pop(chat_id, None) is not None:
+            self._change("leave", room, chat_id, "")
+
+    def member_typing(self, room: str, chat_id: int, name: str) -> None:
+        """Typing is not kept anywhere: a PUBLISH, lost if Redis is away."""
+        protocol = self._publisher.protocol
+        if protocol is None:
+            return
+        payload = encode_presence(
+            PresenceEvent(self.node_id, "typing", 0, room, chat_id, name)
+        )
+        try:
+            d = protocol.execute_command(b"PUBLISH", self._channel_bytes, payload)
+        except Exception:
+            return
+        d.addErrback(lambda _: None)
+
+    def _change(self, kind: str, room: str, chat_id: int, name: str) -> None:
+        self._version += 1
+        protocol = self._publisher.protocol
+        if protocol is None or self._dirty:
+            self._dirty = True  # written whole once Redis is back
+            return
+        event = PresenceEvent(self.node_id, kind, self._version, room, chat_id, name)
+        value = b"" if kind == "leave" else _member_value(room, name)
+        try:
+            d = protocol.execute_command(
+                b"EVAL",
+                _CHANGE,
+                1,
+                self._presence_key,
+                self._ttl_ms,
+                self._channel_bytes,
+                self._version,
+                chat_id,
+                value,
+                encode_presence(event),
+            )
+        except Exception:
+            self._dirty = True
+            return
+        d.addCallbacks(self._changed, self._presence_failed)
+
+    def _changed(self, result: Any) -> None:
+        if _as_int(result) == 0:
+            self._sync()  # the hash was gone: Redis lost it
+
+    def _presence_failed(self, failure: Failure) -> None:
+        self._dirty = True
+        if is_refusal(failure) and not self._presence_refused:
+            self._presence_refused = True
+            self._log.error(
+                "Redis refused a presence update: {error}",
+                error=failure_reason(failure),
+            )
+
+    def _sync(self) -> None:
+        """Write this node's hash whole, and tell the others to read it."""
+        protocol = self._publisher.protocol
+        if protocol is None:
+            self._dirty = True
+            return
+        self._dirty = False
+        self._version += 1
+        beat = encode_presence(PresenceEvent(self.node_id, "beat", self._version))
+        fields: list[Any] = []
+        for chat_id, (room, name) in self._mine.items():
+            fields += [chat_id, _member_value(room, name)]
+        try:
+            d = protocol.execute_command(
+                b"EVAL",
+                _SYNC,
+                1,
+                self._presence_key,
+                self._ttl_ms,
+                self._channel_bytes,
+                self._version,
+                beat,
+                *fields,
+            )
+        except Exception:
+            self._dirty = True
+            return
+        d.addErrback(self._presence_failed)
+
+    def _beat(self) -> None:
+        """Every timeout / 3: forget the nodes gone quiet, and say we are here."""
+        for node in self.presence.expire():
+            self._log.info(
+                "Node {node} not heard from for {timeout:g} s: its members left",
+                node=node,
+                timeout=self.presence_timeout,
+            )
+        protocol = self._publisher.protocol
+        if protocol is None or not self._up:
+            return
+        if self._dirty:
+            self._sync()
+            return
+        beat = encode_presence(PresenceEvent(self.node_id, "beat", self._version))
+        try:
+            d = protocol.execute_command(
+                b"EVAL",
+                _BEAT,
+                1,
+                self._presence_key,
+                self._ttl_ms,
+                self._channel_bytes,
+                beat,
+            )
+        except Exception:
+            return
+        d.addCallbacks(self._changed, self._presence_failed)
+
+    # -- presence: the other nodes' ---------------------------------------------------
+
+    def _request_snapshot(self, node: str) -> None:
+        protocol = self._publisher.protocol
+        if protocol is None:
+            self.presence.snapshot_failed(node)
+            return
+        key = self._presence_prefix + node.encode("ascii")
+        try:
+            d = protocol.execute_command(b"EVAL", _SNAPSHOT, 1, key)
+        except Exception:
+            self.presence.snapshot_failed(node)
+            return
+
+        def answered(reply: Any) -> None:
+            ttl, fields = (
+                reply if isinstance(reply, list) and len(reply) == 2 else (0, [])
+            )
+            self.presence.snapshot(node, fields, _as_int(ttl))
+
+        def failed(failure: Failure) -> None:
+            self.presence.snapshot_failed(node)
+
+        d.addCallbacks(answered, failed)
+
+    def _read_every_node(self, cursor: bytes = b"0", rounds: int = 0) -> None:
+        """SCAN for every node's hash and read each: after an outage, or at start."""
+        protocol = self._publisher.protocol
+        if protocol is None or rounds >= MAX_SCAN_ROUNDS:
+            return
+        try:
+            d = protocol.execute_command(
+                b"SCAN", cursor, b"MATCH", self._presence_prefix + b"*", b"COUNT", 100
+            )
+        except Exception:
+            return
+
+        def found(reply: Any) -> None:
+            if not isinstance(reply, list) or len(reply) != 2:
+                return
+            next_cursor, keys = reply
+            for key in keys or ():
+                if not isinstance(key, bytes):
+                    continue
+                node = key[len(self._presence_prefix) :].decode("ascii", "replace")
+                if node != self.node_id:
+                    self.presence.ask(node)
+            if isinstance(next_cursor, int):
+                next_cursor = b"%d" % next_cursor
+            if next_cursor not in (b"0", None):
+                self._read_every_node(next_cursor, rounds + 1)
+
+        d.addCallbacks(found, lambda _: None)
+
     # -- what the links report ----------------------------------------------------
 
     def link_up(self, link: Link) -> None:
@@ -321,6 +695,9 @@ class RedisRelay(Service):
         self._log.info("Redis link up ({url})", url=self.url)
         if self._not_relaying:
             self._relaying_again()
+        # Events were missed while the link was down, on both sides.
+        self._sync()
+        self._read_every_node()
 
     def link_lost(self, link: Link, reason: str) -> None:
         if link is self._publisher:
@@ -342,3 +719,17 @@ class RedisRelay(Service):
                 reason=reason,
                 delay=delay,
             )
+
+
+def _member_value(room: str, name: str) -> bytes:
+    """A member's field value in a presence hash: ``<room> <name>``."""
+    return b"%b %b" % (room.encode("ascii"), name.encode("utf-8"))
+
+
+def _as_int(value: Any) -> int:
+    """A Redis integer reply, however txredisapi handed it over (0 if none)."""
+    if isinstance(value, int):
+        return value
+    if isinstance(value, bytes) and value.lstrip(b"-").isdigit():
+        return int(value)
+    return 0
