@@ -606,3 +606,15 @@ class OptionTests(SynchronousTestCase):
         self.assertIsInstance(history, SQLiteHistory)
         self.assertIs(next(iter(top)), history)
         self.assertEqual(history.limit, HISTORY)
+        self.assertIs(top.factory.rooms.history, history)
+        self.assertFalse(top.factory.history_for_text_clients)
+
+    def test_the_flag_and_numbers_reach_the_chat(self):
+        options = self.parse(
+            "--history-for-text-clients", "--history", "7", "--history-ttl", "60"
+        )
+        factory = makeService(options, MemoryReactorClock()).factory
+        self.assertTrue(factory.history_for_text_clients)
+        store = factory.rooms.history
+        self.assertIsInstance(store, MemoryHistory)
+        self.assertEqual((store.limit, store.ttl), (7, 60))
