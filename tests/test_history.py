@@ -546,6 +546,30 @@ class SeamTests(SynchronousTestCase):
         )  # fmt: skip
 
 
+class HoldCapTests(SynchronousTestCase):
+    def test_a_member_held_past_its_send_buffer_is_closed_too_slow(self):
+        clock = Clock()
+        clock.advance(T0)
+        limits = Limits(rate_limit=0, history=50, max_send_buffer=2000)
+        store = SlowStore(MemoryHistory(clock.seconds, limit=50))
+        pump = ChatPump(clock=clock, limits=limits, history=store)
+        seed = pump.connect("/ws/r")
+        bystander = pump.connect("/ws/r")
+        seed.send_text("before")
+        pump.pump()
+        ann = pump.connect("/ws/r", **PROTOCOL)
+        for i in range(30):
+            seed.send_text(f"{i:0>100}")
+            pump.pump()
+        store.answer()
+        pump.pump()
+        self.assertEqual(ann.close_code, 1008)
+        self.assertEqual(events(ann)[-1]["code"], "too_slow")
+        self.assertEqual(pump.factory.dropped["too_slow"], 1)
+        self.assertEqual(len(bystander.texts), 31)  # everything, unaffected
+        self.assertIsNone(bystander.close_code)
+
+
 class HistoryMetricsTests(HistoryTestCase):
     def test_the_history_metrics(self):
         seed = self.pump.connect("/ws/r")
@@ -606,3 +630,15 @@ class OptionTests(SynchronousTestCase):
         self.assertIsInstance(history, SQLiteHistory)
         self.assertIs(next(iter(top)), history)
         self.assertEqual(history.limit, HISTORY)
+        self.assertIs(top.factory.rooms.history, history)
+        self.assertFalse(top.factory.history_for_text_clients)
+
+    def test_the_flag_and_numbers_reach_the_chat(self):
+        options = self.parse(
+            "--history-for-text-clients", "--history", "7", "--history-ttl", "60"
+        )
+        factory = makeService(options, MemoryReactorClock()).factory
+        self.assertTrue(factory.history_for_text_clients)
+        store = factory.rooms.history
+        self.assertIsInstance(store, MemoryHistory)
+        self.assertEqual((store.limit, store.ttl), (7, 60))

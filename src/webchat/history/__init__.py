@@ -18,7 +18,12 @@ room holds a reading member's live traffic until the answer is written
 duplicate.
 
 Stores: ``MemoryHistory`` (a bounded ring per room, the default) and
-``SQLiteHistory`` (``--history-db``, a file written from one thread).
+``SQLiteHistory`` (``--history-db``, a file written from one thread).  A
+store shared by several nodes (Redis Streams) numbers messages itself, so
+that one message has one offset everywhere: there the node hands a
+message to the room once the store has numbered it, with
+``Room.publish(..., offset=, ts=)``, and ``open_room`` answers with what
+the node knows of the stream so far.
 """
 
 from __future__ import annotations
