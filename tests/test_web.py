@@ -67,6 +67,21 @@ class RoutingTests(ServerMixin, TestCase):
         self.assertTrue(reply.startswith(b"HTTP/1.1 404 "), reply[:80])
 
     @inlineCallbacks
+    def test_only_rfc_6455_websocket_version_13_is_accepted(self):
+        # Version 8 is the 2011 draft (hybi-10) Autobahn also speaks; no
+        # browser has sent it for a decade, and the chat is tested against 13
+        # only.  RFC 6455 4.4: refuse and say which version we speak.
+        for version in (b"8", b"12", b"14"):
+            peer = yield connect_raw(self.port.getHost().port)
+            peer.transport.write(
+                HANDSHAKE.replace(b"Version: 13", b"Version: " + version)
+            )
+            reply = yield peer.wait_for(lambda data: b"\r\n\r\n" in data)
+            peer.transport.abortConnection()
+            self.assertTrue(reply.startswith(b"HTTP/1.1 400 "), (version, reply[:80]))
+            self.assertIn(b"\r\nSec-WebSocket-Version: 13\r\n", reply)
+
+    @inlineCallbacks
     def test_upgrade_is_accepted_on_root_and_on_ws(self):
         for path in ("/", "/ws"):
             client = yield self.connect(path)

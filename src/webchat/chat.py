@@ -149,6 +149,9 @@ class WebChatFactory(WebSocketServerFactory):
             # Without failByDrop=False Autobahn answers a protocol violation by
             # dropping TCP, and the client never learns the close code.
             failByDrop=False,
+            # RFC 6455 only: Autobahn also speaks the 2011 draft (version 8),
+            # which no browser sends and nothing here is tested against.
+            versions=[13],
             maxMessagePayloadSize=size,
             maxFramePayloadSize=size,
             # The site's handshake deadline covers the whole opening handshake,
