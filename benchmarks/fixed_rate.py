@@ -29,7 +29,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from benchmarks.helpers import free_port, process_cpu_seconds
+from benchmarks.helpers import free_port
 from benchmarks.loadgen import LoadGen, build
 from benchmarks.processes import ProcessRegistry, pick_cpus
 from benchmarks.servers import webchat_command
@@ -48,6 +48,16 @@ def _wait_listening(port: int, process: subprocess.Popen[bytes]) -> None:
         except OSError:
             time.sleep(0.1)
     raise RuntimeError("server did not start listening within 30 s")
+
+
+def _cpu_times(pid: int) -> tuple[float, float]:
+    """User and system CPU seconds of ``pid`` (0, 0 once it is gone)."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except OSError:
+        return 0.0, 0.0
+    ticks = os.sysconf("SC_CLK_TCK")
+    return int(fields[11]) / ticks, int(fields[12]) / ticks
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -137,11 +147,13 @@ def main(argv: list[str] | None = None) -> int:
                     stdout=subprocess.DEVNULL,
                     stderr=(workdir / "py-spy.err").open("wb"),
                 )
-            before = process_cpu_seconds(server.pid) or 0.0
+            user0, system0 = _cpu_times(server.pid)
             wall = time.monotonic()
             raw = generator.step(messages, args.seconds, args.payload, 5.0, 0.5)
             wall = time.monotonic() - wall
-            cpu = (process_cpu_seconds(server.pid) or 0.0) - before
+            user1, system1 = _cpu_times(server.pid)
+            user, system = user1 - user0, system1 - system0
+            cpu = user + system
             if spy is not None and spy.wait(60) != 0:
                 print((workdir / "py-spy.err").read_text()[-2000:], file=sys.stderr)
             received = raw["received"]
@@ -156,6 +168,8 @@ def main(argv: list[str] | None = None) -> int:
                 "server_cpu_s": round(cpu, 3),
                 "server_cpu_pct": round(100 * cpu / wall, 1),
                 "us_per_delivery": round(1e6 * cpu / max(received, 1), 3),
+                "user_us_per_delivery": round(1e6 * user / max(received, 1), 3),
+                "system_us_per_delivery": round(1e6 * system / max(received, 1), 3),
                 "load": os.getloadavg()[0],
             }
             print(json.dumps(record), flush=True)
