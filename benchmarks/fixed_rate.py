@@ -106,6 +106,7 @@ def main(argv: list[str] | None = None) -> int:
             stderr=subprocess.STDOUT,
         )
         _wait_listening(port, server)
+        print(f"server pid {server.pid}", file=sys.stderr, flush=True)
         generator = LoadGen(
             build(),
             registry,
@@ -164,7 +165,10 @@ def main(argv: list[str] | None = None) -> int:
                 "expected": raw["expected"],
                 "received": received,
                 "lost": raw["lost"],
+                "p50_ms": raw["latency"]["p50_ms"],
                 "p99_ms": raw["latency"]["p99_ms"],
+                "send_lag_p99_ms": raw["send_lag"]["p99_ms"],
+                "loadgen_cpu": raw["loadgen_cpu"],
                 "server_cpu_s": round(cpu, 3),
                 "server_cpu_pct": round(100 * cpu / wall, 1),
                 "us_per_delivery": round(1e6 * cpu / max(received, 1), 3),

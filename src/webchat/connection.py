@@ -100,8 +100,9 @@ _OPEN = WebSocketProtocol.STATE_OPEN
 _CLOSED = WebSocketProtocol.STATE_CLOSED
 
 #: The first byte of a final, unfragmented text frame without RSV bits, and
-#: the mask bit of the second (see ``_whole_small_messages``).
+#: of a pong, and the mask bit of the second (see ``_whole_small_messages``).
 _TEXT_FIN = 0x81
+_PONG_FIN = 0x8A
 _MASKED = 0x80
 
 log = Logger(namespace="webchat")
@@ -224,33 +225,42 @@ class WebChatProtocol(FlowControl, Keepalive, WebSocketServerProtocol):
         What a chat client sends is one short text message in one unfragmented
         frame, and Autobahn's parser spends per frame several times what the
         rest of the relay costs (a C masker object per frame, hooks, a future
-        per message).  Only the plainest frame is taken here: a final text
+        per message).  Only the plainest frames are taken here: a final text
         frame, no RSV bits, masked, under 126 bytes, complete in ``data``,
-        valid UTF-8, between messages.  Everything else, and everything from
-        the first frame that is not that on, goes to Autobahn, which closes
-        with the same codes as ever.  The frame still costs its place in the
-        frame budget, and the message its token (``onMessage``).
+        valid UTF-8, between messages; or such a pong (the answer to our
+        keepalive ping, which nothing here reads).  Everything else, and
+        everything from the first frame that is not that on, goes to
+        Autobahn, which closes with the same codes as ever.  A frame still
+        costs its place in the frame budget, and a message its token
+        (``onMessage``).
         """
         at = 0
         end = len(data)
         limit = min(self.maxMessagePayloadSize or 126, self.maxFramePayloadSize or 126)
-        while end - at >= 6 and data[at] == _TEXT_FIN and self.state == _OPEN:
+        while end - at >= 6 and self.state == _OPEN:
+            first = data[at]
+            if first != _TEXT_FIN and first != _PONG_FIN:
+                break
             length = data[at + 1] - _MASKED  # below 0: not masked
             stop = at + 6 + length
             if not 0 <= length < 126 or stop > end or length > limit:
                 break
-            if self.inside_message:
-                break  # a text frame inside a fragmented one: Autobahn's 1002
             payload = _unmask(data[at + 6 : stop], data[at + 2 : at + 6])
-            try:
-                payload.decode("utf-8")
-            except UnicodeDecodeError:
-                break  # Autobahn's 1007
+            if first == _TEXT_FIN:
+                if self.inside_message:
+                    break  # a text frame inside a fragmented one: Autobahn's 1002
+                try:
+                    payload.decode("utf-8")
+                except UnicodeDecodeError:
+                    break  # Autobahn's 1007
             at = stop
             if self._frame_bucket is not None and not self._frame_bucket.take():
                 self._flooded("frame_rate_limited", "frame rate limit exceeded")
                 return b""
-            self.onMessage(payload, False)
+            if first == _TEXT_FIN:
+                self.onMessage(payload, False)
+            else:
+                self.onPong(payload)
         return data[at:] if at else data
 
     # -- frames: what each costs, and how many a message may have -----------------
