@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import itertools
+
 from twisted.internet.defer import inlineCallbacks
 from twisted.logger import LogLevel, formatEvent
 from twisted.trial.unittest import TestCase
@@ -188,6 +190,66 @@ class RawFrameTests(ServerMixin, TestCase):
         yield peer.wait_for(lambda _: parse_server_frames(peer.body()))
         opcode, payload = parse_server_frames(peer.body())[0]
         self.assertEqual((opcode, close_code_of(payload)), (0x8, 1007))
+
+    # -- the small-message fast path (WebChatProtocol._whole_small_messages) ----
+
+    @inlineCallbacks
+    def test_frames_coalesced_and_split_across_reads_are_relayed_in_order(self):
+        sender = yield self.open_raw()
+        receiver = yield self.open_raw()
+        texts = [b"a", b"", b"x" * 125, "né".encode(), b"w" * 10, b"z" * 70]
+        texts += [b"y" * 126, b"end"]
+        frames = [client_frame(0x1, text) for text in texts]
+        wire = b"".join(frames)
+        ends = list(itertools.accumulate(len(frame) for frame in frames))
+        # Reads: frames 1-2 and frame 3 cut inside its mask; the rest of it and
+        # frame 4; frame 5 and frame 6 cut inside its payload; the rest.
+        cuts = [0, ends[1] + 4, ends[3], ends[4] + 20, len(wire)]
+        for start, end in itertools.pairwise(cuts):
+            sender.transport.write(wire[start:end])
+            yield deferLater(0.05)
+        yield receiver.wait_for(
+            lambda _: len(parse_server_frames(receiver.body())) >= 8
+        )
+        self.assertEqual(
+            parse_server_frames(receiver.body()),
+            [(0x1, b"id 1: " + text) for text in texts],
+        )
+
+    @inlineCallbacks
+    def test_invalid_utf8_behind_good_frames_in_one_read_gets_1007(self):
+        sender = yield self.open_raw()
+        receiver = yield self.open_raw()
+        sender.transport.write(
+            client_frame(0x1, b"good")
+            + client_frame(0x1, b"bad \xff")
+            + client_frame(0x1, b"never")
+        )
+        yield sender.wait_for(lambda _: parse_server_frames(sender.body()))
+        opcode, payload = parse_server_frames(sender.body())[0]
+        self.assertEqual((opcode, close_code_of(payload)), (0x8, 1007))
+        yield deferLater(0.1)
+        self.assertEqual(parse_server_frames(receiver.body()), [(0x1, b"id 1: good")])
+
+    @inlineCallbacks
+    def test_an_unmasked_small_text_frame_gets_1002(self):
+        peer = yield self.open_raw()
+        peer.transport.write(client_frame(0x1, b"plain", mask=False))
+        yield peer.wait_for(lambda _: parse_server_frames(peer.body()))
+        opcode, payload = parse_server_frames(peer.body())[0]
+        self.assertEqual((opcode, close_code_of(payload)), (0x8, 1002))
+
+    @inlineCallbacks
+    def test_a_whole_text_frame_inside_a_fragmented_message_gets_1002(self):
+        sender = yield self.open_raw()
+        receiver = yield self.open_raw()
+        sender.transport.write(client_frame(0x1, b"part", fin=False))
+        yield deferLater(0.05)
+        sender.transport.write(client_frame(0x1, b"whole"))
+        yield sender.wait_for(lambda _: parse_server_frames(sender.body()))
+        opcode, payload = parse_server_frames(sender.body())[0]
+        self.assertEqual((opcode, close_code_of(payload)), (0x8, 1002))
+        self.assertEqual(parse_server_frames(receiver.body()), [])
 
 
 class LogTests(ServerMixin, TestCase):
