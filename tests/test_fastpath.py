@@ -25,7 +25,7 @@ from __future__ import annotations
 import random
 import struct
 import time
-from itertools import pairwise
+from itertools import accumulate, pairwise
 from typing import Any
 
 from twisted.internet.task import Clock
@@ -38,11 +38,15 @@ from webchat.limits import Limits
 from webchat.testing import ChatPump, client_frame
 
 #: How many byte streams are played (each into both servers).
-CASES = 2000
+CASES = 1000
 #: The fuzz stops early (and says how far it got) after this many seconds,
 #: so a slow, shared machine gives a shorter run rather than a timeout.
 BUDGET_SECONDS = 25.0
 SEED = 1313
+
+#: How the clock runs after a case: past every deadline (the unfinished
+#: message, the close timeout, a ping and its timeout), a turn at a time.
+END_STEPS = (0.5, 1.0, 2.0, 5.0, 10.0, 10.0, 10.0, 10.0)
 
 JSON_PROTOCOL = {"Sec_WebSocket_Protocol": "webchat.v1.json"}
 
@@ -67,6 +71,11 @@ CONFIGS: list[tuple[str, Limits, dict[str, str]]] = [
     (
         "byte-budget",
         Limits(max_message_size=100, rate_limit=1, rate_burst=1),
+        {},
+    ),
+    (
+        "frame-budget",
+        Limits(max_message_size=125, rate_limit=50, rate_burst=50, frame_rate_limit=2),
         {},
     ),
     ("no-limits", Limits(max_message_size=0, rate_limit=0, frame_rate_limit=0), {}),
@@ -118,11 +127,18 @@ def text_payload(rng: random.Random, size: int) -> bytes:
     return rng.randbytes(size)
 
 
-def one_frame(rng: random.Random, limit: int) -> bytes:
-    """One frame, or a few: good ones most often, then every kind of bad."""
+def one_frame(rng: random.Random, limit: int, bad: float) -> bytes | list[bytes]:
+    """One frame, or a fragmented message's frames: good most often, then every bad."""
     size = rng.choice([0, 1, 2, 5, 20, 39, 40, 41, 99, 100, 101, 124, 125])
     if limit and rng.random() < 0.2:
         size = max(0, limit + rng.choice([-1, 0, 1]))
+    if rng.random() >= bad:  # a frame a browser sends: good text, or a pong
+        if rng.random() < 0.8:
+            text = "".join(rng.choice("ab é€😀") for _ in range(size))
+            return raw_frame(
+                rng, 0x81, text.encode()[:size].decode(errors="ignore").encode()
+            )
+        return raw_frame(rng, 0x8A, rng.randbytes(min(size, 125)))
     pick = rng.random()
     if pick < 0.4:
         return raw_frame(rng, 0x81, text_payload(rng, size))
@@ -136,7 +152,7 @@ def one_frame(rng: random.Random, limit: int) -> bytes:
             inner = rng.choice([0x00, 0x00, 0x8A, 0x89, 0x81, 0x01, 0x82, 0x88])
             parts.append(raw_frame(rng, inner, text_payload(rng, rng.randrange(0, 20))))
         parts.append(raw_frame(rng, 0x80, text_payload(rng, rng.randrange(0, 30))))
-        return b"".join(parts)
+        return parts
     if pick < 0.65:  # a close, with or without a good code and reason
         body = rng.choice(
             [b"", b"\x03", b"\x03\xe8", b"\x03\xe8bye", b"\x03\xe9\xff", b"\x00\x01"]
@@ -167,15 +183,27 @@ def make_case(index: int) -> dict[str, Any]:
     """Case ``index``: its limits, the reads and the clock moves between them."""
     rng = random.Random(f"{SEED}-{index}")
     name, limits, _ = CONFIGS[index % len(CONFIGS)]
-    count = rng.choice([1, 2, 3, 5, 8, 20])
-    stream = b"".join(one_frame(rng, limits.max_message_size) for _ in range(count))
+    count = rng.choice([1, 2, 3, 5, 8, 20, 40])
+    bad = rng.choice([0.0, 0.05, 0.2, 1.0])  # the share of frames drawn from all
+    frames: list[bytes] = []
+    for _ in range(count):
+        made = one_frame(rng, limits.max_message_size, bad)
+        frames.extend([made] if isinstance(made, bytes) else made)
+    stream = b"".join(frames)
+    ends = list(accumulate(len(frame) for frame in frames))
     how = rng.random()
-    if how < 0.2:
+    if how < 0.15:  # all in one read
         cuts = [len(stream)]
-    elif how < 0.35 and len(stream) < 700:
+    elif how < 0.3 and len(stream) < 400:  # a byte at a time
         cuts = list(range(1, len(stream) + 1))
-    else:
-        cuts = sorted(set(rng.sample(range(1, len(stream) + 1), min(4, len(stream)))))
+    elif how < 0.55:  # a frame a read
+        cuts = ends
+    elif how < 0.8:  # a few whole frames a read
+        cuts = sorted(
+            {*rng.sample(ends, min(len(ends), rng.randrange(1, 6))), ends[-1]}
+        )
+    else:  # anywhere
+        cuts = sorted({*rng.sample(range(1, len(stream) + 1), min(4, len(stream)))})
         if cuts[-1] != len(stream):
             cuts.append(len(stream))
     reads = [stream[a:b] for a, b in pairwise([0, *cuts])]
@@ -219,8 +247,8 @@ def play(case: dict[str, Any], fast: bool) -> dict[str, Any]:
         one.send_text("still here")
         two.send_text("me too")
         pump.pump()
-        for _ in range(20):
-            pump.clock.advance(2.5)
+        for step in END_STEPS:
+            pump.clock.advance(step)
             pump.pump()
         stats = pump.factory.stats
         return {
