@@ -32,7 +32,7 @@ from twisted.internet.task import Clock
 from twisted.logger import globalLogPublisher
 from twisted.trial.unittest import SynchronousTestCase
 
-from tests.support import LogCapture
+from tests.support import LogCapture, slow
 from webchat.connection import WebChatProtocol, _unmask
 from webchat.limits import Limits
 from webchat.testing import ChatPump, MemoryClient, client_frame
@@ -301,6 +301,7 @@ def differences(slow: dict[str, Any], fast: dict[str, Any]) -> str:
 
 
 class FastPathDifferentialTests(SynchronousTestCase):
+    @slow  # ~25 s: a fuzz budget, not for `make test-fast`
     def test_same_as_autobahn(self) -> None:
         """
         Every case ends the same with the fast path as without it: the same
