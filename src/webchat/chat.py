@@ -30,7 +30,7 @@ from typing import TYPE_CHECKING, Any, NamedTuple
 
 import txaio
 from autobahn.twisted.websocket import WebSocketServerFactory
-from twisted.internet.defer import Deferred, DeferredList, succeed
+from twisted.internet.defer import Deferred, DeferredList, gatherResults, succeed
 from twisted.internet.interfaces import IReactorTime, ISSLTransport
 from twisted.logger import Logger
 from twisted.python.failure import Failure
@@ -77,6 +77,9 @@ _DROP_KIND = {
 }
 
 log = Logger(namespace="webchat")
+
+#: Past any offset a room can reach: "to the end" in a read of its history.
+MAX_OFFSET = (1 << 53) - 1
 
 #: A message that is not acked (the seed's clients): ``relay``'s ``ref``.
 _NO_ACK = object()
@@ -158,6 +161,9 @@ class WebChatFactory(WebSocketServerFactory):
         self.link: RedisRelay | None = None
         #: The rooms' history in Redis, when Redis keeps it (``attach_link``).
         self.kept: StreamHistory | None = None
+        #: Rooms reading what they missed while Redis was away, and the
+        #: kept messages that came meanwhile (``_catch_up``).
+        self._catching_up: dict[str, list[Envelope]] = {}
         size = self.limits.max_message_size
         self.setProtocolOptions(
             # Without failByDrop=False Autobahn answers a protocol violation by
@@ -770,6 +776,14 @@ class WebChatFactory(WebSocketServerFactory):
         room = self.rooms.get(envelope.room)
         if room is None:
             return
+        waiting = self._catching_up.get(room.name)
+        if waiting is not None:
+            waiting.append(envelope)  # after what the room missed (_catch_up)
+            return
+        self._deliver_kept(room, envelope)
+
+    def _deliver_kept(self, room: Room, envelope: Envelope) -> None:
+        assert self.link is not None
         own = envelope.node == self.link.node_id
         sender = room.member(envelope.chat_id) if own else None
         if isinstance(sender, WebChatProtocol) and not envelope.delayed:
@@ -824,9 +838,85 @@ class WebChatFactory(WebSocketServerFactory):
                 count=count,
             )
 
-    def _forget_heard(self) -> None:
-        if self.kept is not None:
-            self.kept.forget()
+    def _link_back(self) -> None:
+        """
+        Redis is back: what the nodes kept while this one did not hear
+        (its link was down longer than theirs) goes to the open rooms here,
+        before anything newer, and rooms are asked of Redis again.
+        """
+        if self.kept is None:
+            return
+        self.kept.forget()
+        for room in list(self._rooms_open()):
+            self._catch_up(room)
+
+    def _rooms_open(self) -> list[Room]:
+        return [room for name in self.rooms.names if (room := self.rooms.get(name))]
+
+    def _catch_up(self, room: Room) -> None:
+        """
+        Read what ``room`` missed from Redis (its epoch and last offset, and
+        the kept messages after the room's offset) and deliver it, marked
+        delayed, holding the room's newer kept messages meanwhile.  Sent
+        before this node appends its own delayed ones: the reply has none of
+        them.
+        """
+        assert self.kept is not None
+        if room.opening is not None or room.name in self._catching_up:
+            return
+        streams = self.kept.streams
+        self._catching_up[room.name] = []
+        after = room.offset
+        answers = [
+            streams.open_room(room.name),
+            streams.read(room.name, after, MAX_OFFSET),
+        ]
+
+        def caught_up(results: list[Any]) -> None:
+            (epoch, offset), missed = results
+            if self.rooms.get(room.name) is not room:
+                return
+            if epoch != room.epoch:
+                # Redis lost the room (or it opened while Redis was away):
+                # its history in Redis is another one, numbered from there.
+                room.epoch = epoch
+                room.advance(offset)
+            else:
+                for message in missed:
+                    if message.offset <= room.offset:
+                        continue
+                    room.publish(
+                        None,
+                        message.text,
+                        sender_id=message.sender_id,
+                        name=message.name,
+                        offset=message.offset,
+                        ts=message.ts or None,
+                        delayed=True,
+                    )
+
+        def failed(failure: Failure) -> None:
+            log.warn(
+                "Could not read what room {room} missed while Redis was away: {error}",
+                room=room.name,
+                error=escape_for_log(str(failure.value)),
+            )
+
+        def then(_: object) -> None:
+            waiting = self._catching_up.pop(room.name, [])
+            if self.rooms.get(room.name) is not room:
+                return
+            for envelope in waiting:
+                self._deliver_kept(room, envelope)
+
+        d = gatherResults(answers, consumeErrors=True)
+        d.addCallbacks(caught_up, failed).addBoth(then).addErrback(
+            lambda failure: log.failure(
+                "An error has occurred: catching up room {room}",
+                failure,
+                room=room.name,
+            )
+        )
 
     # -- other nodes (--redis) -----------------------------------------------------
 
@@ -846,7 +936,7 @@ class WebChatFactory(WebSocketServerFactory):
             self.kept = StreamHistory(link.streams)
             self.rooms.history = self.kept
             link.on_stream = self.deliver_kept
-            link.on_link_up = self._forget_heard
+            link.on_link_up = self._link_back
         link.presence.listener = self
         # A name is free in a room only if no member of another node has it.
         self.rooms.names_elsewhere = link.presence.name_taken
