@@ -110,6 +110,13 @@ class KeptHistoryTests(KeptCluster):
             epochs.add(welcome["epoch"])
             self.assertEqual([m["text"] for m in history], in_order)
             self.assertEqual([m["offset"] for m in history], list(range(1, 10)))
+        # A node started now has heard none of it: it asks Redis (the joiner
+        # waits for the answer).
+        self.servers.append(self.start_node("late"))
+        welcome, history = self.fresh_join(3)
+        self.assertEqual(welcome["offset"], 9)
+        epochs.add(welcome["epoch"])
+        self.assertEqual([m["text"] for m in history], in_order)
         self.assertEqual(len(epochs), 1)
         # A resume on any node gets exactly what it missed.
         (epoch,) = epochs

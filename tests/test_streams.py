@@ -5,8 +5,12 @@ against a real redis-server."""
 from __future__ import annotations
 
 from twisted.internet.defer import gatherResults, inlineCallbacks
+from twisted.internet.task import Clock
+from twisted.logger import formatEvent, globalLogPublisher
+from twisted.trial.unittest import SynchronousTestCase
 
 from tests.test_relay import RedisTestCase, wait_until
+from webchat.redis import RedisRelay
 from webchat.redis.streams import RoomStreams
 
 
@@ -163,3 +167,27 @@ class KeptMessagesOnTheChannelTests(RedisTestCase):
         self.assertTrue(relays[0].publish(5, b"plain"))
         yield wait_until(lambda: len(nodes[1][1]) == 1, what="the plain message")
         self.assertEqual(nodes[0][1], [])
+
+
+class OutageBufferTests(SynchronousTestCase):
+    def test_kept_in_order_up_to_the_buffer_then_counted_and_logged_once(self):
+        logs: list[dict] = []
+        globalLogPublisher.addObserver(logs.append)
+        self.addCleanup(globalLogPublisher.removeObserver, logs.append)
+        relay = RedisRelay(
+            Clock(),
+            "redis://127.0.0.1",
+            node_id="me",
+            on_envelope=lambda e: None,
+            outage_buffer=3,
+        )
+        relay.keep_history(100, 600)
+        relay.running = True  # as started, with Redis away
+        kept = [relay.keep_later("r", 7, "ann", n, b"m%d" % n) for n in range(6)]
+        self.assertEqual(kept, [True] * 3 + [False] * 3)
+        self.assertEqual([m[4] for m in relay.later], [b"m0", b"m1", b"m2"])
+        self.assertEqual(relay.outage_dropped, 3)
+        lines = [formatEvent(e) for e in logs if e.get("log_namespace") == "webchat"]
+        full = [line for line in lines if line.startswith("Outage buffer full")]
+        self.assertEqual(len(full), 1, lines)
+        self.assertIn("(3 messages)", full[0])
