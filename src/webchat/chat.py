@@ -30,7 +30,13 @@ from typing import TYPE_CHECKING, Any, NamedTuple
 
 import txaio
 from autobahn.twisted.websocket import WebSocketServerFactory
-from twisted.internet.defer import Deferred, DeferredList, gatherResults, succeed
+from twisted.internet.defer import (
+    Deferred,
+    DeferredList,
+    fail,
+    gatherResults,
+    succeed,
+)
 from twisted.internet.interfaces import IReactorTime, ISSLTransport
 from twisted.logger import Logger
 from twisted.python.failure import Failure
@@ -715,9 +721,14 @@ class WebChatFactory(WebSocketServerFactory):
         if sender.unechoed is None:
             sender.unechoed = deque()
         sender.unechoed.append(entry)
-        d = self.link.append_message(
-            room.name, sender.chat_id, sender.chat_name, ts, payload
-        )
+        if self.link.state != "up":
+            # Its echo could not come back (the subscriber may be the one
+            # down): an outage for this message.
+            d: Deferred[Any] = fail(ConnectionError("the Redis link is down"))
+        else:
+            d = self.link.append_message(
+                room.name, sender.chat_id, sender.chat_name, ts, payload
+            )
         d.addErrback(self._not_kept, sender, room, entry)
         return max(len(room) - 1, 0)
 
@@ -777,31 +788,28 @@ class WebChatFactory(WebSocketServerFactory):
         if room is None:
             return
         waiting = self._catching_up.get(room.name)
+        if waiting is None and room.opening is not None:
+            # After its joiners' welcome and history (_deliver_waiting).
+            waiting = self._catching_up[room.name] = []
         if waiting is not None:
             waiting.append(envelope)  # after what the room missed (_catch_up)
             return
         self._deliver_kept(room, envelope)
 
+    def _deliver_waiting(self, room: Room) -> None:
+        """``room`` has opened: the kept messages that came meanwhile."""
+        if self.rooms.get(room.name) is not room:
+            self._catching_up.pop(room.name, None)
+            return
+        for envelope in self._catching_up.pop(room.name, []):
+            self._deliver_kept(room, envelope)
+
     def _deliver_kept(self, room: Room, envelope: Envelope) -> None:
         assert self.link is not None
         own = envelope.node == self.link.node_id
         sender = room.member(envelope.chat_id) if own else None
-        if isinstance(sender, WebChatProtocol) and not envelope.delayed:
-            unechoed = sender.unechoed
-            if unechoed:
-                entry = unechoed.popleft()
-                if entry.ref is not _NO_ACK:
-                    self._tell(
-                        sender,
-                        event_frame(
-                            {
-                                "type": "ack",
-                                "ref": entry.ref,
-                                "offset": envelope.offset,
-                                "ts": envelope.ts,
-                            }
-                        ),
-                    )
+        if not envelope.delayed:
+            self._acked(sender, envelope.offset, envelope.ts)
         if envelope.epoch != room.epoch:
             room.epoch = envelope.epoch  # Redis lost the room: a new history
         elif envelope.offset <= room.offset:
@@ -836,6 +844,19 @@ class WebChatFactory(WebSocketServerFactory):
                 node=envelope.node,
                 text=LogText(envelope.text),
                 count=count,
+            )
+
+    def _acked(self, sender: object, offset: int, ts: int) -> None:
+        """``sender``'s oldest message not yet back is: its ack, if it has one."""
+        if not isinstance(sender, WebChatProtocol) or not sender.unechoed:
+            return
+        entry = sender.unechoed.popleft()
+        if entry.ref is not _NO_ACK:
+            self._tell(
+                sender,
+                event_frame(
+                    {"type": "ack", "ref": entry.ref, "offset": offset, "ts": ts}
+                ),
             )
 
     def _link_back(self) -> None:
@@ -885,8 +906,11 @@ class WebChatFactory(WebSocketServerFactory):
                 for message in missed:
                     if message.offset <= room.offset:
                         continue
+                    # One of this node's whose echo the link lost: acked now.
+                    sender = room.member(message.sender_id)
+                    self._acked(sender, message.offset, message.ts)
                     room.publish(
-                        None,
+                        sender,
                         message.text,
                         sender_id=message.sender_id,
                         name=message.name,
@@ -937,6 +961,7 @@ class WebChatFactory(WebSocketServerFactory):
             self.rooms.history = self.kept
             link.on_stream = self.deliver_kept
             link.on_link_up = self._link_back
+            self.rooms.on_opened = self._deliver_waiting
         link.presence.listener = self
         # A name is free in a room only if no member of another node has it.
         self.rooms.names_elsewhere = link.presence.name_taken

@@ -73,6 +73,9 @@ class Rooms:
         #: Whether a member of another node has a name in a room (--redis):
         #: (room, case-folded name) -> bool; names here avoid those too.
         self.names_elsewhere: Callable[[str, str], bool] | None = None
+        #: Called with a room whose epoch and offset came later (Redis),
+        #: once its joiners have been greeted.
+        self.on_opened: Callable[[Room], object] | None = None
         self._rooms: dict[str, Room] = {}
         #: Rooms with messages this turn, in the order they got their first.
         self._busy: list[Room] = []
@@ -140,6 +143,9 @@ class Rooms:
 
     def _open(self, room: Room) -> None:
         waiting, room.opening = room.opening or [], None
+        on_opened = self.on_opened
+        if on_opened is not None:
+            waiting.append(lambda: on_opened(room))
         for then in waiting:
             try:
                 then()
