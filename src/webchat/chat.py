@@ -26,7 +26,7 @@ from __future__ import annotations
 
 from collections import Counter, deque
 from collections.abc import Callable, Sequence
-from typing import TYPE_CHECKING, Any, NamedTuple
+from typing import TYPE_CHECKING, Any
 
 import txaio
 from autobahn.twisted.websocket import WebSocketServerFactory
@@ -91,12 +91,18 @@ MAX_OFFSET = (1 << 53) - 1
 _NO_ACK = object()
 
 
-class _Unechoed(NamedTuple):
-    """A message of a member's that Redis has not numbered yet (``_keep``)."""
+class _Unechoed:
+    """
+    A message of a member's that Redis has not numbered yet (``_keep``):
+    compared by identity, as two alike messages are still two.
+    """
 
-    ref: object
-    ts: int
-    text: bytes
+    __slots__ = ("ref", "text", "ts")
+
+    def __init__(self, ref: object, ts: int, text: bytes) -> None:
+        self.ref = ref
+        self.ts = ts
+        self.text = text
 
 
 def _close_code(protocol: WebChatProtocol) -> int:
@@ -748,9 +754,9 @@ class WebChatFactory(WebSocketServerFactory):
         """
         assert self.link is not None
         unechoed = sender.unechoed
-        if unechoed is None or entry not in unechoed:
+        if unechoed is None or not any(e is entry for e in unechoed):
             return  # it came back after all
-        unechoed.remove(entry)
+        unechoed.remove(entry)  # the first equal is itself: identity
         count = 0
         if self.rooms.get(room.name) is room:
             count = room.publish(sender, entry.text, offset=0, ts=entry.ts)
