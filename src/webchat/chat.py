@@ -12,7 +12,9 @@ with each report is short, because the work lives elsewhere:
   is sent its welcome and the room's history (``webchat.history``), or
   what it missed when it asked to resume (``_replay``).
 * ``onMessage`` → ``relay``: the sender's room publishes it
-  (``webchat.room``), and the Redis link publishes it to other nodes.
+  (``webchat.room``); with ``--redis``, Redis numbers and keeps it first,
+  and every node's room, this one's included, publishes it when it comes
+  back (``deliver_kept``), or at once while Redis is away.
 * ``onClose`` → ``unregister``: leaves the room, with the close's log lines
   and counters.
 
