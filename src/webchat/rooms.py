@@ -131,12 +131,17 @@ class Rooms:
         self._open(room)
 
     def _not_opened(self, failure: Failure, room: Room) -> None:
-        """Redis could not say: the room starts an epoch of its own, for now."""
-        log.warn(
-            "Could not read the history of room {room}: {error}",
-            room=room.name,
-            error=escape_for_log(str(failure.value)),
-        )
+        """
+        Redis could not say: the room starts an epoch of its own, for now
+        (the first kept message brings the room's own).  Said only when
+        Redis answered wrongly: that Redis is away the relay logs, once.
+        """
+        if type(failure.value).__name__ != "ConnectionError":  # txredisapi's too
+            log.warn(
+                "Could not read the history of room {room}: {error}",
+                room=room.name,
+                error=escape_for_log(str(failure.value)),
+            )
         if not room.epoch:
             room.epoch = new_epoch()
         self._open(room)
