@@ -129,6 +129,11 @@ class RedisServer:
         self._signal(signal.SIGKILL)
         self._reap()
 
+    def shutdown(self) -> None:
+        """SIGTERM, as a clean stop: Redis saves what its persistence keeps."""
+        self._signal(signal.SIGTERM)
+        self._reap()
+
     def freeze(self) -> None:
         """SIGSTOP: connections stay open and nothing answers (a dead link)."""
         self._signal(signal.SIGSTOP)

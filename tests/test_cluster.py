@@ -32,11 +32,12 @@ class Cluster(SynchronousTestCase):
     """Redis plus ``nodes`` webchat processes, and clients to talk through them."""
 
     nodes = 3
-    #: More options for every node.
+    #: More options for every node, and for redis-server.
     node_args: tuple[str, ...] = ()
+    redis_args: tuple[str, ...] = ()
 
     def setUp(self):
-        self.redis = RedisServer()
+        self.redis = RedisServer(extra=self.redis_args)
         self.addCleanup(self.redis.stop)
         self.redis.start()
         self.servers = [self.start_node(f"node{n}") for n in range(self.nodes)]

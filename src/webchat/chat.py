@@ -12,7 +12,9 @@ with each report is short, because the work lives elsewhere:
   is sent its welcome and the room's history (``webchat.history``), or
   what it missed when it asked to resume (``_replay``).
 * ``onMessage`` → ``relay``: the sender's room publishes it
-  (``webchat.room``), and the Redis link publishes it to other nodes.
+  (``webchat.room``); with ``--redis``, Redis numbers and keeps it first,
+  and every node's room, this one's included, publishes it when it comes
+  back (``deliver_kept``), or at once while Redis is away.
 * ``onClose`` → ``unregister``: leaves the room, with the close's log lines
   and counters.
 
@@ -30,7 +32,13 @@ from typing import TYPE_CHECKING, Any
 
 import txaio
 from autobahn.twisted.websocket import WebSocketServerFactory
-from twisted.internet.defer import Deferred, DeferredList, succeed
+from twisted.internet.defer import (
+    Deferred,
+    DeferredList,
+    fail,
+    gatherResults,
+    succeed,
+)
 from twisted.internet.interfaces import IReactorTime, ISSLTransport
 from twisted.logger import Logger
 from twisted.python.failure import Failure
@@ -61,6 +69,7 @@ from webchat.rooms import Rooms
 
 if TYPE_CHECKING:
     from webchat.redis import Envelope, RedisRelay
+    from webchat.redis.streams import StreamHistory
 
 #: Error codes that are a person's (or a page's) mistake, not garbage: they
 #: do not count towards the bad events that close a connection.
@@ -76,6 +85,26 @@ _DROP_KIND = {
 }
 
 log = Logger(namespace="webchat")
+
+#: Past any offset a room can reach: "to the end" in a read of its history.
+MAX_OFFSET = (1 << 53) - 1
+
+#: A message that is not acked (the seed's clients): ``relay``'s ``ref``.
+_NO_ACK = object()
+
+
+class _Unechoed:
+    """
+    A message of a member's that Redis has not numbered yet (``_keep``):
+    compared by identity, as two alike messages are still two.
+    """
+
+    __slots__ = ("ref", "text", "ts")
+
+    def __init__(self, ref: object, ts: int, text: bytes) -> None:
+        self.ref = ref
+        self.ts = ts
+        self.text = text
 
 
 def _close_code(protocol: WebChatProtocol) -> int:
@@ -144,6 +173,11 @@ class WebChatFactory(WebSocketServerFactory):
         self.draining = False
         #: The Redis relay to other nodes, when there is one (``attach_link``).
         self.link: RedisRelay | None = None
+        #: The rooms' history in Redis, when Redis keeps it (``attach_link``).
+        self.kept: StreamHistory | None = None
+        #: Rooms reading what they missed while Redis was away, and the
+        #: kept messages that came meanwhile (``_catch_up``).
+        self._catching_up: dict[str, list[Envelope]] = {}
         size = self.limits.max_message_size
         self.setProtocolOptions(
             # Without failByDrop=False Autobahn answers a protocol violation by
@@ -277,14 +311,39 @@ class WebChatFactory(WebSocketServerFactory):
                 except BadEvent as e:
                     errors.append(self._error(protocol, e))
             since, epoch = resume if resume is not None else (None, "")
-            welcome = self._welcome(protocol, room)
-            self._replay(protocol, room, welcome, since, epoch, errors)
+            self._when_open(
+                protocol,
+                room,
+                lambda: self._replay(
+                    protocol, room, self._welcome(protocol, room), since, epoch, errors
+                ),
+            )
         elif self.history_for_text_clients:
-            self._replay(protocol, room, None, None, "")
+            self._when_open(
+                protocol, room, lambda: self._replay(protocol, room, None, None, "")
+            )
         room.publish_event(
             event_frame({"type": "join", "room": room.name, "member": member}),
             protocol.chat_id,
         )
+
+    def _when_open(
+        self, protocol: WebChatProtocol, room: Room, greet: Callable[[], None]
+    ) -> None:
+        """
+        ``greet`` ``protocol`` now, or once its room's epoch and offset are
+        known (a room opened from Redis), holding its live traffic meanwhile.
+        """
+        if room.opening is None:
+            greet()
+            return
+        room.hold(protocol, self.limits.max_send_buffer)
+
+        def opened() -> None:
+            if room.member(protocol.chat_id) is protocol:  # still here
+                greet()
+
+        room.opening.append(opened)
 
     def _welcome(self, protocol: WebChatProtocol, room: Room) -> dict[str, Any]:
         limits = self.limits
@@ -380,6 +439,10 @@ class WebChatFactory(WebSocketServerFactory):
                 log.failure("An error has occurred: reading history failed")
                 answer = []
         if not isinstance(answer, Deferred):
+            if room.holding(protocol):  # held while its room opened
+                if not room.release(protocol, frames(answer)):
+                    protocol.close_with(1008, "too slow", kind="too_slow")
+                return
             # One write for the welcome and the whole replay, not one each.
             data = b"".join(frames(answer))
             if data:
@@ -499,6 +562,9 @@ class WebChatFactory(WebSocketServerFactory):
         most = self.limits.max_text_bytes
         if most and len(data) > most:
             raise BadEvent("message_too_big", f"text is over {most} bytes (UTF-8)", ref)
+        if self.keeps_in_redis:
+            self.relay(sender, data, ref)  # acked when Redis has numbered it
+            return
         self.relay(sender, data)
         room = sender.room
         offset, ts = (room.offset, room.ts) if room is not None else (0, self.now_ms())
@@ -605,13 +671,23 @@ class WebChatFactory(WebSocketServerFactory):
         )
         return event_frame(event)
 
-    def relay(self, sender: WebChatProtocol, payload: bytes) -> int:
+    def relay(
+        self, sender: WebChatProtocol, payload: bytes, ref: object = _NO_ACK
+    ) -> int:
         """
         Hand ``payload`` to the sender's room (everyone else there gets it as
         its codec says: ``id N: payload``) and to the other nodes; return how
         many here get it.
+
+        With rooms kept in Redis it goes to Redis first, and to the room when
+        it comes back numbered (``deliver_kept``), with its ack (``ref``);
+        while Redis is away, to the room at once (no offset) and to the
+        outage buffer.
         """
         room = sender.room
+        if self.keeps_in_redis and room is not None:
+            self.stats.messages_received += 1
+            return self._keep(sender, room, payload, ref)
         count = room.publish(sender, payload) if room is not None else 0
         self.stats.messages_received += 1
         if self.link is not None and room is not None:
@@ -639,6 +715,244 @@ class WebChatFactory(WebSocketServerFactory):
             )
         return count
 
+    # -- rooms kept in Redis (--redis) ------------------------------------------------
+
+    @property
+    def keeps_in_redis(self) -> bool:
+        """Whether Redis numbers and keeps the rooms' messages (--redis)."""
+        return self.kept is not None
+
+    def _keep(
+        self, sender: WebChatProtocol, room: Room, payload: bytes, ref: object
+    ) -> int:
+        """Have Redis number and keep ``payload``; it comes back to every node."""
+        assert self.link is not None
+        ts = self.now_ms()
+        entry = _Unechoed(ref, ts, payload)
+        if sender.unechoed is None:
+            sender.unechoed = deque()
+        sender.unechoed.append(entry)
+        if self.link.state != "up":
+            # Its echo could not come back (the subscriber may be the one
+            # down): an outage for this message.
+            d: Deferred[Any] = fail(ConnectionError("the Redis link is down"))
+        else:
+            d = self.link.append_message(
+                room.name, sender.chat_id, sender.chat_name, ts, payload
+            )
+        d.addErrback(self._not_kept, sender, room, entry)
+        return max(len(room) - 1, 0)
+
+    def _not_kept(
+        self,
+        failure: Failure,
+        sender: WebChatProtocol,
+        room: Room,
+        entry: _Unechoed,
+    ) -> None:
+        """
+        Redis did not take it (away, or gone before it answered): this
+        node's members get it now, with no offset, and the others when Redis
+        is back (the outage buffer).  Should Redis have kept it after all
+        (the link went between its doing so and its answer), it may be
+        delivered twice: see docs/scaling.md.
+        """
+        assert self.link is not None
+        unechoed = sender.unechoed
+        if unechoed is None or not any(e is entry for e in unechoed):
+            return  # it came back after all
+        unechoed.remove(entry)  # the first equal is itself: identity
+        count = 0
+        if self.rooms.get(room.name) is room:
+            count = room.publish(sender, entry.text, offset=0, ts=entry.ts)
+        self.link.keep_later(
+            room.name, sender.chat_id, sender.chat_name, entry.ts, entry.text
+        )
+        if entry.ref is not _NO_ACK:
+            self._tell(
+                sender,
+                event_frame(
+                    {"type": "ack", "ref": entry.ref, "offset": None, "ts": entry.ts}
+                ),
+            )
+        if not self.quiet:
+            log.info(
+                "Connection {id} sending message {text} to {count} other "
+                "connection(s) here; Redis is away, kept for the other nodes",
+                id=sender.chat_id,
+                text=LogText(entry.text),
+                count=count,
+            )
+
+    def deliver_kept(self, envelope: Envelope) -> None:
+        """
+        A message Redis numbered and kept, from any node, this one included,
+        in offset order: everyone in its room here gets it, but its sender;
+        the sender gets its ack.  This node's own delayed ones (said during
+        an outage) were delivered here when said: they only move the room's
+        offset on.
+        """
+        assert self.link is not None
+        if self.kept is not None:
+            self.kept.seen(envelope.room, envelope.epoch, envelope.offset)
+        room = self.rooms.get(envelope.room)
+        if room is None:
+            return
+        waiting = self._catching_up.get(room.name)
+        if waiting is None and room.opening is not None:
+            # After its joiners' welcome and history (_deliver_waiting).
+            waiting = self._catching_up[room.name] = []
+        if waiting is not None:
+            waiting.append(envelope)  # after what the room missed (_catch_up)
+            return
+        self._deliver_kept(room, envelope)
+
+    def _deliver_waiting(self, room: Room) -> None:
+        """``room`` has opened: the kept messages that came meanwhile."""
+        if self.rooms.get(room.name) is not room:
+            self._catching_up.pop(room.name, None)
+            return
+        for envelope in self._catching_up.pop(room.name, []):
+            self._deliver_kept(room, envelope)
+
+    def _deliver_kept(self, room: Room, envelope: Envelope) -> None:
+        assert self.link is not None
+        own = envelope.node == self.link.node_id
+        sender = room.member(envelope.chat_id) if own else None
+        if not envelope.delayed:
+            self._acked(sender, envelope.offset, envelope.ts)
+        if envelope.epoch != room.epoch:
+            room.epoch = envelope.epoch  # Redis lost the room: a new history
+        elif envelope.offset <= room.offset:
+            return  # a joiner's history has it already (the room just opened)
+        if own and envelope.delayed:
+            room.advance(envelope.offset)
+            return
+        count = room.publish(
+            sender,
+            envelope.text,
+            sender_id=envelope.chat_id,
+            name=envelope.name,
+            offset=envelope.offset,
+            ts=envelope.ts or None,
+            delayed=envelope.delayed,
+        )
+        if self.quiet:
+            return
+        if own:
+            log.info(
+                "Connection {id} sending message {text} to {count} other "
+                "connection(s) here, and published to the other nodes",
+                id=envelope.chat_id,
+                text=LogText(envelope.text),
+                count=count,
+            )
+        else:
+            log.info(
+                "Connection {id} on node {node} sending message {text} to {count} "
+                "connection(s) here",
+                id=envelope.chat_id,
+                node=envelope.node,
+                text=LogText(envelope.text),
+                count=count,
+            )
+
+    def _acked(self, sender: object, offset: int, ts: int) -> None:
+        """``sender``'s oldest message not yet back is: its ack, if it has one."""
+        if not isinstance(sender, WebChatProtocol) or not sender.unechoed:
+            return
+        entry = sender.unechoed.popleft()
+        if entry.ref is not _NO_ACK:
+            self._tell(
+                sender,
+                event_frame(
+                    {"type": "ack", "ref": entry.ref, "offset": offset, "ts": ts}
+                ),
+            )
+
+    def _link_back(self) -> None:
+        """
+        Redis is back: what the nodes kept while this one did not hear
+        (its link was down longer than theirs) goes to the open rooms here,
+        before anything newer, and rooms are asked of Redis again.
+        """
+        if self.kept is None:
+            return
+        self.kept.forget()
+        for room in list(self._rooms_open()):
+            self._catch_up(room)
+
+    def _rooms_open(self) -> list[Room]:
+        return [room for name in self.rooms.names if (room := self.rooms.get(name))]
+
+    def _catch_up(self, room: Room) -> None:
+        """
+        Read what ``room`` missed from Redis (its epoch and last offset, and
+        the kept messages after the room's offset) and deliver it, marked
+        delayed, holding the room's newer kept messages meanwhile.  Sent
+        before this node appends its own delayed ones: the reply has none of
+        them.
+        """
+        assert self.kept is not None
+        if room.opening is not None or room.name in self._catching_up:
+            return
+        streams = self.kept.streams
+        self._catching_up[room.name] = []
+        after = room.offset
+        answers = [
+            streams.open_room(room.name),
+            streams.read(room.name, after, MAX_OFFSET),
+        ]
+
+        def caught_up(results: list[Any]) -> None:
+            (epoch, offset), missed = results
+            if self.rooms.get(room.name) is not room:
+                return
+            if epoch != room.epoch:
+                # Redis lost the room (or it opened while Redis was away):
+                # its history in Redis is another one, numbered from there.
+                room.epoch = epoch
+                room.advance(offset)
+            else:
+                for message in missed:
+                    if message.offset <= room.offset:
+                        continue
+                    # One of this node's whose echo the link lost: acked now.
+                    sender = room.member(message.sender_id)
+                    self._acked(sender, message.offset, message.ts)
+                    room.publish(
+                        sender,
+                        message.text,
+                        sender_id=message.sender_id,
+                        name=message.name,
+                        offset=message.offset,
+                        ts=message.ts or None,
+                        delayed=True,
+                    )
+
+        def failed(failure: Failure) -> None:
+            log.warn(
+                "Could not read what room {room} missed while Redis was away: {error}",
+                room=room.name,
+                error=escape_for_log(str(failure.value)),
+            )
+
+        def then(_: object) -> None:
+            waiting = self._catching_up.pop(room.name, [])
+            if self.rooms.get(room.name) is not room:
+                return
+            for envelope in waiting:
+                self._deliver_kept(room, envelope)
+
+        d = gatherResults(answers, consumeErrors=True)
+        d.addCallbacks(caught_up, failed).addBoth(then).addErrback(
+            lambda failure: log.failure(
+                "An error has occurred: catching up room {room}",
+                failure,
+                room=room.name,
+            )
+        )
+
     # -- other nodes (--redis) -----------------------------------------------------
 
     def attach_link(self, link: RedisRelay) -> None:
@@ -649,6 +963,16 @@ class WebChatFactory(WebSocketServerFactory):
         """
         self.link = link
         self.id_source = link.ids.next_id
+        if link.streams is not None:
+            # Redis numbers and keeps the rooms' messages (keep_history).
+            # Imported here: only a chat with Redis needs txredisapi.
+            from webchat.redis.streams import StreamHistory
+
+            self.kept = StreamHistory(link.streams)
+            self.rooms.history = self.kept
+            link.on_stream = self.deliver_kept
+            link.on_link_up = self._link_back
+            self.rooms.on_opened = self._deliver_waiting
         link.presence.listener = self
         # A name is free in a room only if no member of another node has it.
         self.rooms.names_elsewhere = link.presence.name_taken

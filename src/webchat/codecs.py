@@ -39,13 +39,18 @@ class Message(NamedTuple):
     room: str = ""
     name: str = ""
     #: Server time in ms when it was received, and the room's offset: its
-    #: message number, 1, 2, ... within the room's epoch (webchat.history).
+    #: message number, 1, 2, ... within the room's epoch (webchat.history);
+    #: 0 for one said here while Redis was away (--redis): it has none yet,
+    #: and JSON shows ``"offset": null``.
     ts: int = 0
     offset: int = 0
     #: A presence event (join, leave, name, typing), as one whole JSON text
     #: frame already: it rides in the turn so its order with the messages is
     #: kept, and codecs without events (the seed's) skip it.
     event: bytes | None = None
+    #: Said on another node during a Redis outage and kept after it
+    #: (--redis): JSON marks it ``"delayed": true``.
+    delayed: bool = False
 
 
 class Codec(Protocol):
@@ -104,15 +109,18 @@ class JsonCodec:
 
 
 def _message_event(message: Message) -> dict[str, Any]:
-    return {
+    event: dict[str, Any] = {
         "type": "message",
         "room": message.room,
         "id": message.sender_id,
         "name": message.name,
         "text": message.text.decode("utf-8"),
         "ts": message.ts,
-        "offset": message.offset,
+        "offset": message.offset or None,
     }
+    if message.delayed:
+        event["delayed"] = True
+    return event
 
 
 def event_frame(event: dict[str, Any]) -> bytes:

@@ -135,6 +135,9 @@ class WebChatProtocol(FlowControl, Keepalive, WebSocketServerProtocol):
     wanted_name: str | None = None
     #: The ``?since=`` and ``?epoch=`` asked for, until the connection opens.
     wanted_resume: tuple[str | None, str | None] | None = None
+    #: Messages sent to Redis to be numbered and not yet back (--redis),
+    #: oldest first: each one's ack goes out when it comes back.
+    unechoed: deque[Any] | None = None
     #: When the last ``typing`` event was relayed (reactor time).
     typed_at = float("-inf")
     #: When the latest bad JSON events came (see ``WebChatFactory.reject``).

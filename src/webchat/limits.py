@@ -107,6 +107,13 @@ MAX_HISTORY_ROOMS = 10000
 #: nodes count its members as gone (--presence-timeout); each node beats
 #: every third of it, so a live node is heard about three times a timeout.
 PRESENCE_TIMEOUT = 30.0
+#: Messages a node keeps while Redis is away (--outage-buffer), to append
+#: to the rooms' Streams when it is back (marked delayed); past it, what
+#: its clients say still reaches this node's members but no other node, is
+#: not kept, and is counted (webchat_outage_dropped_total).  At most this
+#: many x --max-message-size bytes (10000 x 64 KiB: 640 MB at the very
+#: worst; a few MB for ordinary chat lines).
+OUTAGE_BUFFER = 10000
 #: Members of other nodes a node keeps track of, all rooms together: anyone
 #: who can PUBLISH on the channel could otherwise make it hold any number.
 #: Not an option: a hundred thousand people are ~20 MB of bookkeeping.

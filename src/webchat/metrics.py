@@ -229,6 +229,18 @@ class ChatCollector(Collector):
                 link.oversized,
             )
             yield GaugeMetricFamily(
+                "webchat_outage_buffered",
+                "Messages said here while Redis was away, waiting to be kept "
+                "(--outage-buffer).",
+                len(link.later),
+            )
+            yield CounterMetricFamily(
+                "webchat_outage_dropped",
+                "Messages said here while Redis was away past --outage-buffer: "
+                "they reached only this node's clients and were not kept.",
+                link.outage_dropped,
+            )
+            yield GaugeMetricFamily(
                 "webchat_redis_remote_members",
                 "Members of other nodes this node knows of (all rooms).",
                 link.presence.members,

@@ -114,6 +114,10 @@ class Room:
         #: Whether a member elsewhere (another node, --redis) has a name in
         #: this room: (room name, case-folded name) -> bool; set by ``Rooms``.
         self.names_elsewhere: Callable[[str, str], bool] | None = None
+        #: While the room's epoch and offset are being fetched (a store that
+        #: answers later: Redis), what to do once they are known (``Rooms``);
+        #: None once they are.
+        self.opening: list[Callable[[], object]] | None = None
 
     def join(self, member: Member, codec: Codec, name: str = "") -> None:
         """
@@ -179,6 +183,10 @@ class Room:
             del self._by_codec[codec]
         return True
 
+    def member(self, chat_id: int) -> Member | None:
+        """The member here with id ``chat_id``, if any."""
+        return self._members.get(chat_id)
+
     def __len__(self) -> int:
         return len(self._members)
 
@@ -199,6 +207,7 @@ class Room:
         name: str = "",
         offset: int | None = None,
         ts: int | None = None,
+        delayed: bool = False,
     ) -> int:
         """
         Queue ``text`` from ``sender`` (``None``: the server, an API, another
@@ -212,7 +221,9 @@ class Room:
         for the JSON events; its time (``ts``, ms) is the room's clock's
         unless given (another node's, when it received the message), and
         its ``offset`` the room's next, unless given: a message numbered
-        elsewhere (a history shared by several nodes) keeps its own.
+        elsewhere (a history shared by several nodes) keeps its own, and
+        one said while that history is out of reach has none (0: the room's
+        numbering does not move).  ``delayed``: held up by a Redis outage.
         """
         member_id = sender.chat_id if sender is not None else 0
         if sender_id is None:
@@ -221,7 +232,10 @@ class Room:
             name = sender.chat_name if sender is not None else f"guest-{sender_id}"
         if not self._pending:
             self._schedule(self)
-        self.offset = self.offset + 1 if offset is None else offset
+        if offset is None:
+            offset = self.offset + 1
+        if offset:
+            self.offset = offset
         if ts is None:
             ts = int(self._clock() * 1000) if self._clock is not None else 0
         self.ts = ts
@@ -234,7 +248,8 @@ class Room:
                 self.name,
                 name,
                 ts,
-                self.offset,
+                offset,
+                delayed=delayed,
             )
         )
         members = len(self._members)
@@ -270,7 +285,8 @@ class Room:
         """
         same = self._same_codec(member)
         if same is not None and member.chat_id in same:
-            same[member.chat_id] = _Held(member, most)
+            if not isinstance(same[member.chat_id], _Held):  # held already: keep it
+                same[member.chat_id] = _Held(member, most)
 
     def holding(self, member: Member) -> bool:
         """Whether ``member``'s traffic is being held (``hold``)."""
@@ -311,6 +327,16 @@ class Room:
                 return False
         return not overflowed
 
+    def advance(self, offset: int) -> None:
+        """
+        The room's history has ``offset`` without a member here being sent
+        it (a message of this node's kept late, after a Redis outage: its
+        members had it at once): a joiner is owed it as history.
+        """
+        self.offset = offset
+        if not self._pending:
+            self.flushed = offset
+
     def flush(self) -> int:
         """
         Send each member what this turn owes it, in one write (a sender in a
@@ -326,7 +352,7 @@ class Room:
         if said:
             # Kept once per turn, before anyone is sent it: a member joining
             # after this turn is owed it as history, never live.
-            self.flushed = said[-1].offset
+            self.flushed = self.offset
             if self._history is not None:
                 self._history.append(self.name, said)
         if len(pending) == 1:

@@ -15,14 +15,21 @@ import re
 from collections.abc import Callable, Iterator
 from typing import TYPE_CHECKING, Any
 
+from twisted.internet.defer import Deferred
+from twisted.logger import Logger
+from twisted.python.failure import Failure
+
 from webchat.codecs import SEED, Codec
 from webchat.history import new_epoch
+from webchat.logtext import escape_for_log
 from webchat.memory import release_free_heap
 from webchat.room import Member, Room
 
 if TYPE_CHECKING:
     from webchat.history import HistoryStore
     from webchat.metrics import ChatStats
+
+log = Logger(namespace="webchat")
 
 #: The room of ``/``, ``/ws`` and ``/ws/``: where the seed's page lands.
 LOBBY = "lobby"
@@ -66,6 +73,9 @@ class Rooms:
         #: Whether a member of another node has a name in a room (--redis):
         #: (room, case-folded name) -> bool; names here avoid those too.
         self.names_elsewhere: Callable[[str, str], bool] | None = None
+        #: Called with a room whose epoch and offset came later (Redis),
+        #: once its joiners have been greeted.
+        self.on_opened: Callable[[Room], object] | None = None
         self._rooms: dict[str, Room] = {}
         #: Rooms with messages this turn, in the order they got their first.
         self._busy: list[Room] = []
@@ -80,10 +90,10 @@ class Rooms:
         """
         room = self._rooms.get(name)
         if room is None:
+            opened: tuple[str, int] | Deferred[tuple[str, int]] = (new_epoch(), 0)
             if self.history is not None:
-                epoch, offset = self.history.open_room(name)
-            else:
-                epoch, offset = new_epoch(), 0
+                opened = self.history.open_room(name)
+            epoch, offset = ("", 0) if isinstance(opened, Deferred) else opened
             room = self._rooms[name] = Room(
                 name,
                 self._stats,
@@ -96,8 +106,58 @@ class Rooms:
                 offset,
             )
             room.names_elsewhere = self.names_elsewhere
+            if isinstance(opened, Deferred):
+                # Known later (Redis): joiners wait for it (``Room.opening``).
+                room.opening = []
+                opened.addCallbacks(
+                    self._opened,
+                    self._not_opened,
+                    callbackArgs=(room,),
+                    errbackArgs=(room,),
+                )
         room.join(member, codec, member_name)
         return room
+
+    def _opened(self, opened: tuple[str, int], room: Room) -> None:
+        """
+        ``room``'s epoch and last offset have come: the offset its joiners'
+        history runs up to, unless its live messages have already gone past.
+        """
+        epoch, offset = opened
+        if not room.epoch:
+            room.epoch = epoch
+        if room.epoch == epoch and offset > room.offset:
+            room.advance(offset)
+        self._open(room)
+
+    def _not_opened(self, failure: Failure, room: Room) -> None:
+        """
+        Redis could not say: the room starts an epoch of its own, for now
+        (the first kept message brings the room's own).  Said only when
+        Redis answered wrongly: that Redis is away the relay logs, once.
+        """
+        if type(failure.value).__name__ != "ConnectionError":  # txredisapi's too
+            log.warn(
+                "Could not read the history of room {room}: {error}",
+                room=room.name,
+                error=escape_for_log(str(failure.value)),
+            )
+        if not room.epoch:
+            room.epoch = new_epoch()
+        self._open(room)
+
+    def _open(self, room: Room) -> None:
+        waiting, room.opening = room.opening or [], None
+        on_opened = self.on_opened
+        if on_opened is not None:
+            waiting.append(lambda: on_opened(room))
+        for then in waiting:
+            try:
+                then()
+            except Exception:
+                log.failure(
+                    "An error has occurred: opening room {room}", room=room.name
+                )
 
     def leave(self, room: Room, member: Member) -> bool:
         """Take ``member`` out of ``room``; return whether it was still there."""

@@ -68,6 +68,7 @@ PLACEHOLDERS = {
     "redis-channel": "NAME",
     "node-id": "NAME",
     "presence-timeout": "S",
+    "outage-buffer": "N",
     "history": "N",
     "history-ttl": "S",
     "history-db": "PATH",
@@ -341,6 +342,15 @@ class Options(usage.Options):
             _float,
         ],
         [
+            "outage-buffer",
+            None,
+            limits.OUTAGE_BUFFER,
+            "With --redis: messages said here while Redis is away that are "
+            "kept to reach the other nodes and the history once it is back "
+            "(marked delayed); past it they reach only this node's clients.",
+            _int,
+        ],
+        [
             "history",
             None,
             limits.HISTORY,
@@ -600,7 +610,11 @@ def makeService(options: Options, reactor: Any = None) -> IService:
             on_envelope=factory.deliver_remote,
             password=options["redis-password"],
             presence_timeout=options["presence-timeout"],
+            outage_buffer=options["outage-buffer"],
         )
+        # Redis numbers and keeps every room's messages: the same offsets
+        # and history on every node.
+        link.keep_history(chosen.history, chosen.history_ttl)
         factory.attach_link(link)
         # Before the listeners: it starts first, and stops after the drain.
         link.setServiceParent(top)

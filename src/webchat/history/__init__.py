@@ -17,13 +17,11 @@ room holds a reading member's live traffic until the answer is written
 (``Room.hold``), so the replay and the live stream meet without a gap or a
 duplicate.
 
-Stores: ``MemoryHistory`` (a bounded ring per room, the default) and
-``SQLiteHistory`` (``--history-db``, a file written from one thread).  A
-store shared by several nodes (Redis Streams) numbers messages itself, so
-that one message has one offset everywhere: there the node hands a
-message to the room once the store has numbered it, with
-``Room.publish(..., offset=, ts=)``, and ``open_room`` answers with what
-the node knows of the stream so far.
+Stores: ``MemoryHistory`` (a bounded ring per room, the default),
+``SQLiteHistory`` (``--history-db``, a file written from one thread) and,
+with ``--redis``, ``webchat.redis.streams.StreamHistory``: Redis numbers
+the messages (the same offsets on every node), so the room takes each
+message's offset as given, and a room's epoch and offset may come later.
 """
 
 from __future__ import annotations
@@ -69,10 +67,11 @@ class HistoryStore(Protocol):
     #: Messages kept per room (--history); 0: none, only the numbering.
     limit: int
 
-    def open_room(self, room: str) -> tuple[str, int]:
+    def open_room(self, room: str) -> tuple[str, int] | Deferred[tuple[str, int]]:
         """
         ``room`` is being opened (its first member joins): its epoch and the
-        last offset it gave out, 0 for a room whose history begins now.
+        last offset it gave out, 0 for a room whose history begins now; now,
+        or later (Redis: its joiners are held until then, ``Room.opening``).
         """
 
     def append(self, room: str, messages: Sequence[Message]) -> None:

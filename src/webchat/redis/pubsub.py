@@ -14,6 +14,7 @@ node's members where the others can see them, and tracks theirs
 from __future__ import annotations
 
 import random
+from collections import deque
 from collections.abc import Callable
 from dataclasses import replace
 from typing import Any
@@ -24,7 +25,7 @@ from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
-from webchat.limits import PRESENCE_TIMEOUT
+from webchat.limits import OUTAGE_BUFFER, PRESENCE_TIMEOUT
 from webchat.logtext import escape_for_log
 from webchat.redis.envelope import (
     Envelope,
@@ -146,6 +147,7 @@ class RedisRelay(Service):
         rng: random.Random | None = None,
         password: str | None = None,
         presence_timeout: float = PRESENCE_TIMEOUT,
+        outage_buffer: int = OUTAGE_BUFFER,
     ) -> None:
         self.reactor = reactor
         self._log = Logger(namespace="webchat", source=self)
@@ -203,6 +205,18 @@ class RedisRelay(Service):
         #: own included: the channel's order is their offset order).
         self.streams: RoomStreams | None = None
         self.on_stream: Callable[[Envelope], None] | None = None
+        #: Messages said here that Redis could not keep (it was away), in
+        #: order, to append when it is back (``keep_later``): room, id,
+        #: name, ts, text.  At most ``outage_buffer``; ``outage_dropped``
+        #: counts those past it.
+        self.outage_buffer = outage_buffer
+        self.later: deque[tuple[str, int, str, int, bytes]] = deque()
+        self.outage_dropped = 0
+        self._dropping = False
+        #: Called when the link is up again, before the late messages are
+        #: appended (the chat's history forgets what it heard: it may have
+        #: missed some).
+        self.on_link_up: Callable[[], None] | None = None
 
         self._channel_bytes = self.channel.encode("ascii")
         self._prefix = envelope_prefix(self.node_id)
@@ -495,9 +509,59 @@ class RedisRelay(Service):
         parts = stream_envelope_parts(
             self.node_id, room, chat_id, ts, name, text, delayed
         )
-        return self.streams.append(
+        d = self.streams.append(
             room, chat_id, name, ts, text, self._channel_bytes, parts
         )
+        if self._publisher.protocol is not None:
+            self.published += 1  # a PUBLISH too, inside the script
+        return d
+
+    def keep_later(
+        self, room: str, chat_id: int, name: str, ts: int, text: bytes
+    ) -> bool:
+        """
+        Redis could not keep this message (it is away): keep it here until
+        it is back, then append it, marked delayed; False if the buffer is
+        full (counted, and logged once per outage).
+        """
+        self._not_relayed(
+            "Redis is down"
+            if self._publisher.protocol is None
+            else "Redis did not keep a message"
+        )
+        if len(self.later) >= self.outage_buffer:
+            self.outage_dropped += 1
+            if not self._dropping:
+                self._dropping = True
+                self._log.error(
+                    "Outage buffer full ({count} messages): what is said here "
+                    "reaches no other node and is not kept until Redis is back",
+                    count=self.outage_buffer,
+                )
+            return False
+        self.later.append((room, chat_id, name, ts, text))
+        return True
+
+    def _append_later(self) -> None:
+        """Redis is back: append what was said here meanwhile, in order."""
+        later, self.later = self.later, deque()
+        dropped, self._dropping = self._dropping, False
+        if later or dropped:
+            self._log.info(
+                "Appending {count} message(s) said during the Redis outage "
+                "({dropped} dropped in all, past --outage-buffer)",
+                count=len(later),
+                dropped=self.outage_dropped,
+            )
+        for message in later:
+            d = self.append_message(*message, delayed=True)
+            d.addErrback(self._not_appended_later, message)
+
+    def _not_appended_later(
+        self, failure: Failure, message: tuple[str, int, str, int, bytes]
+    ) -> None:
+        # Gone again (or refused): kept for the next time it is back.
+        self.keep_later(*message)
 
     # -- presence: this node's members ----------------------------------------------
 
@@ -698,6 +762,10 @@ class RedisRelay(Service):
         # Events were missed while the link was down, on both sides.
         self._sync()
         self._read_every_node()
+        if self.streams is not None:
+            if self.on_link_up is not None:
+                self.on_link_up()
+            self._append_later()
 
     def link_lost(self, link: Link, reason: str) -> None:
         if link is self._publisher:

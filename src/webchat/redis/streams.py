@@ -18,21 +18,23 @@ epoch (the caller's fresh candidate) at offset 1, and the old stream goes
 with it: an epoch never mixes two histories.
 
 ``RoomStreams`` only talks to Redis (through ``execute``, the relay's
-command connection); what the chat does with the answers is the caller's.
-Not wired into the chat yet: with ``--redis`` each node still numbers and
-keeps its rooms' messages itself (``webchat.history.memory``).
+command connection); ``StreamHistory`` is the chat's history store on top
+of it (``webchat.history``): with ``--redis`` every message is numbered and
+kept by Redis, and every node, the sender's included, delivers it when its
+envelope comes back on the channel (``WebChatFactory.deliver_kept``).
 """
 
 from __future__ import annotations
 
+from collections import OrderedDict
 from collections.abc import Callable, Sequence
 from typing import Any
 
 from twisted.internet.defer import Deferred
 
 from webchat.codecs import Message
-from webchat.history import EPOCH, new_epoch
-from webchat.limits import HISTORY, HISTORY_TTL
+from webchat.history import EPOCH, HistoryCounts, new_epoch
+from webchat.limits import HISTORY, HISTORY_TTL, MAX_HISTORY_ROOMS
 
 #: Append one message.  KEYS: the room's hash, its stream.  ARGV: the
 #: epoch to start if the room has none, MAXLEN, TTL (s, 0 = none), the
@@ -154,6 +156,60 @@ class RoomStreams:
         if self.ttl and self._clock is not None:
             oldest = int((self._clock() - self.ttl) * 1000)
         return d.addCallback(_messages, room, oldest)
+
+
+class StreamHistory:
+    """
+    The history store of a chat whose rooms are kept in Redis Streams.
+
+    Redis numbers and keeps every message (``RoomStreams.append``, called by
+    the chat itself), so ``append`` has nothing to do.  A room's epoch and
+    last offset are known from the kept messages this node has heard on the
+    channel (``seen``: every room's, not only its open ones); a room not
+    heard of since the link came up is asked of Redis, and its joiners wait
+    for the answer (``Room.opening``).
+    """
+
+    def __init__(self, streams: RoomStreams, max_rooms: int = MAX_HISTORY_ROOMS):
+        self.streams = streams
+        self.limit = streams.limit
+        self.max_rooms = max_rooms
+        #: Room -> (epoch, last offset) heard, least recently heard first.
+        self._heard: OrderedDict[str, tuple[str, int]] = OrderedDict()
+
+    def seen(self, room: str, epoch: str, offset: int) -> None:
+        """A kept message of ``room`` came on the channel."""
+        heard = self._heard
+        heard[room] = (epoch, offset)
+        heard.move_to_end(room)
+        if len(heard) > self.max_rooms:
+            heard.popitem(last=False)
+
+    def forget(self) -> None:
+        """
+        The link was down: messages may have been kept without this node
+        hearing them, so rooms are asked of Redis again.
+        """
+        self._heard.clear()
+
+    def open_room(self, room: str) -> tuple[str, int] | Deferred[tuple[str, int]]:
+        known = self._heard.get(room)
+        if known is not None:
+            return known
+        return self.streams.open_room(room)
+
+    def append(self, room: str, messages: Sequence[Message]) -> None:
+        """Nothing: Redis kept them when it numbered them."""
+
+    def read(self, room: str, after: int, upto: int) -> Deferred[Sequence[Message]]:
+        return self.streams.read(room, after, upto)
+
+    def room_closed(self, room: str) -> None:
+        """Nothing: Redis keeps an idle room for the TTL by itself."""
+
+    @property
+    def stats(self) -> HistoryCounts:
+        return HistoryCounts(rooms=len(self._heard))
 
 
 def _messages(reply: Any, room: str, oldest: int) -> list[Message]:

@@ -1,0 +1,126 @@
+"""With --redis, the chat side of rooms kept in Redis (issue #14), in memory:
+a room whose epoch and offset come later (Redis answers over the network)
+greets its joiners only then, and kept messages that come meanwhile meet
+the history without a gap or a duplicate; a client's ack waits for its
+message to come back numbered."""
+
+from __future__ import annotations
+
+import json
+
+from twisted.internet.defer import Deferred
+from twisted.internet.task import Clock
+from twisted.trial.unittest import SynchronousTestCase
+
+from tests.test_json import PROTOCOL, T0
+from webchat.codecs import Message
+from webchat.limits import Limits
+from webchat.redis import Envelope, RedisRelay
+from webchat.testing import ChatPump, MemoryClient
+
+
+class FakeStreams:
+    """RoomStreams' answers, given by the test (Redis is far away)."""
+
+    limit = 100
+
+    def __init__(self) -> None:
+        self.opening: Deferred[tuple[str, int]] = Deferred()
+        self.kept: list[Message] = []
+
+    def open_room(self, room: str) -> Deferred[tuple[str, int]]:
+        return self.opening
+
+    def read(self, room: str, after: int, upto: int) -> list[Message]:
+        return [m for m in self.kept if after < m.offset <= upto]
+
+
+def kept(offset: int, node: str = "other", chat_id: int = 500) -> Envelope:
+    return Envelope(
+        node, chat_id, b"m%d" % offset, "r", "bob", 1000 + offset, offset, "E1"
+    )
+
+
+class KeptRoomTests(SynchronousTestCase):
+    def setUp(self) -> None:
+        clock = Clock()
+        clock.advance(T0)
+        self.pump = ChatPump(clock=clock, limits=Limits(rate_limit=0))
+        factory = self.pump.factory
+        self.relay = RedisRelay(
+            clock, "redis://127.0.0.1", node_id="me", on_envelope=lambda e: None
+        )
+        self.relay.keep_history(100, 0)
+        factory.attach_link(self.relay)
+        self.streams = FakeStreams()
+        factory.kept.streams = self.streams  # type: ignore[union-attr]
+        self.factory = factory
+
+    def events(self, client: MemoryClient) -> list[dict]:
+        return [json.loads(text) for text in client.texts]
+
+    def test_messages_kept_while_the_room_opens_meet_its_history_exactly(self):
+        self.streams.kept = [
+            Message(500, b"m%d" % n, 0.0, 0, "r", "bob", 1000 + n, n)
+            for n in range(1, 6)
+        ]
+        client = self.pump.connect("/ws/r", **PROTOCOL)
+        self.assertEqual(client.texts, [])  # held: the room is not known yet
+        # Redis kept 5 before it answered, 6 after; the channel brings both
+        # before the answer.
+        self.factory.deliver_kept(kept(5))
+        self.factory.deliver_kept(kept(6))
+        self.pump.pump()
+        self.assertEqual(client.texts, [])
+        self.streams.opening.callback(("E1", 5))
+        self.pump.pump()
+        got = self.events(client)
+        self.assertEqual(got[0]["type"], "welcome")
+        self.assertEqual((got[0]["offset"], got[0]["epoch"]), (5, "E1"))
+        messages = [e for e in got if e["type"] == "message"]
+        self.assertEqual([m["offset"] for m in messages], [1, 2, 3, 4, 5, 6])
+        self.assertEqual(
+            [m.get("history", False) for m in messages], [True] * 5 + [False]
+        )
+        # Live from now on, in offset order; an old one again is dropped.
+        self.factory.deliver_kept(kept(6))
+        self.factory.deliver_kept(kept(7))
+        self.pump.pump()
+        later = [e["offset"] for e in self.events(client)[len(got) :]]
+        self.assertEqual(later, [7])
+
+    def test_the_ack_comes_when_the_message_comes_back_numbered(self):
+        self.streams.opening.callback(("E1", 0))
+        sender = self.pump.connect("/ws/r", **PROTOCOL)
+        other = self.pump.connect("/ws/r", **PROTOCOL)
+        sender_id = self.events(sender)[0]["id"]
+        self.relay._up = True  # as if both links were up
+        appended = []
+        self.relay.append_message = lambda *args, **kw: (  # type: ignore[method-assign]
+            appended.append(args) or Deferred()
+        )
+        sender.send_text(json.dumps({"type": "message", "text": "hi", "ref": "a"}))
+        self.pump.pump()
+        self.assertEqual(len(appended), 1)
+        self.assertNotIn("ack", [e["type"] for e in self.events(sender)])
+        self.assertNotIn("message", [e["type"] for e in self.events(other)])
+        echo = Envelope("me", sender_id, b"hi", "r", "guest", 1234, 1, "E1")
+        self.factory.deliver_kept(echo)
+        self.pump.pump()
+        acks = [e for e in self.events(sender) if e["type"] == "ack"]
+        self.assertEqual(acks, [{"type": "ack", "ref": "a", "offset": 1, "ts": 1234}])
+        self.assertNotIn("message", [e["type"] for e in self.events(sender)])
+        (message,) = [e for e in self.events(other) if e["type"] == "message"]
+        self.assertEqual((message["text"], message["offset"]), ("hi", 1))
+
+    def test_while_redis_is_away_members_here_get_it_at_once_without_offset(self):
+        self.streams.opening.callback(("E1", 0))
+        sender = self.pump.connect("/ws/r", **PROTOCOL)
+        other = self.pump.connect("/ws/r", **PROTOCOL)
+        sender.send_text(json.dumps({"type": "message", "text": "hi", "ref": "a"}))
+        self.pump.pump()
+        (ack,) = [e for e in self.events(sender) if e["type"] == "ack"]
+        self.assertEqual((ack["ref"], ack["offset"]), ("a", None))
+        (message,) = [e for e in self.events(other) if e["type"] == "message"]
+        self.assertEqual((message["text"], message["offset"]), ("hi", None))
+        self.assertEqual([m[4] for m in self.relay.later], [b"hi"])
