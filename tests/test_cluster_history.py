@@ -156,7 +156,7 @@ class OutageWithoutLossTests(KeptCluster):
         self.redis.shutdown()  # a clean stop: SIGTERM
         for server, _ in self.servers:
             server.wait_for_log("Redis link lost")
-        for n in range(3):  # ~6 s without Redis, everyone chatting
+        for n in range(5):  # ~10 s without Redis, everyone chatting
             everyone_says(f"during{n}")
             time.sleep(2)
         self.redis.start()
@@ -197,7 +197,7 @@ class OutageWithoutLossTests(KeptCluster):
         self.assertEqual(sorted(t for _, t in histories[0]), sorted(said))
         for server, _ in self.servers:
             self.assertIn(
-                "Appending 6 message(s) said during the Redis outage", server.log()
+                "Appending 10 message(s) said during the Redis outage", server.log()
             )
         metrics = self.scrape(0)
         self.assertEqual(metrics["webchat_outage_buffered"], 0)
