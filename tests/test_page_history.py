@@ -438,7 +438,9 @@ class RedisOutagePageTests(HistoryPageMixin, SynchronousTestCase):
 
         # Redis keeps its data across the restart (as a production one does),
         # so the room's epoch, and what was said before, survive the outage.
-        self.redis = RedisServer(extra=("--appendonly", "yes", "--appendfsync", "always"))
+        self.redis = RedisServer(
+            extra=("--appendonly", "yes", "--appendfsync", "always")
+        )
         self.addCleanup(self.redis.stop)
         self.redis.start()
         self.server_args = ("--redis", self.redis.url)
