@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import json
 import re
+import time
 from contextlib import ExitStack
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -422,3 +423,102 @@ class LostHistoryPageTests(HistoryPageMixin, SynchronousTestCase):
         bob.say("live")
         self.assertEqual(self.wait_for_messages(ann, 4)[-1], ("bob", "live"))
         self.assertEqual(ann.locator("li.notice.missing").count(), 1)
+
+
+@slow
+class RedisOutagePageTests(HistoryPageMixin, SynchronousTestCase):
+    """
+    ``--redis`` and a real redis-server: a message said on the page's node
+    while Redis is away reaches the page at once without an offset; once
+    Redis is back it is numbered, and a resume brings it again, numbered.
+    """
+
+    def setUp(self) -> None:
+        from tests.redis_server import RedisServer
+
+        # Redis keeps its data across the restart (as a production one does),
+        # so the room's epoch, and what was said before, survive the outage.
+        self.redis = RedisServer(
+            extra=("--appendonly", "yes", "--appendfsync", "always")
+        )
+        self.addCleanup(self.redis.stop)
+        self.redis.start()
+        self.server_args = ("--redis", self.redis.url)
+        super().setUp()
+        self.server.wait_for_log("Redis link up")
+
+    def unnumbered(self, page: Page) -> int:
+        """How many messages the page shows without an offset."""
+        return page.locator("#messages > li.message:not([data-offset])").count()
+
+    def stream_offset(self, room: str) -> int:
+        """The room's last offset, as a new member is told it."""
+        peer = JsonPeer(self.port, room, "probe")
+        peer.close()
+        return peer.welcome["offset"]
+
+    def stream(self, room: str) -> list[tuple[int, str]]:
+        """(offset, text) of the room's history as a new member is sent it."""
+        peer = JsonPeer(self.port, room, "carol")
+        try:
+            count = peer.welcome["offset"]
+            return [
+                (event["offset"], event["text"])
+                for event in (peer.next_event("message") for _ in range(count))
+            ]
+        finally:
+            peer.close()
+
+    def test_a_message_said_in_an_outage_is_shown_once_after_a_resume(self) -> None:
+        bob = self.bob("team")
+        ann = self.open_tab("/r/team", name="ann", script=OFFLINE_SWITCH)
+        bob.say("before")
+        self.wait_for_messages(ann, 1)
+        self.type_message(ann, "mine before")
+        self.wait_for_delivered(ann, 2)
+
+        self.redis.shutdown()
+        self.server.wait_for_log("Redis link lost")
+        # Said on ann's node: she sees it at once, without an offset; and
+        # hers is acked without one.
+        self.assertIsNone(bob.say("said in the outage")["offset"])
+        self.wait_for_messages(ann, 3)
+        self.type_message(ann, "mine in the outage")
+        self.wait_for_delivered(ann, 4)
+        self.assertEqual(self.unnumbered(ann), 2)
+
+        self.redis.start()
+        # Until both are appended to the room's stream (offsets 3 and 4).
+        deadline = time.monotonic() + 15
+        while self.stream_offset("team") < 4:
+            self.assertLess(time.monotonic(), deadline, self.server.log())
+            time.sleep(0.1)
+        history = self.stream("team")
+        self.assertEqual(len(history), 4)
+        bob.say("after")
+        self.wait_for_messages(ann, 5)
+
+        # The page's socket drops and it resumes: the two come back numbered.
+        self.go_offline(ann, drop=True)
+        bob.say("while away")
+        self.go_online(ann)
+        self.assertRegex(ann.evaluate("window.__sockets.at(-1).url"), r"since=2&")
+        texts = [text for _, text in history] + ["after", "while away"]
+        self.expect(ann.locator("#messages > li.message .text")).to_have_text(
+            texts, timeout=QUICK
+        )
+        self.assertEqual(self.offsets(ann), [1, 2, 3, 4, 5, 6])
+        self.assertEqual(self.unnumbered(ann), 0)
+        self.assertEqual(
+            [sender for sender, text in self.messages(ann) if text.startswith("mine")],
+            ["ann (you)", "ann (you)"],
+        )
+        self.assertEqual(ann.locator("li.failed, li.pending").count(), 0)
+        self.assertEqual(ann.locator("li.notice.missing").count(), 0)
+        # Live ones carry on, once each, and a reconnect asks from the end.
+        bob.say("live")
+        self.assertEqual(self.wait_for_messages(ann, 7)[-1], ("bob", "live"))
+        self.go_offline(ann, drop=True)
+        self.go_online(ann)
+        self.assertRegex(ann.evaluate("window.__sockets.at(-1).url"), r"since=7&")
+        self.assertEqual(len(self.messages(ann)), 7)

@@ -23,6 +23,12 @@
 //   offset order; "Some messages may be missing" says when the server could
 //   not send all of them, and a separator marks a new epoch (the room's
 //   history was lost: offsets start again and must not be mixed with the old).
+// - With --redis, a message said on our node while Redis is away comes with
+//   no offset (ours is acked without one); once Redis is back it is numbered,
+//   and a resume brings it again, numbered.  That copy is matched to the one
+//   shown (same sender and text; for ours, the one acked without an offset
+//   or whose ack was lost), which takes its offset and its place, instead of
+//   being shown twice; a message without an offset never moves `since`.
 'use strict';
 
 (() => {
@@ -246,7 +252,9 @@
           before = el; // ours, not yet numbered: it stays last
           continue;
         }
-        continue; // ours, never numbered (failed): no place in the order
+        // Ours never numbered (failed), or one said while Redis was away
+        // (numbered later, if a resume brings it): no place in the order yet.
+        continue;
       }
       if (el.dataset.epoch !== resumePoint.epoch || Number(el.dataset.offset) < offset) break;
       before = el;
@@ -255,9 +263,12 @@
   }
 
   // A message: header (sender, time), text, and for ours a delivery state.
-  function appendMessage({ senderId, name, text, ts, mine, offset, countUnread = true }) {
+  // `delayed`: held back by a Redis outage, so it may be shown later than
+  // messages said after it: a quiet mark in the header says why.
+  function appendMessage({ senderId, name, text, ts, mine, offset, delayed = false, countUnread = true }) {
     const item = document.createElement('li');
     item.className = mine ? 'message mine' : 'message';
+    if (delayed) item.classList.add('delayed');
     item.dataset.sender = String(senderId);
     item.dataset.ts = String(ts);
     if (offset !== undefined) {
@@ -271,6 +282,13 @@
     sender.className = 'sender';
     sender.textContent = mine ? `${name} (you)` : name;
     header.append(sender, ' ', timeElement(ts));
+    if (delayed) {
+      const mark = document.createElement('span');
+      mark.className = 'delayed-mark';
+      mark.textContent = 'delayed';
+      mark.title = 'Held back while the server was reconnecting; shown in its place';
+      header.append(' ', mark);
+    }
 
     const body = document.createElement('span');
     body.className = 'text';
@@ -452,15 +470,45 @@
     showTypists();
   }
 
-  // Ours, from an earlier connection, that never got its ack (the connection
-  // closed first): the item marked failed then, with the same text.
-  function unconfirmedItem(event) {
-    for (const item of messageList.querySelectorAll('li.message.mine.failed')) {
-      if (item.dataset.unconfirmed === 'true' && item.querySelector('.text').textContent === event.text) {
-        return item;
+  // The copy already shown of a numbered message, if there is one: shown
+  // without an offset, in this epoch (below the last separator), with the
+  // same text, and the earliest such (two alike are two).  Ours: one whose
+  // ack came without an offset (said while Redis was away), one still
+  // sending, or one marked failed because the connection closed before its
+  // ack (the server may have taken it after all).  Someone else's: one of
+  // the same sender id (history keeps the id the sender had then).
+  function unnumberedCopy(event, mine) {
+    let found = null;
+    for (let el = messageList.lastElementChild; el; el = el.previousElementSibling) {
+      if (el.classList.contains('separator')) break;
+      if (!el.classList.contains('message') || el.dataset.offset !== undefined) continue;
+      if (el.querySelector('.text').textContent !== event.text) continue;
+      const ours = el.classList.contains('mine');
+      if (mine) {
+        if (!ours || (el.classList.contains('failed') && el.dataset.unconfirmed !== 'true')) continue;
+      } else if (ours || el.dataset.sender !== String(event.id)) {
+        continue;
       }
+      found = el;
     }
-    return null;
+    return found;
+  }
+
+  // The copy shown becomes the numbered message: its offset, the server's
+  // time, and its place in offset order (it is taken out first, so it does
+  // not count as its own place).
+  function takeOffset(item, offset, ts) {
+    const next = item.nextElementSibling;
+    if (item.dataset.ref !== undefined && pending.get(item.dataset.ref) === item) {
+      pending.delete(item.dataset.ref);
+    }
+    delete item.dataset.unconfirmed;
+    item.remove();
+    confirm(item, offset, ts);
+    messageList.insertBefore(item, placeFor(offset));
+    regroup(item);
+    regroup(item.nextElementSibling);
+    regroup(next);
   }
 
   function onMessage(event) {
@@ -470,15 +518,13 @@
       return; // shown already (a replay after a reconnect repeats some)
     }
     const mine = event.id === myId || ourIdentities.has(`${event.id} ${event.name}`);
-    // (Only a replay can bring back ours: the server never echoes a live one.)
-    const lost = mine && event.history ? unconfirmedItem(event) : null;
-    if (lost && offset !== undefined) {
-      // It did reach the server: no second copy, and it is not failed.
-      delete lost.dataset.unconfirmed;
-      confirm(lost, offset, event.ts);
-      messageList.insertBefore(lost, placeFor(offset));
-      regroup(lost);
-      regroup(lost.nextElementSibling);
+    // A numbered copy of one shown without its offset: from a replay (only a
+    // replay brings back ours: the server never echoes a live one), or, for
+    // someone else's, delayed.  A live, undelayed one is a new message.
+    const again = offset !== undefined && (event.history || (event.delayed === true && !mine));
+    const copy = again ? unnumberedCopy(event, mine) : null;
+    if (copy) {
+      takeOffset(copy, offset, event.ts);
       return;
     }
     appendMessage({
@@ -488,6 +534,7 @@
       ts: event.ts,
       mine,
       offset,
+      delayed: event.delayed === true,
       // What was said before we joined is not news; what we missed is.
       countUnread: !(event.history && !resuming && offset <= joinOffset),
     });
