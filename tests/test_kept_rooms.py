@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import json
 
-from twisted.internet.defer import Deferred
+from twisted.internet.defer import Deferred, succeed
 from twisted.internet.task import Clock
 from twisted.trial.unittest import SynchronousTestCase
 
@@ -60,6 +60,7 @@ class KeptRoomTests(SynchronousTestCase):
         return [json.loads(text) for text in client.texts]
 
     def test_messages_kept_while_the_room_opens_meet_its_history_exactly(self):
+        self.relay._up = True  # as if both links were up: the channel brings them
         self.streams.kept = [
             Message(500, b"m%d" % n, 0.0, 0, "r", "bob", 1000 + n, n)
             for n in range(1, 6)
@@ -88,6 +89,37 @@ class KeptRoomTests(SynchronousTestCase):
         self.pump.pump()
         later = [e["offset"] for e in self.events(client)[len(got) :]]
         self.assertEqual(later, [7])
+
+    def test_kept_messages_heard_before_the_link_is_up_wait_for_the_missed(self):
+        # After an outage a node's subscriber may be back before its
+        # publisher: the channel then brings the newest kept message before
+        # this node has read the ones it missed.  Delivered at once, it would
+        # move the room past them, and the catch-up (which reads after the
+        # room's offset) would skip them for good.
+        self.relay._up = True
+        self.streams.kept = [
+            Message(500, b"m%d" % n, 0.0, 0, "r", "bob", 1000 + n, n)
+            for n in range(1, 9)
+        ]
+        self.streams.read = lambda room, after, upto: [  # type: ignore[method-assign]
+            m for m in self.streams.kept if after < m.offset <= min(upto, 5)
+        ]
+        self.streams.opening.callback(("E1", 5))
+        client = self.pump.connect("/ws/r", **PROTOCOL)
+        self.pump.pump()
+        seen = len(self.events(client))
+        self.relay._up = False  # the link is lost; 6 and 7 are kept meanwhile
+        self.factory.deliver_kept(kept(8))  # the subscriber is back first
+        self.pump.pump()
+        self.relay._up = True  # and now the publisher: the link is up
+        self.streams.open_room = lambda room: succeed(("E1", 8))  # type: ignore[method-assign]
+        self.streams.read = lambda room, after, upto: succeed(  # type: ignore[method-assign]
+            [m for m in self.streams.kept if after < m.offset <= upto]
+        )
+        self.factory._link_back()
+        self.pump.pump()
+        later = [e for e in self.events(client)[seen:] if e["type"] == "message"]
+        self.assertEqual([m["offset"] for m in later], [6, 7, 8])
 
     def test_the_ack_comes_when_the_message_comes_back_numbered(self):
         self.streams.opening.callback(("E1", 0))

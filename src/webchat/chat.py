@@ -178,6 +178,8 @@ class WebChatFactory(WebSocketServerFactory):
         #: Rooms reading what they missed while Redis was away, and the
         #: kept messages that came meanwhile (``_catch_up``).
         self._catching_up: dict[str, list[Envelope]] = {}
+        #: Rooms whose catch-up read is in flight.
+        self._reading: set[str] = set()
         size = self.limits.max_message_size
         self.setProtocolOptions(
             # Without failByDrop=False Autobahn answers a protocol violation by
@@ -805,6 +807,19 @@ class WebChatFactory(WebSocketServerFactory):
         if waiting is not None:
             waiting.append(envelope)  # after what the room missed (_catch_up)
             return
+        up = self.link.state == "up"
+        if not up or (
+            envelope.epoch == room.epoch and envelope.offset > room.offset + 1
+        ):
+            # Heard out of turn: the subscriber came back before the rest of
+            # the link (a catch-up is still to come), or kept messages went
+            # unheard.  Delivering it would move the room's offset past the
+            # ones missed, and the catch-up, which reads after that offset,
+            # would skip them: read them first, this one after.
+            self._catching_up[room.name] = [envelope]
+            if up:
+                self._catch_up(room)
+            return
         self._deliver_kept(room, envelope)
 
     def _deliver_waiting(self, room: Room) -> None:
@@ -894,10 +909,11 @@ class WebChatFactory(WebSocketServerFactory):
         them.
         """
         assert self.kept is not None
-        if room.opening is not None or room.name in self._catching_up:
+        if room.opening is not None or room.name in self._reading:
             return
         streams = self.kept.streams
-        self._catching_up[room.name] = []
+        self._reading.add(room.name)
+        self._catching_up.setdefault(room.name, [])
         after = room.offset
         answers = [
             streams.open_room(room.name),
@@ -938,6 +954,7 @@ class WebChatFactory(WebSocketServerFactory):
             )
 
         def then(_: object) -> None:
+            self._reading.discard(room.name)
             waiting = self._catching_up.pop(room.name, [])
             if self.rooms.get(room.name) is not room:
                 return
