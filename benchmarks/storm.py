@@ -23,11 +23,11 @@ import base64
 import json
 import os
 import socket
-import struct
 import time
 from dataclasses import dataclass
 from typing import Any
 
+from benchmarks.burst import masked_text_frame
 from benchmarks.scenarios import Bench, _foreign, _kib, _open_timeout, _usage_text
 
 #: Messages each room had before the ones its clients missed: they resume
@@ -63,19 +63,6 @@ def process_hwm_kb(pid: int | None) -> int | None:
 
 
 # -- seeding: a minimal blocking JSON-events client ------------------------------
-
-
-def _masked_text(payload: bytes) -> bytes:
-    key = os.urandom(4)
-    length = len(payload)
-    if length < 126:
-        head = struct.pack("!BB", 0x81, 0x80 | length)
-    elif length < 1 << 16:
-        head = struct.pack("!BBH", 0x81, 0x80 | 126, length)
-    else:
-        head = struct.pack("!BBQ", 0x81, 0x80 | 127, length)
-    masked = bytes(b ^ key[i % 4] for i, b in enumerate(payload))
-    return head + key + masked
 
 
 class SeedClient:
@@ -146,7 +133,7 @@ def seed_room(host: str, port: int, room: int, count: int) -> ResumePoint:
         if welcome.get("type") != "welcome" or "epoch" not in welcome:
             raise RuntimeError(f"storm seeding: no epoch in the welcome: {welcome}")
         frames = b"".join(
-            _masked_text(
+            masked_text_frame(
                 json.dumps(
                     {"type": "message", "text": f"storm {room} {n}", "ref": n}
                 ).encode()

@@ -863,14 +863,7 @@ class WebChatFactory(WebSocketServerFactory):
                 count=count,
             )
         else:
-            log.info(
-                "Connection {id} on node {node} sending message {text} to {count} "
-                "connection(s) here",
-                id=envelope.chat_id,
-                node=envelope.node,
-                text=LogText(envelope.text),
-                count=count,
-            )
+            _log_from_node(envelope, count)
 
     def _acked(self, sender: object, offset: int, ts: int) -> None:
         """``sender``'s oldest message not yet back is: its ack, if it has one."""
@@ -1010,14 +1003,7 @@ class WebChatFactory(WebSocketServerFactory):
             ts=envelope.ts or None,
         )
         if not self.quiet:
-            log.info(
-                "Connection {id} on node {node} sending message {text} to {count} "
-                "connection(s) here",
-                id=envelope.chat_id,
-                node=envelope.node,
-                text=LogText(envelope.text),
-                count=count,
-            )
+            _log_from_node(envelope, count)
 
     # What members of other nodes do (``RemotePresence`` calls these): JSON
     # members of the room here hear of it, as of a member of this node.
@@ -1090,3 +1076,15 @@ class WebChatFactory(WebSocketServerFactory):
         timer = self.reactor.callLater(grace, on_timeout)
         finished.addCallback(finish)
         return done
+
+
+def _log_from_node(envelope: Envelope, count: int) -> None:
+    """The line a message from a client of another node is logged with."""
+    log.info(
+        "Connection {id} on node {node} sending message {text} to {count} "
+        "connection(s) here",
+        id=envelope.chat_id,
+        node=envelope.node,
+        text=LogText(envelope.text),
+        count=count,
+    )
