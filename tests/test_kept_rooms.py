@@ -8,8 +8,9 @@ from __future__ import annotations
 
 import json
 
-from twisted.internet.defer import Deferred, succeed
+from twisted.internet.defer import Deferred, fail, succeed
 from twisted.internet.task import Clock
+from twisted.logger import formatEvent, globalLogPublisher
 from twisted.trial.unittest import SynchronousTestCase
 
 from tests.test_json import PROTOCOL, T0
@@ -43,7 +44,7 @@ def kept(offset: int, node: str = "other", chat_id: int = 500) -> Envelope:
 
 class KeptRoomTests(SynchronousTestCase):
     def setUp(self) -> None:
-        clock = Clock()
+        self.clock = clock = Clock()
         clock.advance(T0)
         self.pump = ChatPump(clock=clock, limits=Limits(rate_limit=0))
         factory = self.pump.factory
@@ -120,6 +121,65 @@ class KeptRoomTests(SynchronousTestCase):
         self.pump.pump()
         later = [e for e in self.events(client)[seen:] if e["type"] == "message"]
         self.assertEqual([m["offset"] for m in later], [6, 7, 8])
+
+    def open_room_at_5(self) -> MemoryClient:
+        """A member in room r, open at offset 5 of E1; Redis keeps 1-8."""
+        self.relay._up = True
+        self.streams.kept = [
+            Message(500, b"m%d" % n, 0.0, 0, "r", "bob", 1000 + n, n)
+            for n in range(1, 9)
+        ]
+        self.streams.opening.callback(("E1", 5))
+        client = self.pump.connect("/ws/r", **PROTOCOL)
+        self.pump.pump()
+        self.streams.open_room = lambda room: succeed(("E1", 8))  # type: ignore[method-assign]
+        return client
+
+    def live(self, client: MemoryClient, seen: int) -> list[tuple[int, bool]]:
+        return [
+            (e["offset"], e.get("delayed", False))
+            for e in self.events(client)[seen:]
+            if e["type"] == "message"
+        ]
+
+    def test_after_a_gap_only_the_missed_messages_are_marked_delayed(self):
+        # The channel lost 6 and 7 (or the reply raced it): 8, heard live,
+        # is read back with them, but it was not delayed by anything.
+        client = self.open_room_at_5()
+        seen = len(self.events(client))
+        self.streams.read = lambda room, after, upto: succeed(  # type: ignore[method-assign]
+            [m for m in self.streams.kept if after < m.offset <= upto]
+        )
+        self.factory.deliver_kept(kept(8))
+        self.pump.pump()
+        self.assertEqual(self.live(client, seen), [(6, True), (7, True), (8, False)])
+
+    def test_a_catch_up_read_that_fails_is_tried_again_before_newer_ones(self):
+        # A restarted Redis answers LOADING for a moment: the newer message
+        # waits for the missed ones instead of moving the room past them.
+        client = self.open_room_at_5()
+        seen = len(self.events(client))
+        answers = [fail(RuntimeError("LOADING Redis is loading the dataset"))]
+        self.streams.read = lambda room, after, upto: (  # type: ignore[method-assign]
+            answers.pop()
+            if answers
+            else succeed([m for m in self.streams.kept if after < m.offset <= upto])
+        )
+        lines: list[str] = []
+        observer = lambda event: lines.append(formatEvent(event))  # noqa: E731
+        globalLogPublisher.addObserver(observer)
+        self.addCleanup(globalLogPublisher.removeObserver, observer)
+        self.factory.deliver_kept(kept(8))
+        self.pump.pump()
+        self.assertEqual(self.live(client, seen), [])
+        self.assertIn(
+            "Could not read what room r missed while Redis was away: LOADING Redis"
+            " is loading the dataset (trying again in 1 s)",
+            lines,
+        )
+        self.clock.advance(1)
+        self.pump.pump()
+        self.assertEqual(self.live(client, seen), [(6, True), (7, True), (8, False)])
 
     def test_the_ack_comes_when_the_message_comes_back_numbered(self):
         self.streams.opening.callback(("E1", 0))

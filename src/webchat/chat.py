@@ -35,6 +35,7 @@ from autobahn.twisted.websocket import WebSocketServerFactory
 from twisted.internet.defer import (
     Deferred,
     DeferredList,
+    FirstError,
     fail,
     gatherResults,
     succeed,
@@ -58,6 +59,8 @@ from webchat.history.memory import MemoryHistory
 from webchat.limits import (
     BAD_EVENTS_MAX,
     BAD_EVENTS_WINDOW,
+    CATCH_UP_ATTEMPTS,
+    CATCH_UP_RETRY,
     MAX_HISTORY_ROOMS,
     TYPING_INTERVAL,
     Limits,
@@ -893,13 +896,21 @@ class WebChatFactory(WebSocketServerFactory):
     def _rooms_open(self) -> list[Room]:
         return [room for name in self.rooms.names if (room := self.rooms.get(name))]
 
-    def _catch_up(self, room: Room) -> None:
+    def _catch_up(self, room: Room, attempt: int = 1) -> None:
         """
         Read what ``room`` missed from Redis (its epoch and last offset, and
         the kept messages after the room's offset) and deliver it, marked
         delayed, holding the room's newer kept messages meanwhile.  Sent
         before this node appends its own delayed ones: the reply has none of
         them.
+
+        A message the reply shares with what the channel brought meanwhile
+        was heard live: it is not marked delayed (a gap in the channel, or
+        the race between the reply and the channel, delays only the ones
+        before it).  A read that fails (Redis still loading its data after
+        a restart, say) is tried again while the link is up, up to
+        ``CATCH_UP_ATTEMPTS`` times, the newer messages still held: handing
+        them out first would move the room past the ones it missed.
         """
         assert self.kept is not None
         if room.opening is not None or room.name in self._reading:
@@ -922,37 +933,58 @@ class WebChatFactory(WebSocketServerFactory):
                 # its history in Redis is another one, numbered from there.
                 room.epoch = epoch
                 room.advance(offset)
-            else:
-                for message in missed:
-                    if message.offset <= room.offset:
-                        continue
-                    # One of this node's whose echo the link lost: acked now.
-                    sender = room.member(message.sender_id)
-                    self._acked(sender, message.offset, message.ts)
-                    room.publish(
-                        sender,
-                        message.text,
-                        sender_id=message.sender_id,
-                        name=message.name,
-                        offset=message.offset,
-                        ts=message.ts or None,
-                        delayed=True,
-                    )
+                return
+            # offset -> delayed, as the channel said it.
+            heard = {
+                envelope.offset: envelope.delayed
+                for envelope in self._catching_up.get(room.name, ())
+                if envelope.epoch == epoch
+            }
+            for message in missed:
+                if message.offset <= room.offset:
+                    continue
+                # One of this node's whose echo the link lost: acked now.
+                sender = room.member(message.sender_id)
+                self._acked(sender, message.offset, message.ts)
+                room.publish(
+                    sender,
+                    message.text,
+                    sender_id=message.sender_id,
+                    name=message.name,
+                    offset=message.offset,
+                    ts=message.ts or None,
+                    delayed=heard.get(message.offset, True),
+                )
 
-        def failed(failure: Failure) -> None:
+        def failed(failure: Failure) -> bool:
+            if isinstance(failure.value, FirstError):
+                failure = failure.value.subFailure  # which of the two answers
+            again = (
+                attempt < CATCH_UP_ATTEMPTS
+                and self.link is not None
+                and self.link.state == "up"
+            )
             log.warn(
-                "Could not read what room {room} missed while Redis was away: {error}",
+                "Could not read what room {room} missed while Redis was away: "
+                "{error}{again}",
                 room=room.name,
                 error=escape_for_log(str(failure.value)),
+                again=f" (trying again in {CATCH_UP_RETRY:g} s)" if again else "",
             )
+            return again
 
-        def then(_: object) -> None:
+        def then(retry: object) -> object:
             self._reading.discard(room.name)
-            waiting = self._catching_up.pop(room.name, [])
             if self.rooms.get(room.name) is not room:
-                return
-            for envelope in waiting:
-                self._deliver_kept(room, envelope)
+                self._catching_up.pop(room.name, None)
+            elif retry is True:
+                self.reactor.callLater(
+                    CATCH_UP_RETRY, self._catch_up_again, room, attempt + 1
+                )
+            else:
+                for envelope in self._catching_up.pop(room.name, []):
+                    self._deliver_kept(room, envelope)
+            return retry if isinstance(retry, Failure) else None
 
         d = gatherResults(answers, consumeErrors=True)
         d.addCallbacks(caught_up, failed).addBoth(then).addErrback(
@@ -962,6 +994,11 @@ class WebChatFactory(WebSocketServerFactory):
                 room=room.name,
             )
         )
+
+    def _catch_up_again(self, room: Room, attempt: int) -> None:
+        """A failed catch-up's next try, unless the room has gone meanwhile."""
+        if self.rooms.get(room.name) is room:
+            self._catch_up(room, attempt)
 
     # -- other nodes (--redis) -----------------------------------------------------
 

@@ -114,6 +114,12 @@ PRESENCE_TIMEOUT = 30.0
 #: many x --max-message-size bytes (10000 x 64 KiB: 640 MB at the very
 #: worst; a few MB for ordinary chat lines).
 OUTAGE_BUFFER = 10000
+#: With --redis, reading what a room missed during an outage is tried this
+#: many times, this many seconds apart, while the link is up (a restarted
+#: Redis answers LOADING until its data is back); then what was held is
+#: delivered and the rest is left to history.
+CATCH_UP_ATTEMPTS = 5
+CATCH_UP_RETRY = 1.0
 #: Members of other nodes a node keeps track of, all rooms together: anyone
 #: who can PUBLISH on the channel could otherwise make it hold any number.
 #: Not an option: a hundred thousand people are ~20 MB of bookkeeping.
