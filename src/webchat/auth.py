@@ -37,7 +37,7 @@ from cryptography.hazmat.primitives.asymmetric.ec import EllipticCurvePublicKey
 from cryptography.hazmat.primitives.asymmetric.rsa import RSAPublicKey
 from cryptography.hazmat.primitives.serialization import load_pem_public_key
 
-from webchat.limits import JWT_LEEWAY, JWT_MAX_LENGTH
+from webchat.limits import JWT_LEEWAY, JWT_MAX_LENGTH, MAX_USER_CHARS
 
 #: ``--auth``: no tokens (the seed's anonymous chat), a token if given, or
 #: a token for every connection.
@@ -49,6 +49,17 @@ PRIVATE_PREFIX = "private-"
 
 #: Granted when a token has no ``rooms`` claim: every room but the private ones.
 EVERY_PUBLIC_ROOM = ("*",)
+
+
+def is_user_id(user: object) -> bool:
+    """
+    Whether ``user`` can be a user id: a string of 1-MAX_USER_CHARS
+    printable characters (no control, format or separator character but
+    the space), so it is safe in JSON events, logs and between nodes.
+    """
+    return (
+        isinstance(user, str) and 0 < len(user) <= MAX_USER_CHARS and user.isprintable()
+    )
 
 
 def is_private(room: str) -> bool:
@@ -190,8 +201,8 @@ class TokenVerifier:
     def _identity(self, claims: dict[str, Any]) -> Identity:
         """The identity in verified ``claims``, if they are well formed and current."""
         user = claims.get("sub")
-        if not isinstance(user, str) or not user:
-            raise _invalid("sub is not a non-empty string")
+        if not is_user_id(user):
+            raise _invalid(f"sub is not 1-{MAX_USER_CHARS} printable characters")
         exp = _number(claims.get("exp"))
         if exp is None:
             raise _invalid("exp is not a number")
