@@ -190,6 +190,11 @@ class TokenMatrixTests(ServerMixin, TestCase):
 
     @inlineCallbacks
     def test_each_bad_token_gets_its_status_count_and_one_line(self):
+        # Two signed bystanders chat on through the whole matrix.
+        alice = yield self.connect(f"/ws/lobby?token={self.token(sub='a')}")
+        bob = yield self.connect(f"/ws/lobby?token={self.token(sub='b')}")
+        alice.send_text("before")
+        self.assertTrue((yield bob.received.get()).endswith(": before"))
         now = time.time()
         cases = [
             (
@@ -227,6 +232,10 @@ class TokenMatrixTests(ServerMixin, TestCase):
         ]
         for token, status, reason, _ in cases:
             yield self.expect(token, status, reason)
+        alice.send_text("after")
+        self.assertTrue((yield bob.received.get()).endswith(": after"))
+        self.assertIsNone(alice.closed_code)
+        self.assertIsNone(bob.closed_code)
         refused = self.factory.refused
         self.assertEqual(refused["token_expired"], 1)
         self.assertEqual(refused["token_not_yet_valid"], 1)
@@ -754,7 +763,20 @@ class ClusterIdentityTests(MemoryAuthCase):
         self.assertEqual((message["id"], message["user"]), (500, "u-1"))
         self.assertEqual(leave["member"], {"id": 502, "name": "Cy", "user": "u-3"})
 
-    def test_a_sub_that_cannot_travel_is_an_invalid_token(self):
-        for sub in ("a\nb", "x" * 257, "\u202e"):
-            client = self.pump.connect(f"/ws/lobby?token={self.token(sub=sub)}")
+    def test_a_sub_or_name_that_cannot_travel_is_an_invalid_token(self):
+        for claims in (
+            {"sub": "a\nb"},
+            {"sub": "x" * 257},
+            {"sub": "\u202e"},
+            {"sub": "   "},
+            {"name": "x" * 33},
+            {"name": "a\u202eb"},
+            {"name": 7},
+        ):
+            client = self.pump.connect(f"/ws/lobby?token={self.token(**claims)}")
             self.assertEqual(client.status, 401)
+        # A long sub is a name of 32 characters, as everywhere.
+        long = self.json_client(token=self.token(sub="u" * 40))
+        self.assertEqual(events(long)[0]["name"], "u" * 32)
+        self.assertEqual(events(long)[0]["user"], "u" * 40)
+        self.assertEqual(self.relay._mine[events(long)[0]["id"]][1], "u" * 32)
