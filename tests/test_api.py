@@ -17,8 +17,10 @@ from twisted.internet.endpoints import TCP4ServerEndpoint
 from twisted.trial.unittest import TestCase
 
 from tests.support import ServerMixin, connect_raw, deferLater
+from tests.test_auth import SECRET, hs256
 from tests.test_rooms import connect_json
 from webchat.api import ServerApi
+from webchat.auth import TokenVerifier
 from webchat.limits import API_BODY_OVERHEAD, Limits
 from webchat.web import make_api_site, make_site
 
@@ -56,9 +58,12 @@ class ApiMixin(ServerMixin):
     limits = Limits(rate_limit=0)
     rate_limit = 1000.0
 
+    #: Server options for the factory (auth for DisconnectTests).
+    server_kwargs: dict = {}
+
     @inlineCallbacks
     def start_api(self, own_port: bool = False):
-        yield self.start_server(limits=self.limits)
+        yield self.start_server(limits=self.limits, **self.server_kwargs)
         self.api = ServerApi(self.factory, KEY.encode(), self.rate_limit)
         if own_port:
             endpoint = TCP4ServerEndpoint(reactor, 0, interface="127.0.0.1")
@@ -289,18 +294,24 @@ class RouteTests(ApiMixin, TestCase):
 class DisconnectTests(ApiMixin, TestCase):
     @inlineCallbacks
     def setUp(self):
+        self.server_kwargs = {
+            "auth": "optional",
+            "verifier": TokenVerifier(secret=SECRET, clock=reactor.seconds),
+        }
         yield self.start_api()
 
     @inlineCallbacks
     def test_every_connection_of_the_user_is_closed_4002(self):
-        js = yield self.json_client("/ws/a")
-        seed = yield self.connect("/ws/a")
-        other = yield self.connect("/ws/a")
+        token = hs256(sub="u1")
+        js = yield self.json_client(f"/ws/a?token={token}")
+        seed = yield self.connect(f"/ws/a?token={token}")
+        other = yield self.connect("/ws/a?token=" + hs256(sub="u2"))
+        anonymous = yield self.connect("/ws/a")
         yield js.received.get()  # welcome
-        identity = type("Identity", (), {"user": "u1"})()
-        for protocol in self.factory.connections:
-            if protocol.chat_id in (1, 2):
-                protocol.identity = identity
+        members = yield self.call("GET", "/api/rooms/a/members")
+        self.assertEqual(
+            [m.get("user") for m in members.json["members"]], ["u1", "u1", "u2", None]
+        )
         response = yield self.call(
             "POST", "/api/users/u1/disconnect", {"reason": "banned ✋"}
         )
@@ -319,6 +330,7 @@ class DisconnectTests(ApiMixin, TestCase):
                 (code, reason), (4002, "disconnected by the app: banned ✋")
             )
         self.assertIsNone(other.closed_code)
+        self.assertIsNone(anonymous.closed_code)
         nobody = yield self.call("POST", "/api/users/u9/disconnect", b"")
         self.assertEqual(nobody.json, {"user": "u9", "disconnected": 0})
 

@@ -21,7 +21,7 @@ from twisted.internet.interfaces import IDelayedCall
 from twisted.internet.protocol import Protocol
 from twisted.logger import Logger
 from twisted.protocols.policies import ProtocolWrapper
-from twisted.web.http import HTTPChannel
+from twisted.web.http import HTTPChannel, combinedLogFormatter
 from twisted.web.pages import errorPage, notFound
 from twisted.web.resource import IResource, Resource
 from twisted.web.server import NOT_DONE_YET, Request, Site
@@ -35,7 +35,7 @@ from webchat.limits import (
     API_MAX_BODY,
     MAX_REQUESTS_PER_CONNECTION,
 )
-from webchat.logtext import escape_for_log
+from webchat.logtext import escape_for_log, redact_query
 from webchat.rooms import ROOM_NAME
 
 log = Logger(namespace="webchat")
@@ -648,7 +648,12 @@ class ChatSite(Site):
         serves_chat: bool = True,
     ) -> None:
         # Nothing here takes form posts: never parse (and buffer) their bodies.
-        super().__init__(resource, reactor=chat.reactor, parsePOSTFormSubmission=False)
+        super().__init__(
+            resource,
+            reactor=chat.reactor,
+            parsePOSTFormSubmission=False,
+            logFormatter=redacted_access_log,
+        )
         self.chat = chat
         self.displayTracebacks = False
         #: The most body bytes a POST to /api/ may have; None: no API here.
@@ -679,6 +684,15 @@ class ChatSite(Site):
         # Probes and scrapes every few seconds would drown the access log.
         if request.path not in QUIET_PATHS:
             super().log(request)
+
+
+def redacted_access_log(timestamp: str, request: Request) -> str:
+    """
+    The access log's line (Twisted's combined format) with every ``token=``
+    value redacted, in the request target and the Referer alike: a page
+    opened with ``?token=`` sends its address as the Referer of its files.
+    """
+    return redact_query(combinedLogFormatter(timestamp, request))
 
 
 def make_site(
