@@ -401,14 +401,35 @@ class ServerApi(Resource):
 
     def _disconnect(
         self, user: str, body: dict[str, Any]
-    ) -> tuple[int, dict[str, Any]]:
+    ) -> tuple[int, dict[str, Any]] | Deferred[tuple[int, dict[str, Any]]]:
         reason = body.get("reason", "")
         if not isinstance(reason, str) or len(reason) > MAX_REASON_CHARS:
             raise ApiError(
                 400, "bad_reason", f"reason: at most {MAX_REASON_CHARS} characters"
             )
-        count = self._chat.disconnect_user(user, reason)
-        return 200, {"user": user, "disconnected": count}
+        try:
+            reason.encode("utf-8")
+        except UnicodeEncodeError:
+            raise ApiError(400, "bad_reason", "reason is not valid Unicode") from None
+        link = self._chat.link
+        if link is None:
+            count = self._chat.disconnect_user(user, reason)
+            return 200, {"user": user, "disconnected": count}
+        if link.state != "up":
+            # Not half of it: the app retries, and no node is left out.
+            raise ApiError(503, "unavailable", "Redis is away; try again")
+        # The other nodes first (one PUBLISH), then this one's: the answer
+        # counts this node's connections only.
+        d = link.disconnect_user(user, reason)
+        return d.addCallback(
+            lambda _: (
+                200,
+                {
+                    "user": user,
+                    "disconnected": self._chat.disconnect_user(user, reason),
+                },
+            )
+        )
 
     # -- answers -------------------------------------------------------------------
 
