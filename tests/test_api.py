@@ -14,14 +14,17 @@ import json
 from twisted.internet import reactor
 from twisted.internet.defer import inlineCallbacks
 from twisted.internet.endpoints import TCP4ServerEndpoint
-from twisted.trial.unittest import TestCase
+from twisted.internet.task import Clock
+from twisted.trial.unittest import SynchronousTestCase, TestCase
+from twisted.web.test.requesthelper import DummyRequest
 
 from tests.support import ServerMixin, connect_raw, deferLater
 from tests.test_auth import SECRET, hs256
 from tests.test_rooms import connect_json
-from webchat.api import ServerApi
+from webchat.api import MemoryIdempotency, ServerApi
 from webchat.auth import TokenVerifier
 from webchat.limits import API_BODY_OVERHEAD, Limits
+from webchat.metrics import MetricsPage, make_registry
 from webchat.web import make_api_site, make_site
 
 KEY = "s3cret-api-key-never-logged"
@@ -64,7 +67,10 @@ class ApiMixin(ServerMixin):
     @inlineCallbacks
     def start_api(self, own_port: bool = False):
         yield self.start_server(limits=self.limits, **self.server_kwargs)
-        self.api = ServerApi(self.factory, KEY.encode(), self.rate_limit)
+        self.clock = Clock()
+        self.api = ServerApi(
+            self.factory, KEY.encode(), self.rate_limit, clock=self.clock
+        )
         if own_port:
             endpoint = TCP4ServerEndpoint(reactor, 0, interface="127.0.0.1")
             self.api_port = yield endpoint.listen(make_api_site(self.factory, self.api))
@@ -403,6 +409,41 @@ class RateLimitTests(ApiMixin, TestCase):
         self.assertEqual([a.status for a in answers], [200, 200, 429])
         self.assertEqual(answers[2].json["error"], "rate_limited")
         self.assertEqual(answers[2].headers["retry-after"], "1")
+        self.clock.advance(1)
+        self.assertEqual((yield self.call("GET", "/api/rooms")).status, 200)
+        metrics = MetricsPage(make_registry(self.factory)).render_GET(
+            DummyRequest([b"metrics"])
+        )
+        self.assertIn(
+            b'webchat_api_requests_total{error="rate_limited",status="429"} 1.0',
+            metrics,
+        )
+        self.assertIn(
+            b'webchat_api_requests_total{error="ok",status="200"} 3.0', metrics
+        )
+
+
+class IdempotencyMemoryTests(SynchronousTestCase):
+    def test_keys_are_kept_for_the_window_and_at_most_so_many(self):
+        clock = Clock()
+        keys = MemoryIdempotency(clock, window=600, most=2)
+
+        def reserve(key):
+            return self.successResultOf(keys.reserve(key))
+
+        self.assertIsNone(reserve("a"))
+        self.assertEqual(reserve("a"), b"pending")
+        keys.settle("a", b'{"offset":1}')
+        self.assertEqual(reserve("a"), b'{"offset":1}')
+        clock.advance(599)
+        self.assertEqual(reserve("a"), b'{"offset":1}')
+        clock.advance(1)
+        self.assertIsNone(reserve("a"))  # the window is over: a new request
+        self.assertIsNone(reserve("b"))
+        self.assertIsNone(reserve("c"))  # the oldest ("a") goes
+        self.assertIsNone(reserve("a"))
+        keys.release("a")  # a failed publish frees its key
+        self.assertIsNone(reserve("a"))
 
 
 class OwnPortTests(ApiMixin, TestCase):
