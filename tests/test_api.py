@@ -25,6 +25,12 @@ from webchat.api import MemoryIdempotency, ServerApi
 from webchat.auth import TokenVerifier
 from webchat.limits import API_BODY_OVERHEAD, Limits
 from webchat.metrics import MetricsPage, make_registry
+from webchat.redis.envelope import (
+    Disconnect,
+    MalformedEnvelopeError,
+    decode_envelope,
+    encode_disconnect,
+)
 from webchat.web import make_api_site, make_site
 
 KEY = "s3cret-api-key-never-logged"
@@ -462,3 +468,37 @@ class OwnPortTests(ApiMixin, TestCase):
         peer.transport.write(request_bytes("GET", "/api/rooms", None, AUTH))
         yield peer.lost
         self.assertEqual(Response(peer.data).status, 404)
+
+
+class EnvelopeTests(SynchronousTestCase):
+    """What the server API adds to wc2 (docs/protocol.md, "From the app")."""
+
+    def test_a_disconnect_round_trips(self):
+        payload = encode_disconnect("web-1", "u-42", "spam, again\nand again ✋")
+        self.assertEqual(
+            payload, "wc2 web-1 k u-42\nspam, again\nand again ✋".encode()
+        )
+        self.assertEqual(
+            decode_envelope(payload),
+            Disconnect("web-1", "u-42", "spam, again\nand again ✋"),
+        )
+        self.assertEqual(
+            decode_envelope(b"wc2 web-1 k u-42\n"), Disconnect("web-1", "u-42", "")
+        )
+
+    def test_a_bad_disconnect_is_malformed(self):
+        for payload in (
+            b"wc2 web-1 k u 42\nr",  # whitespace in the user
+            b"wc2 web-1 k u-42",  # no LF
+            b"wc2 web-1 k \xff\nr",
+            b"wc2 web-1 k u-42\n\xff",
+            b"wc2 web-1 k " + b"u" * 257 + b"\n",
+        ):
+            with self.assertRaises(MalformedEnvelopeError):
+                decode_envelope(payload)
+
+    def test_id_0_is_read_in_kept_messages_only(self):
+        kept = decode_envelope(b"wc2 web-1 s news 7 ep0ch 0 1764633600000 ops\nhi")
+        self.assertEqual((kept.chat_id, kept.name, kept.offset), (0, "ops", 7))
+        with self.assertRaises(MalformedEnvelopeError):
+            decode_envelope(b"wc2 web-1 m news 0 1764633600000 ops\nhi")
