@@ -223,8 +223,20 @@ class ServerApi(Resource):
         except Exception:
             log.failure("An error has occurred: the server API failed")
             return self._refuse(request, ApiError(500, "internal", "internal error"))
-        if not isinstance(answer, Deferred):
-            return self._answer(request, *answer)
+        if isinstance(answer, Deferred):
+            # Most answers are ready at once (no Redis): send them now,
+            # without the bookkeeping of a response that comes later.
+            ready: list[Any] = []
+            answer.addBoth(ready.append)
+            if not ready:
+                return self._later(request, answer)
+            if isinstance(ready[0], Failure):
+                return self._refuse(request, _as_api_error(ready[0]))
+            answer = ready[0]
+        return self._answer(request, *answer)
+
+    def _later(self, request: Request, answer: Deferred[Any]) -> Any:
+        """Answer ``request`` when ``answer`` fires (Redis): NOT_DONE_YET now."""
         finished = [False]
         request.notifyFinish().addErrback(lambda _: finished.__setitem__(0, True))
 
@@ -239,16 +251,7 @@ class ServerApi(Resource):
             send(self._answer(request, *result))
 
         def failed(failure: Failure) -> None:
-            error = failure.value
-            if not isinstance(error, ApiError):
-                if not isinstance(error, ConnectionError) and (
-                    type(error).__name__ != "ConnectionError"
-                ):
-                    log.failure("An error has occurred: the server API failed", failure)
-                    error = ApiError(500, "internal", "internal error")
-                else:
-                    error = ApiError(503, "unavailable", "Redis is away; try again")
-            send(self._refuse(request, error))
+            send(self._refuse(request, _as_api_error(failure)))
 
         answer.addCallbacks(done, failed)
         return NOT_DONE_YET
@@ -465,6 +468,18 @@ def _closing(opened: tuple[str, int], store: Any, room: str) -> tuple[str, int]:
     # Opened only to be read: let it be idle again (its history stays).
     store.room_closed(room)
     return opened
+
+
+def _as_api_error(failure: Failure) -> ApiError:
+    """The refusal for what went wrong: Redis away is 503, a bug 500 (logged)."""
+    error = failure.value
+    if isinstance(error, ApiError):
+        return error
+    # txredisapi's ConnectionError is its own class, not the builtin.
+    if isinstance(error, ConnectionError) or type(error).__name__ == "ConnectionError":
+        return ApiError(503, "unavailable", "Redis is away; try again")
+    log.failure("An error has occurred: the server API failed", failure)
+    return ApiError(500, "internal", "internal error")
 
 
 def _allow(method: bytes, allowed: bytes) -> None:
