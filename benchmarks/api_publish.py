@@ -119,7 +119,8 @@ def _member(port: int, stop: threading.Event, counts: list[int]) -> None:
                 length, start = int.from_bytes(buffer[2:4], "big"), 4
             if len(buffer) < start + length:
                 break
-            counts[0] += 1
+            if buffer[0] & 0x0F == 0x1:  # text, not the server's pings
+                counts[0] += 1
             buffer = buffer[start + length :]
     sock.close()
 
