@@ -280,6 +280,14 @@ class RouteTests(ApiMixin, TestCase):
             self.assertEqual(response.status, 401)
             self.assertEqual(response.json, {"error": "unauthorized", "detail": detail})
             self.assertIn("Bearer", response.headers["www-authenticate"])
+        lower = yield self.call(
+            "GET", "/api/rooms", headers={"Authorization": f"bearer  {KEY}"}
+        )
+        self.assertEqual(lower.status, 200)  # the scheme is case-insensitive
+        other = yield self.call(
+            "GET", "/api/rooms", headers={"Authorization": f"Basic {KEY}"}
+        )
+        self.assertEqual(other.status, 401)
         yield self.publish("a", text="hi")
         self.assertTrue(any("HTTP 401" in line for line in self.logs.lines))
         self.assertFalse([line for line in self.logs.lines if KEY in line])
