@@ -17,8 +17,10 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from twisted.internet import reactor
 from twisted.internet.defer import inlineCallbacks
+from twisted.internet.task import Clock
 from twisted.logger import formatEvent, globalLogPublisher
 from twisted.trial.unittest import SynchronousTestCase, TestCase
+from websockets.sync.client import connect as ws_connect
 
 from tests.support import (
     ServerMixin,
@@ -29,9 +31,19 @@ from tests.support import (
     slow,
     twistd_command,
 )
+from tests.test_cluster import Cluster
 from webchat.auth import Identity, TokenVerifier
-from webchat.limits import JWT_LEEWAY, JWT_MAX_LENGTH
+from webchat.limits import JWT_LEEWAY, JWT_MAX_LENGTH, Limits
 from webchat.logtext import redact_query
+from webchat.redis import RedisRelay
+from webchat.redis.envelope import (
+    Envelope,
+    MalformedEnvelopeError,
+    PresenceEvent,
+    decode_envelope,
+    encode_presence,
+)
+from webchat.testing import ChatPump
 
 REFUSED = "Refused connection from 127.0.0.1: "
 SECRET = b"a shared secret of at least 32 bytes, for HS256"
@@ -180,6 +192,11 @@ class TokenMatrixTests(ServerMixin, TestCase):
 
     @inlineCallbacks
     def test_each_bad_token_gets_its_status_count_and_one_line(self):
+        # Two signed bystanders chat on through the whole matrix.
+        alice = yield self.connect(f"/ws/lobby?token={self.token(sub='a')}")
+        bob = yield self.connect(f"/ws/lobby?token={self.token(sub='b')}")
+        alice.send_text("before")
+        self.assertTrue((yield bob.received.get()).endswith(": before"))
         now = time.time()
         cases = [
             (
@@ -217,6 +234,10 @@ class TokenMatrixTests(ServerMixin, TestCase):
         ]
         for token, status, reason, _ in cases:
             yield self.expect(token, status, reason)
+        alice.send_text("after")
+        self.assertTrue((yield bob.received.get()).endswith(": after"))
+        self.assertIsNone(alice.closed_code)
+        self.assertIsNone(bob.closed_code)
         refused = self.factory.refused
         self.assertEqual(refused["token_expired"], 1)
         self.assertEqual(refused["token_not_yet_valid"], 1)
@@ -484,3 +505,336 @@ def _status(port: int, path: str) -> int:
                 break
             data += chunk
     return int(data.split()[1])
+
+
+#: 2025-12-02 00:00:00 UTC, in seconds: the pump's clock starts here.
+T0 = 1764633600.0
+JSON_PROTOCOL = {"Sec_WebSocket_Protocol": "webchat.v1.json"}
+
+
+def events(client) -> list[dict]:
+    return [json.loads(text) for text in client.texts]
+
+
+class MemoryAuthCase(SynchronousTestCase):
+    """A server in memory (webchat.testing) on a Clock, with --auth ``auth``."""
+
+    auth = "optional"
+
+    def setUp(self):
+        self.clock = Clock()
+        self.clock.advance(T0)
+        self.all_logs = AllLogs()
+        globalLogPublisher.addObserver(self.all_logs)
+        self.addCleanup(globalLogPublisher.removeObserver, self.all_logs)
+        verifier = TokenVerifier(secret=SECRET, clock=self.clock.seconds)
+        self.pump = ChatPump(
+            clock=self.clock,
+            limits=Limits(rate_limit=0, ping_interval=0),
+            auth=self.auth,
+            verifier=verifier,
+        )
+        self.factory = self.pump.factory
+
+    def token(self, sub: str = "u-1", ttl: float = 600, **more: object) -> str:
+        body = {"sub": sub, "exp": self.clock.seconds() + ttl, **more}
+        return jwt.encode(body, SECRET, algorithm="HS256")
+
+    def json_client(self, path: str = "/ws/lobby", token: str | None = None):
+        if token is not None:
+            path += ("&" if "?" in path else "?") + f"token={token}"
+        client = self.pump.connect(path, **JSON_PROTOCOL)
+        self.assertEqual(client.status, 101, client.response)
+        return client
+
+    def send(self, client, **event: object) -> None:
+        client.send_text(json.dumps(event))
+        self.pump.pump()
+
+
+class IdentityEventsTests(MemoryAuthCase):
+    def test_signed_members_carry_their_user_everywhere_a_member_appears(self):
+        ann = self.json_client("/ws/lobby?name=Mallory", self.token(name="Ann"))
+        guest = self.json_client("/ws/lobby?name=bob")
+        seed = self.pump.connect("/ws/lobby")
+        tab2 = self.json_client(token=self.token(name="Ann"))
+        noname = self.json_client(token=self.token(sub="u-2"))
+        welcome = events(tab2)[0]
+        self.assertEqual(
+            (welcome["id"], welcome["name"], welcome["user"]), (4, "Ann", "u-1")
+        )
+        self.assertEqual(
+            welcome["members"],
+            [
+                {"id": 1, "name": "Ann", "user": "u-1"},  # ?name= not read
+                {"id": 2, "name": "bob"},
+                {"id": 3, "name": "guest-3"},
+                {"id": 4, "name": "Ann", "user": "u-1"},  # one name, two tabs
+            ],
+        )
+        self.assertEqual(
+            welcome["users"], [{"user": "u-1", "name": "Ann", "connections": 2}]
+        )
+        self.assertEqual(events(noname)[0]["name"], "u-2")  # no name claim: the sub
+        joins = [e["member"] for e in events(guest) if e["type"] == "join"]
+        self.assertEqual(joins[1], {"id": 4, "name": "Ann", "user": "u-1"})
+        # An anonymous member cannot take a signed user's name.
+        self.send(guest, type="name", name="ann")
+        self.assertEqual(events(guest)[-1]["code"], "name_taken")
+
+        del guest.frames[:]
+        self.send(ann, type="message", text="hi", ref=1)
+        self.send(ann, type="typing")
+        self.assertEqual(seed.texts, ["id 1: hi"])  # the seed's bytes, unchanged
+        message, typing = events(guest)
+        self.assertEqual(
+            list(message)[:6], ["type", "room", "id", "name", "user", "text"]
+        )
+        self.assertEqual((message["user"], message["text"]), ("u-1", "hi"))
+        self.assertEqual(
+            typing,
+            {"type": "typing", "room": "lobby", "id": 1, "name": "Ann", "user": "u-1"},
+        )
+        # The name is the app's: a rename is refused, and nobody else hears of it.
+        del guest.frames[:]
+        self.send(ann, type="name", name="Eve")
+        self.assertEqual(events(ann)[-1]["code"], "name_locked")
+        self.assertEqual(events(guest), [])
+        # A leave names the user; the other tab keeps the name.
+        ann.transport.loseConnection()
+        self.pump.pump()
+        self.assertEqual(
+            events(guest)[-1]["member"], {"id": 1, "name": "Ann", "user": "u-1"}
+        )
+        self.send(guest, type="name", name="Ann")
+        self.assertEqual(events(guest)[-1]["code"], "name_taken")
+        self.assertEqual(len(self.factory.connections_of("u-1")), 1)
+        later = self.json_client()
+        self.assertEqual(
+            events(later)[0]["users"],
+            [
+                {"user": "u-1", "name": "Ann", "connections": 1},
+                {"user": "u-2", "name": "u-2", "connections": 1},
+            ],
+        )
+
+    def test_with_auth_off_nothing_changes(self):
+        pump = ChatPump(clock=self.clock, limits=Limits(rate_limit=0))
+        client = pump.connect("/ws/lobby?token=abc", **JSON_PROTOCOL)
+        welcome = json.loads(client.texts[0])
+        self.assertNotIn("users", welcome)
+        self.assertNotIn("user", welcome)
+        self.assertEqual(welcome["members"], [{"id": 1, "name": "guest-1"}])
+
+
+class ExpiryTests(MemoryAuthCase):
+    """A token's end, on the factory's clock: error, close 4001; refresh moves it."""
+
+    def test_at_expiry_json_gets_an_error_then_4001_and_seed_just_4001(self):
+        ann = self.json_client(token=self.token(ttl=100))
+        seed = self.pump.connect(f"/ws/lobby?token={self.token(sub='u-2', ttl=100)}")
+        self.assertEqual(seed.status, 101)
+        bystander = self.json_client()
+        self.clock.advance(100 + JWT_LEEWAY - 1)
+        self.pump.pump()
+        self.assertIsNone(ann.close_code)
+        self.clock.advance(1)
+        self.pump.pump()
+        self.assertEqual(
+            events(ann)[-1],
+            {"type": "error", "code": "token_expired", "reason": "token expired"},
+        )
+        self.assertEqual(ann.close_code, 4001)
+        self.assertEqual(seed.close_code, 4001)
+        self.assertEqual(seed.texts, [])
+        self.assertIsNone(bystander.close_code)
+        self.assertEqual(self.factory.stats.closed[4001], 2)
+        expired = [line for line in self.all_logs.lines if "expired" in line]
+        self.assertEqual(
+            expired,
+            [
+                "Connection 1 from 127.0.0.1: token of user u-1 expired",
+                "Connection 2 from 127.0.0.1: token of user u-2 expired",
+            ],
+        )
+        self.assertEqual(self.factory.connections_of("u-1"), [])
+        self.assertEqual(self.clock.getDelayedCalls(), [])
+
+    def test_a_refresh_moves_the_expiry_on(self):
+        ann = self.json_client(token=self.token(ttl=100))
+        self.clock.advance(90)
+        fresh = self.token(ttl=600, name="Someone else")
+        self.send(ann, type="refresh", token=fresh)
+        self.assertEqual(
+            events(ann)[-1], {"type": "refreshed", "exp": int(T0 + 90 + 600)}
+        )
+        self.clock.advance(100)
+        self.pump.pump()
+        self.assertIsNone(ann.close_code)
+        self.assertEqual(self.factory.connections_of("u-1")[0].chat_name, "u-1")
+        self.clock.advance(600 - 100 + JWT_LEEWAY)
+        self.pump.pump()
+        self.assertEqual(ann.close_code, 4001)
+        self.assertNotIn(fresh, "\n".join(self.all_logs.lines))
+
+    def test_a_bad_refresh_is_refused_and_the_old_expiry_stands(self):
+        ann = self.json_client(token=self.token(ttl=100, rooms=["lobby"]))
+        anonymous = self.json_client()
+        bad = [
+            (self.token(sub="u-2"), "the token is for another user"),
+            (self.token(rooms=["other"]), "the token does not grant this room"),
+            (self.token(ttl=-600), "token expired"),
+            ("not-a-token", "invalid token"),
+            (jwt.encode({"sub": "u-1", "exp": T0 + 900}, b"x" * 32), "invalid token"),
+        ]
+        for token, reason in bad:
+            self.send(ann, type="refresh", token=token)
+            self.assertEqual(
+                events(ann)[-1],
+                {"type": "error", "code": "bad_token", "reason": reason},
+            )
+        self.send(anonymous, type="refresh", token=self.token())
+        self.assertEqual(events(anonymous)[-1]["code"], "bad_token")
+        self.send(ann, type="refresh", token="")
+        self.assertEqual(events(ann)[-1]["code"], "bad_event")
+        self.clock.advance(100 + JWT_LEEWAY)
+        self.pump.pump()
+        self.assertEqual(ann.close_code, 4001)
+        self.assertIsNone(anonymous.close_code)
+        text = "\n".join(self.all_logs.lines)
+        for token, _ in bad:
+            self.assertNotIn(token, text)
+
+
+class ClusterIdentityTests(MemoryAuthCase):
+    """--redis: a signed member's user travels in presence, compatibly."""
+
+    def setUp(self):
+        super().setUp()
+        self.relay = RedisRelay(
+            self.clock, "redis://127.0.0.1", node_id="me", on_envelope=lambda e: None
+        )
+        self.factory.attach_link(self.relay)
+        self.presence = self.relay.presence
+        self.presence.ask("a")
+        # Node "a": Ann signed as u-1 (LF user after the name), Bob anonymous
+        # (as every node wrote it before, byte for byte).
+        self.presence.snapshot(
+            "a", [b"_v", b"3", b"500", b"lobby Ann\nu-1", b"501", b"lobby Bob"], 30000
+        )
+
+    def test_presence_envelopes_carry_the_user_and_old_ones_still_read(self):
+        join = PresenceEvent("a", "join", 4, "lobby", 502, "Cy Dee", "u 3")
+        payload = encode_presence(join)
+        self.assertEqual(payload, b"wc2 a j 4 lobby 502 Cy Dee\nu 3")
+        self.assertEqual(decode_envelope(payload), join)
+        typing = PresenceEvent("a", "typing", 0, "lobby", 502, "Cy", "u-3")
+        self.assertEqual(decode_envelope(encode_presence(typing)), typing)
+        old = decode_envelope(b"wc2 a j 4 lobby 502 Cy Dee")
+        self.assertEqual((old.name, old.user), ("Cy Dee", ""))
+        for bad in (b"wc2 a j 4 lobby 502 Cy\n", b"wc2 a j 4 lobby 502 Cy\nu\x1b"):
+            with self.assertRaises(MalformedEnvelopeError):
+                decode_envelope(bad)
+
+    def test_welcome_users_and_events_span_the_nodes(self):
+        tab = self.json_client(token=self.token(name="Ann"))
+        welcome = events(tab)[0]
+        self.assertEqual(
+            welcome["members"],
+            [
+                {"id": welcome["id"], "name": "Ann", "user": "u-1"},
+                {"id": 500, "name": "Ann", "user": "u-1"},
+                {"id": 501, "name": "Bob"},
+            ],
+        )
+        self.assertEqual(
+            welcome["users"], [{"user": "u-1", "name": "Ann", "connections": 2}]
+        )
+        self.assertEqual(self.presence.user_of(500), "u-1")
+        self.assertEqual(self.presence.user_of(501), "")
+        # What this node publishes about its signed member carries the user.
+        self.assertEqual(self.relay._mine[welcome["id"]], ("lobby", "Ann", "u-1"))
+        self.presence.event(PresenceEvent("a", "join", 4, "lobby", 502, "Cy", "u-3"))
+        self.presence.event(PresenceEvent("a", "typing", 0, "lobby", 502, "Cy", "u-3"))
+        self.factory.deliver_remote(Envelope("a", 500, b"hi", "lobby", "Ann", 1))
+        self.presence.event(PresenceEvent("a", "leave", 5, "lobby", 502))
+        self.pump.pump()
+        join, typing, message, leave = events(tab)[1:]
+        self.assertEqual(join["member"], {"id": 502, "name": "Cy", "user": "u-3"})
+        self.assertEqual(typing["user"], "u-3")
+        self.assertEqual((message["id"], message["user"]), (500, "u-1"))
+        self.assertEqual(leave["member"], {"id": 502, "name": "Cy", "user": "u-3"})
+
+    def test_a_sub_or_name_that_cannot_travel_is_an_invalid_token(self):
+        for claims in (
+            {"sub": "a\nb"},
+            {"sub": "x" * 257},
+            {"sub": "\u202e"},
+            {"sub": "   "},
+            {"name": "x" * 33},
+            {"name": "a\u202eb"},
+            {"name": 7},
+        ):
+            client = self.pump.connect(f"/ws/lobby?token={self.token(**claims)}")
+            self.assertEqual(client.status, 401)
+        # A long sub is a name of 32 characters, as everywhere.
+        long = self.json_client(token=self.token(sub="u" * 40))
+        self.assertEqual(events(long)[0]["name"], "u" * 32)
+        self.assertEqual(events(long)[0]["user"], "u" * 40)
+        self.assertEqual(self.relay._mine[events(long)[0]["id"]][1], "u" * 32)
+
+
+class ClusterAuthTests(Cluster):
+    """Two real twistd nodes, --auth required, one real redis-server."""
+
+    nodes = 2
+
+    def setUp(self):
+        secret = Path(self.mktemp()).resolve()
+        secret.parent.mkdir(parents=True, exist_ok=True)
+        secret.write_bytes(SECRET + b"\n")
+        self.node_args = ("--auth", "required", "--jwt-secret-file", str(secret))
+        super().setUp()
+
+    def signed(self, node: int, sub: str, name: str):
+        token = hs256(sub=sub, name=name)
+        url = f"ws://127.0.0.1:{self.servers[node][1]}/ws/team?token={token}"
+        client = self.stack.enter_context(
+            ws_connect(url, open_timeout=5, subprotocols=["webchat.v1.json"])
+        )
+        welcome = json.loads(client.recv(timeout=5))
+        self.assertEqual(welcome["type"], "welcome")
+        return client, welcome, token
+
+    def next_event(self, client, kind: str, **fields: object) -> dict:
+        """The next event of ``kind`` (with ``fields`` in it) ``client`` gets."""
+        for _ in range(20):
+            event = json.loads(client.recv(timeout=5))
+            if event["type"] == kind and fields.items() <= event.items():
+                return event
+        self.fail(f"no {kind} event")
+
+    def test_a_user_s_tabs_on_two_nodes_are_one_user(self):
+        tab1, first, token1 = self.signed(0, "u-1", "Ann")
+        self.wait_remote(1, 1)
+        _tab2, welcome, token2 = self.signed(1, "u-1", "Ann")
+        self.assertEqual(
+            welcome["users"], [{"user": "u-1", "name": "Ann", "connections": 2}]
+        )
+        self.assertIn(
+            {"id": first["id"], "name": "Ann", "user": "u-1"}, welcome["members"]
+        )
+        bob, _, token3 = self.signed(1, "u-2", "Bob")
+        # Heard from the other node: first Ann's second tab, then Bob.
+        joins = [self.next_event(tab1, "join")["member"] for _ in range(2)]
+        self.assertEqual([m["user"] for m in joins], ["u-1", "u-2"])
+        tab1.send(json.dumps({"type": "message", "text": "hi from node 0"}))
+        message = self.next_event(bob, "message")
+        self.assertEqual(
+            (message["name"], message["user"], message["text"]),
+            ("Ann", "u-1", "hi from node 0"),
+        )
+        for server, _ in self.servers:
+            for token in (token1, token2, token3):
+                self.assertNotIn(token, server.log())
+        self.logs_are_clean()

@@ -28,6 +28,7 @@ from __future__ import annotations
 
 from collections import Counter, deque
 from collections.abc import Callable, Sequence
+from dataclasses import replace
 from typing import TYPE_CHECKING, Any
 
 import txaio
@@ -45,7 +46,7 @@ from twisted.python.failure import Failure
 
 from webchat.access import AccessPolicy
 from webchat.admission import Admission
-from webchat.auth import TokenVerifier
+from webchat.auth import TokenError, TokenVerifier
 from webchat.codecs import JSON, SEED, Message, event_frame
 from webchat.connection import (
     _CLOSED,
@@ -66,7 +67,7 @@ from webchat.limits import (
 )
 from webchat.logtext import LogText, escape_for_log
 from webchat.metrics import ChatStats
-from webchat.room import Room
+from webchat.room import Room, member_entry
 from webchat.rooms import Rooms
 
 if TYPE_CHECKING:
@@ -75,7 +76,9 @@ if TYPE_CHECKING:
 
 #: Error codes that are a person's (or a page's) mistake, not garbage: they
 #: do not count towards the bad events that close a connection.
-_MISTAKES = frozenset({"bad_name", "name_taken", "message_too_big", "bad_resume"})
+_MISTAKES = frozenset(
+    {"bad_name", "name_taken", "name_locked", "message_too_big", "bad_resume"}
+)
 
 #: How each error close is counted (``WebChatFactory.dropped``).
 _DROP_KIND = {
@@ -174,7 +177,8 @@ class WebChatFactory(WebSocketServerFactory):
             self.access, self.limits, self.stats.refused, auth, verifier
         )
         #: Open connections with an identity, by user (``connections_of``).
-        self._by_user: dict[str, list[WebChatProtocol]] = {}
+        #: (Ordered sets, as dicts: one user may hold many connections.)
+        self._by_user: dict[str, dict[WebChatProtocol, None]] = {}
         #: When the server started, for /healthz's uptime.
         self.started_at = reactor.seconds()
         #: Set at shutdown: new handshakes get 503 and /healthz says so.
@@ -279,13 +283,81 @@ class WebChatFactory(WebSocketServerFactory):
         """This node's open connections of ``user`` (the token's ``sub``)."""
         return list(self._by_user.get(user, ()))
 
+    def _expire_at(self, protocol: WebChatProtocol, expires: float) -> None:
+        """
+        Close ``protocol`` when a token expiring at ``expires`` no longer
+        passes admission (``exp`` plus the verifier's leeway), on the
+        factory's clock; a ``refresh`` moves it on.
+        """
+        timer = protocol.token_expiry
+        if timer is not None and timer.active():
+            timer.cancel()
+        verifier = self.admission.verifier
+        leeway = verifier.leeway if verifier is not None else 0.0
+        delay = max(expires + leeway - self.reactor.seconds(), 0.0)
+        protocol.token_expiry = self.reactor.callLater(
+            delay, self._token_expired, protocol
+        )
+
+    def _token_expired(self, protocol: WebChatProtocol) -> None:
+        """Its token ran out: say so (JSON), close 4001, log it once."""
+        protocol.token_expiry = None
+        if protocol.state != _OPEN:
+            return
+        identity = protocol.identity
+        log.info(
+            "Connection {id} from {peer}: token of user {user} expired",
+            id=protocol.chat_id,
+            peer=escape_for_log(protocol.client_address),
+            user=escape_for_log(identity.user if identity is not None else "-"),
+        )
+        if protocol.admitted is not None and protocol.admitted.codec is JSON:
+            self._tell(
+                protocol,
+                event_frame(
+                    {
+                        "type": "error",
+                        "code": "token_expired",
+                        "reason": "token expired",
+                    }
+                ),
+            )
+        protocol.close_with(4001, "token expired")
+
+    def _refresh_event(self, sender: WebChatProtocol, token: str) -> None:
+        """
+        A fresh token before the old one expires: for the same user and
+        still granting the room, it moves the expiry on (``refreshed``);
+        otherwise ``bad_token``, and the connection lasts as long as before.
+        """
+        identity = sender.identity
+        verifier = self.admission.verifier
+        if identity is None or verifier is None:
+            raise BadEvent("bad_token", "this connection has no token to refresh")
+        try:
+            fresh = verifier.verify(token)
+        except TokenError as e:
+            raise BadEvent("bad_token", e.reason) from None
+        if fresh.user != identity.user:
+            raise BadEvent("bad_token", "the token is for another user")
+        room = sender.room
+        if room is not None and not fresh.may_join(room.name):
+            raise BadEvent("bad_token", "the token does not grant this room")
+        # The name stays the one the connection opened with: others know it so.
+        sender.identity = replace(fresh, name=identity.name)
+        self._expire_at(sender, fresh.expires)
+        exp: float | int = fresh.expires
+        if exp == int(exp):
+            exp = int(exp)
+        self._tell(sender, event_frame({"type": "refreshed", "exp": exp}))
+
     def _forget_user(self, protocol: WebChatProtocol) -> None:
         identity = protocol.identity
         if identity is None:
             return
         held = self._by_user.get(identity.user)
         if held is not None and protocol in held:
-            held.remove(protocol)
+            del held[protocol]
             if not held:
                 del self._by_user[identity.user]
 
@@ -312,14 +384,17 @@ class WebChatFactory(WebSocketServerFactory):
         if identity is not None:
             # Signed by the app: their name is theirs, ?name= is not read.
             name = identity.display_name
-            self._by_user.setdefault(identity.user, []).append(protocol)
+            self._by_user.setdefault(identity.user, {})[protocol] = None
+            self._expire_at(protocol, identity.expires)
         elif protocol.wanted_name is not None:
             try:
                 name = check_name(protocol.wanted_name)
             except BadEvent as e:
                 bad_name = e
             protocol.wanted_name = None
-        room = self.rooms.join(admitted.room, protocol, admitted.codec, name)
+        room = self.rooms.join(
+            admitted.room, protocol, admitted.codec, name, exact=identity is not None
+        )
         protocol.room = room
         self.stats.opened += 1
         protocol.opened_at = self.reactor.seconds()
@@ -329,9 +404,14 @@ class WebChatFactory(WebSocketServerFactory):
             peer=escape_for_log(protocol.client_address),
             room=room.name,
         )
-        member = {"id": protocol.chat_id, "name": protocol.chat_name}
+        member = member_entry(protocol)
         if self.link is not None:
-            self.link.member_joined(room.name, protocol.chat_id, protocol.chat_name)
+            self.link.member_joined(
+                room.name,
+                protocol.chat_id,
+                protocol.chat_name,
+                identity.user if identity is not None else "",
+            )
         if admitted.codec is JSON:
             # The welcome, the errors about the URL right after it, then the
             # history: all before any live event (see _replay).
@@ -385,12 +465,18 @@ class WebChatFactory(WebSocketServerFactory):
         rate: float | int = limits.rate_limit
         if rate == int(rate):
             rate = int(rate)
-        return {
+        members = self._roster(room)
+        welcome: dict[str, Any] = {
             "type": "welcome",
-            "id": protocol.chat_id,
-            "name": protocol.chat_name,
+            **member_entry(protocol),  # its id, name, and user if signed
             "room": room.name,
-            "members": self._roster(room),
+            "members": members,
+        }
+        if self.admission.auth != "off":
+            # Signed users, each once with their connection count.
+            welcome["users"] = users_of(members)
+        return {
+            **welcome,
             "limits": {
                 "max_text_bytes": limits.max_text_bytes,
                 "max_message_size": limits.max_message_size,
@@ -521,7 +607,7 @@ class WebChatFactory(WebSocketServerFactory):
         if self.link is not None:
             self.link.member_left(room.name, protocol.chat_id)
         if len(room):
-            member = {"id": protocol.chat_id, "name": protocol.chat_name}
+            member = member_entry(protocol)
             room.publish_event(
                 event_frame({"type": "leave", "room": room.name, "member": member}),
                 protocol.chat_id,
@@ -584,6 +670,8 @@ class WebChatFactory(WebSocketServerFactory):
                 self._name_event(sender, event.value)
             elif event.type == "resume":
                 self._resume_event(sender, event.since, event.value)
+            elif event.type == "refresh":
+                self._refresh_event(sender, event.value)
             else:
                 self._typing_event(sender)
         except BadEvent as e:
@@ -624,6 +712,8 @@ class WebChatFactory(WebSocketServerFactory):
         self._replay(sender, room, head, since, epoch)
 
     def _name_event(self, sender: WebChatProtocol, raw: str) -> None:
+        if sender.identity is not None:
+            raise BadEvent("name_locked", "your name is the one your app signed")
         name = check_name(raw)
         room = sender.room
         if room is None:
@@ -660,14 +750,19 @@ class WebChatFactory(WebSocketServerFactory):
             return  # at most one every TYPING_INTERVAL, the rest dropped
         sender.typed_at = now
         if self.link is not None:
-            self.link.member_typing(room.name, sender.chat_id, sender.chat_name)
+            identity = sender.identity
+            self.link.member_typing(
+                room.name,
+                sender.chat_id,
+                sender.chat_name,
+                identity.user if identity is not None else "",
+            )
         room.publish_event(
             event_frame(
                 {
                     "type": "typing",
                     "room": room.name,
-                    "id": sender.chat_id,
-                    "name": sender.chat_name,
+                    **member_entry(sender),
                 }
             ),
             sender.chat_id,
@@ -886,6 +981,7 @@ class WebChatFactory(WebSocketServerFactory):
             offset=envelope.offset,
             ts=envelope.ts or None,
             delayed=envelope.delayed,
+            user="" if own else self._remote_user(envelope.chat_id),
         )
         if self.quiet:
             return
@@ -974,6 +1070,7 @@ class WebChatFactory(WebSocketServerFactory):
                         offset=message.offset,
                         ts=message.ts or None,
                         delayed=True,
+                        user=self._remote_user(message.sender_id),
                     )
 
         def failed(failure: Failure) -> None:
@@ -1041,18 +1138,10 @@ class WebChatFactory(WebSocketServerFactory):
         The members of ``room_name`` here and on other nodes, as the JSON
         events list them (with ``user`` when they have an identity).
         """
-        room = self.rooms.get(room_name)
         members: list[dict[str, object]] = []
+        room = self.rooms.get(room_name)
         if room is not None:
-            for member in room:
-                entry: dict[str, object] = {
-                    "id": member.chat_id,
-                    "name": member.chat_name,
-                }
-                user = _user_of(member)
-                if user is not None:
-                    entry["user"] = user
-                members.append(entry)
+            members = room.roster()
         if self.link is not None:
             here = {member["id"] for member in members}
             members += [
@@ -1132,30 +1221,42 @@ class WebChatFactory(WebSocketServerFactory):
             sender_id=envelope.chat_id,
             name=envelope.name,
             ts=envelope.ts or None,
+            user=self._remote_user(envelope.chat_id),
         )
         if not self.quiet:
             _log_from_node(envelope, count)
 
+    def _remote_user(self, chat_id: int) -> str:
+        """
+        The user id of member ``chat_id`` of another node, as its presence
+        says ("" if anonymous or not known): messages between nodes do not
+        carry it, so their envelope stays as it was.
+        """
+        if self.link is None:
+            return ""
+        return self.link.presence.user_of(chat_id)
+
     # What members of other nodes do (``RemotePresence`` calls these): JSON
     # members of the room here hear of it, as of a member of this node.
 
-    def remote_joined(self, room: str, chat_id: int, name: str) -> None:
+    def remote_joined(self, room: str, chat_id: int, name: str, user: str = "") -> None:
         self._remote_event(
-            room, {"type": "join", "member": {"id": chat_id, "name": name}}
+            room, {"type": "join", "member": _member(chat_id, name, user)}
         )
 
-    def remote_left(self, room: str, chat_id: int, name: str) -> None:
+    def remote_left(self, room: str, chat_id: int, name: str, user: str = "") -> None:
         self._remote_event(
-            room, {"type": "leave", "member": {"id": chat_id, "name": name}}
+            room, {"type": "leave", "member": _member(chat_id, name, user)}
         )
 
-    def remote_renamed(self, room: str, chat_id: int, old: str, name: str) -> None:
-        self._remote_event(
-            room, {"type": "name", "id": chat_id, "old": old, "name": name}
-        )
+    def remote_renamed(
+        self, room: str, chat_id: int, old: str, name: str, user: str = ""
+    ) -> None:
+        event: dict[str, object] = {"type": "name", "id": chat_id, "old": old}
+        self._remote_event(room, {**event, **_member(chat_id, name, user)})
 
-    def remote_typing(self, room: str, chat_id: int, name: str) -> None:
-        self._remote_event(room, {"type": "typing", "id": chat_id, "name": name})
+    def remote_typing(self, room: str, chat_id: int, name: str, user: str = "") -> None:
+        self._remote_event(room, {"type": "typing", **_member(chat_id, name, user)})
 
     def _remote_event(self, name: str, event: dict[str, object]) -> None:
         room = self.rooms.get(name)
@@ -1209,12 +1310,6 @@ class WebChatFactory(WebSocketServerFactory):
         return done
 
 
-def _user_of(member: object) -> str | None:
-    """The user (JWT ``sub``) a room member is; None when anonymous."""
-    identity = getattr(member, "identity", None)
-    return identity.user if identity is not None else None
-
-
 def _fit_close_reason(reason: str, most: int = 123) -> str:
     """``reason`` cut to ``most`` bytes of UTF-8, never inside a character."""
     return reason.encode("utf-8")[:most].decode("utf-8", "ignore")
@@ -1228,6 +1323,32 @@ def _log_server_message(room: str, text: bytes, count: int) -> None:
         count=count,
         room=room,
     )
+
+
+def _member(chat_id: int, name: str, user: str) -> dict[str, object]:
+    """A member of another node as JSON events show one (``member_entry``)."""
+    if user:
+        return {"id": chat_id, "name": name, "user": user}
+    return {"id": chat_id, "name": name}
+
+
+def users_of(members: list[dict[str, object]]) -> list[dict[str, object]]:
+    """
+    The signed users among ``members`` (roster entries), each once, in the
+    order they first appear, with their name and how many connections they
+    have in the room (one per tab, per device).
+    """
+    users: dict[object, dict[str, object]] = {}
+    for member in members:
+        user = member.get("user")
+        if user is None:
+            continue
+        entry = users.get(user)
+        if entry is None:
+            users[user] = {"user": user, "name": member["name"], "connections": 1}
+        else:
+            entry["connections"] += 1  # type: ignore[operator]
+    return list(users.values())
 
 
 def _log_from_node(envelope: Envelope, count: int) -> None:

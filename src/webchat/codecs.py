@@ -53,6 +53,9 @@ class Message(NamedTuple):
     #: Said on another node during a Redis outage and kept after it
     #: (--redis): JSON marks it ``"delayed": true``.
     delayed: bool = False
+    #: The sender's user id (its token's ``sub``, --auth); "" = anonymous,
+    #: and JSON then has no ``user`` field at all.
+    user: str = ""
 
 
 class Codec(Protocol):
@@ -121,7 +124,9 @@ def message_event(message: Message) -> dict[str, Any]:
         "id": message.sender_id,
         "name": message.name,
     }
-    if not message.sender_id:
+    if message.user:
+        event["user"] = message.user
+    elif not message.sender_id:
         event["server"] = True  # the app's, through the server API
     event |= {
         "text": message.text.decode("utf-8"),

@@ -82,14 +82,19 @@ class Rooms:
         self._flush_call: Any = None
 
     def join(
-        self, name: str, member: Member, codec: Codec = SEED, member_name: str = ""
+        self,
+        name: str,
+        member: Member,
+        codec: Codec = SEED,
+        member_name: str = "",
+        exact: bool = False,
     ) -> Room:
         """
         Put ``member`` in room ``name`` (made now if need be), named
         ``member_name`` (see ``Room.join``); return the room.
         """
         room = self.open_room(name)
-        room.join(member, codec, member_name)
+        room.join(member, codec, member_name, exact)
         return room
 
     def open_room(self, name: str) -> Room:
