@@ -114,6 +114,8 @@ class ChatStats:
         self.history_replayed = 0
         #: Resumes answered, by whether everything missed was sent ("true").
         self.resumes: Counter[str] = Counter()
+        #: Server API answers, by HTTP status and error code ("ok": none).
+        self.api: Counter[tuple[int, str]] = Counter()
         # Not registered anywhere: the collector below reports it.
         self.fanout_seconds = Histogram(
             "webchat_fanout_seconds",
@@ -199,6 +201,7 @@ class ChatCollector(Collector):
         )
         yield from stats.fanout_seconds.collect()
         yield from _history_metrics(factory)
+        yield _api_metric(factory.stats)
         link = factory.link
         if link is not None:
             yield GaugeMetricFamily(
@@ -262,6 +265,18 @@ class ChatCollector(Collector):
                 PRESENCE_DROP_REASONS,
                 link.presence.dropped,
             )
+
+
+def _api_metric(stats: ChatStats) -> Metric:
+    """The server API's answers (docs/operations.md, "The server API")."""
+    api = CounterMetricFamily(
+        "webchat_api_requests",
+        "Server API requests answered, by HTTP status and error code (ok: none).",
+        labels=["status", "error"],
+    )
+    for (status, error), count in sorted(dict(stats.api).items()):
+        api.add_metric([str(status), error], count)
+    return api
 
 
 def _history_metrics(factory: WebChatFactory) -> Iterator[Metric]:

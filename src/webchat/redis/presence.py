@@ -284,6 +284,10 @@ class RemotePresence:
             for chat_id, (name, user) in self._rooms.get(room, {}).items()
         ]
 
+    def rooms(self) -> dict[str, int]:
+        """How many members other nodes have in each room (the server API)."""
+        return {room: len(members) for room, members in self._rooms.items() if members}
+
     def user_of(self, chat_id: int) -> str:
         """The user id of member ``chat_id`` of another node ("" if none known)."""
         node = self._owner.get(chat_id)
