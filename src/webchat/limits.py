@@ -120,6 +120,28 @@ OUTAGE_BUFFER = 10000
 MAX_REMOTE_MEMBERS = 100_000
 #: Other nodes a node keeps track of (real or claimed on the channel).
 MAX_REMOTE_NODES = 1000
+#: Seconds one webhook request may take, connecting to reading the whole
+#: answer (--webhook-timeout); past it the attempt counts as failed and is
+#: retried.
+WEBHOOK_TIMEOUT = 10.0
+#: Seconds a user's last connection may stay closed before ``user.offline``
+#: is sent (--webhook-offline-delay): a page reload reconnects well within
+#: it, and is then neither an offline nor an online.
+WEBHOOK_OFFLINE_DELAY = 3.0
+#: Webhook events waiting to be sent, at most (--webhook-queue); past it the
+#: newest are dropped and counted (webchat_webhook_dropped_total).  Each is
+#: a few hundred bytes, or a message's text (--max-message-size) for
+#: ``message`` events: 10000 x 64 KiB = 640 MB at the very worst.
+WEBHOOK_QUEUE = 10000
+#: The first retry of a failed webhook request waits about this long
+#: (seconds), each next one twice as long, up to WEBHOOK_RETRY_MAX; each
+#: wait is jittered down by up to half so nodes do not retry in step.  Not
+#: options: the receiver being down is what they wait out.
+WEBHOOK_RETRY_INITIAL = 0.5
+WEBHOOK_RETRY_MAX = 60.0
+#: How old (seconds) a webhook's Webchat-Timestamp may be before a receiver
+#: should refuse it as a replay (docs/webhooks.md; webhooks.signing.verify).
+WEBHOOK_SIGNATURE_TOLERANCE = 300.0
 #: File descriptors kept back from --max-connections for listening sockets,
 #: log files, page requests and Redis, so accept() never fails with EMFILE.
 FD_RESERVE = 64

@@ -1,0 +1,172 @@
+"""Webhooks from a real chat to a real HTTP receiver (in this process, on a
+free port), which checks every signature: the events, a receiver that is
+down then up, one that never answers."""
+
+from __future__ import annotations
+
+from types import SimpleNamespace
+from typing import Any
+
+from twisted.internet import reactor
+from twisted.internet.defer import inlineCallbacks
+from twisted.trial.unittest import TestCase
+
+from tests.support import ServerMixin, deferLater, free_port, take
+from tests.webhook_receiver import start_receiver
+from webchat.limits import Limits
+from webchat.webhooks import AppEvents, WebhookSender, treq_post
+
+SECRET = b"webhook secret for the tests"
+
+
+class WebhookChatMixin(ServerMixin):
+    timeout = 30
+
+    @inlineCallbacks
+    def setUp(self):
+        yield self.start_server(limits=Limits(rate_limit=0))
+        real_admit = self.factory.admit
+
+        def admit(protocol: Any, request: Any) -> None:
+            # Until the JWT identity lands (branch h15auth): ?user= stands
+            # in for a verified token's sub.
+            real_admit(protocol, request)
+            users = (request.params or {}).get("user")
+            if users:
+                protocol.identity = SimpleNamespace(user=users[0])
+
+        self.factory.admit = admit
+
+    def attach(
+        self,
+        url: str,
+        wanted: tuple[str, ...],
+        offline_delay: float = 0.5,
+        **sender_options: Any,
+    ) -> WebhookSender:
+        """Webhooks to ``url`` from this test's chat, as --webhook-url does."""
+        sender_options.setdefault("retry_initial", 0.05)
+        sender_options.setdefault("retry_max", 0.2)
+        sender_options.setdefault("drain_grace", 0.5)
+        post = treq_post(reactor)
+        sender = WebhookSender(reactor, url, SECRET, post, **sender_options)
+        app = AppEvents(reactor, sender, wanted, offline_delay=offline_delay)
+        app.startService()
+        self.factory.app_events = app
+        # Cleanups run last-in first-out: after the server has closed.
+        self.addCleanup(post.pool.closeCachedConnections)
+        self.addCleanup(app.stopService)
+        return sender
+
+
+class WebhookEventTests(WebhookChatMixin, TestCase):
+    @inlineCallbacks
+    def test_message_and_room_vacated(self):
+        receiver = yield start_receiver(self, SECRET)
+        self.attach(receiver.url, ("message", "room.vacated"))
+        alice, bob = yield self.connect_many(2)
+        alice.send_text("hello ✓")
+        self.assertEqual((yield bob.received.get()), "id 1: hello ✓")
+        event = yield receiver.events.get()
+        self.assertEqual(event["type"], "message")
+        self.assertEqual(len(event["id"]), 32)
+        data = event["data"]
+        self.assertIsInstance(data.pop("ts"), int)
+        self.assertEqual(
+            data,
+            {
+                "room": "lobby",
+                "id": 1,
+                "name": "guest-1",
+                "text": "hello ✓",
+                "offset": 1,
+            },
+        )
+        alice.sendClose()
+        yield alice.closed
+        bob.sendClose()
+        yield bob.closed
+        event = yield receiver.events.get()
+        self.assertEqual(
+            (event["type"], event["data"]), ("room.vacated", {"room": "lobby"})
+        )
+        self.assertEqual(receiver.bad, [])
+
+    @inlineCallbacks
+    def test_user_online_offline_and_a_reload_in_between(self):
+        receiver = yield start_receiver(self, SECRET)
+        self.attach(receiver.url, ("user.online", "user.offline"), offline_delay=0.5)
+        anonymous = yield self.connect()
+        first = yield self.connect("/?user=u1")
+        event = yield receiver.events.get()
+        self.assertEqual(
+            (event["type"], event["data"]), ("user.online", {"user": "u1"})
+        )
+        second = yield self.connect("/?user=u1")  # a second tab
+        for client in (first, second):  # a reload of both
+            client.sendClose()
+            yield client.closed
+        again = yield self.connect("/?user=u1")
+        yield deferLater(1.0)  # twice the offline delay
+        self.assertEqual(len(receiver.taken), 1, receiver.taken)
+        again.sendClose()
+        yield again.closed
+        event = yield receiver.events.get()
+        self.assertEqual(
+            (event["type"], event["data"]), ("user.offline", {"user": "u1"})
+        )
+        anonymous.sendClose()
+        yield anonymous.closed
+        yield deferLater(0.7)
+        self.assertEqual(len(receiver.taken), 2, receiver.taken)
+        self.assertEqual(receiver.bad, [])
+
+    @inlineCallbacks
+    def test_receiver_down_then_up_gets_every_event_once_by_id(self):
+        port = free_port()
+        sender = self.attach(
+            f"http://127.0.0.1:{port}/hooks", ("message",), timeout=0.5
+        )
+        alice, bob = yield self.connect_many(2)
+        for n in range(5):
+            alice.send_text(f"m{n}")
+        self.assertEqual(len((yield take(bob, 5))), 5)
+        for _ in range(100):  # a few refused connections
+            if sender.sent["error"] >= 2:
+                break
+            yield deferLater(0.05)
+        self.assertGreaterEqual(
+            sender.sent["error"], 2, (dict(sender.sent), self.logs.lines)
+        )
+        self.assertEqual(len(sender.queue), 5)
+        receiver = yield start_receiver(self, SECRET, port)
+        # The first two answers are lost: those two arrive twice.
+        receiver.stall_after_taking = 2
+        while len({e["id"] for e in receiver.taken}) < 5:
+            yield receiver.events.get()
+        yield deferLater(0.3)
+        by_id = {e["id"]: e["data"]["text"] for e in receiver.taken}
+        self.assertEqual(sorted(by_id.values()), [f"m{n}" for n in range(5)])
+        self.assertGreater(len(receiver.taken), 5)  # at least once, not exactly
+        self.assertEqual(len(sender.queue), 0)
+        self.assertEqual(receiver.bad, [])
+
+
+class StalledReceiverTests(WebhookChatMixin, TestCase):
+    @inlineCallbacks
+    def test_a_receiver_that_never_answers_never_slows_the_chat(self):
+        receiver = yield start_receiver(self, SECRET)
+        receiver.hang = True
+        sender = self.attach(receiver.url, ("message",), queue_size=5, timeout=60)
+        alice, bob = yield self.connect_many(2)
+        for n in range(200):
+            alice.send_text(f"m{n}")
+        got = yield take(bob, 200)
+        self.assertEqual(got, [f"id 1: m{n}" for n in range(200)])
+        bob.send_text("and back")
+        self.assertEqual((yield alice.received.get()), "id 2: and back")
+        self.assertEqual(receiver.requests, 1)  # one request at a time
+        self.assertEqual(len(sender.queue), 5)  # bounded
+        self.assertEqual(sender.dropped["queue_full"], 196)
+        full = [line for line in self.logs.lines if "queue full" in line]
+        self.assertEqual(len(full), 1)
