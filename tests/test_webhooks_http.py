@@ -4,14 +4,26 @@ down then up, one that never answers."""
 
 from __future__ import annotations
 
+import re
+import signal
+from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
 
 from twisted.internet import reactor
 from twisted.internet.defer import inlineCallbacks
+from twisted.internet.threads import deferToThread
 from twisted.trial.unittest import TestCase
 
-from tests.support import ServerMixin, deferLater, free_port, take
+from tests.support import (
+    ServerMixin,
+    Twistd,
+    connect_client,
+    deferLater,
+    free_port,
+    slow,
+    take,
+)
 from tests.webhook_receiver import start_receiver
 from webchat.limits import Limits
 from webchat.webhooks import AppEvents, WebhookSender, treq_post
@@ -170,3 +182,49 @@ class StalledReceiverTests(WebhookChatMixin, TestCase):
         self.assertEqual(sender.dropped["queue_full"], 196)
         full = [line for line in self.logs.lines if "queue full" in line]
         self.assertEqual(len(full), 1)
+
+
+@slow
+class TwistdWebhookTests(TestCase):
+    """``twistd webchat --webhook-url``: wired up, and drained at shutdown."""
+
+    timeout = 60
+
+    @inlineCallbacks
+    def test_events_reach_the_app_and_the_last_ones_survive_shutdown(self):
+        receiver = yield start_receiver(self, SECRET)
+        workdir = Path(self.mktemp()).resolve()
+        workdir.mkdir(parents=True)
+        secret = workdir / "secret"
+        secret.write_bytes(SECRET + b"\n")
+        node = Twistd(
+            workdir,
+            "--port", "tcp:0:interface=127.0.0.1",
+            "--webhook-url", receiver.url + "?key=hidden",
+            "--webhook-secret-file", str(secret),
+            "--webhook-events", "message,room.vacated",
+        )  # fmt: skip
+        self.addCleanup(node.stop, signal.SIGKILL)
+        log = yield deferToThread(node.wait_for_log, "Site starting on")
+        port = int(re.search(r"Site starting on (\d+)", log).group(1))
+        alice = yield connect_client(port, "/ws/team")
+        alice.send_text("hi app")
+        event = yield receiver.events.get()
+        self.assertEqual(event["data"]["text"], "hi app")
+        self.assertEqual(event["data"]["room"], "team")
+        receiver.hang = True  # the next answers are late ...
+        alice.send_text("late")
+        yield deferLater(0.2)
+        reactor.callLater(0.5, setattr, receiver, "hang", False)
+        reactor.callLater(0.5, receiver.release)  # ... a 503 then taken
+        status = yield deferToThread(node.stop, signal.SIGTERM)
+        self.assertEqual(status, 0)
+        texts = [e["data"].get("text") for e in receiver.taken]
+        kinds = [e["type"] for e in receiver.taken]
+        self.assertEqual(texts[:2], ["hi app", "late"])
+        self.assertEqual(kinds[-1], "room.vacated")  # sent while shutting down
+        self.assertEqual(receiver.bad, [])
+        text = node.log()
+        self.assertNotIn(SECRET.decode(), text)
+        self.assertNotIn("hidden", text)
+        self.assertNotIn("HTTP11ClientFactory", text)  # quiet pool
