@@ -6,10 +6,11 @@ from __future__ import annotations
 
 import re
 import signal
+import time
 from pathlib import Path
-from types import SimpleNamespace
 from typing import Any
 
+import jwt
 from twisted.internet import reactor
 from twisted.internet.defer import inlineCallbacks
 from twisted.internet.threads import deferToThread
@@ -25,10 +26,18 @@ from tests.support import (
     take,
 )
 from tests.webhook_receiver import start_receiver
+from webchat.auth import TokenVerifier
 from webchat.limits import Limits
 from webchat.webhooks import AppEvents, WebhookSender, treq_post
 
 SECRET = b"webhook secret for the tests"
+JWT_SECRET = b"a shared secret of at least 32 bytes, for HS256"
+
+
+def as_user(user: str) -> str:
+    """The path of a connection signed in as ``user`` (an HS256 token)."""
+    claims = {"sub": user, "exp": time.time() + 600}
+    return "/?token=" + jwt.encode(claims, JWT_SECRET, algorithm="HS256")
 
 
 class WebhookChatMixin(ServerMixin):
@@ -36,18 +45,10 @@ class WebhookChatMixin(ServerMixin):
 
     @inlineCallbacks
     def setUp(self):
-        yield self.start_server(limits=Limits(rate_limit=0))
-        real_admit = self.factory.admit
-
-        def admit(protocol: Any, request: Any) -> None:
-            # Until the JWT identity lands (branch h15auth): ?user= stands
-            # in for a verified token's sub.
-            real_admit(protocol, request)
-            users = (request.params or {}).get("user")
-            if users:
-                protocol.identity = SimpleNamespace(user=users[0])
-
-        self.factory.admit = admit
+        verifier = TokenVerifier(secret=JWT_SECRET, clock=reactor.seconds)
+        yield self.start_server(
+            limits=Limits(rate_limit=0), auth="optional", verifier=verifier
+        )
 
     def attach(
         self,
@@ -96,8 +97,19 @@ class WebhookEventTests(WebhookChatMixin, TestCase):
         )
         alice.sendClose()
         yield alice.closed
-        bob.sendClose()
-        yield bob.closed
+        # A signed member's message names the user, after the name.
+        ann = yield self.connect(as_user("u-ann"))
+        ann.send_text("from ann")
+        self.assertEqual((yield bob.received.get()), "id 3: from ann")
+        event = yield receiver.events.get()
+        self.assertEqual(
+            list(event["data"]), ["room", "id", "name", "user", "text", "offset", "ts"]
+        )
+        self.assertEqual(event["data"]["user"], "u-ann")
+        self.assertEqual(event["data"]["offset"], 2)
+        for client in (ann, bob):
+            client.sendClose()
+            yield client.closed
         event = yield receiver.events.get()
         self.assertEqual(
             (event["type"], event["data"]), ("room.vacated", {"room": "lobby"})
@@ -109,16 +121,16 @@ class WebhookEventTests(WebhookChatMixin, TestCase):
         receiver = yield start_receiver(self, SECRET)
         self.attach(receiver.url, ("user.online", "user.offline"), offline_delay=0.5)
         anonymous = yield self.connect()
-        first = yield self.connect("/?user=u1")
+        first = yield self.connect(as_user("u1"))
         event = yield receiver.events.get()
         self.assertEqual(
             (event["type"], event["data"]), ("user.online", {"user": "u1"})
         )
-        second = yield self.connect("/?user=u1")  # a second tab
+        second = yield self.connect(as_user("u1"))  # a second tab
         for client in (first, second):  # a reload of both
             client.sendClose()
             yield client.closed
-        again = yield self.connect("/?user=u1")
+        again = yield self.connect(as_user("u1"))
         yield deferLater(1.0)  # twice the offline delay
         self.assertEqual(len(receiver.taken), 1, receiver.taken)
         again.sendClose()

@@ -28,6 +28,7 @@ from __future__ import annotations
 
 from collections import Counter, deque
 from collections.abc import Callable, Sequence
+from dataclasses import replace
 from typing import TYPE_CHECKING, Any
 
 import txaio
@@ -45,9 +46,11 @@ from twisted.python.failure import Failure
 
 from webchat.access import AccessPolicy
 from webchat.admission import Admission
+from webchat.auth import TokenError, TokenVerifier
 from webchat.codecs import JSON, SEED, Message, event_frame
 from webchat.connection import (
     _CLOSED,
+    _OPEN,
     ERROR_CLOSE_CODES,
     SERVER_FAULT_CODES,
     WebChatProtocol,
@@ -64,7 +67,7 @@ from webchat.limits import (
 )
 from webchat.logtext import LogText, escape_for_log
 from webchat.metrics import ChatStats
-from webchat.room import Room
+from webchat.room import Room, member_entry
 from webchat.rooms import Rooms
 
 if TYPE_CHECKING:
@@ -74,7 +77,9 @@ if TYPE_CHECKING:
 
 #: Error codes that are a person's (or a page's) mistake, not garbage: they
 #: do not count towards the bad events that close a connection.
-_MISTAKES = frozenset({"bad_name", "name_taken", "message_too_big", "bad_resume"})
+_MISTAKES = frozenset(
+    {"bad_name", "name_taken", "name_locked", "message_too_big", "bad_resume"}
+)
 
 #: How each error close is counted (``WebChatFactory.dropped``).
 _DROP_KIND = {
@@ -137,6 +142,8 @@ class WebChatFactory(WebSocketServerFactory):
         access: AccessPolicy | None = None,
         history: HistoryStore | None = None,
         history_for_text_clients: bool = False,
+        auth: str = "off",
+        verifier: TokenVerifier | None = None,
     ) -> None:
         # "webchat", not Autobahn's name and version, in the 101's Server:.
         super().__init__(reactor=reactor, server="webchat")
@@ -167,7 +174,11 @@ class WebChatFactory(WebSocketServerFactory):
         self.access = access or AccessPolicy()
         #: Every connection from TCP accept to close, open or still handshaking.
         self.connections: set[WebChatProtocol] = set()
-        self.admission = Admission(self.access, self.limits, self.stats.refused)
+        self.admission = Admission(
+            self.access, self.limits, self.stats.refused, auth, verifier
+        )
+        #: Open connections with an identity, by user (``connections_of``).
+        self._by_user: dict[str, list[WebChatProtocol]] = {}
         #: When the server started, for /healthz's uptime.
         self.started_at = reactor.seconds()
         #: Set at shutdown: new handshakes get 503 and /healthz says so.
@@ -241,6 +252,12 @@ class WebChatFactory(WebSocketServerFactory):
         """Let a handshake proceed, or raise ``ConnectionDeny`` with the HTTP status."""
         headers = request.headers
         peer = protocol.client_address
+        params = request.params or {}
+        token = None
+        if self.admission.auth != "off":
+            # Read only when tokens are: with --auth off nobody's is looked at.
+            tokens = params.get("token")
+            token = tokens[0] if tokens else None
         protocol.client_address = self.admission.client_address(peer, headers)
         protocol.admitted = self.admission.admit(
             peer,
@@ -251,11 +268,11 @@ class WebChatFactory(WebSocketServerFactory):
             path=request.path,
             rooms=self.rooms,
             rooms_open=self.rooms.open,
+            token=token,
         )
-        params = request.params or {}
         names = params.get("name")
         if protocol.admitted.codec is JSON:
-            if names:
+            if names and protocol.admitted.identity is None:
                 protocol.wanted_name = names[0]
             since, epoch = params.get("since"), params.get("epoch")
             if since or epoch:
@@ -263,6 +280,88 @@ class WebChatFactory(WebSocketServerFactory):
                     since[0] if since else None,
                     epoch[0] if epoch else None,
                 )
+
+    def connections_of(self, user: str) -> list[WebChatProtocol]:
+        """This node's open connections of ``user`` (the token's ``sub``)."""
+        return list(self._by_user.get(user, ()))
+
+    def _expire_at(self, protocol: WebChatProtocol, expires: float) -> None:
+        """
+        Close ``protocol`` when a token expiring at ``expires`` no longer
+        passes admission (``exp`` plus the verifier's leeway), on the
+        factory's clock; a ``refresh`` moves it on.
+        """
+        timer = protocol.token_expiry
+        if timer is not None and timer.active():
+            timer.cancel()
+        verifier = self.admission.verifier
+        leeway = verifier.leeway if verifier is not None else 0.0
+        delay = max(expires + leeway - self.reactor.seconds(), 0.0)
+        protocol.token_expiry = self.reactor.callLater(
+            delay, self._token_expired, protocol
+        )
+
+    def _token_expired(self, protocol: WebChatProtocol) -> None:
+        """Its token ran out: say so (JSON), close 4001, log it once."""
+        protocol.token_expiry = None
+        if protocol.state != _OPEN:
+            return
+        identity = protocol.identity
+        log.info(
+            "Connection {id} from {peer}: token of user {user} expired",
+            id=protocol.chat_id,
+            peer=escape_for_log(protocol.client_address),
+            user=escape_for_log(identity.user if identity is not None else "-"),
+        )
+        if protocol.admitted is not None and protocol.admitted.codec is JSON:
+            self._tell(
+                protocol,
+                event_frame(
+                    {
+                        "type": "error",
+                        "code": "token_expired",
+                        "reason": "token expired",
+                    }
+                ),
+            )
+        protocol.close_with(4001, "token expired")
+
+    def _refresh_event(self, sender: WebChatProtocol, token: str) -> None:
+        """
+        A fresh token before the old one expires: for the same user and
+        still granting the room, it moves the expiry on (``refreshed``);
+        otherwise ``bad_token``, and the connection lasts as long as before.
+        """
+        identity = sender.identity
+        verifier = self.admission.verifier
+        if identity is None or verifier is None:
+            raise BadEvent("bad_token", "this connection has no token to refresh")
+        try:
+            fresh = verifier.verify(token)
+        except TokenError as e:
+            raise BadEvent("bad_token", e.reason) from None
+        if fresh.user != identity.user:
+            raise BadEvent("bad_token", "the token is for another user")
+        room = sender.room
+        if room is not None and not fresh.may_join(room.name):
+            raise BadEvent("bad_token", "the token does not grant this room")
+        # The name stays the one the connection opened with: others know it so.
+        sender.identity = replace(fresh, name=identity.name)
+        self._expire_at(sender, fresh.expires)
+        exp: float | int = fresh.expires
+        if exp == int(exp):
+            exp = int(exp)
+        self._tell(sender, event_frame({"type": "refreshed", "exp": exp}))
+
+    def _forget_user(self, protocol: WebChatProtocol) -> None:
+        identity = protocol.identity
+        if identity is None:
+            return
+        held = self._by_user.get(identity.user)
+        if held is not None and protocol in held:
+            held.remove(protocol)
+            if not held:
+                del self._by_user[identity.user]
 
     def allocate_id(self) -> int:
         """
@@ -283,13 +382,21 @@ class WebChatFactory(WebSocketServerFactory):
         protocol.chat_id = self.allocate_id()
         name = ""
         bad_name: BadEvent | None = None
-        if protocol.wanted_name is not None:
+        identity = protocol.identity = admitted.identity
+        if identity is not None:
+            # Signed by the app: their name is theirs, ?name= is not read.
+            name = identity.display_name
+            self._by_user.setdefault(identity.user, []).append(protocol)
+            self._expire_at(protocol, identity.expires)
+        elif protocol.wanted_name is not None:
             try:
                 name = check_name(protocol.wanted_name)
             except BadEvent as e:
                 bad_name = e
             protocol.wanted_name = None
-        room = self.rooms.join(admitted.room, protocol, admitted.codec, name)
+        room = self.rooms.join(
+            admitted.room, protocol, admitted.codec, name, exact=identity is not None
+        )
         protocol.room = room
         self.stats.opened += 1
         protocol.opened_at = self.reactor.seconds()
@@ -299,7 +406,7 @@ class WebChatFactory(WebSocketServerFactory):
             peer=escape_for_log(protocol.client_address),
             room=room.name,
         )
-        member = {"id": protocol.chat_id, "name": protocol.chat_name}
+        member = member_entry(protocol)
         if self.link is not None:
             self.link.member_joined(room.name, protocol.chat_id, protocol.chat_name)
         if self.app_events is not None:
@@ -357,12 +464,18 @@ class WebChatFactory(WebSocketServerFactory):
         rate: float | int = limits.rate_limit
         if rate == int(rate):
             rate = int(rate)
-        return {
+        members = self._roster(room)
+        welcome: dict[str, Any] = {
             "type": "welcome",
-            "id": protocol.chat_id,
-            "name": protocol.chat_name,
+            **member_entry(protocol),  # its id, name, and user if signed
             "room": room.name,
-            "members": self._roster(room),
+            "members": members,
+        }
+        if self.admission.auth != "off":
+            # Signed users, each once with their connection count.
+            welcome["users"] = users_of(members)
+        return {
+            **welcome,
             "limits": {
                 "max_text_bytes": limits.max_text_bytes,
                 "max_message_size": limits.max_message_size,
@@ -515,6 +628,7 @@ class WebChatFactory(WebSocketServerFactory):
 
     def unregister(self, protocol: WebChatProtocol) -> None:
         room = protocol.room
+        self._forget_user(protocol)
         if not protocol.chat_id or room is None or not self.rooms.leave(room, protocol):
             return  # never opened, or already gone
         if self.link is not None:
@@ -522,7 +636,7 @@ class WebChatFactory(WebSocketServerFactory):
         if self.app_events is not None:
             self.app_events.closed(_user_of(protocol), room.name)
         if len(room):
-            member = {"id": protocol.chat_id, "name": protocol.chat_name}
+            member = member_entry(protocol)
             room.publish_event(
                 event_frame({"type": "leave", "room": room.name, "member": member}),
                 protocol.chat_id,
@@ -564,6 +678,7 @@ class WebChatFactory(WebSocketServerFactory):
     def forget(self, protocol: WebChatProtocol) -> None:
         """The TCP connection is gone: release what it held against the caps."""
         self.connections.discard(protocol)
+        self._forget_user(protocol)
         if protocol.admitted is not None:
             self.admission.release(protocol.admitted.address)
 
@@ -584,6 +699,8 @@ class WebChatFactory(WebSocketServerFactory):
                 self._name_event(sender, event.value)
             elif event.type == "resume":
                 self._resume_event(sender, event.since, event.value)
+            elif event.type == "refresh":
+                self._refresh_event(sender, event.value)
             else:
                 self._typing_event(sender)
         except BadEvent as e:
@@ -624,6 +741,8 @@ class WebChatFactory(WebSocketServerFactory):
         self._replay(sender, room, head, since, epoch)
 
     def _name_event(self, sender: WebChatProtocol, raw: str) -> None:
+        if sender.identity is not None:
+            raise BadEvent("name_locked", "your name is the one your app signed")
         name = check_name(raw)
         room = sender.room
         if room is None:
@@ -666,8 +785,7 @@ class WebChatFactory(WebSocketServerFactory):
                 {
                     "type": "typing",
                     "room": room.name,
-                    "id": sender.chat_id,
-                    "name": sender.chat_name,
+                    **member_entry(sender),
                 }
             ),
             sender.chat_id,
@@ -1132,6 +1250,25 @@ def _user_of(protocol: WebChatProtocol) -> str | None:
     """The authenticated user behind ``protocol`` (its JWT ``sub``), if any."""
     identity = getattr(protocol, "identity", None)
     return identity.user if identity is not None else None
+
+
+def users_of(members: list[dict[str, object]]) -> list[dict[str, object]]:
+    """
+    The signed users among ``members`` (roster entries), each once, in the
+    order they first appear, with their name and how many connections they
+    have in the room (one per tab, per device).
+    """
+    users: dict[object, dict[str, object]] = {}
+    for member in members:
+        user = member.get("user")
+        if user is None:
+            continue
+        entry = users.get(user)
+        if entry is None:
+            users[user] = {"user": user, "name": member["name"], "connections": 1}
+        else:
+            entry["connections"] += 1  # type: ignore[operator]
+    return list(users.values())
 
 
 def _log_from_node(envelope: Envelope, count: int) -> None:
