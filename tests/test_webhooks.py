@@ -278,7 +278,9 @@ class SenderTests(TestCase, Logged):
             s.labels["reason"]: s.value
             for s in families["webchat_webhook_dropped"].samples
         }
-        self.assertEqual(dropped, {"queue_full": 1, "rejected": 0, "shutdown": 0})
+        self.assertEqual(
+            dropped, {"queue_full": 1, "rejected": 0, "shutdown": 0, "redis": 0}
+        )
         self.assertEqual(families["webchat_webhook_queue"].samples[0].value, 0)
 
 
