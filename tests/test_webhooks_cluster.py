@@ -94,6 +94,7 @@ class WebhookClusterTests(Cluster):
             "--webhook-secret-file", str(keys / "webhook"),
             "--webhook-offline-delay", "0.5",
             "--presence-timeout", "1.5",
+            "--webhook-events", "user.online,user.offline,room.vacated,message",
         )  # fmt: skip
         super().setUp()
 
@@ -160,3 +161,16 @@ class WebhookClusterTests(Cluster):
             ],
         )
         self.assertEqual(self.receiver.bad, 0)
+
+    def test_a_message_is_sent_once_by_its_senders_node(self):
+        here = self.client(0, "talk")
+        there = self.client(1, "talk")
+        self.wait_remote(0, 1)
+        here.send("said once")
+        self.assertRegex(there.recv(timeout=5), r"^id \d+: said once$")
+        self.receiver.wait_for(lambda seen: ("message", "talk") in seen)
+        time.sleep(0.5)
+        messages = [e for e in self.receiver.events if e["type"] == "message"]
+        self.assertEqual(len(messages), 1)
+        self.assertEqual(messages[0]["data"]["text"], "said once")
+        self.assertEqual(messages[0]["data"]["offset"], 1)  # numbered by Redis
