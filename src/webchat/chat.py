@@ -178,7 +178,8 @@ class WebChatFactory(WebSocketServerFactory):
             self.access, self.limits, self.stats.refused, auth, verifier
         )
         #: Open connections with an identity, by user (``connections_of``).
-        self._by_user: dict[str, list[WebChatProtocol]] = {}
+        #: (Ordered sets, as dicts: one user may hold many connections.)
+        self._by_user: dict[str, dict[WebChatProtocol, None]] = {}
         #: When the server started, for /healthz's uptime.
         self.started_at = reactor.seconds()
         #: Set at shutdown: new handshakes get 503 and /healthz says so.
@@ -359,7 +360,7 @@ class WebChatFactory(WebSocketServerFactory):
             return
         held = self._by_user.get(identity.user)
         if held is not None and protocol in held:
-            held.remove(protocol)
+            del held[protocol]
             if not held:
                 del self._by_user[identity.user]
 
@@ -386,7 +387,7 @@ class WebChatFactory(WebSocketServerFactory):
         if identity is not None:
             # Signed by the app: their name is theirs, ?name= is not read.
             name = identity.display_name
-            self._by_user.setdefault(identity.user, []).append(protocol)
+            self._by_user.setdefault(identity.user, {})[protocol] = None
             self._expire_at(protocol, identity.expires)
         elif protocol.wanted_name is not None:
             try:
@@ -408,7 +409,12 @@ class WebChatFactory(WebSocketServerFactory):
         )
         member = member_entry(protocol)
         if self.link is not None:
-            self.link.member_joined(room.name, protocol.chat_id, protocol.chat_name)
+            self.link.member_joined(
+                room.name,
+                protocol.chat_id,
+                protocol.chat_name,
+                identity.user if identity is not None else "",
+            )
         if self.app_events is not None:
             self.app_events.opened(_user_of(protocol), room.name)
         if admitted.codec is JSON:
@@ -779,7 +785,13 @@ class WebChatFactory(WebSocketServerFactory):
             return  # at most one every TYPING_INTERVAL, the rest dropped
         sender.typed_at = now
         if self.link is not None:
-            self.link.member_typing(room.name, sender.chat_id, sender.chat_name)
+            identity = sender.identity
+            self.link.member_typing(
+                room.name,
+                sender.chat_id,
+                sender.chat_name,
+                identity.user if identity is not None else "",
+            )
         room.publish_event(
             event_frame(
                 {
@@ -1019,6 +1031,7 @@ class WebChatFactory(WebSocketServerFactory):
             offset=envelope.offset,
             ts=envelope.ts or None,
             delayed=envelope.delayed,
+            user="" if own else self._remote_user(envelope.chat_id),
         )
         if self.quiet:
             return
@@ -1105,6 +1118,7 @@ class WebChatFactory(WebSocketServerFactory):
                         offset=message.offset,
                         ts=message.ts or None,
                         delayed=True,
+                        user=self._remote_user(message.sender_id),
                     )
 
         def failed(failure: Failure) -> None:
@@ -1169,30 +1183,42 @@ class WebChatFactory(WebSocketServerFactory):
             sender_id=envelope.chat_id,
             name=envelope.name,
             ts=envelope.ts or None,
+            user=self._remote_user(envelope.chat_id),
         )
         if not self.quiet:
             _log_from_node(envelope, count)
 
+    def _remote_user(self, chat_id: int) -> str:
+        """
+        The user id of member ``chat_id`` of another node, as its presence
+        says ("" if anonymous or not known): messages between nodes do not
+        carry it, so their envelope stays as it was.
+        """
+        if self.link is None:
+            return ""
+        return self.link.presence.user_of(chat_id)
+
     # What members of other nodes do (``RemotePresence`` calls these): JSON
     # members of the room here hear of it, as of a member of this node.
 
-    def remote_joined(self, room: str, chat_id: int, name: str) -> None:
+    def remote_joined(self, room: str, chat_id: int, name: str, user: str = "") -> None:
         self._remote_event(
-            room, {"type": "join", "member": {"id": chat_id, "name": name}}
+            room, {"type": "join", "member": _member(chat_id, name, user)}
         )
 
-    def remote_left(self, room: str, chat_id: int, name: str) -> None:
+    def remote_left(self, room: str, chat_id: int, name: str, user: str = "") -> None:
         self._remote_event(
-            room, {"type": "leave", "member": {"id": chat_id, "name": name}}
+            room, {"type": "leave", "member": _member(chat_id, name, user)}
         )
 
-    def remote_renamed(self, room: str, chat_id: int, old: str, name: str) -> None:
-        self._remote_event(
-            room, {"type": "name", "id": chat_id, "old": old, "name": name}
-        )
+    def remote_renamed(
+        self, room: str, chat_id: int, old: str, name: str, user: str = ""
+    ) -> None:
+        event: dict[str, object] = {"type": "name", "id": chat_id, "old": old}
+        self._remote_event(room, {**event, **_member(chat_id, name, user)})
 
-    def remote_typing(self, room: str, chat_id: int, name: str) -> None:
-        self._remote_event(room, {"type": "typing", "id": chat_id, "name": name})
+    def remote_typing(self, room: str, chat_id: int, name: str, user: str = "") -> None:
+        self._remote_event(room, {"type": "typing", **_member(chat_id, name, user)})
 
     def _remote_event(self, name: str, event: dict[str, object]) -> None:
         room = self.rooms.get(name)
@@ -1250,6 +1276,13 @@ def _user_of(protocol: WebChatProtocol) -> str | None:
     """The authenticated user behind ``protocol`` (its JWT ``sub``), if any."""
     identity = getattr(protocol, "identity", None)
     return identity.user if identity is not None else None
+
+
+def _member(chat_id: int, name: str, user: str) -> dict[str, object]:
+    """A member of another node as JSON events show one (``member_entry``)."""
+    if user:
+        return {"id": chat_id, "name": name, "user": user}
+    return {"id": chat_id, "name": name}
 
 
 def users_of(members: list[dict[str, object]]) -> list[dict[str, object]]:
