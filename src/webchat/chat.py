@@ -76,6 +76,7 @@ from webchat.rooms import Rooms
 if TYPE_CHECKING:
     from webchat.redis import Envelope, RedisRelay
     from webchat.redis.streams import StreamHistory
+    from webchat.webhooks import AppEvents
 
 #: Error codes that are a person's (or a page's) mistake, not garbage: they
 #: do not count towards the bad events that close a connection.
@@ -195,6 +196,8 @@ class WebChatFactory(WebSocketServerFactory):
         self._catching_up: dict[str, list[Envelope]] = {}
         #: Rooms whose catch-up read is in flight.
         self._reading: set[str] = set()
+        #: What the app hears of (--webhook-url): comings, goings, messages.
+        self.app_events: AppEvents | None = None
         size = self.limits.max_message_size
         self.setProtocolOptions(
             # Without failByDrop=False Autobahn answers a protocol violation by
@@ -415,6 +418,8 @@ class WebChatFactory(WebSocketServerFactory):
                 protocol.chat_name,
                 identity.user if identity is not None else "",
             )
+        if self.app_events is not None:
+            self.app_events.opened(_user_of(protocol), room.name)
         if admitted.codec is JSON:
             # The welcome, the errors about the URL right after it, then the
             # history: all before any live event (see _replay).
@@ -592,6 +597,34 @@ class WebChatFactory(WebSocketServerFactory):
             )
         )
 
+    def _said(
+        self,
+        room: str,
+        sender: WebChatProtocol | None,
+        text: bytes,
+        offset: int | None,
+        ts: int,
+        *,
+        chat_id: int = 0,
+        name: str = "",
+    ) -> None:
+        """Tell the app (``message`` webhook) what ``sender`` said in ``room``."""
+        assert self.app_events is not None
+        if not self.app_events.messages_wanted:
+            return
+        data: dict[str, Any] = {
+            "room": room,
+            "id": sender.chat_id if sender is not None else chat_id,
+            "name": sender.chat_name if sender is not None else name,
+        }
+        user = _user_of(sender) if sender is not None else None
+        if user is not None:
+            data["user"] = user
+        data["text"] = text.decode("utf-8", "replace")
+        data["offset"] = offset
+        data["ts"] = ts
+        self.app_events.message(data)
+
     def _tell(self, protocol: WebChatProtocol, frame: bytes) -> None:
         """Send one event to one member, behind anything its room holds for it."""
         room = protocol.room
@@ -609,6 +642,8 @@ class WebChatFactory(WebSocketServerFactory):
             return  # never opened, or already gone
         if self.link is not None:
             self.link.member_left(room.name, protocol.chat_id)
+        if self.app_events is not None:
+            self.app_events.closed(_user_of(protocol), room.name)
         if len(room):
             member = member_entry(protocol)
             room.publish_event(
@@ -825,6 +860,8 @@ class WebChatFactory(WebSocketServerFactory):
             return self._keep(sender, room, payload, ref)
         count = room.publish(sender, payload) if room is not None else 0
         self.stats.messages_received += 1
+        if self.app_events is not None and room is not None:
+            self._said(room.name, sender, payload, room.offset or None, room.ts)
         if self.link is not None and room is not None:
             self.link.publish(
                 sender.chat_id, payload, room.name, sender.chat_name, room.ts
@@ -900,6 +937,8 @@ class WebChatFactory(WebSocketServerFactory):
         count = 0
         if self.rooms.get(room.name) is room:
             count = room.publish(sender, entry.text, offset=0, ts=entry.ts)
+        if self.app_events is not None:
+            self._said(room.name, sender, entry.text, None, entry.ts)
         self.link.keep_later(
             room.name, sender.chat_id, sender.chat_name, entry.ts, entry.text
         )
@@ -969,6 +1008,17 @@ class WebChatFactory(WebSocketServerFactory):
         sender = room.member(envelope.chat_id) if own else None
         if not envelope.delayed:
             self._acked(sender, envelope.offset, envelope.ts)
+            if own and self.app_events is not None:
+                # Its sender's node tells the app (once in the cluster).
+                self._said(
+                    envelope.room,
+                    sender,
+                    envelope.text,
+                    envelope.offset,
+                    envelope.ts,
+                    chat_id=envelope.chat_id,
+                    name=envelope.name,
+                )
         if envelope.epoch != room.epoch:
             room.epoch = envelope.epoch  # Redis lost the room: a new history
         elif envelope.offset <= room.offset:
@@ -1345,6 +1395,12 @@ class WebChatFactory(WebSocketServerFactory):
         timer = self.reactor.callLater(grace, on_timeout)
         finished.addCallback(finish)
         return done
+
+
+def _user_of(member: object) -> str | None:
+    """The user (JWT ``sub``) a room member is; None when anonymous."""
+    identity = getattr(member, "identity", None)
+    return identity.user if identity is not None else None
 
 
 def _fit_close_reason(reason: str, most: int = 123) -> str:
