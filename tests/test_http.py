@@ -460,6 +460,55 @@ class ResponseDeadlineClockTests(FakeClockMixin, SynchronousTestCase):
         self.assertEqual(self.factory.dropped["idle_preconnect"], 1)
         self.assertEqual(self.factory.dropped["response_timeout"], 0)
 
+    def test_requests_on_a_kept_alive_connection_set_no_timer_each(self):
+        made = []
+        call_later = self.clock.callLater
+        self.clock.callLater = lambda *a, **kw: made.append(a) or call_later(*a, **kw)
+        for _ in range(50):
+            self.clock.advance(1)
+            # The doorway hands the connection to the HTTP channel at once.
+            receiver = self.transport.protocol or self.channel
+            receiver.dataReceived(b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n")
+            self.assertTrue(self.transport.value().endswith(b"}\n"))
+            self.transport.clear()
+        # One timer, set again each time the shorter timeout passes (every
+        # 10 s here), not one or more per request.
+        limits = self.factory.limits
+        shortest = min(limits.handshake_timeout, limits.response_timeout)
+        self.assertLessEqual(len(made), 50 // shortest + 1)
+        self.clock.advance(9.9)
+        self.assertFalse(self.transport.aborted)
+        self.clock.advance(0.1)  # 10 s after the last response, as ever
+        self.assertTrue(self.transport.aborted)
+        self.assertEqual(self.factory.dropped["idle_preconnect"], 1)
+
+
+class ShortResponseDeadlineClockTests(ResponseDeadlineClockTests):
+    """A response deadline sooner than the request deadline still holds."""
+
+    def setUp(self):
+        self.make_factory(handshake_timeout=10, response_timeout=2)
+        root = Path(self.mktemp()).resolve()
+        root.mkdir(parents=True)
+        (root / "big.bin").write_bytes(b"x" * (1 << 20))
+        self.site = make_site(self.factory, web_root=root)
+        self.channel = self.site.buildProtocol(PEER)
+        self.transport = Transport(peerAddress=PEER)
+        self.channel.makeConnection(self.transport)
+        self.addCleanup(self.disconnect)
+
+    def test_a_response_not_sent_in_time_is_aborted(self):
+        self.clock.advance(5)
+        self.channel.dataReceived(b"GET /big.bin HTTP/1.1\r\nHost: x\r\n\r\n")
+        self.clock.advance(1.9)
+        self.assertFalse(self.transport.aborted)
+        self.clock.advance(0.1)  # 2 s after the request, before the 10 s one
+        self.assertTrue(self.transport.aborted)
+        self.assertEqual(self.factory.dropped["response_timeout"], 1)
+        self.assertIn(
+            "Aborted response to 192.0.2.7: not sent within 2 s", self.logs.lines
+        )
+
 
 @slow
 class TwistdHTTPTests(SynchronousTestCase):
