@@ -14,10 +14,11 @@ import socket
 import time
 from pathlib import Path
 
-from twisted.internet import reactor
+from twisted.internet import reactor, tcp
 from twisted.internet.defer import inlineCallbacks
 from twisted.internet.endpoints import TCP4ServerEndpoint
 from twisted.internet.error import ConnectionDone
+from twisted.internet.testing import MemoryReactor
 from twisted.logger import formatEvent, globalLogPublisher
 from twisted.python.failure import Failure
 from twisted.trial.unittest import SynchronousTestCase, TestCase
@@ -508,6 +509,69 @@ class ShortResponseDeadlineClockTests(ResponseDeadlineClockTests):
         self.assertIn(
             "Aborted response to 192.0.2.7: not sent within 2 s", self.logs.lines
         )
+
+
+class _SocketTransport(tcp.Connection):
+    """Twisted's TCP transport on a socket of our own, with a peer address."""
+
+    def getPeer(self):
+        return PEER
+
+    def getHost(self):
+        return PEER
+
+
+class DirectAnswerTests(FakeClockMixin, SynchronousTestCase):
+    """
+    A plain HTTP answer is on the wire when the request's turn ends, in one
+    write: not left in Twisted's buffer for a later reactor iteration (the
+    reactor here is a MemoryReactor, which never gets to write).
+    """
+
+    def setUp(self):
+        self.make_factory()
+        # A real TCP connection on loopback (twisted.web sets TCP_NODELAY).
+        listener = socket.create_server(("127.0.0.1", 0))
+        self.addCleanup(listener.close)
+        self.theirs = socket.create_connection(listener.getsockname())
+        self.addCleanup(self.theirs.close)
+        ours, _ = listener.accept()
+        ours.setblocking(False)
+        self.addCleanup(ours.close)
+        site = make_site(self.factory)
+        doorway = site.buildProtocol(PEER)
+        self.transport = _SocketTransport(ours, doorway, reactor=MemoryReactor())
+        self.transport.connected = True
+        doorway.makeConnection(self.transport)
+        self.theirs.settimeout(0.5)
+
+    def answers(self, request: bytes) -> bytes:
+        self.transport.protocol.dataReceived(request)
+        return self.theirs.recv(1 << 20)
+
+    def test_the_answer_is_sent_in_the_turn_that_read_the_request(self):
+        reply = self.answers(b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n")
+        self.assertTrue(reply.startswith(b"HTTP/1.1 200 OK\r\n"), reply[:80])
+        self.assertTrue(reply.endswith(b"}\n"), reply[-80:])
+        self.assertIn(b"\r\nServer: webchat\r\n", reply)
+
+    def test_an_answer_without_a_body_is_sent_too(self):
+        reply = self.answers(b"HEAD /healthz HTTP/1.1\r\nHost: x\r\n\r\n")
+        self.assertTrue(reply.startswith(b"HTTP/1.1 200 OK\r\n"), reply[:80])
+        self.assertTrue(reply.endswith(b"\r\n\r\n"), reply[-80:])
+
+    def test_pipelined_requests_are_answered_in_order(self):
+        reply = self.answers(
+            b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n"
+            b"GET /nothing-here HTTP/1.1\r\nHost: x\r\n\r\n"
+        )
+        for _ in range(10):
+            if reply.count(b"HTTP/1.1 ") >= 2:
+                break
+            reply += self.theirs.recv(1 << 20)
+        first, second = reply.split(b"HTTP/1.1 ")[1:]
+        self.assertTrue(first.startswith(b"200 "), first[:40])
+        self.assertTrue(second.startswith(b"404 "), second[:40])
 
 
 @slow

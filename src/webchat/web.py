@@ -29,6 +29,7 @@ from twisted.web.static import File
 
 from webchat.access import canonical_address
 from webchat.chat import WebChatFactory
+from webchat.flow import write_now
 from webchat.health import HealthResource
 from webchat.limits import (
     API_BODY_OVERHEAD,
@@ -617,6 +618,7 @@ class ChatChannel(HTTPChannel):
         super().allContentReceived()
 
     def requestDone(self, request: Request) -> None:
+        self._send_head()  # a response with no body (HEAD, 204, 304)
         if self.transport is not None and self.transport.disconnecting:
             # Closing (aborted, or the client hung up): what it pipelined
             # behind this request is never parsed, let alone answered.
@@ -627,6 +629,33 @@ class ChatChannel(HTTPChannel):
         if self.transport is not None and not self.transport.disconnecting:
             self._heard = False
             self._arm("request", self.factory.chat.limits.handshake_timeout)
+
+    #: A response's status line and headers, kept to go out with its first
+    #: body bytes (or alone when the request is done): one send, not two.
+    _head: bytes | None = None
+
+    def writeHeaders(
+        self, version: bytes, code: bytes, reason: bytes, headers: Any
+    ) -> None:
+        # Request.write hands us a Headers whose names and values twisted.web
+        # has already checked (no CR or LF).
+        head = [version, b" ", code, b" ", reason, b"\r\n"]
+        for name, values in headers.getAllRawHeaders():
+            for value in values:
+                head += (name, b": ", value, b"\r\n")
+        head.append(b"\r\n")
+        self._head = b"".join(head)
+
+    def write(self, data: bytes) -> None:
+        head, self._head = self._head, None
+        write_now(self.transport, head + data if head is not None else data)
+
+    def writeSequence(self, iovec: list[bytes]) -> None:
+        self.write(b"".join(iovec))
+
+    def _send_head(self) -> None:
+        if self._head is not None and self.transport is not None:
+            self.write(b"")
 
     def hand_over(self) -> None:
         """The chat takes the connection over: its deadlines are the chat's now."""
