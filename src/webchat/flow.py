@@ -29,6 +29,9 @@ Four jobs, all for ``deliver``, which a room calls once per member per turn:
   ``SO_SNDBUF`` is fixed at connection time so the kernel's share stays
   bounded too.
 
+``write_now`` is the same direct-socket shortcut for plain HTTP answers
+(``webchat.web.ChatChannel``).
+
 ``FlowControl`` is a mixin of ``WebChatProtocol`` rather than an object of
 its own: an idle connection's memory is mostly its ``__dict__``, and the
 hot path stays one method call per member.
