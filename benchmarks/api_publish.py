@@ -157,7 +157,17 @@ def main() -> None:
     parser.add_argument("--clients", type=int, default=4)
     parser.add_argument("--server-cpu", type=int, default=0)
     parser.add_argument("--client-cpu", type=int, default=1)
+    parser.add_argument(
+        "--src",
+        help="run the server from this src/ directory (another checkout's,"
+        " e.g. `git archive COMMIT src | tar -x -C /tmp/base`), for a before/after",
+    )
     args = parser.parse_args()
+    env = dict(os.environ)
+    if args.src:
+        env["PYTHONPATH"] = os.pathsep.join(
+            filter(None, [str(Path(args.src).resolve()), env.get("PYTHONPATH")])
+        )
 
     workdir = Path(tempfile.mkdtemp(prefix="webchat-api-bench-"))
     (workdir / "api.key").write_text(KEY + "\n")
@@ -177,6 +187,7 @@ def main() -> None:
             "--api-rate-limit",
             "0",
         ],
+        env=env,
         preexec_fn=lambda: os.sched_setaffinity(0, {args.server_cpu}),
     )
     try:
@@ -206,6 +217,8 @@ def main() -> None:
         print(
             json.dumps(
                 {
+                    "src": args.src or "worktree",
+                    "server_pid": server.pid,
                     "clients": args.clients,
                     "seconds": args.seconds,
                     "baseline_get_healthz": baseline,

@@ -14,10 +14,11 @@ import socket
 import time
 from pathlib import Path
 
-from twisted.internet import reactor
+from twisted.internet import reactor, tcp
 from twisted.internet.defer import inlineCallbacks
 from twisted.internet.endpoints import TCP4ServerEndpoint
 from twisted.internet.error import ConnectionDone
+from twisted.internet.testing import MemoryReactor
 from twisted.logger import formatEvent, globalLogPublisher
 from twisted.python.failure import Failure
 from twisted.trial.unittest import SynchronousTestCase, TestCase
@@ -459,6 +460,118 @@ class ResponseDeadlineClockTests(FakeClockMixin, SynchronousTestCase):
         # Idle, not half-sent: closed quietly, as a browser's kept-alive socket.
         self.assertEqual(self.factory.dropped["idle_preconnect"], 1)
         self.assertEqual(self.factory.dropped["response_timeout"], 0)
+
+    def test_requests_on_a_kept_alive_connection_set_no_timer_each(self):
+        made = []
+        call_later = self.clock.callLater
+        self.clock.callLater = lambda *a, **kw: made.append(a) or call_later(*a, **kw)
+        for _ in range(50):
+            self.clock.advance(1)
+            # The doorway hands the connection to the HTTP channel at once.
+            receiver = self.transport.protocol or self.channel
+            receiver.dataReceived(b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n")
+            self.assertTrue(self.transport.value().endswith(b"}\n"))
+            self.transport.clear()
+        # One timer, set again each time the shorter timeout passes (every
+        # 10 s here), not one or more per request.
+        limits = self.factory.limits
+        shortest = min(limits.handshake_timeout, limits.response_timeout)
+        self.assertLessEqual(len(made), 50 // shortest + 1)
+        self.clock.advance(9.9)
+        self.assertFalse(self.transport.aborted)
+        self.clock.advance(0.1)  # 10 s after the last response, as ever
+        self.assertTrue(self.transport.aborted)
+        self.assertEqual(self.factory.dropped["idle_preconnect"], 1)
+
+
+class ShortResponseDeadlineClockTests(ResponseDeadlineClockTests):
+    """A response deadline sooner than the request deadline still holds."""
+
+    def setUp(self):
+        self.make_factory(handshake_timeout=10, response_timeout=2)
+        root = Path(self.mktemp()).resolve()
+        root.mkdir(parents=True)
+        (root / "big.bin").write_bytes(b"x" * (1 << 20))
+        self.site = make_site(self.factory, web_root=root)
+        self.channel = self.site.buildProtocol(PEER)
+        self.transport = Transport(peerAddress=PEER)
+        self.channel.makeConnection(self.transport)
+        self.addCleanup(self.disconnect)
+
+    def test_a_response_not_sent_in_time_is_aborted(self):
+        self.clock.advance(5)
+        self.channel.dataReceived(b"GET /big.bin HTTP/1.1\r\nHost: x\r\n\r\n")
+        self.clock.advance(1.9)
+        self.assertFalse(self.transport.aborted)
+        self.clock.advance(0.1)  # 2 s after the request, before the 10 s one
+        self.assertTrue(self.transport.aborted)
+        self.assertEqual(self.factory.dropped["response_timeout"], 1)
+        self.assertIn(
+            "Aborted response to 192.0.2.7: not sent within 2 s", self.logs.lines
+        )
+
+
+class _SocketTransport(tcp.Connection):
+    """Twisted's TCP transport on a socket of our own, with a peer address."""
+
+    def getPeer(self):
+        return PEER
+
+    def getHost(self):
+        return PEER
+
+
+class DirectAnswerTests(FakeClockMixin, SynchronousTestCase):
+    """
+    A plain HTTP answer is on the wire when the request's turn ends, in one
+    write: not left in Twisted's buffer for a later reactor iteration (the
+    reactor here is a MemoryReactor, which never gets to write).
+    """
+
+    def setUp(self):
+        self.make_factory()
+        # A real TCP connection on loopback (twisted.web sets TCP_NODELAY).
+        listener = socket.create_server(("127.0.0.1", 0))
+        self.addCleanup(listener.close)
+        self.theirs = socket.create_connection(listener.getsockname())
+        self.addCleanup(self.theirs.close)
+        ours, _ = listener.accept()
+        ours.setblocking(False)
+        self.addCleanup(ours.close)
+        site = make_site(self.factory)
+        doorway = site.buildProtocol(PEER)
+        self.transport = _SocketTransport(ours, doorway, reactor=MemoryReactor())
+        self.transport.connected = True
+        doorway.makeConnection(self.transport)
+        self.theirs.settimeout(0.5)
+
+    def answers(self, request: bytes) -> bytes:
+        self.transport.protocol.dataReceived(request)
+        return self.theirs.recv(1 << 20)
+
+    def test_the_answer_is_sent_in_the_turn_that_read_the_request(self):
+        reply = self.answers(b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n")
+        self.assertTrue(reply.startswith(b"HTTP/1.1 200 OK\r\n"), reply[:80])
+        self.assertTrue(reply.endswith(b"}\n"), reply[-80:])
+        self.assertIn(b"\r\nServer: webchat\r\n", reply)
+
+    def test_an_answer_without_a_body_is_sent_too(self):
+        reply = self.answers(b"HEAD /healthz HTTP/1.1\r\nHost: x\r\n\r\n")
+        self.assertTrue(reply.startswith(b"HTTP/1.1 200 OK\r\n"), reply[:80])
+        self.assertTrue(reply.endswith(b"\r\n\r\n"), reply[-80:])
+
+    def test_pipelined_requests_are_answered_in_order(self):
+        reply = self.answers(
+            b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n"
+            b"GET /nothing-here HTTP/1.1\r\nHost: x\r\n\r\n"
+        )
+        for _ in range(10):
+            if reply.count(b"HTTP/1.1 ") >= 2:
+                break
+            reply += self.theirs.recv(1 << 20)
+        first, second = reply.split(b"HTTP/1.1 ")[1:]
+        self.assertTrue(first.startswith(b"200 "), first[:40])
+        self.assertTrue(second.startswith(b"404 "), second[:40])
 
 
 @slow

@@ -29,6 +29,9 @@ Four jobs, all for ``deliver``, which a room calls once per member per turn:
   ``SO_SNDBUF`` is fixed at connection time so the kernel's share stays
   bounded too.
 
+``write_now`` is the same direct-socket shortcut for plain HTTP answers
+(``webchat.web.ChatChannel``).
+
 ``FlowControl`` is a mixin of ``WebChatProtocol`` rather than an object of
 its own: an idle connection's memory is mostly its ``__dict__``, and the
 hot path stays one method call per member.
@@ -388,6 +391,36 @@ class FlowControl:
     def stopProducing(self) -> None:
         self._paused = False
         self._drop_queue()
+
+
+def write_now(transport: Any, data: bytes) -> None:
+    """
+    Write ``data`` to ``transport``: straight to the socket while Twisted
+    holds nothing unsent for it (plain TCP or Unix, still open), else through
+    ``transport.write``, as ``FlowControl.deliver`` does for chat frames.
+
+    Twisted's ``write`` only buffers and registers the socket for writing;
+    the send comes on a later reactor iteration (and the socket is taken off
+    epoll again after it), which for a small HTTP answer costs more than the
+    send.  What the kernel does not take goes through ``transport.write``,
+    so the order of bytes and Twisted's back-pressure stay as they were.
+    """
+    if (
+        isinstance(transport, tcp.Connection)
+        and not transport.TLS
+        and transport.connected
+        and not transport.disconnecting
+        and not transport._tempDataLen
+        and not transport.dataBuffer
+    ):
+        try:
+            sent = transport.socket.send(data)
+        except OSError:
+            sent = 0  # EAGAIN, or a reset Twisted will notice and report
+        if sent == len(data):
+            return
+        data = data[sent:]
+    transport.write(data)
 
 
 def _frame_boundary(data: bytes | memoryview, offset: int) -> int:

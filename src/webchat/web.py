@@ -29,6 +29,7 @@ from twisted.web.static import File
 
 from webchat.access import canonical_address
 from webchat.chat import WebChatFactory
+from webchat.flow import write_now
 from webchat.health import HealthResource
 from webchat.limits import (
     API_BODY_OVERHEAD,
@@ -291,21 +292,11 @@ def start_deadline(
     return site.reactor.callLater(timeout, _deadline_passed, site, transport, heard)
 
 
-def start_response_deadline(site: ChatSite, transport: Any) -> IDelayedCall | None:
-    """
-    Give the response to a request just read the response timeout to be sent.
-
-    A client that asks for a file and then stops reading (or a response that
-    stalls inside twisted.web) would otherwise hold the connection and the
-    open file forever: the idle timeout is off while a response is produced.
-    """
-    timeout = site.chat.limits.response_timeout
-    if timeout <= 0:
-        return None
-    return site.reactor.callLater(timeout, _response_deadline_passed, site, transport)
-
-
 def _response_deadline_passed(site: ChatSite, transport: Any) -> None:
+    # A client that asks for a file and then stops reading (or a response
+    # that stalls inside twisted.web) would otherwise hold the connection and
+    # the open file forever: the idle timeout is off while a response is
+    # produced.
     chat = site.chat
     chat.dropped["response_timeout"] += 1
     log.warn(
@@ -437,10 +428,25 @@ class ChatChannel(HTTPChannel):
     connection, and none that was pipelined behind a response to a client
     already gone: Twisted would answer every pipelined request, synchronously,
     in the turn that read them.
+
+    The two deadlines share one timer, moved lazily: a keep-alive
+    connection answering request after request only notes when its current
+    deadline falls (no reactor timer made or cancelled per request, which
+    showed in the server API's profile), and the timer, when it fires before
+    that, sets itself again for the rest (it is set no further off than the
+    shorter of the two timeouts, so that the other deadline never has to
+    move it sooner).
+    Twisted's own idle timer is left off while the request deadline is on.
     """
 
     site: ChatSite
+    #: The one timer: due at or before the current deadline.
     _deadline: IDelayedCall | None = None
+    #: The deadline the connection is under now: "request" (a complete
+    #: request is awaited), "response" (one is being answered) or None.
+    _phase: str | None = None
+    #: When the current deadline falls, on the reactor's clock.
+    _expires_at = 0.0
     _refused = False
     #: Requests read on this connection so far.
     _requests_read = 0
@@ -448,8 +454,59 @@ class ChatChannel(HTTPChannel):
     _heard = False
 
     def connectionMade(self) -> None:
+        if self.factory.chat.limits.handshake_timeout > 0:
+            # Twisted's idle timeout is then redundant: the request deadline
+            # is stricter whenever it would run (between responses), and it
+            # costs a timer made and cancelled per request.
+            self.timeOut = None
         super().connectionMade()
-        self._deadline = start_deadline(self.factory, self.transport, self._was_heard)
+        self._arm("request", self.factory.chat.limits.handshake_timeout)
+
+    def _arm(self, phase: str, timeout: float) -> None:
+        """Put the connection under ``phase``'s deadline, ``timeout`` from now."""
+        if timeout <= 0:
+            self._phase = None  # off: a timer still pending finds nothing to do
+            return
+        clock = self.factory.reactor
+        self._phase = phase
+        self._expires_at = clock.seconds() + timeout
+        timer = self._deadline
+        if timer is not None and timer.active():
+            if timer.getTime() <= self._expires_at:
+                return  # it fires in time and looks again then
+            timer.cancel()
+        self._set_timer(timeout)
+
+    def _set_timer(self, delay: float) -> None:
+        # Never further off than the shorter of the two timeouts, so that
+        # switching to the other deadline never has to move it sooner.
+        limits = self.factory.chat.limits
+        shortest = min(
+            t for t in (limits.handshake_timeout, limits.response_timeout) if t > 0
+        )
+        self._deadline = self.factory.reactor.callLater(
+            min(delay, shortest), self._timer_fired
+        )
+
+    def _disarm(self) -> None:
+        self._phase = None
+        _cancel(self._deadline)
+        self._deadline = None
+
+    def _timer_fired(self) -> None:
+        self._deadline = None
+        if self._phase is None or self.transport is None:
+            return
+        left = self._expires_at - self.factory.reactor.seconds()
+        if left > 0:
+            # The deadline moved on since the timer was set: wait the rest.
+            self._set_timer(left)
+            return
+        phase, self._phase = self._phase, None
+        if phase == "response":
+            _response_deadline_passed(self.factory, self.transport)
+        else:
+            _deadline_passed(self.factory, self.transport, self._was_heard)
 
     def _was_heard(self) -> bool:
         return self._heard
@@ -555,13 +612,13 @@ class ChatChannel(HTTPChannel):
         self.dataReceived = self.lineReceived = _ignore  # type: ignore[method-assign]
 
     def allContentReceived(self) -> None:
-        _cancel(self._deadline)
         # Before processing: a response finished at once restarts the
-        # request deadline (requestDone) and cancels this one.
-        self._deadline = start_response_deadline(self.factory, self.transport)
+        # request deadline (requestDone) in place of this one.
+        self._arm("response", self.factory.chat.limits.response_timeout)
         super().allContentReceived()
 
     def requestDone(self, request: Request) -> None:
+        self._send_head()  # a response with no body (HEAD, 204, 304)
         if self.transport is not None and self.transport.disconnecting:
             # Closing (aborted, or the client hung up): what it pipelined
             # behind this request is never parsed, let alone answered.
@@ -570,19 +627,42 @@ class ChatChannel(HTTPChannel):
             self.dataReceived = self.lineReceived = _ignore  # type: ignore[method-assign]
         super().requestDone(request)
         if self.transport is not None and not self.transport.disconnecting:
-            _cancel(self._deadline)
             self._heard = False
-            self._deadline = start_deadline(
-                self.factory, self.transport, self._was_heard
-            )
+            self._arm("request", self.factory.chat.limits.handshake_timeout)
+
+    #: A response's status line and headers, kept to go out with its first
+    #: body bytes (or alone when the request is done): one send, not two.
+    _head: bytes | None = None
+
+    def writeHeaders(
+        self, version: bytes, code: bytes, reason: bytes, headers: Any
+    ) -> None:
+        # Request.write hands us a Headers whose names and values twisted.web
+        # has already checked (no CR or LF).
+        head = [version, b" ", code, b" ", reason, b"\r\n"]
+        for name, values in headers.getAllRawHeaders():
+            for value in values:
+                head += (name, b": ", value, b"\r\n")
+        head.append(b"\r\n")
+        self._head = b"".join(head)
+
+    def write(self, data: bytes) -> None:
+        head, self._head = self._head, None
+        write_now(self.transport, head + data if head is not None else data)
+
+    def writeSequence(self, iovec: list[bytes]) -> None:
+        self.write(b"".join(iovec))
+
+    def _send_head(self) -> None:
+        if self._head is not None and self.transport is not None:
+            self.write(b"")
 
     def hand_over(self) -> None:
         """The chat takes the connection over: its deadlines are the chat's now."""
-        _cancel(self._deadline)
-        self._deadline = None
+        self._disarm()
 
     def connectionLost(self, reason: Any) -> None:
-        _cancel(self._deadline)
+        self._disarm()
         super().connectionLost(reason)
 
 
