@@ -264,6 +264,23 @@ class TokenMatrixTests(ServerMixin, TestCase):
         self.assertTokensNeverLogged()
 
     @inlineCallbacks
+    def test_a_huge_exp_or_nbf_is_an_invalid_token(self):
+        # Signed, so well past the signature check: 10**400 is no float.
+        for claim in ("exp", "nbf"):
+            yield self.expect(self.token(**{claim: 10**400}), 401, "invalid token")
+        self.assertEqual(self.factory.refused["invalid_token"], 2)
+        warns = [line for line in self.logs.lines if line.startswith("Refused")]
+        self.assertEqual(
+            warns,
+            [
+                f"{REFUSED}invalid token: exp is not a finite number (HTTP 401)",
+                f"{REFUSED}invalid token: nbf is not a finite number (HTTP 401)",
+            ],
+        )
+        self.assertNotIn("Traceback", self.all_logs.text)
+        self.assertTokensNeverLogged()
+
+    @inlineCallbacks
     def test_a_token_within_the_leeway_is_still_good(self):
         now = time.time()
         yield self.expect(self.token(exp=now - JWT_LEEWAY + 10), 101, "")
@@ -686,6 +703,8 @@ class ExpiryTests(MemoryAuthCase):
             (self.token(ttl=-600), "token expired"),
             ("not-a-token", "invalid token"),
             (jwt.encode({"sub": "u-1", "exp": T0 + 900}, b"x" * 32), "invalid token"),
+            (self.token(exp=10**400), "invalid token"),
+            (self.token(nbf=10**400), "invalid token"),
         ]
         for token, reason in bad:
             self.send(ann, type="refresh", token=token)
