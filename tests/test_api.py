@@ -410,6 +410,21 @@ class HostileTests(ApiMixin, TestCase):
         )
         yield self.assert_bystanders_chat()
 
+    @inlineCallbacks
+    def test_a_deeply_nested_body_is_400_bad_json(self):
+        deep = b"[" * 60000
+        for path in ("/api/rooms/a/messages", "/api/users/u1/disconnect"):
+            response = yield self.call("POST", path, deep)
+            self.assertEqual(
+                (response.status, response.json),
+                (400, {"error": "bad_json", "detail": "the body is nested too deep"}),
+            )
+            yield self.assert_bystanders_chat()
+        self.assertEqual(self.factory.stats.api[(400, "bad_json")], 2)
+        refused = [line for line in self.logs.lines if "Server API refused" in line]
+        self.assertEqual(len(refused), 2, refused)
+        self.assertFalse(any("error has occurred" in line for line in self.logs.lines))
+
 
 class RateLimitTests(ApiMixin, TestCase):
     rate_limit = 1.0  # a burst of 2

@@ -533,6 +533,9 @@ def _body(request: Request) -> dict[str, Any]:
         raise ApiError(400, "bad_json", "the body is not UTF-8") from None
     except ValueError as e:
         raise ApiError(400, "bad_json", f"the body is not JSON: {e}") from None
+    except RecursionError:
+        # json.loads recurses per level: "[" * 60000 fits the body cap.
+        raise ApiError(400, "bad_json", "the body is nested too deep") from None
     if not isinstance(body, dict):
         raise ApiError(400, "bad_json", "the body must be a JSON object")
     return body
