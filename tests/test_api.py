@@ -357,6 +357,26 @@ class DisconnectTests(ApiMixin, TestCase):
         nobody = yield self.call("POST", "/api/users/u9/disconnect", b"")
         self.assertEqual(nobody.json, {"user": "u9", "disconnected": 0})
 
+    @inlineCallbacks
+    def test_the_path_names_any_user_auth_accepts_percent_decoded(self):
+        spaced = yield self.connect("/ws/a?token=" + hs256(sub="a b"))
+        accented = yield self.connect("/ws/a?token=" + hs256(sub="é/1"))
+        response = yield self.call("POST", "/api/users/a%20b/disconnect", b"")
+        self.assertEqual(
+            (response.status, response.json),
+            (200, {"user": "a b", "disconnected": 1}),
+        )
+        self.assertEqual((yield spaced.closed)[0], 4002)
+        response = yield self.call("POST", "/api/users/%C3%A9%2F1/disconnect", b"")
+        self.assertEqual(response.json, {"user": "é/1", "disconnected": 1})
+        self.assertEqual((yield accented.closed)[0], 4002)
+        for bad in ("%20%20", "a%0Ab", "%FF", "a%E2%80%8Bb", "u" * 257):
+            response = yield self.call("POST", f"/api/users/{bad}/disconnect", b"")
+            self.assertEqual(
+                (response.status, response.json["error"]), (400, "bad_user"), bad
+            )
+        self.assertEqual(self.factory.stats.api[(400, "bad_user")], 5)
+
     def test_a_long_reason_is_cut_on_a_character(self):
         from webchat.chat import _fit_close_reason
 
@@ -511,10 +531,16 @@ class EnvelopeTests(SynchronousTestCase):
         self.assertEqual(
             decode_envelope(b"wc2 web-1 k u-42\n"), Disconnect("web-1", "u-42", "")
         )
+        # A sub with an inner space is a user (auth.is_user_id): so it travels.
+        self.assertEqual(
+            decode_envelope(encode_disconnect("web-1", "a b", "")),
+            Disconnect("web-1", "a b", ""),
+        )
 
     def test_a_bad_disconnect_is_malformed(self):
         for payload in (
-            b"wc2 web-1 k u 42\nr",  # whitespace in the user
+            b"wc2 web-1 k u\t42\nr",  # a tab in the user
+            b"wc2 web-1 k   \nr",  # all spaces
             b"wc2 web-1 k u-42",  # no LF
             b"wc2 web-1 k \xff\nr",
             b"wc2 web-1 k u-42\n\xff",

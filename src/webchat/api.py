@@ -39,6 +39,7 @@ from twisted.python.failure import Failure
 from twisted.web.resource import Resource
 from twisted.web.server import NOT_DONE_YET, Request
 
+from webchat.auth import is_user_id
 from webchat.chat import MAX_OFFSET
 from webchat.codecs import message_event
 from webchat.events import BadEvent, check_name
@@ -49,6 +50,7 @@ from webchat.limits import (
     API_IDEMPOTENCY_MAX,
     API_IDEMPOTENCY_WINDOW,
     API_RATE_LIMIT,
+    MAX_USER_CHARS,
 )
 from webchat.logtext import escape_for_log
 from webchat.ratelimit import TokenBucket
@@ -60,9 +62,6 @@ if TYPE_CHECKING:
 
 log = Logger(namespace="webchat")
 
-#: A user id on the path (a JWT ``sub``): printable, no whitespace, at most
-#: 256 characters.
-USER = re.compile(r"[^\s\x00-\x1f\x7f]{1,256}")
 #: What an ``idempotency_key`` may be: 1-128 printable ASCII characters.
 IDEMPOTENCY_KEY = re.compile(r"[\x21-\x7e]{1,128}")
 #: The name a message from the app is shown with when it gives no ``from``.
@@ -315,9 +314,7 @@ class ServerApi(Resource):
                 return self._history(room, request.args)
         if len(parts) == 3 and parts[0] == "users" and parts[2] == "disconnect":
             _allow(method, b"POST")
-            user = parts[1]
-            if USER.fullmatch(user) is None:
-                raise ApiError(400, "bad_user", "user: 1-256 printable characters")
+            user = _user(request.postpath[1])
             return self._disconnect(user, _body(request))
         raise ApiError(404, "not_found", "no such route (see docs/api.md)")
 
@@ -511,6 +508,25 @@ def _room(name: str) -> str:
     if ROOM_NAME.fullmatch(name) is None:
         raise ApiError(400, "bad_room", "room: 1-64 of A-Z a-z 0-9 . _ -")
     return name
+
+
+def _user(segment: bytes) -> str:
+    """
+    The user on the path (already percent-decoded by twisted.web), as
+    admission accepts a ``sub`` (``auth.is_user_id``): ``a%20b`` is ``a b``.
+    Decoded strictly: a replacement character would name another user.
+    """
+    try:
+        user = segment.decode("utf-8")
+    except UnicodeDecodeError:
+        user = ""
+    if not is_user_id(user):
+        raise ApiError(
+            400,
+            "bad_user",
+            f"user: 1-{MAX_USER_CHARS} printable characters, not all spaces",
+        )
+    return user
 
 
 def _arg(args: dict[bytes, list[bytes]], name: bytes) -> str | None:
