@@ -295,6 +295,15 @@ class RouteTests(ApiMixin, TestCase):
         self.assertFalse([line for line in self.logs.lines if KEY in line])
 
     @inlineCallbacks
+    def test_a_token_in_a_refused_path_is_redacted_in_the_log(self):
+        response = yield self.call("GET", "/api/rooms;token=s3cret-t0ken/x")
+        self.assertEqual(response.status, 404)
+        refused = [line for line in self.logs.lines if "API refused" in line]
+        self.assertEqual(len(refused), 1, refused)
+        self.assertIn("GET /api/rooms;token=[redacted] from", refused[0])
+        self.assertNotIn("s3cret-t0ken", "\n".join(self.logs.lines))
+
+    @inlineCallbacks
     def test_bodies_stay_refused_outside_the_api(self):
         response = yield self.call("POST", "/", b"x")
         self.assertEqual(response.status, 405)

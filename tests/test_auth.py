@@ -337,6 +337,22 @@ class TokenMatrixTests(ServerMixin, TestCase):
         self.assertTokensNeverLogged()
 
     @inlineCallbacks
+    def test_a_token_in_a_refused_origin_is_redacted_in_the_log(self):
+        token = self.token()
+        got, _ = yield self.handshake(
+            f"/ws/lobby?token={token}",
+            f"Origin: http://evil.example/?x=1&token={token}\r\n",
+        )
+        self.assertEqual(got, 403)
+        warns = [line for line in self.logs.lines if line.startswith("Refused")]
+        self.assertEqual(len(warns), 1, warns)
+        self.assertIn(
+            "origin http://evil.example/?x=1&token=[redacted] not allowed", warns[0]
+        )
+        self.assertEqual(self.factory.refused["origin"], 1)
+        self.assertTokensNeverLogged()
+
+    @inlineCallbacks
     def test_an_admitted_connection_knows_who_it_is(self):
         yield self.expect(self.token(sub="u-7", name="Bea"), 101, "")
         yield self.expect(self.token(sub="u-7", name="Bea"), 101, "")

@@ -52,7 +52,7 @@ from webchat.limits import (
     API_RATE_LIMIT,
     MAX_USER_CHARS,
 )
-from webchat.logtext import escape_for_log
+from webchat.logtext import escape_for_log, escape_request_text
 from webchat.ratelimit import TokenBucket
 from webchat.rooms import ROOM_NAME
 
@@ -461,8 +461,8 @@ class ServerApi(Resource):
         log.warn(
             "Server API refused {method} {path} from {peer}: HTTP {status} "
             "{code} ({detail})",
-            method=escape_for_log(request.method.decode("latin-1")),
-            path=escape_for_log(request.path.decode("latin-1")),
+            method=escape_request_text(request.method.decode("latin-1")),
+            path=escape_request_text(request.path.decode("latin-1")),
             peer=escape_for_log(
                 str(getattr(request.getClientAddress(), "host", None) or "unix")
             ),
