@@ -651,6 +651,55 @@ class IdentityEventsTests(MemoryAuthCase):
             ],
         )
 
+    def test_a_signed_member_takes_its_name_from_an_anonymous_holder(self):
+        anon = self.json_client("/ws/lobby?name=Alice")
+        taken = self.json_client("/ws/lobby?name=alice-2")
+        seed = self.pump.connect("/ws/lobby")
+        signed = self.json_client(token=self.token(sub="alice"))
+        renamed = {
+            "type": "name",
+            "room": "lobby",
+            "id": 1,
+            "old": "Alice",
+            "name": "Alice-3",
+        }
+        joined = {
+            "type": "join",
+            "room": "lobby",
+            "member": {"id": 4, "name": "alice", "user": "alice"},
+        }
+        # The holder and everyone hear of the rename, then of the join.
+        self.assertEqual(events(anon)[-2:], [renamed, joined])
+        self.assertEqual(events(taken)[-2:], [renamed, joined])
+        self.assertEqual(
+            events(signed)[0]["members"],
+            [
+                {"id": 1, "name": "Alice-3"},
+                {"id": 2, "name": "alice-2"},
+                {"id": 3, "name": "guest-3"},
+                {"id": 4, "name": "alice", "user": "alice"},
+            ],
+        )
+        self.assertEqual(seed.texts, [])  # the seed format has no name events
+        # It answers to its new name; the old one is the signed user's.
+        self.send(anon, type="name", name="alice")
+        self.assertEqual(events(anon)[-1]["code"], "name_taken")
+        self.send(anon, type="message", text="hi")
+        self.assertEqual(events(taken)[-1]["name"], "Alice-3")
+        # A second tab of the user, and a signed user whose name claim is
+        # the same, share it: nobody else is renamed.
+        self.json_client(token=self.token(sub="alice"))
+        self.json_client(token=self.token(sub="u-9", name="ALICE"))
+        self.assertEqual(events(taken)[-1]["type"], "join")
+        lines = [line for line in self.all_logs.lines if "is now called" in line]
+        self.assertEqual(
+            lines,
+            [
+                "Connection 1 is now called Alice-3 in room lobby: "
+                "signed user alice has the name Alice"
+            ],
+        )
+
     def test_with_auth_off_nothing_changes(self):
         pump = ChatPump(clock=self.clock, limits=Limits(rate_limit=0))
         client = pump.connect("/ws/lobby?token=abc", **JSON_PROTOCOL)
@@ -825,6 +874,31 @@ class ClusterIdentityTests(MemoryAuthCase):
         self.assertEqual(typing["user"], "u-3")
         self.assertEqual((message["id"], message["user"]), (500, "u-1"))
         self.assertEqual(leave["member"], {"id": 502, "name": "Cy", "user": "u-3"})
+
+    def test_a_signed_member_of_another_node_takes_its_name_here_too(self):
+        anon = self.json_client("/ws/lobby?name=cy")
+        self.presence.event(PresenceEvent("a", "join", 4, "lobby", 502, "Cy", "u-3"))
+        self.pump.pump()
+        me = events(anon)[0]["id"]
+        renamed, join = events(anon)[-2:]
+        self.assertEqual(
+            renamed,
+            {"type": "name", "room": "lobby", "id": me, "old": "cy", "name": "cy-2"},
+        )
+        self.assertEqual(join["member"], {"id": 502, "name": "Cy", "user": "u-3"})
+        # The other nodes hear of it too.
+        self.assertEqual(self.relay._mine[me], ("lobby", "cy-2", ""))
+        self.assertEqual(
+            [line for line in self.all_logs.lines if "is now called" in line],
+            [
+                f"Connection {me} is now called cy-2 in room lobby: "
+                "signed user u-3 has the name cy"
+            ],
+        )
+        # An anonymous member of another node takes nothing from anyone.
+        self.presence.event(PresenceEvent("a", "join", 5, "lobby", 503, "cy-2", ""))
+        self.pump.pump()
+        self.assertEqual(events(anon)[-1]["type"], "join")
 
     def test_a_sub_or_name_that_cannot_travel_is_an_invalid_token(self):
         for claims in (
