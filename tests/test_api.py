@@ -295,6 +295,15 @@ class RouteTests(ApiMixin, TestCase):
         self.assertFalse([line for line in self.logs.lines if KEY in line])
 
     @inlineCallbacks
+    def test_a_token_in_a_refused_path_is_redacted_in_the_log(self):
+        response = yield self.call("GET", "/api/rooms;token=s3cret-t0ken/x")
+        self.assertEqual(response.status, 404)
+        refused = [line for line in self.logs.lines if "API refused" in line]
+        self.assertEqual(len(refused), 1, refused)
+        self.assertIn("GET /api/rooms;token=[redacted] from", refused[0])
+        self.assertNotIn("s3cret-t0ken", "\n".join(self.logs.lines))
+
+    @inlineCallbacks
     def test_bodies_stay_refused_outside_the_api(self):
         response = yield self.call("POST", "/", b"x")
         self.assertEqual(response.status, 405)
@@ -357,6 +366,26 @@ class DisconnectTests(ApiMixin, TestCase):
         nobody = yield self.call("POST", "/api/users/u9/disconnect", b"")
         self.assertEqual(nobody.json, {"user": "u9", "disconnected": 0})
 
+    @inlineCallbacks
+    def test_the_path_names_any_user_auth_accepts_percent_decoded(self):
+        spaced = yield self.connect("/ws/a?token=" + hs256(sub="a b"))
+        accented = yield self.connect("/ws/a?token=" + hs256(sub="é/1"))
+        response = yield self.call("POST", "/api/users/a%20b/disconnect", b"")
+        self.assertEqual(
+            (response.status, response.json),
+            (200, {"user": "a b", "disconnected": 1}),
+        )
+        self.assertEqual((yield spaced.closed)[0], 4002)
+        response = yield self.call("POST", "/api/users/%C3%A9%2F1/disconnect", b"")
+        self.assertEqual(response.json, {"user": "é/1", "disconnected": 1})
+        self.assertEqual((yield accented.closed)[0], 4002)
+        for bad in ("%20%20", "a%0Ab", "%FF", "a%E2%80%8Bb", "u" * 257):
+            response = yield self.call("POST", f"/api/users/{bad}/disconnect", b"")
+            self.assertEqual(
+                (response.status, response.json["error"]), (400, "bad_user"), bad
+            )
+        self.assertEqual(self.factory.stats.api[(400, "bad_user")], 5)
+
     def test_a_long_reason_is_cut_on_a_character(self):
         from webchat.chat import _fit_close_reason
 
@@ -409,6 +438,21 @@ class HostileTests(ApiMixin, TestCase):
             any("no complete request within 0.5 s" in line for line in self.logs.lines)
         )
         yield self.assert_bystanders_chat()
+
+    @inlineCallbacks
+    def test_a_deeply_nested_body_is_400_bad_json(self):
+        deep = b"[" * 60000
+        for path in ("/api/rooms/a/messages", "/api/users/u1/disconnect"):
+            response = yield self.call("POST", path, deep)
+            self.assertEqual(
+                (response.status, response.json),
+                (400, {"error": "bad_json", "detail": "the body is nested too deep"}),
+            )
+            yield self.assert_bystanders_chat()
+        self.assertEqual(self.factory.stats.api[(400, "bad_json")], 2)
+        refused = [line for line in self.logs.lines if "Server API refused" in line]
+        self.assertEqual(len(refused), 2, refused)
+        self.assertFalse(any("error has occurred" in line for line in self.logs.lines))
 
 
 class RateLimitTests(ApiMixin, TestCase):
@@ -496,10 +540,16 @@ class EnvelopeTests(SynchronousTestCase):
         self.assertEqual(
             decode_envelope(b"wc2 web-1 k u-42\n"), Disconnect("web-1", "u-42", "")
         )
+        # A sub with an inner space is a user (auth.is_user_id): so it travels.
+        self.assertEqual(
+            decode_envelope(encode_disconnect("web-1", "a b", "")),
+            Disconnect("web-1", "a b", ""),
+        )
 
     def test_a_bad_disconnect_is_malformed(self):
         for payload in (
-            b"wc2 web-1 k u 42\nr",  # whitespace in the user
+            b"wc2 web-1 k u\t42\nr",  # a tab in the user
+            b"wc2 web-1 k   \nr",  # all spaces
             b"wc2 web-1 k u-42",  # no LF
             b"wc2 web-1 k \xff\nr",
             b"wc2 web-1 k u-42\n\xff",

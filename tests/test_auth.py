@@ -264,6 +264,23 @@ class TokenMatrixTests(ServerMixin, TestCase):
         self.assertTokensNeverLogged()
 
     @inlineCallbacks
+    def test_a_huge_exp_or_nbf_is_an_invalid_token(self):
+        # Signed, so well past the signature check: 10**400 is no float.
+        for claim in ("exp", "nbf"):
+            yield self.expect(self.token(**{claim: 10**400}), 401, "invalid token")
+        self.assertEqual(self.factory.refused["invalid_token"], 2)
+        warns = [line for line in self.logs.lines if line.startswith("Refused")]
+        self.assertEqual(
+            warns,
+            [
+                f"{REFUSED}invalid token: exp is not a finite number (HTTP 401)",
+                f"{REFUSED}invalid token: nbf is not a finite number (HTTP 401)",
+            ],
+        )
+        self.assertNotIn("Traceback", self.all_logs.text)
+        self.assertTokensNeverLogged()
+
+    @inlineCallbacks
     def test_a_token_within_the_leeway_is_still_good(self):
         now = time.time()
         yield self.expect(self.token(exp=now - JWT_LEEWAY + 10), 101, "")
@@ -317,6 +334,22 @@ class TokenMatrixTests(ServerMixin, TestCase):
         self.assertEqual(len(access), 1, self.all_logs.lines)
         self.assertIn("/r/lobby?token=[redacted]&x=1", access[0])
         self.assertIn("?%74oken=[redacted]", access[0])
+        self.assertTokensNeverLogged()
+
+    @inlineCallbacks
+    def test_a_token_in_a_refused_origin_is_redacted_in_the_log(self):
+        token = self.token()
+        got, _ = yield self.handshake(
+            f"/ws/lobby?token={token}",
+            f"Origin: http://evil.example/?x=1&token={token}\r\n",
+        )
+        self.assertEqual(got, 403)
+        warns = [line for line in self.logs.lines if line.startswith("Refused")]
+        self.assertEqual(len(warns), 1, warns)
+        self.assertIn(
+            "origin http://evil.example/?x=1&token=[redacted] not allowed", warns[0]
+        )
+        self.assertEqual(self.factory.refused["origin"], 1)
         self.assertTokensNeverLogged()
 
     @inlineCallbacks
@@ -618,6 +651,55 @@ class IdentityEventsTests(MemoryAuthCase):
             ],
         )
 
+    def test_a_signed_member_takes_its_name_from_an_anonymous_holder(self):
+        anon = self.json_client("/ws/lobby?name=Alice")
+        taken = self.json_client("/ws/lobby?name=alice-2")
+        seed = self.pump.connect("/ws/lobby")
+        signed = self.json_client(token=self.token(sub="alice"))
+        renamed = {
+            "type": "name",
+            "room": "lobby",
+            "id": 1,
+            "old": "Alice",
+            "name": "Alice-3",
+        }
+        joined = {
+            "type": "join",
+            "room": "lobby",
+            "member": {"id": 4, "name": "alice", "user": "alice"},
+        }
+        # The holder and everyone hear of the rename, then of the join.
+        self.assertEqual(events(anon)[-2:], [renamed, joined])
+        self.assertEqual(events(taken)[-2:], [renamed, joined])
+        self.assertEqual(
+            events(signed)[0]["members"],
+            [
+                {"id": 1, "name": "Alice-3"},
+                {"id": 2, "name": "alice-2"},
+                {"id": 3, "name": "guest-3"},
+                {"id": 4, "name": "alice", "user": "alice"},
+            ],
+        )
+        self.assertEqual(seed.texts, [])  # the seed format has no name events
+        # It answers to its new name; the old one is the signed user's.
+        self.send(anon, type="name", name="alice")
+        self.assertEqual(events(anon)[-1]["code"], "name_taken")
+        self.send(anon, type="message", text="hi")
+        self.assertEqual(events(taken)[-1]["name"], "Alice-3")
+        # A second tab of the user, and a signed user whose name claim is
+        # the same, share it: nobody else is renamed.
+        self.json_client(token=self.token(sub="alice"))
+        self.json_client(token=self.token(sub="u-9", name="ALICE"))
+        self.assertEqual(events(taken)[-1]["type"], "join")
+        lines = [line for line in self.all_logs.lines if "is now called" in line]
+        self.assertEqual(
+            lines,
+            [
+                "Connection 1 is now called Alice-3 in room lobby: "
+                "signed user alice has the name Alice"
+            ],
+        )
+
     def test_with_auth_off_nothing_changes(self):
         pump = ChatPump(clock=self.clock, limits=Limits(rate_limit=0))
         client = pump.connect("/ws/lobby?token=abc", **JSON_PROTOCOL)
@@ -705,6 +787,34 @@ class ExpiryTests(MemoryAuthCase):
         for token, _ in bad:
             self.assertNotIn(token, text)
 
+    def test_a_huge_or_deeply_nested_refresh_is_a_bad_token_not_a_1011(self):
+        ann = self.json_client(token=self.token(ttl=100))
+        bad = [
+            (self.token(exp=10**400), "invalid token"),
+            (self.token(nbf=10**400), "invalid token"),
+            # A header or signed claims nested deeper than json.loads recurses.
+            (b64(b"[" * 2900) + ".e30.c2ln", "invalid token"),
+            (
+                jwt.PyJWS().encode(
+                    b'{"sub":"u-1","exp":1e10,"x":' + b"[" * 2900 + b"}",
+                    SECRET,
+                    "HS256",
+                ),
+                "invalid token",
+            ),
+        ]
+        for token, reason in bad:
+            self.send(ann, type="refresh", token=token)
+            self.assertEqual(
+                events(ann)[-1],
+                {"type": "error", "code": "bad_token", "reason": reason},
+            )
+        self.assertIsNone(ann.close_code)
+        self.assertNotIn("error has occurred", self.all_logs.text)
+        self.clock.advance(100 + JWT_LEEWAY)
+        self.pump.pump()
+        self.assertEqual(ann.close_code, 4001)
+
 
 class ClusterIdentityTests(MemoryAuthCase):
     """--redis: a signed member's user travels in presence, compatibly."""
@@ -764,6 +874,31 @@ class ClusterIdentityTests(MemoryAuthCase):
         self.assertEqual(typing["user"], "u-3")
         self.assertEqual((message["id"], message["user"]), (500, "u-1"))
         self.assertEqual(leave["member"], {"id": 502, "name": "Cy", "user": "u-3"})
+
+    def test_a_signed_member_of_another_node_takes_its_name_here_too(self):
+        anon = self.json_client("/ws/lobby?name=cy")
+        self.presence.event(PresenceEvent("a", "join", 4, "lobby", 502, "Cy", "u-3"))
+        self.pump.pump()
+        me = events(anon)[0]["id"]
+        renamed, join = events(anon)[-2:]
+        self.assertEqual(
+            renamed,
+            {"type": "name", "room": "lobby", "id": me, "old": "cy", "name": "cy-2"},
+        )
+        self.assertEqual(join["member"], {"id": 502, "name": "Cy", "user": "u-3"})
+        # The other nodes hear of it too.
+        self.assertEqual(self.relay._mine[me], ("lobby", "cy-2", ""))
+        self.assertEqual(
+            [line for line in self.all_logs.lines if "is now called" in line],
+            [
+                f"Connection {me} is now called cy-2 in room lobby: "
+                "signed user u-3 has the name cy"
+            ],
+        )
+        # An anonymous member of another node takes nothing from anyone.
+        self.presence.event(PresenceEvent("a", "join", 5, "lobby", 503, "cy-2", ""))
+        self.pump.pump()
+        self.assertEqual(events(anon)[-1]["type"], "join")
 
     def test_a_sub_or_name_that_cannot_travel_is_an_invalid_token(self):
         for claims in (

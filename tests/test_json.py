@@ -287,6 +287,22 @@ class BadEventTests(ChatTestCase):
             "Connection 1 from 127.0.0.1: bad_json (not a JSON event)", self.logs.lines
         )
 
+    def test_a_deeply_nested_event_is_bad_json_not_a_server_error(self):
+        ann = self.json_client("/?name=ann")
+        bob = self.json_client("/?name=bob")
+        ann.send_text("[" * 60000)  # fits a message; json.loads recurses per level
+        ann.send_text('{"type": "message", "text": ' + "[" * 60000 + "}")
+        self.pump.pump()
+        self.assertEqual(
+            events(ann)[2:],
+            [{"type": "error", "code": "bad_json", "reason": "not a JSON event"}] * 2,
+        )
+        self.send(ann, type="message", text="still here")
+        self.assertEqual(events(bob)[-1]["text"], "still here")
+        self.assertIsNone(ann.close_code)
+        self.assertEqual(self.pump.factory.stats.bad_events["bad_json"], 2)
+        self.assertFalse(any("error has occurred" in line for line in self.logs.lines))
+
     def test_ten_bad_events_in_ten_seconds_close_1008_after_an_error(self):
         ann = self.json_client("/?name=ann")
         bob = self.json_client("/?name=bob")

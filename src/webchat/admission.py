@@ -24,7 +24,7 @@ from webchat.access import AccessPolicy, normalize_origin
 from webchat.auth import Identity, TokenError, TokenVerifier, is_private
 from webchat.codecs import JSON, JSON_SUBPROTOCOL, SEED, Codec
 from webchat.limits import Limits
-from webchat.logtext import escape_for_log, redact_query
+from webchat.logtext import escape_for_log, escape_request_text
 from webchat.rooms import room_of_path
 
 log = Logger(namespace="webchat")
@@ -107,7 +107,7 @@ class Admission:
         if draining:
             self._refuse(address, 503, "draining", "server is shutting down")
         if not access.origin_allowed(origin, headers.get("host"), scheme):
-            shown = escape_for_log(origin or "")
+            shown = escape_request_text(origin or "")
             self._refuse(
                 address,
                 403,
@@ -124,7 +124,7 @@ class Admission:
                 400,
                 "bad_room",
                 "bad room name: 1-64 of A-Z a-z 0-9 . _ -",
-                f"bad room name {escape_for_log(redact_query(path))}",
+                f"bad room name {escape_request_text(path)}",
             )
         if limits.max_connections and connections > limits.max_connections:
             self._refuse(address, 503, "max_connections", "server is full")

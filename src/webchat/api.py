@@ -39,6 +39,7 @@ from twisted.python.failure import Failure
 from twisted.web.resource import Resource
 from twisted.web.server import NOT_DONE_YET, Request
 
+from webchat.auth import is_user_id
 from webchat.chat import MAX_OFFSET
 from webchat.codecs import message_event
 from webchat.events import BadEvent, check_name
@@ -49,8 +50,9 @@ from webchat.limits import (
     API_IDEMPOTENCY_MAX,
     API_IDEMPOTENCY_WINDOW,
     API_RATE_LIMIT,
+    MAX_USER_CHARS,
 )
-from webchat.logtext import escape_for_log
+from webchat.logtext import escape_for_log, escape_request_text
 from webchat.ratelimit import TokenBucket
 from webchat.rooms import ROOM_NAME
 
@@ -60,9 +62,6 @@ if TYPE_CHECKING:
 
 log = Logger(namespace="webchat")
 
-#: A user id on the path (a JWT ``sub``): printable, no whitespace, at most
-#: 256 characters.
-USER = re.compile(r"[^\s\x00-\x1f\x7f]{1,256}")
 #: What an ``idempotency_key`` may be: 1-128 printable ASCII characters.
 IDEMPOTENCY_KEY = re.compile(r"[\x21-\x7e]{1,128}")
 #: The name a message from the app is shown with when it gives no ``from``.
@@ -315,9 +314,7 @@ class ServerApi(Resource):
                 return self._history(room, request.args)
         if len(parts) == 3 and parts[0] == "users" and parts[2] == "disconnect":
             _allow(method, b"POST")
-            user = parts[1]
-            if USER.fullmatch(user) is None:
-                raise ApiError(400, "bad_user", "user: 1-256 printable characters")
+            user = _user(request.postpath[1])
             return self._disconnect(user, _body(request))
         raise ApiError(404, "not_found", "no such route (see docs/api.md)")
 
@@ -464,8 +461,8 @@ class ServerApi(Resource):
         log.warn(
             "Server API refused {method} {path} from {peer}: HTTP {status} "
             "{code} ({detail})",
-            method=escape_for_log(request.method.decode("latin-1")),
-            path=escape_for_log(request.path.decode("latin-1")),
+            method=escape_request_text(request.method.decode("latin-1")),
+            path=escape_request_text(request.path.decode("latin-1")),
             peer=escape_for_log(
                 str(getattr(request.getClientAddress(), "host", None) or "unix")
             ),
@@ -513,6 +510,25 @@ def _room(name: str) -> str:
     return name
 
 
+def _user(segment: bytes) -> str:
+    """
+    The user on the path (already percent-decoded by twisted.web), as
+    admission accepts a ``sub`` (``auth.is_user_id``): ``a%20b`` is ``a b``.
+    Decoded strictly: a replacement character would name another user.
+    """
+    try:
+        user = segment.decode("utf-8")
+    except UnicodeDecodeError:
+        user = ""
+    if not is_user_id(user):
+        raise ApiError(
+            400,
+            "bad_user",
+            f"user: 1-{MAX_USER_CHARS} printable characters, not all spaces",
+        )
+    return user
+
+
 def _arg(args: dict[bytes, list[bytes]], name: bytes) -> str | None:
     values = args.get(name)
     if not values:
@@ -533,6 +549,9 @@ def _body(request: Request) -> dict[str, Any]:
         raise ApiError(400, "bad_json", "the body is not UTF-8") from None
     except ValueError as e:
         raise ApiError(400, "bad_json", f"the body is not JSON: {e}") from None
+    except RecursionError:
+        # json.loads recurses per level: "[" * 60000 fits the body cap.
+        raise ApiError(400, "bad_json", "the body is nested too deep") from None
     if not isinstance(body, dict):
         raise ApiError(400, "bad_json", "the body must be a JSON object")
     return body

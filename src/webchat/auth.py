@@ -213,7 +213,7 @@ class TokenVerifier:
             raise _invalid(f"sub is not 1-{MAX_USER_CHARS} printable characters")
         exp = _number(claims.get("exp"))
         if exp is None:
-            raise _invalid("exp is not a number")
+            raise _invalid("exp is not a finite number")
         name = claims.get("name")
         if name is not None:
             try:
@@ -238,7 +238,7 @@ class TokenVerifier:
         if nbf is not None:
             start = _number(nbf)
             if start is None:
-                raise _invalid("nbf is not a number")
+                raise _invalid("nbf is not a finite number")
             if now + self.leeway < start:
                 raise TokenError(
                     "token_not_yet_valid",
@@ -269,10 +269,17 @@ def _algorithm_of(token: str) -> str | None:
 
 
 def _number(value: object) -> float | None:
-    """A JSON number claim as a float (not a bool, not nan/inf), else None."""
+    """
+    A JSON number claim as a float (not a bool, not nan/inf), else None.
+    A signed integer too big for a float (``10**400``) is None too: the
+    app's mistake is an invalid token, not an ``OverflowError``.
+    """
     if isinstance(value, bool) or not isinstance(value, int | float):
         return None
-    number = float(value)
+    try:
+        number = float(value)
+    except OverflowError:
+        return None
     return number if math.isfinite(number) else None
 
 

@@ -70,7 +70,7 @@ from webchat.limits import (
 )
 from webchat.logtext import LogText, escape_for_log
 from webchat.metrics import ChatStats
-from webchat.room import Room, member_entry
+from webchat.room import Member, Room, member_entry
 from webchat.rooms import Rooms
 
 if TYPE_CHECKING:
@@ -398,6 +398,10 @@ class WebChatFactory(WebSocketServerFactory):
             except BadEvent as e:
                 bad_name = e
             protocol.wanted_name = None
+        if identity is not None:
+            here = self.rooms.get(admitted.room)
+            if here is not None:
+                self._make_way(here, name, identity.user)
         room = self.rooms.join(
             admitted.room, protocol, admitted.codec, name, exact=identity is not None
         )
@@ -761,24 +765,52 @@ class WebChatFactory(WebSocketServerFactory):
             raise BadEvent("name_taken", "someone in this room has that name")
         if name == old:
             return
-        if self.link is not None:
-            self.link.member_renamed(room.name, sender.chat_id, name)
-        room.publish_event(
-            event_frame(
-                {
-                    "type": "name",
-                    "room": room.name,
-                    "id": sender.chat_id,
-                    "old": old,
-                    "name": name,
-                }
-            )
-        )
+        self._renamed(room, sender, old)
         log.info(
             "Connection {id} is now called {name} in room {room}",
             id=sender.chat_id,
             name=escape_for_log(name),
             room=room.name,
+        )
+
+    def _renamed(self, room: Room, member: Member, old: str) -> None:
+        """Tell the room (and the other nodes) ``member`` was ``old``."""
+        if self.link is not None:
+            self.link.member_renamed(room.name, member.chat_id, member.chat_name)
+        room.publish_event(
+            event_frame(
+                {
+                    "type": "name",
+                    "room": room.name,
+                    "id": member.chat_id,
+                    "old": old,
+                    "name": member.chat_name,
+                }
+            )
+        )
+
+    def _make_way(self, room: Room, name: str, user: str) -> None:
+        """
+        Signed names win: an anonymous member here holding ``name``, which
+        signed ``user`` is joining with (on this node or another), is renamed
+        to the next free ``name-2``-style name, with the ordinary ``name``
+        event, so no two members show one name with only one of them signed.
+        """
+        holder = room.holder(name)
+        if holder is None or getattr(holder, "identity", None) is not None:
+            return  # free, or signed: signed members may share a name
+        old = holder.chat_name
+        if not room.rename(holder, room.free_name(old)):
+            return  # cannot happen: free_name is free
+        self._renamed(room, holder, old)
+        log.info(
+            "Connection {id} is now called {name} in room {room}: "
+            "signed user {user} has the name {old}",
+            id=holder.chat_id,
+            name=escape_for_log(holder.chat_name),
+            room=room.name,
+            user=escape_for_log(user),
+            old=escape_for_log(old),
         )
 
     def _typing_event(self, sender: WebChatProtocol) -> None:
@@ -1327,6 +1359,9 @@ class WebChatFactory(WebSocketServerFactory):
     # members of the room here hear of it, as of a member of this node.
 
     def remote_joined(self, room: str, chat_id: int, name: str, user: str = "") -> None:
+        here = self.rooms.get(room) if user else None
+        if here is not None:
+            self._make_way(here, name, user)
         self._remote_event(
             room, {"type": "join", "member": _member(chat_id, name, user)}
         )

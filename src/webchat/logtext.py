@@ -116,3 +116,12 @@ def redact_query(text: str) -> str:
     if "=" not in text:
         return text
     return _PARAMETER.sub(_redact_one, text)
+
+
+def escape_request_text(text: str) -> str:
+    """
+    ``text`` a client chose for its request (an ``Origin``, a path, a
+    method): redacted (``redact_query``), then escaped (``escape_for_log``).
+    In that order, so a cut cannot leave half a token behind unredacted.
+    """
+    return escape_for_log(redact_query(text))

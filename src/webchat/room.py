@@ -174,6 +174,11 @@ class Room:
             elsewhere is not None and elsewhere(self.name, folded)
         )
 
+    def holder(self, name: str) -> Member | None:
+        """The member here holding ``name`` (any case), if any."""
+        chat_id = self._names.get(name.casefold())
+        return self._members.get(chat_id) if chat_id is not None else None
+
     def rename(self, member: Member, name: str) -> bool:
         """Give ``member`` ``name``; False if someone here (or elsewhere) has it."""
         key = name.casefold()

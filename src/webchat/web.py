@@ -36,7 +36,7 @@ from webchat.limits import (
     API_MAX_BODY,
     MAX_REQUESTS_PER_CONNECTION,
 )
-from webchat.logtext import escape_for_log, redact_query
+from webchat.logtext import escape_for_log, escape_request_text, redact_query
 from webchat.rooms import ROOM_NAME
 
 log = Logger(namespace="webchat")
@@ -161,7 +161,7 @@ class ChatWebSocketResource(WebSocketResource):
             log.warn(
                 "Refused connection from {peer}: WebSocket over {version} (HTTP 426)",
                 peer=_peer_of(request.transport),
-                version=escape_for_log(request.clientproto.decode("latin-1")),
+                version=escape_request_text(request.clientproto.decode("latin-1")),
             )
             request.setResponseCode(426, b"Upgrade Required")
             request.setHeader(b"Upgrade", b"websocket")
@@ -544,7 +544,7 @@ class ChatChannel(HTTPChannel):
         log.warn(
             "Server API refused {method} from {peer}: {detail} (HTTP {status})",
             peer=_peer_of(self.transport),
-            method=escape_for_log(self._command.decode("latin-1")),
+            method=escape_request_text(self._command.decode("latin-1")),
             detail=detail,
             status=status[:3].decode(),
         )
@@ -561,7 +561,7 @@ class ChatChannel(HTTPChannel):
         log.warn(
             "Refused request from {peer}: {method} with a body (HTTP {status})",
             peer=_peer_of(self.transport),
-            method=escape_for_log(method.decode("latin-1")),
+            method=escape_request_text(method.decode("latin-1")),
             status=status[:3].decode(),
         )
         self._answer_and_close(status, b"Allow: GET, HEAD\r\n")

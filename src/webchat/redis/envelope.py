@@ -57,8 +57,9 @@ import re
 import socket
 from typing import Any, NamedTuple
 
+from webchat.auth import is_user_id
 from webchat.events import BadEvent, check_name
-from webchat.limits import MAX_NAME_CHARS, MAX_USER_CHARS
+from webchat.limits import MAX_NAME_CHARS
 from webchat.logtext import escape_for_log
 
 #: The envelope's first word: its format and version.
@@ -133,13 +134,10 @@ class Disconnect(NamedTuple):
     """The app asked for every connection of ``user`` to be closed (4002)."""
 
     node: str
-    #: The user (a JWT ``sub``): 1-256 characters, no whitespace or controls.
+    #: The user (a JWT ``sub``), as admission accepts one (``is_user_id``).
     user: str
     #: Why, as the app said it (UTF-8, may be empty).
     reason: str
-
-
-_USER = re.compile(r"[^\s\x00-\x1f\x7f]{1,256}")
 
 
 def encode_disconnect(node: str, user: str, reason: str) -> bytes:
@@ -157,7 +155,7 @@ def _disconnect(node_id: str, rest: bytes) -> Disconnect:
         user, why = head.decode("utf-8"), reason.decode("utf-8")
     except UnicodeDecodeError:
         raise MalformedEnvelopeError("disconnect is not valid UTF-8") from None
-    if not newline or _USER.fullmatch(user) is None:
+    if not newline or not is_user_id(user):
         raise MalformedEnvelopeError("disconnect needs a user, LF")
     return Disconnect(node_id, user, why)
 
@@ -396,7 +394,7 @@ def _user(raw: bytes) -> str:
         user = raw.decode("utf-8")
     except UnicodeDecodeError:
         raise MalformedEnvelopeError("user is not valid UTF-8") from None
-    if not 0 < len(user) <= MAX_USER_CHARS or not user.isprintable():
+    if not is_user_id(user):
         raise MalformedEnvelopeError("invalid user")
     return user
 
