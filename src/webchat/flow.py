@@ -226,10 +226,11 @@ class FlowControl:
             if self._tls is not None:
                 if self._send_tls(data):
                     return True
-                # Not now (a big turn, or the TLS layer holds something):
-                # through the TLS layer, as below.
-                transport.write(data if type(data) is bytes else bytes(data))
-                return True
+                # A big turn, or the TLS layer holds something: through the
+                # layer a chunk at a time as views, as a plain big turn is,
+                # and judged the same way, over time.
+                self._start_draining()
+                return self._take_later(data)
             # Nothing unsent in Twisted: this member reads.  It takes the
             # turn whatever its size; only what it then leaves unread is
             # judged (``_judge``).
@@ -242,9 +243,7 @@ class FlowControl:
             # Whatever else this turn owes it (a sender's next run of other
             # people's frames) goes behind this, not through the check for
             # members that were behind before the turn.
-            if not self._draining:
-                self._draining = True
-                self.factory.reactor.callLater(0, self._turn_over)  # type: ignore[attr-defined]
+            self._start_draining()
             boundary = _frame_boundary(data, sent)
             if boundary < size:
                 # The rest of the turn stays where it is, in the room's
@@ -292,7 +291,11 @@ class FlowControl:
             return False
         connection = tls._tlsConnection  # type: ignore[union-attr]
         try:
-            connection.send(data)
+            # One SSL_write unless the context allows partial writes (then
+            # one a record): the plaintext is all encrypted either way.
+            done = connection.send(data)
+            while done < size:
+                done += connection.send(memoryview(data)[done:])
             cap = size + _TLS_RECORD_OVERHEAD * (size // _TLS_RECORD + 1)
             cipher = connection.bio_read(cap)
             if len(cipher) == cap:  # more than reckoned: take the rest too
@@ -312,7 +315,16 @@ class FlowControl:
             sent = 0  # EAGAIN, or a reset Twisted will notice and report
         if sent < len(cipher):
             tls.transport.write(cipher[sent:])  # type: ignore[union-attr]
+            # As on the plain path: the rest of this turn queues behind it.
+            self._start_draining()
         return True
+
+    def _start_draining(self) -> None:
+        """This member took a turn it could not send at once: until the turn is
+        over, what else it is owed queues behind, and is judged over time."""
+        if not self._draining:
+            self._draining = True
+            self.factory.reactor.callLater(0, self._turn_over)  # type: ignore[attr-defined]
 
     def _take_later(self, data: bytes | memoryview) -> bool:
         """Queue ``data`` (whole frames) as a view, feed what Twisted may take."""
