@@ -105,7 +105,7 @@ class ServerMixin:
         from twisted.internet.ssl import Certificate, optionsForClientTLS
 
         from tests.tls_cert import make_certificate
-        from webchat.tap import with_backlog
+        from webchat.tap import resume_tls_sessions, with_backlog
 
         directory = Path(self.mktemp()).resolve()  # type: ignore[attr-defined]
         directory.mkdir(parents=True)
@@ -116,7 +116,9 @@ class ServerMixin:
             f"ssl:0:interface=127.0.0.1:privateKey={self.certificate.key}"
             f":certKey={self.certificate.cert}"
         )
-        return serverFromString(reactor, with_backlog(description))
+        endpoint = serverFromString(reactor, with_backlog(description))
+        resume_tls_sessions(endpoint)  # as tap.listen does
+        return endpoint
 
     def client_ssl_context(self) -> Any:
         """A stdlib ``ssl`` client context trusting the test CA (``tls`` only)."""

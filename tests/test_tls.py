@@ -212,6 +212,42 @@ class TlsFanOutTests(TlsMixin, TestCase):
         yield self.assert_bystanders_chat()
 
 
+class TlsSessionTests(TlsMixin, TestCase):
+    @inlineCallbacks
+    def test_a_returning_client_resumes_its_session(self):
+        port = self.port.getHost().port
+        context = self.client_ssl_context()
+
+        def connect_twice() -> tuple[bool, bool]:
+            session = None
+            reused = []
+            for _ in range(2):
+                with socket.create_connection(("127.0.0.1", port), timeout=10) as s:
+                    with context.wrap_socket(
+                        s, server_hostname="localhost", session=session
+                    ) as tls:
+                        tls.sendall(HANDSHAKE)
+                        tls.recv(4096)  # the 101
+                        # TLS 1.3's session tickets come after the handshake
+                        # (here: with the server's first write); read them.
+                        tls.settimeout(0.5)
+                        try:
+                            tls.recv(4096)
+                        except TimeoutError:
+                            pass
+                        reused.append(tls.session_reused)
+                        session = tls.session
+                        # A clean TLS close: OpenSSL forgets the session of a
+                        # connection that just drops (an unexpected EOF).
+                        tls.unwrap()
+            return reused[0], reused[1]
+
+        first, second = yield deferToThread(connect_twice)
+        self.assertFalse(first)
+        self.assertTrue(second, "the second connection did a full handshake")
+        yield self.assert_bystanders_chat()
+
+
 class TlsHostileClientTests(TlsMixin, TestCase):
     limits = Limits(rate_limit=0, max_send_buffer=256 * 1024, handshake_timeout=1.0)
 
