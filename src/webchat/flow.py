@@ -286,10 +286,15 @@ class FlowControl:
             or tls._appSendBuffer  # type: ignore[union-attr]
             or tls.disconnecting  # type: ignore[union-attr]
             or not tls._handshakeDone  # type: ignore[union-attr]
-            or tls._aggregator._buffer  # type: ignore[union-attr]
         ):
             return False
+        # Small writes the layer holds; None once its connection is lost (its
+        # aggregator is then one that keeps nothing).
+        held = getattr(tls._aggregator, "_buffer", None)  # type: ignore[union-attr]
+        if held is None or held:
+            return False
         connection = tls._tlsConnection  # type: ignore[union-attr]
+        done = 0
         try:
             # One SSL_write unless the context allows partial writes (then
             # one a record): the plaintext is all encrypted either way.
@@ -306,9 +311,10 @@ class FlowControl:
                 except SSL.WantReadError:
                     cipher = b"".join(pieces)
         except SSL.Error:
-            # Nothing was encrypted (a fatal alert came, or a handshake
-            # started): Twisted's layer will meet the same and report it.
-            return False
+            # A fatal alert came, or a handshake started: Twisted's layer
+            # will meet the same and report it.  Nothing encrypted: let it
+            # have the turn; part of it encrypted: the connection is broken.
+            return done > 0
         try:
             sent = self._socket.send(cipher)  # type: ignore[union-attr]
         except OSError:
