@@ -42,7 +42,7 @@ def room_of(path: str) -> str:
     return "lobby"
 
 
-def serve_autobahn(reactor: Any, port: int) -> None:
+def serve_autobahn(reactor: Any, port: int, tls: tuple[str, str] | None = None) -> None:
     """Listen with the naive Autobahn chat; ``reactor.run()`` is the caller's."""
     from autobahn.twisted.websocket import (
         WebSocketServerFactory,
@@ -74,14 +74,22 @@ def serve_autobahn(reactor: Any, port: int) -> None:
             if not members:
                 self.factory.rooms.pop(self.room, None)
 
-    factory = WebSocketServerFactory(f"ws://127.0.0.1:{port}")
+    factory = WebSocketServerFactory(f"{'wss' if tls else 'ws'}://127.0.0.1:{port}")
     factory.protocol = NaiveChatProtocol
     factory.ids = itertools.count(1)
     factory.rooms = {}
-    reactor.listenTCP(port, factory, interface="127.0.0.1")
+    if tls:
+        # Twisted's own TLS (its memory-BIO protocol), as anyone would write it.
+        from twisted.internet import ssl
+
+        cert, key = tls
+        context = ssl.DefaultOpenSSLContextFactory(key, cert)
+        reactor.listenSSL(port, factory, context, interface="127.0.0.1")
+    else:
+        reactor.listenTCP(port, factory, interface="127.0.0.1")
 
 
-async def serve_websockets(port: int) -> None:
+async def serve_websockets(port: int, tls: tuple[str, str] | None = None) -> None:
     """Run the ``websockets`` chat until cancelled."""
     from websockets.asyncio.server import broadcast, serve
 
@@ -103,7 +111,13 @@ async def serve_websockets(port: int) -> None:
             if not clients:
                 rooms.pop(room, None)
 
-    async with serve(chat, "127.0.0.1", port) as server:
+    context = None
+    if tls:
+        import ssl
+
+        context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+        context.load_cert_chain(*tls)
+    async with serve(chat, "127.0.0.1", port, ssl=context) as server:
         await server.serve_forever()
 
 
@@ -121,16 +135,19 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("server", choices=["autobahn", "websockets", "c"])
     parser.add_argument("--port", type=int, required=True)
+    parser.add_argument("--tls-cert", help="speak TLS with this certificate (PEM)")
+    parser.add_argument("--tls-key", help="... and this key (PEM)")
     args = parser.parse_args(argv)
+    tls = (args.tls_cert, args.tls_key) if args.tls_cert and args.tls_key else None
     print(f"baseline {args.server} on ws://127.0.0.1:{args.port}/", flush=True)
     if args.server == "autobahn":
         from twisted.internet import reactor
 
-        serve_autobahn(reactor, args.port)
+        serve_autobahn(reactor, args.port, tls)
         reactor.run()
     elif args.server == "websockets":
         try:
-            asyncio.run(serve_websockets(args.port))
+            asyncio.run(serve_websockets(args.port, tls))
         except KeyboardInterrupt:
             pass
     else:

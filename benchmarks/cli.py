@@ -46,8 +46,9 @@ from benchmarks.scenarios import (
     run_echo,
     run_fanout,
 )
-from benchmarks.servers import BASELINES, EXTRA_BASELINES
+from benchmarks.servers import BASELINES, EXTRA_BASELINES, TLS_EXTRA_TARGETS
 from benchmarks.storm import run_storm
+from benchmarks.tls import make_tls_files
 
 SCENARIOS = ("fanout", "json", "rooms", "history", "storm", "connect", "echo")
 #: Fan-out variants whose baselines cannot take part: they speak no JSON
@@ -120,16 +121,25 @@ def build_parser() -> argparse.ArgumentParser:
     what.add_argument(
         "--baselines",
         default=",".join(BASELINES),
-        help=f"baselines to run too, of {', '.join(BASELINES + EXTRA_BASELINES)}"
+        help="baselines to run too, of "
+        f"{', '.join(BASELINES + EXTRA_BASELINES + TLS_EXTRA_TARGETS)}"
         " [%(default)s]",
     )
     what.add_argument("--no-baselines", action="store_true", help="run webchat only")
+    what.add_argument(
+        "--tls",
+        action="store_true",
+        help="every server speaks TLS (wss://, a self-signed certificate made for "
+        "the run; webchat on --port ssl:...) and so does the load generator; "
+        "baseline nginx = a plain webchat behind nginx terminating TLS (issue #16)",
+    )
     what.add_argument(
         "--quick", action="store_true", help="short steps, fewer connections"
     )
     what.add_argument(
         "--url",
-        help="measure the webchat already serving this ws:// URL (none is started)",
+        help="measure the webchat already serving this ws:// or wss:// URL "
+        "(none is started)",
     )
     what.add_argument(
         "--pid", type=int, help="with --url: the server's pid, for its RSS and CPU"
@@ -302,8 +312,14 @@ def _validate(parser: argparse.ArgumentParser, args: argparse.Namespace) -> list
     if args.room_members is not None and args.room_members < 2:
         parser.error("--room-members must be >= 2 (a sender and a receiver)")
     for name in [] if args.no_baselines else _csv(args.baselines):
-        if name not in BASELINES + EXTRA_BASELINES:
+        if name in TLS_EXTRA_TARGETS and not args.tls:
+            parser.error(f"baseline {name!r} only goes with --tls")
+        elif name == "c" and args.tls:
+            parser.error("the C server has no TLS: not with --tls")
+        elif name not in BASELINES + EXTRA_BASELINES + TLS_EXTRA_TARGETS:
             parser.error(f"unknown baseline {name!r}")
+    if args.tls and {"cluster", "calibrate"} & set(scenarios):
+        parser.error("the cluster and calibrate scenarios have no --tls")
     return list(dict.fromkeys(scenarios))
 
 
@@ -334,6 +350,7 @@ def main(argv: list[str] | None = None) -> int:
         "scenarios": scenarios,
         "targets": targets,
         "config": config.as_dict(),
+        "tls": args.tls,
         "cpus": {"server": server_cpu, "loadgen": client_cpu},
         "loadgen": {"choice": LOADGEN_CHOICE},
         "meta": run_metadata(),
@@ -369,6 +386,7 @@ def main(argv: list[str] | None = None) -> int:
             pid=args.pid,
             server_args=args.server_arg,
             node2_cpu=args.node2_cpu,
+            tls=make_tls_files(workdir) if args.tls else None,
         )
         for scenario in scenarios:
             _run_scenario(bench, scenario, targets, document, args.out)

@@ -33,6 +33,7 @@ from benchmarks.helpers import free_port
 from benchmarks.loadgen import LoadGen, build
 from benchmarks.processes import ProcessRegistry, pick_cpus
 from benchmarks.servers import webchat_command
+from benchmarks.tls import make_tls_files
 
 
 def _wait_listening(port: int, process: subprocess.Popen[bytes]) -> None:
@@ -77,6 +78,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--server-arg", action="append", default=[])
     parser.add_argument("--profile", help="py-spy speedscope output of run 1")
     parser.add_argument("--label", default="", help="a name for the output lines")
+    parser.add_argument(
+        "--tls", action="store_true", help="--port ssl:..., the load generator too"
+    )
     args = parser.parse_args(argv)
 
     if args.rooms:
@@ -95,7 +99,8 @@ def main(argv: list[str] | None = None) -> int:
             filter(None, [str(Path(args.src).resolve()), env.get("PYTHONPATH")])
         )
     port = free_port()
-    command = webchat_command(port, workdir / "server.log", args.server_arg)
+    tls = make_tls_files(workdir) if args.tls else None
+    command = webchat_command(port, workdir / "server.log", args.server_arg, tls)
     try:
         server = registry.start(
             command,
@@ -116,6 +121,7 @@ def main(argv: list[str] | None = None) -> int:
             path="/",
             cpu=client_cpu,
             stderr_path=workdir / "loadgen.err",
+            tls=args.tls,
         )
         generator.codec(args.codec)
         generator.rooms(args.rooms)

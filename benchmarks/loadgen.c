@@ -12,7 +12,11 @@
  * protocol: a text message M from connection N reaches every other
  * connection as "id N: M".
  *
- *   loadgen client IP PORT HOST PATH     commands on stdin (below)
+ *   loadgen client IP PORT HOST PATH [tls]
+ *                                        commands on stdin (below); with
+ *                                        "tls", every connection speaks TLS
+ *                                        (OpenSSL, certificate not checked:
+ *                                        a loopback benchmark) before HTTP
  *   loadgen serve PORT                   trivial fan-out server on 127.0.0.1
  *
  * Client commands, each answered by exactly one JSON line (progress lines,
@@ -87,6 +91,9 @@
 #include <sys/timerfd.h>
 #include <time.h>
 #include <unistd.h>
+
+#include <openssl/err.h>
+#include <openssl/ssl.h>
 
 #define READ_CHUNK (256 * 1024)
 #define MAX_FRAME (1024 * 1024)
@@ -288,6 +295,8 @@ typedef struct conn {
     uint8_t recovered;   /* resume role: enum recovered */
     uint16_t close_code; /* from the peer's close frame, 0 if none */
     uint32_t interest;   /* epoll events registered, 0 = not in the epoll set */
+    uint8_t tls_hs;      /* TLS handshake under way (state stays ST_CONNECTING) */
+    SSL *ssl;            /* NULL: plain TCP */
     int index;           /* position in its list (server mode) */
     uint32_t chat_id;    /* server mode */
     uint64_t t_start;
@@ -302,6 +311,8 @@ typedef struct conn {
 
 static int epfd;
 static uint8_t *rbuf;
+/* "client ... tls": every client connection speaks TLS; NULL = plain TCP. */
+static SSL_CTX *tls_ctx;
 static uint64_t now;
 
 static int tag_stdin, tag_timer, tag_listen;
@@ -452,6 +463,10 @@ static void conn_close(conn_t *c, const char *why, int reset) {
         setsockopt(c->fd, SOL_SOCKET, SO_LINGER, &lg, sizeof lg);
     }
     if (c->interest) epoll_ctl(epfd, EPOLL_CTL_DEL, c->fd, NULL);
+    if (c->ssl) {
+        SSL_free(c->ssl); /* no close_notify: the socket is closed (or reset) now */
+        c->ssl = NULL;
+    }
     close(c->fd);
     c->interest = 0;
     c->state = ST_CLOSED;
@@ -460,9 +475,49 @@ static void conn_close(conn_t *c, const char *why, int reset) {
     buf_free(&c->out);
 }
 
+/* write(2), or SSL_write for a TLS connection, with write(2)'s results. */
+static ssize_t conn_write(conn_t *c, const uint8_t *p, size_t n) {
+    if (!c->ssl) return write(c->fd, p, n);
+    ERR_clear_error();
+    int r = SSL_write(c->ssl, p, n > INT32_MAX ? INT32_MAX : (int)n);
+    if (r > 0) return r;
+    int e = SSL_get_error(c->ssl, r);
+    if (e == SSL_ERROR_WANT_WRITE || e == SSL_ERROR_WANT_READ) {
+        errno = EAGAIN;
+    } else if (!(e == SSL_ERROR_SYSCALL && errno)) {
+        errno = ECONNRESET;
+    }
+    return -1;
+}
+
+/* read(2), or SSL_read for a TLS connection (as many records as are there,
+   up to n), with read(2)'s results: 0 = the peer is done. */
+static ssize_t conn_read(conn_t *c, uint8_t *p, size_t n) {
+    if (!c->ssl) return read(c->fd, p, n);
+    size_t got = 0;
+    while (got < n) {
+        ERR_clear_error();
+        int r = SSL_read(c->ssl, p + got, (int)(n - got));
+        if (r > 0) {
+            got += (size_t)r;
+            continue;
+        }
+        int e = SSL_get_error(c->ssl, r);
+        if (got) break;
+        if (e == SSL_ERROR_WANT_READ || e == SSL_ERROR_WANT_WRITE) {
+            errno = EAGAIN;
+            return -1;
+        }
+        if (e == SSL_ERROR_ZERO_RETURN || (e == SSL_ERROR_SYSCALL && errno == 0)) return 0;
+        if (!(e == SSL_ERROR_SYSCALL && errno)) errno = ECONNRESET;
+        return -1;
+    }
+    return (ssize_t)got;
+}
+
 static void conn_flush(conn_t *c) {
     while (c->state != ST_CLOSED && c->out.off < c->out.len) {
-        ssize_t n = write(c->fd, c->out.p + c->out.off, c->out.len - c->out.off);
+        ssize_t n = conn_write(c, c->out.p + c->out.off, c->out.len - c->out.off);
         if (n > 0) {
             c->out.off += (uint32_t)n;
         } else if (n < 0 && errno == EINTR) {
@@ -627,7 +682,7 @@ static size_t client_frames(conn_t *c, const uint8_t *p, size_t n, uint64_t t) {
 static void client_readable(conn_t *c) {
     size_t keep = c->in.len;
     if (keep) memcpy(rbuf, c->in.p, keep);
-    ssize_t n = read(c->fd, rbuf + keep, READ_CHUNK);
+    ssize_t n = conn_read(c, rbuf + keep, READ_CHUNK);
     if (n == 0) {
         conn_close(c, "eof", 0);
         return;
@@ -709,7 +764,33 @@ static void client_readable(conn_t *c) {
     }
 }
 
+static void send_upgrade(conn_t *c);
+
+/* Go on with a TLS handshake; on its end, the HTTP upgrade. */
+static void tls_handshake(conn_t *c) {
+    ERR_clear_error();
+    int r = SSL_do_handshake(c->ssl);
+    if (r == 1) {
+        c->tls_hs = 0;
+        send_upgrade(c);
+        return;
+    }
+    int e = SSL_get_error(c->ssl, r);
+    if (e == SSL_ERROR_WANT_READ) {
+        set_interest(c, EPOLLIN);
+    } else if (e == SSL_ERROR_WANT_WRITE) {
+        set_interest(c, EPOLLOUT);
+    } else {
+        err_reset++;
+        conn_close(c, "tls handshake failed", 0);
+    }
+}
+
 static void client_writable(conn_t *c) {
+    if (c->state == ST_CONNECTING && c->tls_hs) {
+        tls_handshake(c);
+        return;
+    }
     if (c->state == ST_CONNECTING) {
         int err = 0;
         socklen_t len = sizeof err;
@@ -722,6 +803,23 @@ static void client_writable(conn_t *c) {
             conn_close(c, "connect failed", 0);
             return;
         }
+        if (tls_ctx) {
+            c->ssl = SSL_new(tls_ctx);
+            SSL_set_fd(c->ssl, c->fd);
+            SSL_set_connect_state(c->ssl);
+            c->tls_hs = 1;
+            tls_handshake(c);
+            return;
+        }
+        send_upgrade(c);
+        return;
+    }
+    conn_flush(c);
+}
+
+/* Queue the HTTP upgrade request and start sending it. */
+static void send_upgrade(conn_t *c) {
+    {
         uint8_t raw[16];
         for (int i = 0; i < 16; i += 4) {
             uint32_t r = rng32();
@@ -751,6 +849,10 @@ static void client_writable(conn_t *c) {
 }
 
 static void client_event(conn_t *c, uint32_t events) {
+    if (c->state == ST_CONNECTING && c->tls_hs) {
+        tls_handshake(c);
+        return;
+    }
     if (events & (EPOLLOUT | EPOLLERR | EPOLLHUP) && c->state == ST_CONNECTING) {
         client_writable(c);
         return;
@@ -1258,7 +1360,17 @@ static int client_main(int argc, char **argv) {
     }
     host_header = argv[4];
     url_path = argv[5];
-    printf("{\"type\": \"ready\", \"pid\": %d}\n", getpid());
+    if (argc >= 7 && strcmp(argv[6], "tls") == 0) {
+        tls_ctx = SSL_CTX_new(TLS_client_method());
+        if (!tls_ctx) die("SSL_CTX_new");
+        SSL_CTX_set_verify(tls_ctx, SSL_VERIFY_NONE, NULL);
+        /* A frame queue that grows (realloc) may move between a write that
+           would block and its retry; a retry may also carry more. */
+        SSL_CTX_set_mode(tls_ctx, SSL_MODE_ENABLE_PARTIAL_WRITE |
+                                      SSL_MODE_ACCEPT_MOVING_WRITE_BUFFER);
+    }
+    printf("{\"type\": \"ready\", \"pid\": %d, \"tls\": %s}\n", getpid(),
+           tls_ctx ? "true" : "false");
     fflush(stdout);
     while (next_command()) {
         char role[16], query[701];

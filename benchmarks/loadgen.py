@@ -22,6 +22,8 @@ from benchmarks.processes import ProcessRegistry
 
 SOURCE = Path(__file__).with_name("loadgen.c")
 CFLAGS = ("-O2", "-Wall", "-std=gnu11")
+#: OpenSSL, for ``client ... tls`` (Debian: libssl-dev).
+LIBS = ("-lssl", "-lcrypto")
 
 Progress = Callable[[dict[str, Any]], None]
 
@@ -55,7 +57,7 @@ def build(directory: Path | None = None) -> Path:
     ).stdout.splitlines()[:1]
     source = SOURCE.read_bytes()
     digest = hashlib.sha256(
-        source + b"\0" + b"".join(version) + " ".join(CFLAGS).encode()
+        source + b"\0" + b"".join(version) + " ".join(CFLAGS + LIBS).encode()
     )
     directory = directory or cache_dir()
     directory.mkdir(parents=True, exist_ok=True)
@@ -64,7 +66,9 @@ def build(directory: Path | None = None) -> Path:
         return binary
     partial = directory / f".{binary.name}.{os.getpid()}"
     result = subprocess.run(
-        [cc, *CFLAGS, "-o", str(partial), str(SOURCE)], capture_output=True, check=False
+        [cc, *CFLAGS, "-o", str(partial), str(SOURCE), *LIBS],
+        capture_output=True,
+        check=False,
     )
     if result.returncode != 0:
         partial.unlink(missing_ok=True)
@@ -96,12 +100,21 @@ class LoadGen:
         path: str,
         cpu: int | None,
         stderr_path: Path,
+        tls: bool = False,
     ) -> None:
         self._registry = registry
         self._stderr_path = stderr_path
         with stderr_path.open("wb") as stderr:
             self.process = registry.start(
-                [binary, "client", ip, str(port), host, path],
+                [
+                    binary,
+                    "client",
+                    ip,
+                    str(port),
+                    host,
+                    path,
+                    *(["tls"] if tls else []),
+                ],
                 cpu,
                 stdin=subprocess.PIPE,
                 stdout=subprocess.PIPE,

@@ -24,6 +24,7 @@ from typing import Any, TextIO
 from benchmarks.loadgen import LoadGen
 from benchmarks.processes import ProcessRegistry, UsageMeter
 from benchmarks.servers import Server, external_server, start_server
+from benchmarks.tls import TlsFiles
 
 #: Share of a core above which the load generator counts as saturated ...
 SATURATED = 0.90
@@ -148,6 +149,9 @@ class Bench:
     server_args: list[str] = field(default_factory=list)
     #: cluster: node 2's CPU (None: the server's, with node 1 and Redis).
     node2_cpu: int | None = None
+    #: ``--tls``: every server speaks TLS with this certificate, and so does
+    #: the load generator.
+    tls: TlsFiles | None = None
 
     @property
     def cores(self) -> dict[str, int]:
@@ -169,12 +173,16 @@ class Bench:
             yield external_server(self.url, self.pid)
             return
         args = [*self.server_args, *(extra_args or [])] if name == "webchat" else []
-        server = start_server(name, self.registry, self.workdir, self.server_cpu, args)
+        server = start_server(
+            name, self.registry, self.workdir, self.server_cpu, args, self.tls
+        )
         try:
             yield server
         finally:
             if server.process is not None:
                 self.registry.stop(server.process, timeout=15.0)
+            for companion in server.companions:
+                self.registry.stop(companion, timeout=15.0)
 
     @contextmanager
     def loadgen(self, server: Server, label: str) -> Iterator[LoadGen]:
@@ -187,6 +195,7 @@ class Bench:
             path=server.path,
             cpu=self.client_cpu,
             stderr_path=self.workdir / f"loadgen-{label}.stderr",
+            tls=server.url.startswith("wss:"),
         )
         try:
             yield generator
@@ -720,6 +729,7 @@ def run_echo(bench: Bench, name: str) -> dict[str, Any]:
     lat = raw["latency"]
     result = {
         "target": name,
+        "server": server.describe(),
         "rate": cfg.echo_rate,
         "seconds": raw["seconds"],
         "payload_bytes": cfg.payload,

@@ -71,9 +71,16 @@ class ServerMixin:
     """
     Start a webchat server in this process for each test, and tear it down
     with every connection closed, so trial's dirty-reactor check stays quiet.
+
+    With ``tls = True`` the server listens on an ``ssl:`` endpoint (a test
+    CA's certificate, made per test), as ``--port ssl:...`` does, and the
+    test's clients speak TLS to it (``client_tls``).
     """
 
     quiet = False
+    tls = False
+    #: The clients' TLS options (trusting the test CA), or None: plain TCP.
+    client_tls: Any = None
 
     @inlineCallbacks
     def start_server(self, **factory_kwargs: Any):
@@ -82,11 +89,42 @@ class ServerMixin:
         self.addCleanup(globalLogPublisher.removeObserver, self.logs)
         self.factory = WebChatFactory(reactor, quiet=self.quiet, **factory_kwargs)
         site = make_site(self.factory)
-        endpoint = TCP4ServerEndpoint(reactor, 0, interface="127.0.0.1")
+        if self.tls:
+            endpoint = self._tls_endpoint()
+        else:
+            endpoint = TCP4ServerEndpoint(reactor, 0, interface="127.0.0.1")
         self.port = yield endpoint.listen(site)
         self.addCleanup(self._stop_server)
-        self.url = f"ws://127.0.0.1:{self.port.getHost().port}/"
+        scheme = "wss" if self.tls else "ws"
+        self.url = f"{scheme}://127.0.0.1:{self.port.getHost().port}/"
         self.clients: list[ChatClient] = []
+
+    def _tls_endpoint(self) -> Any:
+        """An ``ssl:`` endpoint parsed the way ``--port`` parses one."""
+        from twisted.internet.endpoints import serverFromString
+        from twisted.internet.ssl import Certificate, optionsForClientTLS
+
+        from tests.tls_cert import make_certificate
+        from webchat.tap import resume_tls_sessions, with_backlog
+
+        directory = Path(self.mktemp()).resolve()  # type: ignore[attr-defined]
+        directory.mkdir(parents=True)
+        self.certificate = make_certificate(directory)
+        trust = Certificate.loadPEM(self.certificate.ca.read_bytes())
+        self.client_tls = optionsForClientTLS("localhost", trustRoot=trust)
+        description = (
+            f"ssl:0:interface=127.0.0.1:privateKey={self.certificate.key}"
+            f":certKey={self.certificate.cert}"
+        )
+        endpoint = serverFromString(reactor, with_backlog(description))
+        resume_tls_sessions(endpoint)  # as tap.listen does
+        return endpoint
+
+    def client_ssl_context(self) -> Any:
+        """A stdlib ``ssl`` client context trusting the test CA (``tls`` only)."""
+        import ssl
+
+        return ssl.create_default_context(cafile=str(self.certificate.ca))
 
     @inlineCallbacks
     def _stop_server(self):
@@ -109,15 +147,18 @@ class ServerMixin:
 
     @inlineCallbacks
     def connect(self, path: str = "/", **headers: str):
-        client = yield connect_client(self.port.getHost().port, path, headers)
+        client = yield connect_client(
+            self.port.getHost().port, path, headers, self.client_tls
+        )
         self.clients.append(client)
         return client
 
     @inlineCallbacks
     def open_raw(self):
-        """A raw TCP peer that has completed the opening handshake."""
-        peer = yield connect_raw(self.port.getHost().port)
-        self.addCleanup(lambda: peer.transport.abortConnection())
+        """A raw TCP (or TLS) peer that has completed the opening handshake."""
+        peer = yield connect_raw(self.port.getHost().port, self.client_tls)
+        # (Twisted's TLS layer fails to abort a connection already lost.)
+        self.addCleanup(lambda: peer.lost.called or peer.transport.abortConnection())
         peer.transport.write(HANDSHAKE)
         yield peer.wait_for(lambda data: b"\r\n\r\n" in data)
         if not peer.data.startswith(b"HTTP/1.1 101 "):
@@ -188,13 +229,20 @@ class ChatClient(WebSocketClientProtocol):
         self.sendMessage(text.encode("utf-8"), isBinary=False)
 
 
-def connect_client(port: int, path: str = "/", headers: dict[str, str] | None = None):
+def connect_client(
+    port: int,
+    path: str = "/",
+    headers: dict[str, str] | None = None,
+    tls: Any = None,
+):
+    """A ``ChatClient`` once open; over TLS with ``tls`` (client TLS options)."""
+    scheme = "wss" if tls is not None else "ws"
     factory = WebSocketClientFactory(
-        f"ws://127.0.0.1:{port}{path}", headers=headers or {}
+        f"{scheme}://127.0.0.1:{port}{path}", headers=headers or {}
     )
     factory.protocol = ChatClient
     factory.setProtocolOptions(failByDrop=False, openHandshakeTimeout=5)
-    endpoint = TCP4ClientEndpoint(reactor, "127.0.0.1", port, timeout=5)
+    endpoint = _client_endpoint(port, tls)
     d = endpoint.connect(factory)
     return d.addCallback(lambda client: client.opened)
 
@@ -288,9 +336,18 @@ class RawPeer(Protocol):
         return self.data.split(b"\r\n\r\n", 1)[1] if b"\r\n\r\n" in self.data else b""
 
 
-def connect_raw(port: int) -> Deferred[RawPeer]:
+def connect_raw(port: int, tls: Any = None) -> Deferred[RawPeer]:
+    """A raw peer; with ``tls`` (client TLS options) its bytes go inside TLS."""
+    return _client_endpoint(port, tls).connect(Factory.forProtocol(RawPeer))
+
+
+def _client_endpoint(port: int, tls: Any) -> Any:
     endpoint = TCP4ClientEndpoint(reactor, "127.0.0.1", port, timeout=5)
-    return endpoint.connect(Factory.forProtocol(RawPeer))
+    if tls is None:
+        return endpoint
+    from twisted.internet.endpoints import wrapClientTLS
+
+    return wrapClientTLS(tls, endpoint)
 
 
 # -- a real twistd subprocess ------------------------------------------------------

@@ -72,6 +72,55 @@ class QuickRunTests(SynchronousTestCase):
 
 
 @slow
+class TlsRunTests(SynchronousTestCase):
+    """``--tls``: webchat on ``ssl:``, Autobahn with TLS, nginx in front (~15 s)."""
+
+    def test_quick_echo_over_tls(self):
+        if shutil.which("nginx") is None and not Path("/usr/sbin/nginx").exists():
+            raise require("nginx", "the --tls benchmark's nginx-terminated variant")
+        document, _ = run_bench(
+            "--quick", "--tls", "--scenario", "echo", "--baselines", "autobahn,nginx"
+        )
+
+        self.assertEqual(document["status"], "complete")
+        self.assertTrue(document["tls"])
+        self.assertEqual(document["targets"], ["webchat", "autobahn", "nginx"])
+        for target in ("webchat", "autobahn", "nginx"):
+            echo = document["results"]["echo"][target]
+            self.assertTrue(echo["server"]["url"].startswith("wss://"), target)
+            self.assertGreaterEqual(echo["sent"], 18, target)
+            self.assertEqual(echo["received"], echo["sent"], target)
+            self.assertEqual(echo["raw"]["bad"], 0, target)
+        self.assertIn(
+            ":privateKey=",
+            " ".join(document["results"]["echo"]["webchat"]["server"]["command"]),
+        )
+
+    def test_tls_refuses_what_has_no_tls(self):
+        for args in (["--baselines", "c"], ["--scenario", "cluster"]):
+            result = subprocess.run(
+                [sys.executable, "-m", "benchmarks", "--tls", *args],
+                cwd=ROOT,
+                capture_output=True,
+                text=True,
+                timeout=60,
+                check=False,
+            )
+            self.assertEqual(result.returncode, 2, args)
+            self.assertIn("tls", result.stderr.lower(), args)
+        result = subprocess.run(
+            [sys.executable, "-m", "benchmarks", "--baselines", "nginx"],
+            cwd=ROOT,
+            capture_output=True,
+            text=True,
+            timeout=60,
+            check=False,
+        )
+        self.assertEqual(result.returncode, 2)
+        self.assertIn("only goes with --tls", result.stderr)
+
+
+@slow
 class FanoutVariantRunTests(SynchronousTestCase):
     """The JSON and rooms scenarios at toy size, one fixed step each (~10 s)."""
 

@@ -7,13 +7,19 @@ from types import SimpleNamespace
 
 from autobahn.websocket.protocol import WebSocketProtocol
 from twisted.internet import tcp
-from twisted.internet.protocol import Protocol
+from twisted.internet.protocol import Factory, Protocol
 from twisted.internet.task import Clock
 from twisted.internet.testing import MemoryReactor
 from twisted.logger import formatEvent, globalLogPublisher
 from twisted.trial.unittest import SynchronousTestCase
 
-from webchat.flow import _OPEN, OVER_GRACE, TRANSPORT_INTERNALS, FlowControl
+from webchat.flow import (
+    _OPEN,
+    OVER_GRACE,
+    TLS_INTERNALS,
+    TRANSPORT_INTERNALS,
+    FlowControl,
+)
 from webchat.frames import text_frame
 from webchat.limits import Limits
 from webchat.testing import ChatPump
@@ -42,6 +48,26 @@ class TwistedInternalsTests(SynchronousTestCase):
         self.assertIsInstance(self.transport.socket, socket.socket)
         self.assertFalse(self.transport.TLS)
         self.assertIsInstance(self.transport.bufferSize, int)
+
+    def test_every_internal_of_the_tls_layer_flow_reads_exists(self):
+        # What an ssl: port wraps each connection in (listenSSL's factory).
+        from twisted.internet.ssl import CertificateOptions
+        from twisted.protocols.tls import BufferingTLSTransport, TLSMemoryBIOFactory
+
+        factory = TLSMemoryBIOFactory(
+            CertificateOptions(), False, Factory.forProtocol(Protocol), Clock()
+        )
+        self.assertIs(factory.protocol, BufferingTLSTransport)
+        tls = factory.buildProtocol(None)
+        tls.makeConnection(self.transport)
+        missing = [n for n in TLS_INTERNALS if not hasattr(tls, n)]
+        self.assertEqual(missing, [], f"Twisted's TLS layer no longer has {missing}")
+        self.assertFalse(tls._handshakeDone)
+        self.assertEqual(tls._appSendBuffer, [])
+        self.assertEqual(tls._aggregator._buffer, [])
+        tls.write(b"held back: no handshake yet")
+        held = tls._aggregator._buffer + tls._appSendBuffer
+        self.assertEqual(b"".join(held), b"held back: no handshake yet")
 
     def test_what_flow_counts_as_unsent_grows_with_a_write(self):
         def unsent():

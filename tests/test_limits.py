@@ -61,11 +61,14 @@ class LimitsMixin(ServerMixin):
         the test never reads: a client whose kernel buffers fill at once.
         """
         port = self.port.getHost().port
+        context = self.client_ssl_context() if self.tls else None
 
         def open_socket() -> socket.socket:
             s = socket.socket()
             s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
             s.connect(("127.0.0.1", port))
+            if context is not None:  # the TLS handshake, then never a read
+                s = context.wrap_socket(s, server_hostname="localhost")
             s.sendall(HANDSHAKE)
             return s
 
@@ -76,7 +79,7 @@ class LimitsMixin(ServerMixin):
     @inlineCallbacks
     def handshake(self, extra: bytes = b"", host: bytes = b"127.0.0.1"):
         """Send an opening handshake with ``extra`` headers; return the reply head."""
-        peer = yield connect_raw(self.port.getHost().port)
+        peer = yield connect_raw(self.port.getHost().port, self.client_tls)
         self.addCleanup(peer.transport.abortConnection)
         request = HANDSHAKE.replace(b"Host: 127.0.0.1\r\n", b"Host: " + host + b"\r\n")
         request = (

@@ -145,7 +145,7 @@ class RawFrameTests(ServerMixin, TestCase):
     @inlineCallbacks
     def test_a_compression_offer_is_declined_not_fatal(self):
         # Browsers offer permessage-deflate; the server answers without it.
-        peer = yield connect_raw(self.port.getHost().port)
+        peer = yield connect_raw(self.port.getHost().port, self.client_tls)
         self.addCleanup(peer.transport.abortConnection)
         offer = (
             b"Sec-WebSocket-Extensions: permessage-deflate; client_max_window_bits\r\n"

@@ -10,6 +10,11 @@ Four jobs, all for ``deliver``, which a room calls once per member per turn:
 * The direct-socket fast path: Twisted's ``transport.write`` buffers and
   sends on a later iteration, at a cost larger than the send itself, so
   while Twisted holds nothing unsent the bytes go straight to the socket.
+  Over TLS (``--port ssl:...``) the same: the turn is encrypted in one
+  ``SSL_write`` on the connection's own OpenSSL object (Twisted's memory-BIO
+  TLS layer owns it; only its write side is borrowed) and the ciphertext
+  sent straight to the socket; what the kernel does not take goes to
+  Twisted's buffer under the TLS layer, so order and back-pressure hold.
 * Slow readers: the transport's producer signals (``pauseProducing``) start
   a count of what piles up; past ``--max-send-buffer`` the connection is
   closed 1008 "too slow".
@@ -47,8 +52,10 @@ from collections import deque
 from typing import TYPE_CHECKING, Any
 
 from autobahn.websocket.protocol import WebSocketProtocol
+from OpenSSL import SSL
 from twisted.internet import tcp
 from twisted.internet.interfaces import IPushProducer
+from twisted.protocols.tls import BufferingTLSTransport
 from zope.interface import implementer
 
 from webchat.limits import OVER_GRACE
@@ -69,6 +76,18 @@ TRANSPORT_INTERNALS = (
     "socket",
     "TLS",
 )
+#: ... and of ``twisted.protocols.tls.BufferingTLSTransport`` (the TLS layer
+#: of an ``ssl:`` port, ``transport.protocol``): its OpenSSL connection
+#: (``_tlsConnection``), whether the handshake is over (``_handshakeDone``),
+#: plaintext it holds back (``_appSendBuffer``, during a handshake) and its
+#: small-write aggregator (``_aggregator``, whose ``_buffer`` it flushes on
+#: the next iteration).
+TLS_INTERNALS = (
+    "_tlsConnection",
+    "_handshakeDone",
+    "_appSendBuffer",
+    "_aggregator",
+)
 
 _OPEN = WebSocketProtocol.STATE_OPEN
 
@@ -81,6 +100,15 @@ FEED_CHUNK = 64 * 1024
 #: once a second per server: the turn outlived its flush (``Room.flush``
 #: trims after big turns too), and glibc would keep tens of MB resident.
 RELEASE_ABOVE = 4 * 1024 * 1024
+#: Over TLS, turns up to this size (bytes) are encrypted and sent directly
+#: (``_send_tls``); bigger ones go through Twisted's TLS layer, whose
+#: buffer the slow-reader checks watch (their ciphertext would be a copy
+#: per member, where the plain path keeps views of one turn buffer).
+TLS_DIRECT_MAX = 64 * 1024
+#: Ciphertext bytes per TLS record beyond its plaintext, at most: header 5,
+#: AEAD tag 16, TLS 1.3's content type 1, TLS 1.2's explicit nonce 8.
+_TLS_RECORD_OVERHEAD = 32
+_TLS_RECORD = 16 * 1024
 
 
 @implementer(IPushProducer)
@@ -109,8 +137,14 @@ class FlowControl:
     _over_check: Any = None
     #: Unsent bytes the kernel may hold for us (see ``start_flow_control``).
     _kernel_share = 0
-    #: The raw socket, for plain TCP/Unix transports (see ``deliver``).
+    #: The raw socket, for plain TCP/Unix transports and TLS over TCP (see
+    #: ``deliver``).
     _socket: socket.socket | None = None
+    #: Twisted's TLS layer, for ``ssl:`` transports (see ``_send_tls``).
+    _tls: BufferingTLSTransport | None = None
+    #: The TCP connection under it all (the transport itself without TLS),
+    #: whose buffer ``deliver`` looks at; None where there is no socket.
+    _raw: Any = None
     #: The largest delivery that fits the allowance even with the kernel's
     #: share full and nothing in Twisted's buffer: ``deliver`` looks closer
     #: only at bigger ones (see ``start_flow_control``).
@@ -130,8 +164,18 @@ class FlowControl:
             pass  # nobody was registered (test transports say so loudly)
         self.transport.registerProducer(self, True)
         limit = self._limits.max_send_buffer
-        if isinstance(self.transport, tcp.Connection) and not self.transport.TLS:
-            self._socket = self.transport.socket
+        transport = self.transport
+        raw = None
+        if isinstance(transport, BufferingTLSTransport):
+            # An ssl: port: Twisted's TLS layer wraps the TCP connection.
+            if isinstance(transport.transport, tcp.Connection):
+                self._tls = transport
+                raw = transport.transport
+        elif isinstance(transport, tcp.Connection) and not transport.TLS:
+            raw = transport
+        if raw is not None:
+            self._raw = raw
+            self._socket = raw.socket
             if limit > 0:
                 # Unsent data lives in two places: Twisted's buffer, which we
                 # count, and the kernel's, which Linux grows by itself to
@@ -157,9 +201,9 @@ class FlowControl:
         the end of its frame through ``transport.write``; the whole frames
         after that wait in the queue as views (``_feed``).  Once anything is
         buffered or queued everything goes behind it, so the order of bytes
-        on the wire and Twisted's back-pressure signals stay intact.  TLS
-        transports always take ``transport.write``: their bytes must pass
-        through the TLS layer.
+        on the wire and Twisted's back-pressure signals stay intact.  Over
+        TLS the turn is encrypted here and its ciphertext sent the same way
+        (``_send_tls``) when the TLS layer holds nothing either.
 
         Autobahn raises for a send on a closing connection; checking the
         state first keeps that from ever surfacing in the *sender's* stack.
@@ -170,6 +214,7 @@ class FlowControl:
             # Taking a big turn: what comes next waits behind it, as views.
             return self._take_later(data)
         transport = self.transport
+        raw = self._raw
         size = len(data)
         if self._paused:
             if self._draining:
@@ -180,11 +225,15 @@ class FlowControl:
             if self._backlog > self._backlog_limit() and size > self._room():
                 self._too_slow()
                 return False
-        elif (
-            self._socket is not None
-            and not transport._tempDataLen
-            and not transport.dataBuffer
-        ):
+        elif raw is not None and not raw._tempDataLen and not raw.dataBuffer:
+            if self._tls is not None:
+                if self._send_tls(data):
+                    return True
+                # A big turn, or the TLS layer holds something: through the
+                # layer a chunk at a time as views, as a plain big turn is,
+                # and judged the same way, over time.
+                self._start_draining()
+                return self._take_later(data)
             # Nothing unsent in Twisted: this member reads.  It takes the
             # turn whatever its size; only what it then leaves unread is
             # judged (``_judge``).
@@ -197,9 +246,7 @@ class FlowControl:
             # Whatever else this turn owes it (a sender's next run of other
             # people's frames) goes behind this, not through the check for
             # members that were behind before the turn.
-            if not self._draining:
-                self._draining = True
-                self.factory.reactor.callLater(0, self._turn_over)  # type: ignore[attr-defined]
+            self._start_draining()
             boundary = _frame_boundary(data, sent)
             if boundary < size:
                 # The rest of the turn stays where it is, in the room's
@@ -217,6 +264,76 @@ class FlowControl:
             return False
         transport.write(data if type(data) is bytes else bytes(data))
         return True
+
+    def _send_tls(self, data: bytes | memoryview) -> bool:
+        """
+        Encrypt ``data`` in one ``SSL_write`` and send the ciphertext straight
+        to the socket; False (nothing done) when it must go through Twisted's
+        TLS layer instead: a turn over ``TLS_DIRECT_MAX``, or a layer that
+        holds plaintext or is not (or no longer) in its steady state.
+
+        Twisted's layer would aggregate the write, encrypt it on the next
+        iteration and hand the ciphertext to the transport's buffer, to be
+        sent on the iteration after: several Python calls, two ``epoll_ctl``
+        and a timer per member per turn.  Here the connection's own OpenSSL
+        object encrypts (so sequence numbers and keys stay its own), and what
+        the kernel does not take goes to the buffer under the layer
+        (``transport.write`` of its raw transport), where the next turn finds
+        it and queues behind it, and whose size ``pauseProducing`` and the
+        too-slow checks count as before.
+        """
+        tls = self._tls
+        size = len(data)
+        if (
+            size > TLS_DIRECT_MAX
+            or tls._appSendBuffer  # type: ignore[union-attr]
+            or tls.disconnecting  # type: ignore[union-attr]
+            or not tls._handshakeDone  # type: ignore[union-attr]
+        ):
+            return False
+        # Small writes the layer holds; None once its connection is lost (its
+        # aggregator is then one that keeps nothing).
+        held = getattr(tls._aggregator, "_buffer", None)  # type: ignore[union-attr]
+        if held is None or held:
+            return False
+        connection = tls._tlsConnection  # type: ignore[union-attr]
+        done = 0
+        try:
+            # One SSL_write unless the context allows partial writes (then
+            # one a record): the plaintext is all encrypted either way.
+            done = connection.send(data)
+            while done < size:
+                done += connection.send(memoryview(data)[done:])
+            cap = size + _TLS_RECORD_OVERHEAD * (size // _TLS_RECORD + 1)
+            cipher = connection.bio_read(cap)
+            if len(cipher) == cap:  # more than reckoned: take the rest too
+                pieces = [cipher]
+                try:
+                    while True:
+                        pieces.append(connection.bio_read(cap))
+                except SSL.WantReadError:
+                    cipher = b"".join(pieces)
+        except SSL.Error:
+            # A fatal alert came, or a handshake started: Twisted's layer
+            # will meet the same and report it.  Nothing encrypted: let it
+            # have the turn; part of it encrypted: the connection is broken.
+            return done > 0
+        try:
+            sent = self._socket.send(cipher)  # type: ignore[union-attr]
+        except OSError:
+            sent = 0  # EAGAIN, or a reset Twisted will notice and report
+        if sent < len(cipher):
+            tls.transport.write(cipher[sent:])  # type: ignore[union-attr]
+            # As on the plain path: the rest of this turn queues behind it.
+            self._start_draining()
+        return True
+
+    def _start_draining(self) -> None:
+        """This member took a turn it could not send at once: until the turn is
+        over, what else it is owed queues behind, and is judged over time."""
+        if not self._draining:
+            self._draining = True
+            self.factory.reactor.callLater(0, self._turn_over)  # type: ignore[attr-defined]
 
     def _take_later(self, data: bytes | memoryview) -> bool:
         """Queue ``data`` (whole frames) as a view, feed what Twisted may take."""
@@ -323,12 +440,22 @@ class FlowControl:
 
     def _buffered(self) -> int:
         """Bytes Twisted holds unsent for this connection (0 where it cannot say)."""
-        transport = self.transport
-        return (
+        transport = self._raw or self.transport
+        held = (
             len(getattr(transport, "dataBuffer", b""))
             - getattr(transport, "offset", 0)
             + getattr(transport, "_tempDataLen", 0)
         )
+        tls = self._tls
+        if tls is not None:
+            # Plaintext the TLS layer holds (aggregated, or held back in a
+            # handshake) is unsent as well.
+            aggregator = getattr(tls, "_aggregator", None)
+            for piece in getattr(aggregator, "_buffer", ()):
+                held += len(piece)
+            for piece in tls._appSendBuffer:
+                held += len(piece)
+        return held
 
     def _room(self) -> int:
         """

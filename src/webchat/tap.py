@@ -948,6 +948,29 @@ def with_backlog(description: str) -> str:
     return f"{description}:backlog={limits.LISTEN_BACKLOG}"
 
 
+def resume_tls_sessions(endpoint: Any) -> None:
+    """
+    Let TLS clients of an ``ssl:`` endpoint resume their sessions.
+
+    Twisted's ``ssl:`` parser turns the session cache off (and session
+    tickets with it), so every reconnect of a page pays a full handshake:
+    the one costly step of TLS.  With the server's cache on, a client that
+    comes back within the session's lifetime (OpenSSL's default, 300 s)
+    resumes: TLS 1.2 by session id, TLS 1.3 by the ticket OpenSSL issues
+    for a cached session.  OpenSSL's cache holds at most 20,480 sessions.
+    Renegotiation stays refused: OpenSSL 3 refuses a client's unless told
+    otherwise, and ``OP_NO_RENEGOTIATION`` refuses every kind.
+    """
+    options = getattr(endpoint, "_sslContextFactory", None)
+    if options is None or not hasattr(options, "getContext"):
+        return
+    from OpenSSL import SSL
+
+    context = options.getContext()  # cached: every connection of the port uses it
+    context.set_session_cache_mode(SSL.SESS_CACHE_SERVER)
+    context.set_options(SSL.OP_NO_RENEGOTIATION)
+
+
 def listen(
     reactor: Any,
     parent: MultiService,
@@ -958,5 +981,6 @@ def listen(
     """Listen on ``description`` (given as ``--option``) once the service starts."""
     # Already parsed once by the options (check_endpoint): this cannot fail now.
     endpoint = serverFromString(reactor, with_backlog(description))
+    resume_tls_sessions(endpoint)
     service = ListeningService(reactor, endpoint, factory, f"--{option} {description}")
     service.setServiceParent(parent)

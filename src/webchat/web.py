@@ -21,6 +21,7 @@ from twisted.internet.interfaces import IDelayedCall
 from twisted.internet.protocol import Protocol
 from twisted.logger import Logger
 from twisted.protocols.policies import ProtocolWrapper
+from twisted.protocols.tls import TLSMemoryBIOProtocol
 from twisted.web.http import HTTPChannel, combinedLogFormatter
 from twisted.web.pages import errorPage, notFound
 from twisted.web.resource import IResource, Resource
@@ -317,7 +318,17 @@ def _deadline_passed(site: ChatSite, transport: Any, heard: Callable[[], bool]) 
     chat = site.chat
     peer = _peer_of(transport)
     timeout = chat.limits.handshake_timeout
-    if heard():
+    if isinstance(transport, TLSMemoryBIOProtocol) and not transport._handshakeDone:
+        # Over TLS a browser's spare connection has finished its TLS
+        # handshake; one that has not is stalling, not idle.
+        chat.dropped["handshake_timeout"] += 1
+        log.warn(
+            "Closed connection from {peer}: no complete TLS handshake within"
+            " {timeout:g} s",
+            peer=peer,
+            timeout=timeout,
+        )
+    elif heard():
         chat.dropped["handshake_timeout"] += 1
         log.warn(
             "Closed connection from {peer}: no complete request within {timeout:g} s",
