@@ -476,8 +476,9 @@ class Options(usage.Options):
             "webhook-queue",
             None,
             limits.WEBHOOK_QUEUE,
-            "Webhook events waiting to be sent, at most; past it new events are "
-            "dropped and counted.",
+            "Webhook events waiting to be sent, at most; past it a new event "
+            "evicts the oldest waiting room.vacated, then message, of lesser "
+            "kind, else is dropped; counted.",
             _int,
         ],
         [
