@@ -202,6 +202,47 @@ class StalledReceiverTests(WebhookChatMixin, TestCase):
         self.assertEqual(len(full), 1)
 
 
+class FloodedQueueTests(WebhookChatMixin, TestCase):
+    @inlineCallbacks
+    def test_a_room_vacated_flood_does_not_crowd_out_user_offline(self):
+        receiver = yield start_receiver(self, SECRET)
+        receiver.hang = True  # slow: the first request is held
+        sender = self.attach(
+            receiver.url,
+            ("user.online", "user.offline", "room.vacated"),
+            offline_delay=0.1,
+            queue_size=5,
+            timeout=60,
+        )
+        ann = yield self.connect(as_user("u-ann"))  # user.online, held
+        bob, carol = yield self.connect_many(2)  # bystanders, chatting
+        for n in range(20):  # anonymous: open and leave rooms r0..r19
+            client = yield self.connect(f"/ws/r{n}")
+            client.sendClose()
+            yield client.closed
+        bob.send_text("still here")
+        self.assertEqual((yield carol.received.get()), "id 2: still here")
+        ann.sendClose()
+        yield ann.closed
+        for _ in range(100):  # the offline delay
+            if any(kind == "user.offline" for _, _, kind in sender.queue):
+                break
+            yield deferLater(0.05)
+        self.assertGreaterEqual(sender.dropped["queue_full"], 16)
+        receiver.hang = False
+        receiver.release()  # 503: tried again, then everything is taken
+        for _ in range(100):
+            if any(e["type"] == "user.offline" for e in receiver.taken):
+                break
+            yield deferLater(0.05)
+        kinds = [(e["type"], e["data"].get("user")) for e in receiver.taken]
+        self.assertIn(("user.offline", "u-ann"), kinds)
+        self.assertEqual(kinds[0], ("user.online", "u-ann"))
+        full = [line for line in self.logs.lines if "queue full" in line]
+        self.assertEqual(len(full), 1)
+        self.assertEqual(receiver.bad, [])
+
+
 @slow
 class TwistdWebhookTests(TestCase):
     """``twistd webchat --webhook-url``: wired up, and drained at shutdown."""
