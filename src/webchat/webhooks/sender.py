@@ -363,8 +363,7 @@ class WebhookSender(Service):
         userinfo, at, host = netloc.rpartition("@")
         if at:
             text = text.replace(self.url, self.shown_url).replace(netloc, host)
-            if userinfo:
-                text = text.replace(userinfo, "")
+            text = text.replace(userinfo + at, "")
         return text
 
     def _done(self) -> None:
