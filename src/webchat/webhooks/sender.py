@@ -189,6 +189,10 @@ class WebhookSender(Service):
         self._rng = rng or random.random
         #: Events waiting: (id, body, kind), the head being the one tried now.
         self.queue: deque[tuple[str, bytes, str]] = deque()
+        #: How many events of each rank wait behind the head: a full queue
+        #: looks for one to evict only if there is one (a flood of messages
+        #: into a full queue must not scan it for each).
+        self._behind_head: Counter[int] = Counter()
         self.sent: Counter[str] = Counter()
         self.dropped: Counter[str] = Counter()
         #: Failed attempts in a row (the backoff's exponent).
@@ -211,6 +215,8 @@ class WebhookSender(Service):
             self._overflowed()
             if not self._evict_for(EVICTION_RANK.get(kind, TOP_RANK)):
                 return False
+        if self.queue:
+            self._behind_head[_rank(kind)] += 1
         self.queue.append((event_id, body, kind))
         self._next()
         return True
@@ -231,9 +237,12 @@ class WebhookSender(Service):
         """Remove the oldest waiting event ranked below ``rank``, lowest first."""
         # The head is being tried (or waits to be retried): never evicted.
         for lower in range(rank):
+            if not self._behind_head[lower]:
+                continue
             for index in range(1, len(self.queue)):
-                if EVICTION_RANK.get(self.queue[index][2], TOP_RANK) == lower:
+                if _rank(self.queue[index][2]) == lower:
                     del self.queue[index]
+                    self._behind_head[lower] -= 1
                     return True
         return False
 
@@ -265,6 +274,7 @@ class WebhookSender(Service):
         self._retry = None
         in_flight, self._in_flight = self._in_flight, None
         self.queue.clear()
+        self._behind_head.clear()
         if in_flight is not None:
             in_flight.cancel()
         self.dropped["shutdown"] += left
@@ -369,6 +379,8 @@ class WebhookSender(Service):
     def _done(self) -> None:
         """The head is settled (taken, or refused for good): on to the next."""
         self.queue.popleft()
+        if self.queue:  # the next is the head now
+            self._behind_head[_rank(self.queue[0][2])] -= 1
         if self.failures:
             log.info(
                 "Webhooks to {url} delivered again after {count} failed attempt(s)",
@@ -414,6 +426,11 @@ class WebhookSender(Service):
             self._attempt()
         else:
             self._next()
+
+
+def _rank(kind: str) -> int:
+    """How much an event of type ``kind`` is kept when the queue is full."""
+    return EVICTION_RANK.get(kind, TOP_RANK)
 
 
 def _timed_out(result: Any, timeout: float) -> Failure:
