@@ -401,6 +401,28 @@ class CommandLineErrorTests(SynchronousTestCase):
             "--port: port must be 0-65535, got 70000",
         )
 
+    def test_webhook_url_that_cannot_be_parsed_or_holds_credentials(self):
+        # With a secret: these used to pass the checks, then crash start-up
+        # with a traceback (ValueError from the URL's port) or never deliver.
+        secret = Path(self.mktemp())
+        secret.write_text("the secret\n")
+        given = ("--webhook-secret-file", str(secret))
+        expected = "expected http://host[:port]/path or https://host[:port]/path"
+        for url, shown in [
+            ("http://127.0.0.1:99999/x", "http://127.0.0.1:99999/x"),
+            ("http://127.0.0.1:abc/x", "http://127.0.0.1:abc/x"),
+            ("http://[::1/x", "(an unparsable URL)"),
+        ]:
+            self.assertOneLine(
+                ("--webhook-url", url, *given),
+                f"--webhook-url: {shown}: not a valid URL ({expected})",
+            )
+        self.assertOneLine(
+            ("--webhook-url", "http://hookuser:pw@127.0.0.1:9/x", *given),
+            "--webhook-url: http://127.0.0.1:9/x: no credentials in the URL "
+            "(user:pass@); requests are signed with --webhook-secret-file",
+        )
+
     def test_misspelt_endpoint_parameter(self):
         self.assertOneLine(
             ("--port", "tcp:8080:interfac=x"),

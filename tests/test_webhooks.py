@@ -100,6 +100,9 @@ class SigningTests(TestCase):
             safe_url("https://u:p@hooks.example:8443/in?token=abc#x"),
             "https://hooks.example:8443/in",
         )
+        # A log line must never be what fails: no port parsing, no raising.
+        self.assertEqual(safe_url("http://h:99999/x"), "http://h:99999/x")
+        self.assertEqual(safe_url("http://[::1/x"), "(an unparsable URL)")
 
     def test_event_types(self):
         self.assertEqual(
@@ -224,7 +227,7 @@ class SenderTests(TestCase, Logged):
         sender.enqueue("ev11", b"11")
         full = [line for line in self.logs.lines if "queue full" in line]
         self.assertEqual(len(full), 2)
-        bodies = [b for _, b in sender.queue]
+        bodies = [b for _, b, _ in sender.queue]
         self.assertEqual(bodies, [b"1", b"2", b"10"])  # the oldest kept
 
     def test_the_secret_is_never_logged(self):
@@ -238,6 +241,44 @@ class SenderTests(TestCase, Logged):
         self.assertNotIn(SECRET.decode(), text)
         self.assertNotIn("pw", text)
         self.assertNotIn("token=abc", text)
+
+    def test_an_error_naming_the_urls_userinfo_is_logged_without_it(self):
+        # treq refuses a URL with userinfo, naming the netloc in its error.
+        sender = make_sender(self.clock, self.receiver)
+        sender.enqueue("ev", b"x")
+        self.receiver.answers[-1].errback(
+            ValueError("invalid hostname: user:pw@127.0.0.1:9")
+        )
+        failing = [line for line in self.logs.lines if "failing" in line]
+        self.assertEqual(len(failing), 1)
+        self.assertIn("(invalid hostname: 127.0.0.1:9)", failing[0])
+        self.assertNotIn("user", failing[0])
+
+    def test_a_full_queue_evicts_room_vacated_then_message_for_user_events(self):
+        # Anyone may open and leave rooms: a flood of room.vacated while the
+        # receiver is slow must not crowd out a user's user.offline.
+        sender = make_sender(self.clock, self.receiver, queue_size=4)
+        sender.enqueue("m0", b"m0", "message")  # the head, being tried
+        sender.enqueue("m1", b"m1", "message")
+        for n in range(20):
+            sender.enqueue(f"v{n}", b"v%d" % n, "room.vacated")
+        self.assertEqual([i for i, _, _ in sender.queue], ["m0", "m1", "v0", "v1"])
+        self.assertTrue(sender.enqueue("off", b"off", "user.offline"))
+        self.assertEqual([i for i, _, _ in sender.queue], ["m0", "m1", "v1", "off"])
+        self.assertTrue(sender.enqueue("m2", b"m2", "message"))  # evicts v1
+        self.assertTrue(sender.enqueue("on", b"on", "user.online"))  # then m1
+        self.assertEqual([i for i, _, _ in sender.queue], ["m0", "off", "m2", "on"])
+        self.assertTrue(sender.enqueue("on2", b"on2", "user.online"))  # m2
+        self.assertFalse(sender.enqueue("on3", b"on3", "user.online"))  # none left
+        self.assertFalse(sender.enqueue("v99", b"v99", "room.vacated"))
+        self.assertEqual([i for i, _, _ in sender.queue], ["m0", "off", "on", "on2"])
+        self.assertEqual(sender.dropped["queue_full"], 18 + 1 + 3 + 2)
+        full = [line for line in self.logs.lines if "queue full" in line]
+        self.assertEqual(len(full), 1)
+        for _ in range(4):  # the slow receiver catches up
+            self.receiver.answer(200)
+        delivered = [json_id for _, json_id, _ in self.receiver.requests]
+        self.assertEqual(delivered, [b"m0", b"off", b"on", b"on2"])
 
     def test_stop_drains_within_grace(self):
         sender = make_sender(self.clock, self.receiver, drain_grace=5)
@@ -291,9 +332,9 @@ class AppEventsTests(TestCase):
         self.events: list[dict] = []
 
     def app(self, wanted=("user.online", "user.offline", "room.vacated"), delay=3.0):
-        def enqueue(event_id: str, body: bytes) -> bool:
+        def enqueue(event_id: str, body: bytes, kind: str) -> bool:
             event = json.loads(body)
-            self.assertEqual(event["id"], event_id)
+            self.assertEqual((event["id"], event["type"]), (event_id, kind))
             self.events.append(event)
             return True
 
@@ -388,7 +429,7 @@ class AppEventsTests(TestCase):
         class Shared(LocalTally):
             shared = True
 
-        sender = SimpleNamespace(enqueue=lambda i, b: self.events.append(b) or True)
+        sender = SimpleNamespace(enqueue=lambda i, b, k: self.events.append(b) or True)
         app = AppEvents(self.clock, sender, ["user.offline"], offline_delay=3,
                         tally=Shared())  # fmt: skip
         app.startService()
@@ -464,6 +505,20 @@ class OptionsTests(TestCase):
             self.assertIn(expected, str(caught.exception))
             self.assertNotIn("the secret", str(caught.exception))
             self.assertNotIn("pw", str(caught.exception))
+
+    def test_a_url_with_credentials_or_a_bad_port_is_refused(self):
+        secret = self.secret_file()
+        for url, expected in [
+            ("http://hookuser:pw@127.0.0.1/x", "no credentials in the URL"),
+            ("http://hookuser@127.0.0.1/x", "no credentials in the URL"),
+            ("http://127.0.0.1:99999/x", "not a valid URL"),
+            ("http://127.0.0.1:abc/x", "not a valid URL"),
+            ("http://[::1/x", "(an unparsable URL): not a valid URL"),
+        ]:
+            with self.assertRaises(UsageError) as caught:
+                self.parse("--webhook-url", url, "--webhook-secret-file", secret)
+            self.assertIn(expected, str(caught.exception))
+            self.assertNotIn("hookuser", str(caught.exception))
 
     def test_help_lists_every_webhook_option(self):
         usage = Options().getUsage(width=400)

@@ -13,10 +13,16 @@ from typing import Any
 import jwt
 from twisted.internet import reactor
 from twisted.internet.defer import inlineCallbacks
+from twisted.internet.endpoints import TCP4ServerEndpoint
+from twisted.internet.protocol import Factory, Protocol
+from twisted.internet.task import LoopingCall
 from twisted.internet.threads import deferToThread
+from twisted.logger import globalLogPublisher
+from twisted.python.failure import Failure
 from twisted.trial.unittest import TestCase
 
 from tests.support import (
+    LogCapture,
     ServerMixin,
     Twistd,
     connect_client,
@@ -196,6 +202,47 @@ class StalledReceiverTests(WebhookChatMixin, TestCase):
         self.assertEqual(len(full), 1)
 
 
+class FloodedQueueTests(WebhookChatMixin, TestCase):
+    @inlineCallbacks
+    def test_a_room_vacated_flood_does_not_crowd_out_user_offline(self):
+        receiver = yield start_receiver(self, SECRET)
+        receiver.hang = True  # slow: the first request is held
+        sender = self.attach(
+            receiver.url,
+            ("user.online", "user.offline", "room.vacated"),
+            offline_delay=0.1,
+            queue_size=5,
+            timeout=60,
+        )
+        ann = yield self.connect(as_user("u-ann"))  # user.online, held
+        bob, carol = yield self.connect_many(2)  # bystanders, chatting
+        for n in range(20):  # anonymous: open and leave rooms r0..r19
+            client = yield self.connect(f"/ws/r{n}")
+            client.sendClose()
+            yield client.closed
+        bob.send_text("still here")
+        self.assertEqual((yield carol.received.get()), "id 2: still here")
+        ann.sendClose()
+        yield ann.closed
+        for _ in range(100):  # the offline delay
+            if any(kind == "user.offline" for _, _, kind in sender.queue):
+                break
+            yield deferLater(0.05)
+        self.assertGreaterEqual(sender.dropped["queue_full"], 16)
+        receiver.hang = False
+        receiver.release()  # 503: tried again, then everything is taken
+        for _ in range(100):
+            if any(e["type"] == "user.offline" for e in receiver.taken):
+                break
+            yield deferLater(0.05)
+        kinds = [(e["type"], e["data"].get("user")) for e in receiver.taken]
+        self.assertIn(("user.offline", "u-ann"), kinds)
+        self.assertEqual(kinds[0], ("user.online", "u-ann"))
+        full = [line for line in self.logs.lines if "queue full" in line]
+        self.assertEqual(len(full), 1)
+        self.assertEqual(receiver.bad, [])
+
+
 @slow
 class TwistdWebhookTests(TestCase):
     """``twistd webchat --webhook-url``: wired up, and drained at shutdown."""
@@ -262,3 +309,93 @@ class ClosingReceiverTests(WebhookChatMixin, TestCase):
         self.assertEqual([e["data"]["text"] for e in receiver.events],
                          [f"m{n}" for n in range(5)])  # fmt: skip
         self.assertEqual(dict(sender.sent), {"200": 5})
+
+
+class DrippingReceiver(Protocol):
+    """
+    Answers any request ``200`` with a huge Content-Length, then drips one
+    byte of body every 0.1 s, never finishing: a hostile or broken receiver.
+    """
+
+    def connectionMade(self) -> None:
+        self.factory.open.add(self)
+        self.drip: LoopingCall | None = None
+
+    def dataReceived(self, data: bytes) -> None:
+        if self.drip is None and b"\r\n\r\n" in data:
+            self.transport.write(
+                b"HTTP/1.1 200 OK\r\nContent-Length: 100000000\r\n\r\n"
+            )
+            self.drip = LoopingCall(self.transport.write, b"x")
+            self.drip.start(0.1)
+
+    def connectionLost(self, reason: Failure = None) -> None:
+        self.factory.open.discard(self)
+        if self.drip is not None and self.drip.running:
+            self.drip.stop()
+
+
+class HostileReceiverTests(TestCase):
+    """A timed-out request lets go of its connection and is counted a timeout."""
+
+    timeout = 30
+
+    @inlineCallbacks
+    def listen(self, protocol: type[Protocol]) -> Any:
+        factory = Factory.forProtocol(protocol)
+        factory.open = set()
+        port = yield TCP4ServerEndpoint(reactor, 0, interface="127.0.0.1").listen(
+            factory
+        )
+        self.addCleanup(port.stopListening)
+        self.addCleanup(
+            lambda: [p.transport.abortConnection() for p in list(factory.open)]
+        )
+        factory.url = f"http://127.0.0.1:{port.getHost().port}/hooks"
+        return factory
+
+    def sender(self, url: str) -> WebhookSender:
+        post = treq_post(reactor)
+        sender = WebhookSender(
+            reactor, url, SECRET, post,
+            timeout=0.3, retry_initial=0.05, retry_max=0.1, drain_grace=0,
+        )  # fmt: skip
+        sender.startService()
+        self.addCleanup(post.pool.closeCachedConnections)
+        self.addCleanup(sender.stopService)
+        return sender
+
+    @inlineCallbacks
+    def test_a_dripping_receiver_leaks_no_connection_per_timeout(self):
+        receiver = yield self.listen(DrippingReceiver)
+        sender = self.sender(receiver.url)
+        sender.enqueue("ev", b'{"id":"ev"}', "user.offline")
+        most = 0
+        for _ in range(200):  # at most 10 s
+            most = max(most, len(receiver.open))
+            if sender.sent["timeout"] >= 5:
+                break
+            yield deferLater(0.05)
+        self.assertGreaterEqual(sender.sent["timeout"], 5, dict(sender.sent))
+        # One connection per attempt, each closed at its timeout: never
+        # more than the one being tried (and the one just let go).
+        self.assertLessEqual(most, 2)
+        self.assertEqual(len(sender.queue), 1)  # still to be delivered
+
+    @inlineCallbacks
+    def test_no_answer_in_time_is_a_timeout_not_an_error(self):
+        receiver = yield start_receiver(self, SECRET)
+        receiver.hang = True
+        logs = LogCapture()
+        globalLogPublisher.addObserver(logs)
+        self.addCleanup(globalLogPublisher.removeObserver, logs)
+        sender = self.sender(receiver.url)
+        sender.enqueue("ev", b'{"id":"ev"}', "user.offline")
+        for _ in range(100):
+            if sum(sender.sent.values()) >= 2:
+                break
+            yield deferLater(0.05)
+        self.assertEqual(set(sender.sent), {"timeout"}, dict(sender.sent))
+        failing = [line for line in logs.lines if "failing" in line]
+        self.assertEqual(len(failing), 1, logs.lines)
+        self.assertIn("(no answer within 0.3 s)", failing[0])

@@ -438,7 +438,8 @@ class Options(usage.Options):
             None,
             None,
             "POST signed events (user.online, user.offline, room.vacated, "
-            "message) to this http:// or https:// URL (docs/webhooks.md). "
+            "message) to this http:// or https:// URL (docs/webhooks.md), "
+            "which may not hold credentials (user:pass@). "
             "Needs --webhook-secret-file.",
         ],
         [
@@ -475,8 +476,9 @@ class Options(usage.Options):
             "webhook-queue",
             None,
             limits.WEBHOOK_QUEUE,
-            "Webhook events waiting to be sent, at most; past it new events are "
-            "dropped and counted.",
+            "Webhook events waiting to be sent, at most; past it a new event "
+            "evicts the oldest waiting room.vacated, then message, of lesser "
+            "kind, else is dropped; counted.",
             _int,
         ],
         [
@@ -683,11 +685,22 @@ class Options(usage.Options):
             if self["webhook-secret-file"]:
                 raise usage.UsageError("--webhook-secret-file needs --webhook-url")
             return
-        parts = urlsplit(url)
-        if parts.scheme not in ("http", "https") or not parts.hostname:
+        expected = "expected http://host[:port]/path or https://host[:port]/path"
+        try:
+            parts = urlsplit(url)
+            _ = parts.port  # raises for a port out of range or not a number
+        except ValueError:
             raise usage.UsageError(
-                f"--webhook-url: {safe_url(url)}: expected http://host/path or "
-                "https://host/path"
+                f"--webhook-url: {safe_url(url)}: not a valid URL ({expected})"
+            ) from None
+        if parts.scheme not in ("http", "https") or not parts.hostname:
+            raise usage.UsageError(f"--webhook-url: {safe_url(url)}: {expected}")
+        if "@" in parts.netloc:
+            # It would never reach the receiver (treq takes no userinfo) and
+            # would end up in log lines: the requests are signed instead.
+            raise usage.UsageError(
+                f"--webhook-url: {safe_url(url)}: no credentials in the URL "
+                "(user:pass@); requests are signed with --webhook-secret-file"
             )
         if not self["webhook-secret-file"]:
             raise usage.UsageError(

@@ -163,7 +163,7 @@ class AppEvents(MultiService):
         super().__init__()
         self.clock = clock
         self.sender = sender
-        self._enqueue: Callable[[str, bytes], bool] = sender.enqueue
+        self._enqueue: Callable[[str, bytes, str], bool] = sender.enqueue
         if IService.providedBy(sender):
             sender.setServiceParent(self)
         self.wanted = frozenset(wanted)
@@ -269,7 +269,7 @@ class AppEvents(MultiService):
             return
         event_id = new_event_id()
         ts = int(self.clock.seconds() * 1000)
-        self._enqueue(event_id, event_body(event_id, kind, ts, data))
+        self._enqueue(event_id, event_body(event_id, kind, ts, data), kind)
 
     def _came_online(self, user: str, came: bool) -> None:
         if came:

@@ -7,8 +7,12 @@ Any other answer (a 3xx, a 4xx) means the receiver will never take it: it is
 dropped and counted, so one bad event cannot hold up the rest forever.  One
 request at a time keeps the events of one node in order.
 
-Nothing here blocks the chat: ``enqueue`` appends and returns; a full queue
-drops the newest event (counted, logged once per episode).  The sender is a
+Nothing here blocks the chat: ``enqueue`` appends and returns.  A full queue
+keeps what matters most: a new event evicts the oldest waiting event of a
+lesser kind (``room.vacated``, then ``message``; ``user.*`` events are never
+evicted), else the new event is dropped (counted, logged once per episode),
+so a flood of cheap events (anyone may open and leave rooms) cannot crowd
+out a user's ``user.offline``.  The sender is a
 ``Service``: stopping it gives the queue ``drain_grace`` seconds to empty,
 then counts what is left as dropped.
 """
@@ -50,6 +54,10 @@ Post = Callable[[str, bytes, dict[str, str]], Deferred[int]]
 
 #: Why events are dropped (webchat_webhook_dropped_total), each from zero.
 DROP_REASONS = ("queue_full", "rejected", "shutdown", "redis")
+#: What a full queue keeps: a new event evicts the oldest waiting one of a
+#: lower rank, lowest first (a kind not listed ranks with ``user.*``).
+EVICTION_RANK = {"room.vacated": 0, "message": 1}
+TOP_RANK = 2
 #: Statuses worth another try: the receiver may take the event later.
 RETRY_STATUSES = frozenset({408, 429})
 
@@ -59,12 +67,14 @@ def safe_url(url: str) -> str:
     ``url`` as log lines show it: scheme, host, port and path only.  A
     receiver's URL often carries a credential (``user:pass@``, ``?token=``).
     """
-    parts = urlsplit(url)
-    host = parts.hostname or ""
-    if ":" in host:
-        host = f"[{host}]"
-    port = f":{parts.port}" if parts.port else ""
-    return f"{parts.scheme}://{host}{port}{parts.path}"
+    try:
+        parts = urlsplit(url)
+    except ValueError:  # "http://[::1/x": nothing of it can be shown safely
+        return "(an unparsable URL)"
+    # The netloc after its userinfo, as given: parsing the port (.port) may
+    # raise, and a log line must never be what fails.
+    host = parts.netloc.rpartition("@")[2]
+    return f"{parts.scheme}://{host}{parts.path}"
 
 
 class _Discard(Protocol):
@@ -77,7 +87,9 @@ class _Discard(Protocol):
         pass
 
     def connectionLost(self, reason: Failure = None) -> None:  # type: ignore[assignment]
-        self.done.callback(None)
+        # Not after a cancel (a timeout): ``done`` has fired already.
+        if not self.done.called:
+            self.done.callback(None)
 
 
 def treq_post(reactor: Any) -> Post:
@@ -105,8 +117,16 @@ def treq_post(reactor: Any) -> Post:
     def read(response: Any) -> Deferred[int]:
         # Read to the end: a connection whose answer is unread cannot
         # carry the next request.
-        done: Deferred[None] = Deferred()
-        response.deliverBody(_Discard(done))
+        # Cancelling (a timeout) closes the connection: a receiver that
+        # drips an endless body would otherwise keep it, and its fd, open
+        # for ever, one more at each retry.
+        def abort(_: Deferred[None]) -> None:
+            if discard.transport is not None:
+                discard.transport.loseConnection()
+
+        done: Deferred[None] = Deferred(abort)
+        discard = _Discard(done)
+        response.deliverBody(discard)
         return done.addCallback(lambda _: response.code)
 
     def post(url: str, body: bytes, headers: dict[str, str]) -> Deferred[int]:
@@ -119,7 +139,9 @@ def treq_post(reactor: Any) -> Post:
             # webhook is one (its event id makes a repeat harmless).
             failure.trap(ResponseNeverReceived, RequestTransmissionFailed)
             if any(r.check(CancelledError) for r in failure.value.reasons):
-                return failure  # timed out (or shutting down): not again
+                # Timed out (or shutting down): not again, and a plain
+                # CancelledError so that the timeout reads as one.
+                raise CancelledError()
             return send()
 
         return send().addErrback(once_more)
@@ -165,8 +187,12 @@ class WebhookSender(Service):
         self.retry_max = retry_max
         self.drain_grace = drain_grace
         self._rng = rng or random.random
-        #: Events waiting: (id, body), the head being the one tried now.
-        self.queue: deque[tuple[str, bytes]] = deque()
+        #: Events waiting: (id, body, kind), the head being the one tried now.
+        self.queue: deque[tuple[str, bytes, str]] = deque()
+        #: How many events of each rank wait behind the head: a full queue
+        #: looks for one to evict only if there is one (a flood of messages
+        #: into a full queue must not scan it for each).
+        self._behind_head: Counter[int] = Counter()
         self.sent: Counter[str] = Counter()
         self.dropped: Counter[str] = Counter()
         #: Failed attempts in a row (the backoff's exponent).
@@ -179,22 +205,46 @@ class WebhookSender(Service):
 
     # -- what the chat calls ----------------------------------------------------------
 
-    def enqueue(self, event_id: str, body: bytes) -> bool:
-        """Queue one event (never waits); ``False``: the queue was full, dropped."""
+    def enqueue(self, event_id: str, body: bytes, kind: str = "") -> bool:
+        """
+        Queue one event of type ``kind`` (never waits).  A full queue evicts
+        the oldest waiting event of a lower rank for it; ``False``: there
+        was none, the new event was dropped.  Either way one is counted.
+        """
         if len(self.queue) >= self.queue_size:
-            self.dropped["queue_full"] += 1
-            if not self._overflow:
-                log.warn(
-                    "Webhook queue full ({size} events): dropping new events "
-                    "until {url} takes some",
-                    size=self.queue_size,
-                    url=self.shown_url,
-                )
-            self._overflow += 1
-            return False
-        self.queue.append((event_id, body))
+            self._overflowed()
+            if not self._evict_for(EVICTION_RANK.get(kind, TOP_RANK)):
+                return False
+        if self.queue:
+            self._behind_head[_rank(kind)] += 1
+        self.queue.append((event_id, body, kind))
         self._next()
         return True
+
+    def _overflowed(self) -> None:
+        """One event dropped for a full queue: counted, logged once an episode."""
+        self.dropped["queue_full"] += 1
+        if not self._overflow:
+            log.warn(
+                "Webhook queue full ({size} events): dropping room.vacated, "
+                "then message, then new events until {url} takes some",
+                size=self.queue_size,
+                url=self.shown_url,
+            )
+        self._overflow += 1
+
+    def _evict_for(self, rank: int) -> bool:
+        """Remove the oldest waiting event ranked below ``rank``, lowest first."""
+        # The head is being tried (or waits to be retried): never evicted.
+        for lower in range(rank):
+            if not self._behind_head[lower]:
+                continue
+            for index in range(1, len(self.queue)):
+                if _rank(self.queue[index][2]) == lower:
+                    del self.queue[index]
+                    self._behind_head[lower] -= 1
+                    return True
+        return False
 
     # -- lifetime -----------------------------------------------------------------
 
@@ -224,6 +274,7 @@ class WebhookSender(Service):
         self._retry = None
         in_flight, self._in_flight = self._in_flight, None
         self.queue.clear()
+        self._behind_head.clear()
         if in_flight is not None:
             in_flight.cancel()
         self.dropped["shutdown"] += left
@@ -255,7 +306,7 @@ class WebhookSender(Service):
         self._attempt()
 
     def _attempt(self) -> None:
-        event_id, body = self.queue[0]
+        event_id, body, _ = self.queue[0]
         timestamp = int(self.clock.seconds())
         headers = request_headers(self._secret, event_id, timestamp, body)
         try:
@@ -263,7 +314,8 @@ class WebhookSender(Service):
         except Exception:
             d = fail()  # a bad URL, say: fails like a refused connection
         if self.timeout:
-            d.addTimeout(self.timeout, self.clock)
+            # Whatever a cancelled request fails with, it timed out.
+            d.addTimeout(self.timeout, self.clock, onTimeoutCancel=_timed_out)
         self._in_flight = d
         d.addCallbacks(
             self._answered, self._failed, callbackArgs=(d,), errbackArgs=(d,)
@@ -284,7 +336,7 @@ class WebhookSender(Service):
         elif status >= 500 or status in RETRY_STATUSES:
             self._back_off(f"HTTP {status}")
         else:
-            event_id, _ = self.queue[0]
+            event_id = self.queue[0][0]
             self.dropped["rejected"] += 1
             log.warn(
                 "Webhook event {id} refused by {url} with HTTP {status}: dropped",
@@ -308,12 +360,27 @@ class WebhookSender(Service):
             reasons = getattr(error, "reasons", None)
             if reasons and isinstance(reasons[0], Failure):
                 error = reasons[0].value
-            why = escape_for_log(str(error) or type(error).__name__)
+            why = escape_for_log(self._without_userinfo(str(error)))
+            why = why or type(error).__name__
         self._back_off(why)
+
+    def _without_userinfo(self, text: str) -> str:
+        """``text`` (an error's words) with the URL's ``user:pass@`` taken out."""
+        try:
+            netloc = urlsplit(self.url).netloc
+        except ValueError:
+            return text
+        userinfo, at, host = netloc.rpartition("@")
+        if at:
+            text = text.replace(self.url, self.shown_url).replace(netloc, host)
+            text = text.replace(userinfo + at, "")
+        return text
 
     def _done(self) -> None:
         """The head is settled (taken, or refused for good): on to the next."""
         self.queue.popleft()
+        if self.queue:  # the next is the head now
+            self._behind_head[_rank(self.queue[0][2])] -= 1
         if self.failures:
             log.info(
                 "Webhooks to {url} delivered again after {count} failed attempt(s)",
@@ -359,6 +426,16 @@ class WebhookSender(Service):
             self._attempt()
         else:
             self._next()
+
+
+def _rank(kind: str) -> int:
+    """How much an event of type ``kind`` is kept when the queue is full."""
+    return EVICTION_RANK.get(kind, TOP_RANK)
+
+
+def _timed_out(result: Any, timeout: float) -> Failure:
+    """A request cancelled by its timeout, as a timeout (not an error)."""
+    return Failure(DeferTimeoutError(timeout, "webhook request timed out"))
 
 
 def _cancel(call: IDelayedCall) -> None:
