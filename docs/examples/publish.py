@@ -24,8 +24,9 @@ def webchat_publish(
     body = {"text": text}
     if idempotency_key is not None:
         body["idempotency_key"] = idempotency_key  # a retry is not delivered twice
+    path = f"/api/rooms/{urllib.parse.quote(room, safe='')}/messages"
     request = urllib.request.Request(
-        f"{base_url.rstrip('/')}/api/rooms/{urllib.parse.quote(room, safe='')}/messages",
+        base_url.rstrip("/") + path,
         data=json.dumps(body).encode("utf-8"),
         headers={
             "Authorization": f"Bearer {api_key}",

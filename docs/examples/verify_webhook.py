@@ -40,7 +40,7 @@ if __name__ == "__main__":
     with open(os.environ["WEBCHAT_WEBHOOK_SECRET_FILE"], encoding="utf-8") as f:
         secret = f.readline().strip()
     body = sys.stdin.buffer.read()
-    timestamp, signature = (sys.argv[1:] + ["", ""])[:2]
+    timestamp, signature = [*sys.argv[1:], "", ""][:2]
     if not webchat_webhook_valid(secret, body, timestamp, signature):
         sys.exit("rejected")
     event = json.loads(body)
