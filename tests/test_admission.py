@@ -41,7 +41,7 @@ class AdmissionTests(SynchronousTestCase):
 
     def test_an_admitted_handshake_is_an_address_a_room_and_a_codec(self):
         admitted = self.admit(self.admission())
-        self.assertEqual(admitted, ("192.0.2.1", LOBBY, SEED))
+        self.assertEqual(admitted, ("192.0.2.1", LOBBY, SEED, None))
 
     def test_behind_a_trusted_proxy_the_forwarded_client_is_who_it_is(self):
         admission = self.admission()

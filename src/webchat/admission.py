@@ -2,10 +2,11 @@
 
 Every WebSocket handshake passes here once, before the ``101``: the
 origin rule (``webchat.access``), the server's caps (draining, whole
-server, per address), and later the token.  The answer is an ``Admitted``
-— the address the connection is accounted to, the room it joins and the
-codec it speaks — or ``ConnectionDeny`` with the HTTP status, after one
-warn line and one count.  Nothing here touches a socket, so every rule is
+server, per address), and the token (``--auth``, ``webchat.auth``).  The
+answer is an ``Admitted`` — the address the connection is accounted to, the
+room it joins, the codec it speaks and who it is — or ``ConnectionDeny``
+with the HTTP status, after one warn line and one count (never with the
+token in it).  Nothing here touches a socket, so every rule is
 tested with a header dict (tests/test_admission.py).
 """
 
@@ -20,9 +21,10 @@ from autobahn.websocket.types import ConnectionDeny
 from twisted.logger import Logger
 
 from webchat.access import AccessPolicy, normalize_origin
+from webchat.auth import Identity, TokenError, TokenVerifier, is_private
 from webchat.codecs import JSON, JSON_SUBPROTOCOL, SEED, Codec
 from webchat.limits import Limits
-from webchat.logtext import escape_for_log
+from webchat.logtext import escape_for_log, redact_query
 from webchat.rooms import room_of_path
 
 log = Logger(namespace="webchat")
@@ -37,14 +39,28 @@ class Admitted(NamedTuple):
     room: str
     #: The wire format it is sent.
     codec: Codec
+    #: Who its token says it is; None = anonymous (no token, or --auth off).
+    identity: Identity | None = None
 
 
 class Admission:
     """The rules one server admits handshakes by, and what they hold."""
 
-    def __init__(self, access: AccessPolicy, limits: Limits, refused: Counter[str]):
+    def __init__(
+        self,
+        access: AccessPolicy,
+        limits: Limits,
+        refused: Counter[str],
+        auth: str = "off",
+        verifier: TokenVerifier | None = None,
+    ):
+        if auth != "off" and verifier is None:
+            raise ValueError(f"--auth {auth} needs a key to check tokens with")
         self.access = access
         self.limits = limits
+        #: ``--auth``: off, optional or required (see ``webchat.auth``).
+        self.auth = auth
+        self.verifier = verifier
         #: Handshakes refused, by reason (shared with the metrics).
         self.refused = refused
         #: Admitted connections still open, by address (the per-address cap).
@@ -65,6 +81,7 @@ class Admission:
         path: str = "/",
         rooms: Container[str] = (),
         rooms_open: int = 0,
+        token: str | None = None,
     ) -> Admitted:
         """
         Admit a handshake from ``peer`` (the TCP peer's address) with
@@ -73,7 +90,8 @@ class Admission:
         ``tls``: whether it came over TLS; ``draining``: the server is
         shutting down; ``connections``: open TCP connections, this one too;
         ``path``: the raw request path, which names the room; ``rooms``:
-        the rooms open now (``rooms_open`` of them).
+        the rooms open now (``rooms_open`` of them); ``token``: the
+        ``?token=`` it came with (read only when ``--auth`` is not off).
         An admitted connection holds a place against the per-address cap
         until ``release``.
         """
@@ -106,7 +124,7 @@ class Admission:
                 400,
                 "bad_room",
                 "bad room name: 1-64 of A-Z a-z 0-9 . _ -",
-                f"bad room name {escape_for_log(path)}",
+                f"bad room name {escape_for_log(redact_query(path))}",
             )
         if limits.max_connections and connections > limits.max_connections:
             self._refuse(address, 503, "max_connections", "server is full")
@@ -128,11 +146,55 @@ class Admission:
                 "too many rooms",
                 f"room {room} would be one more than --max-rooms {max_rooms}",
             )
+        identity = self._identity(address, room, token)
         self.per_address[address] += 1
         offered = headers.get("sec-websocket-protocol", "")
         wanted = {name.strip() for name in offered.split(",")}
         codec = JSON if JSON_SUBPROTOCOL in wanted else SEED
-        return Admitted(address, room, codec)
+        return Admitted(address, room, codec, identity)
+
+    def _identity(self, address: str, room: str, token: str | None) -> Identity | None:
+        """
+        Who a handshake for ``room`` with ``token`` is, or its refusal:
+        401 for a missing or bad token, 403 for a room it does not grant.
+        Last of the rules, as checking a signature costs the most.
+        """
+        if self.auth == "off":
+            if is_private(room):
+                self._refuse(
+                    address,
+                    403,
+                    "private_room",
+                    "private room needs a token",
+                    f"room {room} is private and --auth is off",
+                )
+            return None
+        if not token:
+            if self.auth == "required":
+                self._refuse(address, 401, "missing_token", "missing token")
+            if is_private(room):
+                self._refuse(
+                    address,
+                    403,
+                    "room_not_granted",
+                    "room not granted",
+                    f"room {room} is private: no token",
+                )
+            return None
+        assert self.verifier is not None
+        try:
+            identity = self.verifier.verify(token)
+        except TokenError as e:
+            self._refuse(address, 401, e.kind, e.reason, escape_for_log(e.detail))
+        if not identity.may_join(room):
+            self._refuse(
+                address,
+                403,
+                "room_not_granted",
+                "room not granted",
+                f"room {room} not granted to user {escape_for_log(identity.user)}",
+            )
+        return identity
 
     def release(self, address: str) -> None:
         """An admitted connection from ``address`` is gone."""

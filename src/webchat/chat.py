@@ -45,6 +45,7 @@ from twisted.python.failure import Failure
 
 from webchat.access import AccessPolicy
 from webchat.admission import Admission
+from webchat.auth import TokenVerifier
 from webchat.codecs import JSON, SEED, Message, event_frame
 from webchat.connection import (
     _CLOSED,
@@ -136,6 +137,8 @@ class WebChatFactory(WebSocketServerFactory):
         access: AccessPolicy | None = None,
         history: HistoryStore | None = None,
         history_for_text_clients: bool = False,
+        auth: str = "off",
+        verifier: TokenVerifier | None = None,
     ) -> None:
         # "webchat", not Autobahn's name and version, in the 101's Server:.
         super().__init__(reactor=reactor, server="webchat")
@@ -166,7 +169,11 @@ class WebChatFactory(WebSocketServerFactory):
         self.access = access or AccessPolicy()
         #: Every connection from TCP accept to close, open or still handshaking.
         self.connections: set[WebChatProtocol] = set()
-        self.admission = Admission(self.access, self.limits, self.stats.refused)
+        self.admission = Admission(
+            self.access, self.limits, self.stats.refused, auth, verifier
+        )
+        #: Open connections with an identity, by user (``connections_of``).
+        self._by_user: dict[str, list[WebChatProtocol]] = {}
         #: When the server started, for /healthz's uptime.
         self.started_at = reactor.seconds()
         #: Set at shutdown: new handshakes get 503 and /healthz says so.
@@ -238,6 +245,12 @@ class WebChatFactory(WebSocketServerFactory):
         """Let a handshake proceed, or raise ``ConnectionDeny`` with the HTTP status."""
         headers = request.headers
         peer = protocol.client_address
+        params = request.params or {}
+        token = None
+        if self.admission.auth != "off":
+            # Read only when tokens are: with --auth off nobody's is looked at.
+            tokens = params.get("token")
+            token = tokens[0] if tokens else None
         protocol.client_address = self.admission.client_address(peer, headers)
         protocol.admitted = self.admission.admit(
             peer,
@@ -248,11 +261,11 @@ class WebChatFactory(WebSocketServerFactory):
             path=request.path,
             rooms=self.rooms,
             rooms_open=self.rooms.open,
+            token=token,
         )
-        params = request.params or {}
         names = params.get("name")
         if protocol.admitted.codec is JSON:
-            if names:
+            if names and protocol.admitted.identity is None:
                 protocol.wanted_name = names[0]
             since, epoch = params.get("since"), params.get("epoch")
             if since or epoch:
@@ -260,6 +273,20 @@ class WebChatFactory(WebSocketServerFactory):
                     since[0] if since else None,
                     epoch[0] if epoch else None,
                 )
+
+    def connections_of(self, user: str) -> list[WebChatProtocol]:
+        """This node's open connections of ``user`` (the token's ``sub``)."""
+        return list(self._by_user.get(user, ()))
+
+    def _forget_user(self, protocol: WebChatProtocol) -> None:
+        identity = protocol.identity
+        if identity is None:
+            return
+        held = self._by_user.get(identity.user)
+        if held is not None and protocol in held:
+            held.remove(protocol)
+            if not held:
+                del self._by_user[identity.user]
 
     def allocate_id(self) -> int:
         """
@@ -280,7 +307,12 @@ class WebChatFactory(WebSocketServerFactory):
         protocol.chat_id = self.allocate_id()
         name = ""
         bad_name: BadEvent | None = None
-        if protocol.wanted_name is not None:
+        identity = protocol.identity = admitted.identity
+        if identity is not None:
+            # Signed by the app: their name is theirs, ?name= is not read.
+            name = identity.display_name
+            self._by_user.setdefault(identity.user, []).append(protocol)
+        elif protocol.wanted_name is not None:
             try:
                 name = check_name(protocol.wanted_name)
             except BadEvent as e:
@@ -482,6 +514,7 @@ class WebChatFactory(WebSocketServerFactory):
 
     def unregister(self, protocol: WebChatProtocol) -> None:
         room = protocol.room
+        self._forget_user(protocol)
         if not protocol.chat_id or room is None or not self.rooms.leave(room, protocol):
             return  # never opened, or already gone
         if self.link is not None:
@@ -529,6 +562,7 @@ class WebChatFactory(WebSocketServerFactory):
     def forget(self, protocol: WebChatProtocol) -> None:
         """The TCP connection is gone: release what it held against the caps."""
         self.connections.discard(protocol)
+        self._forget_user(protocol)
         if protocol.admitted is not None:
             self.admission.release(protocol.admitted.address)
 

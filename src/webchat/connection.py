@@ -58,6 +58,7 @@ from webchat.ratelimit import TokenBucket
 
 if TYPE_CHECKING:
     from webchat.admission import Admitted
+    from webchat.auth import Identity
     from webchat.chat import WebChatFactory
     from webchat.room import Room
 
@@ -129,6 +130,9 @@ class WebChatProtocol(FlowControl, Keepalive, WebSocketServerProtocol):
     room: Room | None = None
     #: What admission decided, once the handshake is let through.
     admitted: Admitted | None = None
+    #: Who the connection's token says it is, from when it opens; None =
+    #: anonymous (no token, or --auth off).
+    identity: Identity | None = None
     #: The name shown to others (set by the room), and the one asked for
     #: with ``?name=`` until the connection opens.
     chat_name = ""

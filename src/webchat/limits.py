@@ -120,6 +120,15 @@ OUTAGE_BUFFER = 10000
 MAX_REMOTE_MEMBERS = 100_000
 #: Other nodes a node keeps track of (real or claimed on the channel).
 MAX_REMOTE_NODES = 1000
+#: Seconds of clock skew allowed between the app that signs tokens and this
+#: server when checking ``exp`` and ``nbf`` (--auth): a token is refused as
+#: expired only this long after its ``exp``, and accepted this long before
+#: its ``nbf``.  Not an option: keep the clocks in sync (NTP) instead.
+JWT_LEEWAY = 30
+#: Longest ``?token=`` accepted, in characters (then HTTP 401 "token too
+#: long"): a token with a few claims is 200-1000; the request line must
+#: still fit the 16 KB header limit.
+JWT_MAX_LENGTH = 4096
 #: File descriptors kept back from --max-connections for listening sockets,
 #: log files, page requests and Redis, so accept() never fails with EMFILE.
 FD_RESERVE = 64

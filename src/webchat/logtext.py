@@ -11,6 +11,7 @@ written as a Python-style escape, the backslash itself included (otherwise
 from __future__ import annotations
 
 import re
+from urllib.parse import unquote_plus
 
 #: How many characters of user text a log line carries before it is cut.
 LOG_TEXT_LIMIT = 200
@@ -81,3 +82,37 @@ class LogText:
 
     def __repr__(self) -> str:
         return repr(str(self))
+
+
+#: What a redacted query value is written as.
+REDACTED = "[redacted]"
+
+#: Query parameters whose values are secrets: never in a log line.
+_SECRET_PARAMETERS = frozenset({"token"})
+
+#: One query parameter in any text (a path, a URL, a whole access log line).
+_PARAMETER = re.compile(r'([?&;])([^&;=#?\s"]+)=([^&;#\s"]*)')
+
+
+def _redact_one(match: re.Match[str]) -> str:
+    separator, key, _ = match.groups()
+    if unquote_plus(key).strip().lower() in _SECRET_PARAMETERS:
+        return f"{separator}{key}={REDACTED}"
+    return match.group()
+
+
+def redact_query(text: str) -> str:
+    """
+    ``text`` (a request path with its query, a URL, a whole access log
+    line) with the value of every ``token=`` query parameter replaced by
+    ``[redacted]``.
+
+    A token in the query is a bearer secret (browsers cannot send one in a
+    header), and request targets reach log lines: the access log (the
+    request and its Referer), a refused room's name.  The parameter's name
+    is compared as a server reads it (percent-decoded, any case), so
+    ``?%74oken=`` is caught too.
+    """
+    if "=" not in text:
+        return text
+    return _PARAMETER.sub(_redact_one, text)

@@ -44,6 +44,14 @@ REFUSAL_REASONS = (
     "http_version",
     "bad_room",
     "max_rooms",
+    # --auth (webchat.auth): 401s, then 403s.
+    "missing_token",
+    "invalid_token",
+    "token_expired",
+    "token_not_yet_valid",
+    "token_too_long",
+    "room_not_granted",
+    "private_room",
 )
 #: Every kind of connection the server ends for cause.
 DROP_REASONS = (

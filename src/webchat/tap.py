@@ -17,6 +17,7 @@ from twisted.python import usage
 
 from webchat import __version__, limits
 from webchat.access import AccessPolicy
+from webchat.auth import AUTH_MODES, TokenVerifier, load_public_key, read_key_file
 from webchat.chat import WebChatFactory
 from webchat.history.sqlite import SQLiteHistory
 from webchat.metrics import MetricsPage, make_registry
@@ -72,6 +73,11 @@ PLACEHOLDERS = {
     "history": "N",
     "history-ttl": "S",
     "history-db": "PATH",
+    "auth": "MODE",
+    "jwt-secret-file": "FILE",
+    "jwt-public-key-file": "FILE",
+    "jwt-audience": "AUD",
+    "jwt-issuer": "ISS",
 }
 
 
@@ -375,6 +381,40 @@ class Options(usage.Options):
             "process only; not with --redis). Default: in memory.",
         ],
         [
+            "auth",
+            None,
+            "off",
+            "Who may connect: 'off' (anyone, anonymous), 'optional' (a signed "
+            "token in ?token= if given; private- rooms need one) or 'required' "
+            "(a token for every connection, else HTTP 401).",
+        ],
+        [
+            "jwt-secret-file",
+            None,
+            None,
+            "Check HS256 tokens with the shared secret in this file (its "
+            "whole contents, surrounding whitespace stripped).",
+        ],
+        [
+            "jwt-public-key-file",
+            None,
+            None,
+            "Check RS256 or ES256 tokens with the RSA or EC public key in this "
+            "PEM file.",
+        ],
+        [
+            "jwt-audience",
+            None,
+            None,
+            "Accept only tokens whose aud claim is this.",
+        ],
+        [
+            "jwt-issuer",
+            None,
+            None,
+            "Accept only tokens whose iss claim is this.",
+        ],
+        [
             "shutdown-grace",
             None,
             limits.SHUTDOWN_GRACE,
@@ -500,6 +540,7 @@ class Options(usage.Options):
                 raise usage.UsageError(
                     f"--redis-password-file needs --redis or ${REDIS_URL_VARIABLE}"
                 )
+        self._check_auth()
         try:
             self["access"] = AccessPolicy.from_options(
                 self["allowed-origin"], self["trust-proxy"]
@@ -516,6 +557,54 @@ class Options(usage.Options):
                     check_node_id(self["node-id"])
         except ValueError as e:
             raise usage.UsageError(str(e)) from None
+
+    def _check_auth(self) -> None:
+        """
+        Read the token keys now: a missing, unreadable or empty key file
+        (or --auth without a key) must stop the server before it starts,
+        not refuse every connection once it runs.
+        """
+        mode = self["auth"]
+        if mode not in AUTH_MODES:
+            raise usage.UsageError(
+                f"--auth: expected one of {', '.join(AUTH_MODES)}, got {mode!r}"
+            )
+        self["jwt-secret"] = self["jwt-public-key"] = None
+        if self["jwt-secret-file"]:
+            try:
+                self["jwt-secret"] = read_key_file(self["jwt-secret-file"])
+            except ValueError as e:
+                raise usage.UsageError(f"--jwt-secret-file {e}") from None
+        if self["jwt-public-key-file"]:
+            path = self["jwt-public-key-file"]
+            try:
+                pem = read_key_file(path)
+                load_public_key(pem)
+            except ValueError as e:
+                shown = str(e) if str(e).startswith(path) else f"{path}: {e}"
+                raise usage.UsageError(f"--jwt-public-key-file {shown}") from None
+            self["jwt-public-key"] = pem
+        keyed = self["jwt-secret"] is not None or self["jwt-public-key"] is not None
+        if mode != "off" and not keyed:
+            raise usage.UsageError(
+                f"--auth {mode} needs --jwt-secret-file or --jwt-public-key-file"
+            )
+        if mode == "off" and (keyed or self["jwt-audience"] or self["jwt-issuer"]):
+            raise usage.UsageError(
+                "the --jwt-* options need --auth optional or --auth required"
+            )
+
+    def verifier(self, clock: Callable[[], float]) -> TokenVerifier | None:
+        """What checks tokens on ``clock`` (the reactor's), or None with --auth off."""
+        if self["auth"] == "off":
+            return None
+        return TokenVerifier(
+            secret=self["jwt-secret"],
+            public_key=self["jwt-public-key"],
+            audience=self["jwt-audience"],
+            issuer=self["jwt-issuer"],
+            clock=clock,
+        )
 
     def limits(self) -> limits.Limits:
         """The limits these options ask for (max-connections left 0 if unset)."""
@@ -592,6 +681,8 @@ def makeService(options: Options, reactor: Any = None) -> IService:
         access=options["access"],
         history=history,
         history_for_text_clients=options["history-for-text-clients"],
+        auth=options["auth"],
+        verifier=options.verifier(reactor.seconds),
     )
     # The listeners are children of the chat service: it drains the chat
     # before they stop listening.

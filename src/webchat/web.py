@@ -21,7 +21,7 @@ from twisted.internet.interfaces import IDelayedCall
 from twisted.internet.protocol import Protocol
 from twisted.logger import Logger
 from twisted.protocols.policies import ProtocolWrapper
-from twisted.web.http import HTTPChannel
+from twisted.web.http import HTTPChannel, combinedLogFormatter
 from twisted.web.pages import errorPage, notFound
 from twisted.web.resource import IResource, Resource
 from twisted.web.server import NOT_DONE_YET, Request, Site
@@ -31,7 +31,7 @@ from webchat.access import canonical_address
 from webchat.chat import WebChatFactory
 from webchat.health import HealthResource
 from webchat.limits import MAX_REQUESTS_PER_CONNECTION
-from webchat.logtext import escape_for_log
+from webchat.logtext import escape_for_log, redact_query
 from webchat.rooms import ROOM_NAME
 
 log = Logger(namespace="webchat")
@@ -601,7 +601,12 @@ class ChatSite(Site):
 
     def __init__(self, resource: IResource, chat: WebChatFactory) -> None:
         # Nothing here takes form posts: never parse (and buffer) their bodies.
-        super().__init__(resource, reactor=chat.reactor, parsePOSTFormSubmission=False)
+        super().__init__(
+            resource,
+            reactor=chat.reactor,
+            parsePOSTFormSubmission=False,
+            logFormatter=redacted_access_log,
+        )
         self.chat = chat
         self.displayTracebacks = False
 
@@ -616,6 +621,15 @@ class ChatSite(Site):
         # Probes and scrapes every few seconds would drown the access log.
         if request.path not in QUIET_PATHS:
             super().log(request)
+
+
+def redacted_access_log(timestamp: str, request: Request) -> str:
+    """
+    The access log's line (Twisted's combined format) with every ``token=``
+    value redacted, in the request target and the Referer alike: a page
+    opened with ``?token=`` sends its address as the Referer of its files.
+    """
+    return redact_query(combinedLogFormatter(timestamp, request))
 
 
 def make_site(

@@ -1,0 +1,486 @@
+"""Signed identities (--auth): the token matrix over a real socket, private rooms,
+the token kept out of every log line, and the options on a real twistd."""
+
+from __future__ import annotations
+
+import base64
+import json
+import os
+import subprocess
+import tempfile
+import time
+from functools import cache
+from pathlib import Path
+
+import jwt
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric import ec, rsa
+from twisted.internet import reactor
+from twisted.internet.defer import inlineCallbacks
+from twisted.logger import formatEvent, globalLogPublisher
+from twisted.trial.unittest import SynchronousTestCase, TestCase
+
+from tests.support import (
+    ServerMixin,
+    Twistd,
+    connect_raw,
+    deferLater,
+    free_port,
+    slow,
+    twistd_command,
+)
+from webchat.auth import Identity, TokenVerifier
+from webchat.limits import JWT_LEEWAY, JWT_MAX_LENGTH
+from webchat.logtext import redact_query
+
+REFUSED = "Refused connection from 127.0.0.1: "
+SECRET = b"a shared secret of at least 32 bytes, for HS256"
+
+
+@cache
+def rsa_key() -> rsa.RSAPrivateKey:
+    return rsa.generate_private_key(public_exponent=65537, key_size=2048)
+
+
+@cache
+def ec_key() -> ec.EllipticCurvePrivateKey:
+    return ec.generate_private_key(ec.SECP256R1())
+
+
+def public_pem(key: rsa.RSAPrivateKey | ec.EllipticCurvePrivateKey) -> bytes:
+    return key.public_key().public_bytes(
+        serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo
+    )
+
+
+def claims(**overrides: object) -> dict[str, object]:
+    now = time.time()
+    base: dict[str, object] = {"sub": "u-42", "name": "Ann", "exp": now + 600}
+    base.update(overrides)
+    return {k: v for k, v in base.items() if v is not None}
+
+
+def hs256(key: bytes = SECRET, **overrides: object) -> str:
+    return jwt.encode(claims(**overrides), key, algorithm="HS256")
+
+
+def b64(data: bytes) -> str:
+    return base64.urlsafe_b64encode(data).rstrip(b"=").decode("ascii")
+
+
+def unsigned(**overrides: object) -> str:
+    """A token with ``alg: none`` and no signature."""
+    head = b64(json.dumps({"alg": "none", "typ": "JWT"}).encode())
+    body = b64(json.dumps(claims(**overrides)).encode())
+    return f"{head}.{body}."
+
+
+def hmac_over_public_key() -> str:
+    """HS256 "signed" with the server's RSA public key PEM as the HMAC secret."""
+    import hashlib
+    import hmac
+
+    head = b64(json.dumps({"alg": "HS256", "typ": "JWT"}).encode())
+    body = b64(json.dumps(claims()).encode())
+    signing_input = f"{head}.{body}".encode()
+    mac = hmac.new(public_pem(rsa_key()), signing_input, hashlib.sha256).digest()
+    return f"{head}.{body}.{b64(mac)}"
+
+
+class AllLogs:
+    """Every log event of every namespace (the access log is Twisted's)."""
+
+    def __init__(self) -> None:
+        self.lines: list[str] = []
+
+    def __call__(self, event: dict) -> None:
+        text = formatEvent(event) or ""
+        failure = event.get("log_failure")
+        if failure is not None:
+            text += "\n" + failure.getTraceback()
+        self.lines.append(text)
+
+    @property
+    def text(self) -> str:
+        return "\n".join(self.lines)
+
+
+class TokenMatrixTests(ServerMixin, TestCase):
+    """Every kind of token, over a real socket: the status and its reason."""
+
+    auth = "required"
+
+    @inlineCallbacks
+    def setUp(self):
+        self.all_logs = AllLogs()
+        globalLogPublisher.addObserver(self.all_logs)
+        self.addCleanup(globalLogPublisher.removeObserver, self.all_logs)
+        verifier = TokenVerifier(
+            secret=SECRET,
+            public_key=public_pem(rsa_key()),
+            audience="chat",
+            issuer="https://app.example",
+            clock=reactor.seconds,
+        )
+        yield self.start_server(auth=self.auth, verifier=verifier)
+        self.tokens: list[str] = []
+
+    def token(self, **overrides: object) -> str:
+        overrides.setdefault("aud", "chat")
+        overrides.setdefault("iss", "https://app.example")
+        token = hs256(**overrides)
+        self.tokens.append(token)
+        return token
+
+    @inlineCallbacks
+    def handshake(self, path: str, headers: str = ""):
+        """The status and reason a raw handshake for ``path`` is answered with."""
+        peer = yield connect_raw(self.port.getHost().port)
+        self.addCleanup(lambda: peer.transport.abortConnection())
+        peer.transport.write(
+            f"GET {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nUpgrade: websocket\r\n"
+            "Connection: Upgrade\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n"
+            f"Sec-WebSocket-Version: 13\r\n{headers}\r\n".encode()
+        )
+        data = yield peer.wait_for(lambda data: b"\r\n\r\n" in data)
+        status_line = data.split(b"\r\n", 1)[0].decode()
+        if not status_line.startswith("HTTP/1.1 101"):
+            yield peer.lost  # a refusal: the body says why, then the server hangs up
+        return int(status_line.split()[1]), peer.data.decode("utf-8", "replace")
+
+    @inlineCallbacks
+    def expect(self, token: str, status: int, reason: str, room: str = "lobby"):
+        self.tokens.append(token)
+        got, response = yield self.handshake(f"/ws/{room}?token={token}")
+        self.assertEqual(got, status, response)
+        if reason:
+            self.assertIn(reason, response)
+        self.assertNotIn(token, response)
+        return response
+
+    def assertTokensNeverLogged(self):
+        text = self.all_logs.text
+        self.assertTrue(text)
+        for token in self.tokens:
+            self.assertNotIn(token, text)
+            # Nor its signature alone (a line cut at a dot).
+            signature = token.rsplit(".", 1)[-1]
+            if len(signature) >= 16:
+                self.assertNotIn(signature, text)
+
+    @inlineCallbacks
+    def test_valid_hs256_and_rs256_tokens_are_admitted(self):
+        yield self.expect(self.token(), 101, "")
+        rs = jwt.encode(
+            claims(aud="chat", iss="https://app.example"), rsa_key(), algorithm="RS256"
+        )
+        yield self.expect(rs, 101, "")
+        self.assertEqual(self.factory.refused.total(), 0)
+        self.assertTokensNeverLogged()
+
+    @inlineCallbacks
+    def test_each_bad_token_gets_its_status_count_and_one_line(self):
+        now = time.time()
+        cases = [
+            (
+                self.token(exp=now - JWT_LEEWAY - 5),
+                401,
+                "token expired",
+                "token_expired",
+            ),
+            (
+                self.token(nbf=now + JWT_LEEWAY + 60),
+                401,
+                "token not yet valid",
+                "token_not_yet_valid",
+            ),
+            (self.token(aud="other"), 401, "invalid token", "invalid_token"),
+            (self.token(iss="https://evil.example"), 401, "invalid token", None),
+            (
+                self.token(key=b"another secret, also 32 bytes long!!"),
+                401,
+                "invalid token",
+                None,
+            ),
+            (
+                unsigned(aud="chat", iss="https://app.example"),
+                401,
+                "invalid token",
+                None,
+            ),
+            (hmac_over_public_key(), 401, "invalid token", None),
+            ("not.a.token", 401, "invalid token", None),
+            ("garbage", 401, "invalid token", None),
+            (self.token(exp=None), 401, "invalid token", None),
+            (self.token(sub=None), 401, "invalid token", None),
+            ("x" * (JWT_MAX_LENGTH + 1), 401, "token too long", "token_too_long"),
+        ]
+        for token, status, reason, _ in cases:
+            yield self.expect(token, status, reason)
+        refused = self.factory.refused
+        self.assertEqual(refused["token_expired"], 1)
+        self.assertEqual(refused["token_not_yet_valid"], 1)
+        self.assertEqual(refused["token_too_long"], 1)
+        self.assertEqual(refused["invalid_token"], len(cases) - 3)
+        warns = [line for line in self.logs.lines if line.startswith("Refused")]
+        self.assertEqual(len(warns), len(cases), warns)
+        self.assertIn(
+            "Refused connection from 127.0.0.1: token of user u-42 expired (HTTP 401)",
+            warns,
+        )
+        self.assertIn(
+            f"{REFUSED}invalid token: wrong audience (HTTP 401)",
+            warns,
+        )
+        self.assertIn(
+            "Refused connection from 127.0.0.1: invalid token: wrong issuer (HTTP 401)",
+            warns,
+        )
+        self.assertIn(
+            f"{REFUSED}invalid token: algorithm none not accepted (HTTP 401)",
+            warns,
+        )
+        self.assertTokensNeverLogged()
+
+    @inlineCallbacks
+    def test_a_token_within_the_leeway_is_still_good(self):
+        now = time.time()
+        yield self.expect(self.token(exp=now - JWT_LEEWAY + 10), 101, "")
+        yield self.expect(self.token(nbf=now + JWT_LEEWAY - 10), 101, "")
+
+    @inlineCallbacks
+    def test_no_token_is_401_when_required(self):
+        got, response = yield self.handshake("/ws/lobby")
+        self.assertEqual(got, 401)
+        self.assertIn("missing token", response)
+        self.assertEqual(self.factory.refused["missing_token"], 1)
+
+    @inlineCallbacks
+    def test_rooms_claim_grants_names_and_patterns_and_private_rooms(self):
+        token = self.token(rooms=["lobby", "team-*", "private-u-42"])
+        yield self.expect(token, 101, "", room="lobby")
+        yield self.expect(token, 101, "", room="team-blue")
+        yield self.expect(token, 101, "", room="private-u-42")
+        yield self.expect(token, 403, "room not granted", room="other")
+        yield self.expect(token, 403, "room not granted", room="private-u-43")
+        # No rooms claim: every room but the private ones.
+        anywhere = self.token()
+        yield self.expect(anywhere, 101, "", room="anything")
+        yield self.expect(anywhere, 403, "room not granted", room="private-x")
+        # "*" does not open a private room: only a private- pattern does.
+        star = self.token(rooms=["*"])
+        yield self.expect(star, 403, "room not granted", room="private-x")
+        self.assertEqual(self.factory.refused["room_not_granted"], 4)
+        self.assertIn(
+            f"{REFUSED}room other not granted to user u-42 (HTTP 403)",
+            self.logs.lines,
+        )
+        self.assertTokensNeverLogged()
+
+    @inlineCallbacks
+    def test_the_token_is_kept_out_of_the_access_log_and_a_bad_room_line(self):
+        token = self.token()
+        got, _ = yield self.handshake(f"/ws/bad%20room?token={token}")
+        self.assertEqual(got, 400)
+        # A page request with the token in its address (and as the Referer).
+        peer = yield connect_raw(self.port.getHost().port)
+        self.addCleanup(lambda: peer.transport.abortConnection())
+        peer.transport.write(
+            f"GET /r/lobby?token={token}&x=1 HTTP/1.1\r\nHost: 127.0.0.1\r\n"
+            f"Referer: http://127.0.0.1/r/lobby?%74oken={token}\r\n"
+            "Connection: close\r\n\r\n".encode()
+        )
+        yield peer.lost
+        self.assertIn(b"200 OK", peer.data)
+        access = [line for line in self.all_logs.lines if "/r/lobby?" in line]
+        self.assertEqual(len(access), 1, self.all_logs.lines)
+        self.assertIn("/r/lobby?token=[redacted]&x=1", access[0])
+        self.assertIn("?%74oken=[redacted]", access[0])
+        self.assertTokensNeverLogged()
+
+    @inlineCallbacks
+    def test_an_admitted_connection_knows_who_it_is(self):
+        yield self.expect(self.token(sub="u-7", name="Bea"), 101, "")
+        yield self.expect(self.token(sub="u-7", name="Bea"), 101, "")
+        # Let both open (the server's onOpen runs after the 101 is sent).
+        for _ in range(50):
+            if len(self.factory.connections_of("u-7")) == 2:
+                break
+            yield deferLater(0.01)
+        mine = self.factory.connections_of("u-7")
+        self.assertEqual(len(mine), 2)
+        self.assertEqual(mine[0].identity.user, "u-7")
+        self.assertEqual(mine[0].identity.name, "Bea")
+        self.assertEqual(self.factory.connections_of("nobody"), [])
+
+
+class OptionalAuthTests(TokenMatrixTests):
+    """--auth optional: no token is anonymous, a bad one is still refused."""
+
+    auth = "optional"
+
+    @inlineCallbacks
+    def test_no_token_is_401_when_required(self):
+        got, _ = yield self.handshake("/ws/lobby")
+        self.assertEqual(got, 101)
+        got, response = yield self.handshake("/ws/private-x")
+        self.assertEqual(got, 403)
+        self.assertIn("room not granted", response)
+
+
+class AuthOffTests(ServerMixin, TestCase):
+    """--auth off: no token is read, and private rooms are closed to all."""
+
+    @inlineCallbacks
+    def test_private_rooms_need_a_token(self):
+        yield self.start_server()
+        peer = yield connect_raw(self.port.getHost().port)
+        self.addCleanup(lambda: peer.transport.abortConnection())
+        peer.transport.write(
+            b"GET /ws/private-x?token=whatever HTTP/1.1\r\nHost: 127.0.0.1\r\n"
+            b"Upgrade: websocket\r\nConnection: Upgrade\r\n"
+            b"Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n"
+            b"Sec-WebSocket-Version: 13\r\n\r\n"
+        )
+        yield peer.lost
+        self.assertTrue(peer.data.startswith(b"HTTP/1.1 403"), peer.data)
+        self.assertIn(b"private room needs a token", peer.data)
+        self.assertEqual(self.factory.refused["private_room"], 1)
+
+
+class IdentityTests(SynchronousTestCase):
+    def test_es256_tokens_verify_with_an_ec_public_key(self):
+        verifier = TokenVerifier(public_key=public_pem(ec_key()), clock=time.time)
+        self.assertEqual(verifier.algorithms, ("ES256",))
+        token = jwt.encode(claims(rooms=["a"]), ec_key(), algorithm="ES256")
+        identity = verifier.verify(token)
+        self.assertEqual(
+            (identity.user, identity.name, identity.rooms), ("u-42", "Ann", ("a",))
+        )
+        # An RS256 token means nothing to a server with only an EC key.
+        rs = jwt.encode(claims(), rsa_key(), algorithm="RS256")
+        from webchat.auth import TokenError
+
+        with self.assertRaises(TokenError) as caught:
+            verifier.verify(rs)
+        self.assertEqual(caught.exception.kind, "invalid_token")
+
+    def test_the_name_defaults_to_the_sub(self):
+        identity = Identity("u-1", None, ("*",), 0.0)
+        self.assertEqual(identity.display_name, "u-1")
+
+    def test_redact_query(self):
+        self.assertEqual(redact_query("/ws/x"), "/ws/x")
+        self.assertEqual(
+            redact_query("/ws/x?name=a&token=abc.def.ghi&since=1"),
+            "/ws/x?name=a&token=[redacted]&since=1",
+        )
+        self.assertEqual(
+            redact_query("?TOKEN=a;token=b"), "?TOKEN=[redacted];token=[redacted]"
+        )
+        self.assertEqual(redact_query("?tokens=a"), "?tokens=a")
+
+
+class CommandLineTests(SynchronousTestCase):
+    """--auth and the key files are checked before the server starts."""
+
+    def options(self, *args: str):
+        from webchat.tap import Options
+
+        options = Options(environ={})
+        options.parseOptions(list(args))
+        return options
+
+    def key_file(self, data: bytes) -> str:
+        fd, path = tempfile.mkstemp()
+        os.write(fd, data)
+        os.close(fd)
+        self.addCleanup(os.unlink, path)
+        return path
+
+    def test_defaults_and_errors(self):
+        from twisted.python.usage import UsageError
+
+        self.assertEqual(self.options()["auth"], "off")
+        self.assertIsNone(self.options().verifier(time.time))
+        secret = self.key_file(SECRET + b"\n")
+        options = self.options("--auth", "required", "--jwt-secret-file", secret)
+        self.assertEqual(options["jwt-secret"], SECRET)
+        self.assertEqual(options.verifier(time.time).algorithms, ("HS256",))
+        cases = [
+            (("--auth", "maybe"), "--auth: expected one of off, optional, required"),
+            (("--auth", "required"), "--auth required needs --jwt-secret-file or"),
+            (("--jwt-secret-file", secret), "need --auth optional or --auth required"),
+            (
+                ("--auth", "optional", "--jwt-secret-file", self.key_file(b" \n")),
+                "the file is empty",
+            ),
+            (
+                ("--auth", "optional", "--jwt-secret-file", "/nonexistent/secret"),
+                "/nonexistent/secret: No such file or directory",
+            ),
+            (
+                ("--auth", "optional", "--jwt-public-key-file", secret),
+                "not a PEM public key",
+            ),
+        ]
+        for args, message in cases:
+            with self.assertRaises(UsageError) as caught:
+                self.options(*args)
+            self.assertIn(message, str(caught.exception))
+            self.assertNotIn(SECRET.decode(), str(caught.exception))
+
+
+class TwistdAuthTests(SynchronousTestCase):
+    """A real twistd with --auth required and an RS256 key file."""
+
+    @slow
+    def test_tokens_on_a_real_server_and_a_bad_key_file_stops_it(self):
+        tmp = Path(self.mktemp()).resolve()
+        tmp.mkdir(parents=True)
+        (tmp / "key.pem").write_bytes(public_pem(rsa_key()))
+        (tmp / "empty").write_bytes(b"")
+        result = subprocess.run(
+            [*twistd_command(), "-n", "--pidfile=", "webchat", "--auth", "required",
+             "--jwt-secret-file", str(tmp / "empty")],
+            capture_output=True, text=True, timeout=60, cwd=tmp,
+        )  # fmt: skip
+        self.assertEqual(result.returncode, 2, result.stderr)
+        self.assertIn(
+            f"webchat: --jwt-secret-file {tmp / 'empty'}: the file is empty",
+            result.stderr,
+        )
+        port = free_port()
+        server = Twistd(
+            tmp, *["--port", f"tcp:{port}:interface=127.0.0.1", "--auth", "required",
+             "--jwt-public-key-file", str(tmp / "key.pem"), "--jwt-audience", "chat"],
+        )  # fmt: skip
+        self.addCleanup(server.stop)
+        server.wait_for_log("Site starting")
+        good = jwt.encode(claims(aud="chat"), rsa_key(), algorithm="RS256")
+        bad = jwt.encode(claims(aud="other"), rsa_key(), algorithm="RS256")
+        self.assertEqual(_status(port, f"/ws/lobby?token={good}"), 101)
+        self.assertEqual(_status(port, f"/ws/lobby?token={bad}"), 401)
+        self.assertEqual(_status(port, "/ws/lobby"), 401)
+        log = server.wait_for_log("missing token")
+        self.assertIn("invalid token: wrong audience (HTTP 401)", log)
+        self.assertNotIn(good, log)
+        self.assertNotIn(bad, log)
+
+
+def _status(port: int, path: str) -> int:
+    import socket
+
+    with socket.create_connection(("127.0.0.1", port), timeout=10) as sock:
+        sock.sendall(
+            f"GET {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nUpgrade: websocket\r\n"
+            "Connection: Upgrade\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n"
+            "Sec-WebSocket-Version: 13\r\n\r\n".encode()
+        )
+        data = b""
+        while b"\r\n" not in data:
+            chunk = sock.recv(4096)
+            if not chunk:
+                break
+            data += chunk
+    return int(data.split()[1])
