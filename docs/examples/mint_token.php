@@ -28,10 +28,10 @@ function webchat_token(string $secret, string $user, ?string $name = null,
     return $signed . '.' . base64url(hash_hmac('sha256', $signed, $secret, true));
 }
 
-// The secret file's first line, as webchat reads --jwt-secret-file.
+// The secret file without surrounding whitespace, as webchat reads --jwt-secret-file.
 function webchat_secret(string $path): string
 {
-    return trim(explode("\n", file_get_contents($path), 2)[0]);
+    return trim(file_get_contents($path));
 }
 
 if (PHP_SAPI === 'cli' && realpath($argv[0]) === __FILE__) {

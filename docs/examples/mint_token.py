@@ -30,9 +30,9 @@ def webchat_token(
 
 
 def webchat_secret(path: str) -> str:
-    """The secret file's first line, as webchat reads --jwt-secret-file."""
+    """The secret file without surrounding whitespace, as webchat reads it."""
     with open(path, encoding="utf-8") as f:
-        return f.readline().strip()
+        return f.read().strip()
 
 
 if __name__ == "__main__":
