@@ -17,6 +17,7 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from twisted.internet import reactor
 from twisted.internet.defer import inlineCallbacks
+from twisted.internet.task import Clock
 from twisted.logger import formatEvent, globalLogPublisher
 from twisted.trial.unittest import SynchronousTestCase, TestCase
 
@@ -30,8 +31,9 @@ from tests.support import (
     twistd_command,
 )
 from webchat.auth import Identity, TokenVerifier
-from webchat.limits import JWT_LEEWAY, JWT_MAX_LENGTH
+from webchat.limits import JWT_LEEWAY, JWT_MAX_LENGTH, Limits
 from webchat.logtext import redact_query
+from webchat.testing import ChatPump
 
 REFUSED = "Refused connection from 127.0.0.1: "
 SECRET = b"a shared secret of at least 32 bytes, for HS256"
@@ -484,3 +486,123 @@ def _status(port: int, path: str) -> int:
                 break
             data += chunk
     return int(data.split()[1])
+
+
+#: 2025-12-02 00:00:00 UTC, in seconds: the pump's clock starts here.
+T0 = 1764633600.0
+JSON_PROTOCOL = {"Sec_WebSocket_Protocol": "webchat.v1.json"}
+
+
+def events(client) -> list[dict]:
+    return [json.loads(text) for text in client.texts]
+
+
+class MemoryAuthCase(SynchronousTestCase):
+    """A server in memory (webchat.testing) on a Clock, with --auth ``auth``."""
+
+    auth = "optional"
+
+    def setUp(self):
+        self.clock = Clock()
+        self.clock.advance(T0)
+        self.all_logs = AllLogs()
+        globalLogPublisher.addObserver(self.all_logs)
+        self.addCleanup(globalLogPublisher.removeObserver, self.all_logs)
+        verifier = TokenVerifier(secret=SECRET, clock=self.clock.seconds)
+        self.pump = ChatPump(
+            clock=self.clock,
+            limits=Limits(rate_limit=0, ping_interval=0),
+            auth=self.auth,
+            verifier=verifier,
+        )
+        self.factory = self.pump.factory
+
+    def token(self, sub: str = "u-1", ttl: float = 600, **more: object) -> str:
+        body = {"sub": sub, "exp": self.clock.seconds() + ttl, **more}
+        return jwt.encode(body, SECRET, algorithm="HS256")
+
+    def json_client(self, path: str = "/ws/lobby", token: str | None = None):
+        if token is not None:
+            path += ("&" if "?" in path else "?") + f"token={token}"
+        client = self.pump.connect(path, **JSON_PROTOCOL)
+        self.assertEqual(client.status, 101, client.response)
+        return client
+
+    def send(self, client, **event: object) -> None:
+        client.send_text(json.dumps(event))
+        self.pump.pump()
+
+
+class IdentityEventsTests(MemoryAuthCase):
+    def test_signed_members_carry_their_user_everywhere_a_member_appears(self):
+        ann = self.json_client("/ws/lobby?name=Mallory", self.token(name="Ann"))
+        guest = self.json_client("/ws/lobby?name=bob")
+        seed = self.pump.connect("/ws/lobby")
+        tab2 = self.json_client(token=self.token(name="Ann"))
+        noname = self.json_client(token=self.token(sub="u-2"))
+        welcome = events(tab2)[0]
+        self.assertEqual(
+            (welcome["id"], welcome["name"], welcome["user"]), (4, "Ann", "u-1")
+        )
+        self.assertEqual(
+            welcome["members"],
+            [
+                {"id": 1, "name": "Ann", "user": "u-1"},  # ?name= not read
+                {"id": 2, "name": "bob"},
+                {"id": 3, "name": "guest-3"},
+                {"id": 4, "name": "Ann", "user": "u-1"},  # one name, two tabs
+            ],
+        )
+        self.assertEqual(
+            welcome["users"], [{"user": "u-1", "name": "Ann", "connections": 2}]
+        )
+        self.assertEqual(events(noname)[0]["name"], "u-2")  # no name claim: the sub
+        joins = [e["member"] for e in events(guest) if e["type"] == "join"]
+        self.assertEqual(joins[1], {"id": 4, "name": "Ann", "user": "u-1"})
+        # An anonymous member cannot take a signed user's name.
+        self.send(guest, type="name", name="ann")
+        self.assertEqual(events(guest)[-1]["code"], "name_taken")
+
+        del guest.frames[:]
+        self.send(ann, type="message", text="hi", ref=1)
+        self.send(ann, type="typing")
+        self.assertEqual(seed.texts, ["id 1: hi"])  # the seed's bytes, unchanged
+        message, typing = events(guest)
+        self.assertEqual(
+            list(message)[:6], ["type", "room", "id", "name", "user", "text"]
+        )
+        self.assertEqual((message["user"], message["text"]), ("u-1", "hi"))
+        self.assertEqual(
+            typing,
+            {"type": "typing", "room": "lobby", "id": 1, "name": "Ann", "user": "u-1"},
+        )
+        # The name is the app's: a rename is refused, and nobody else hears of it.
+        del guest.frames[:]
+        self.send(ann, type="name", name="Eve")
+        self.assertEqual(events(ann)[-1]["code"], "name_locked")
+        self.assertEqual(events(guest), [])
+        # A leave names the user; the other tab keeps the name.
+        ann.transport.loseConnection()
+        self.pump.pump()
+        self.assertEqual(
+            events(guest)[-1]["member"], {"id": 1, "name": "Ann", "user": "u-1"}
+        )
+        self.send(guest, type="name", name="Ann")
+        self.assertEqual(events(guest)[-1]["code"], "name_taken")
+        self.assertEqual(len(self.factory.connections_of("u-1")), 1)
+        later = self.json_client()
+        self.assertEqual(
+            events(later)[0]["users"],
+            [
+                {"user": "u-1", "name": "Ann", "connections": 1},
+                {"user": "u-2", "name": "u-2", "connections": 1},
+            ],
+        )
+
+    def test_with_auth_off_nothing_changes(self):
+        pump = ChatPump(clock=self.clock, limits=Limits(rate_limit=0))
+        client = pump.connect("/ws/lobby?token=abc", **JSON_PROTOCOL)
+        welcome = json.loads(client.texts[0])
+        self.assertNotIn("users", welcome)
+        self.assertNotIn("user", welcome)
+        self.assertEqual(welcome["members"], [{"id": 1, "name": "guest-1"}])

@@ -65,7 +65,7 @@ from webchat.limits import (
 )
 from webchat.logtext import LogText, escape_for_log
 from webchat.metrics import ChatStats
-from webchat.room import Room
+from webchat.room import Room, member_entry
 from webchat.rooms import Rooms
 
 if TYPE_CHECKING:
@@ -74,7 +74,9 @@ if TYPE_CHECKING:
 
 #: Error codes that are a person's (or a page's) mistake, not garbage: they
 #: do not count towards the bad events that close a connection.
-_MISTAKES = frozenset({"bad_name", "name_taken", "message_too_big", "bad_resume"})
+_MISTAKES = frozenset(
+    {"bad_name", "name_taken", "name_locked", "message_too_big", "bad_resume"}
+)
 
 #: How each error close is counted (``WebChatFactory.dropped``).
 _DROP_KIND = {
@@ -318,7 +320,9 @@ class WebChatFactory(WebSocketServerFactory):
             except BadEvent as e:
                 bad_name = e
             protocol.wanted_name = None
-        room = self.rooms.join(admitted.room, protocol, admitted.codec, name)
+        room = self.rooms.join(
+            admitted.room, protocol, admitted.codec, name, exact=identity is not None
+        )
         protocol.room = room
         self.stats.opened += 1
         protocol.opened_at = self.reactor.seconds()
@@ -328,7 +332,7 @@ class WebChatFactory(WebSocketServerFactory):
             peer=escape_for_log(protocol.client_address),
             room=room.name,
         )
-        member = {"id": protocol.chat_id, "name": protocol.chat_name}
+        member = member_entry(protocol)
         if self.link is not None:
             self.link.member_joined(room.name, protocol.chat_id, protocol.chat_name)
         if admitted.codec is JSON:
@@ -384,12 +388,18 @@ class WebChatFactory(WebSocketServerFactory):
         rate: float | int = limits.rate_limit
         if rate == int(rate):
             rate = int(rate)
-        return {
+        members = self._roster(room)
+        welcome: dict[str, Any] = {
             "type": "welcome",
-            "id": protocol.chat_id,
-            "name": protocol.chat_name,
+            **member_entry(protocol),  # its id, name, and user if signed
             "room": room.name,
-            "members": self._roster(room),
+            "members": members,
+        }
+        if self.admission.auth != "off":
+            # Signed users, each once with their connection count.
+            welcome["users"] = users_of(members)
+        return {
+            **welcome,
             "limits": {
                 "max_text_bytes": limits.max_text_bytes,
                 "max_message_size": limits.max_message_size,
@@ -520,7 +530,7 @@ class WebChatFactory(WebSocketServerFactory):
         if self.link is not None:
             self.link.member_left(room.name, protocol.chat_id)
         if len(room):
-            member = {"id": protocol.chat_id, "name": protocol.chat_name}
+            member = member_entry(protocol)
             room.publish_event(
                 event_frame({"type": "leave", "room": room.name, "member": member}),
                 protocol.chat_id,
@@ -623,6 +633,8 @@ class WebChatFactory(WebSocketServerFactory):
         self._replay(sender, room, head, since, epoch)
 
     def _name_event(self, sender: WebChatProtocol, raw: str) -> None:
+        if sender.identity is not None:
+            raise BadEvent("name_locked", "your name is the one your app signed")
         name = check_name(raw)
         room = sender.room
         if room is None:
@@ -665,8 +677,7 @@ class WebChatFactory(WebSocketServerFactory):
                 {
                     "type": "typing",
                     "room": room.name,
-                    "id": sender.chat_id,
-                    "name": sender.chat_name,
+                    **member_entry(sender),
                 }
             ),
             sender.chat_id,
@@ -1110,6 +1121,25 @@ class WebChatFactory(WebSocketServerFactory):
         timer = self.reactor.callLater(grace, on_timeout)
         finished.addCallback(finish)
         return done
+
+
+def users_of(members: list[dict[str, object]]) -> list[dict[str, object]]:
+    """
+    The signed users among ``members`` (roster entries), each once, in the
+    order they first appear, with their name and how many connections they
+    have in the room (one per tab, per device).
+    """
+    users: dict[object, dict[str, object]] = {}
+    for member in members:
+        user = member.get("user")
+        if user is None:
+            continue
+        entry = users.get(user)
+        if entry is None:
+            users[user] = {"user": user, "name": member["name"], "connections": 1}
+        else:
+            entry["connections"] += 1  # type: ignore[operator]
+    return list(users.values())
 
 
 def _log_from_node(envelope: Envelope, count: int) -> None:

@@ -51,6 +51,9 @@ class Message(NamedTuple):
     #: Said on another node during a Redis outage and kept after it
     #: (--redis): JSON marks it ``"delayed": true``.
     delayed: bool = False
+    #: The sender's user id (its token's ``sub``, --auth); "" = anonymous,
+    #: and JSON then has no ``user`` field at all.
+    user: str = ""
 
 
 class Codec(Protocol):
@@ -114,6 +117,7 @@ def _message_event(message: Message) -> dict[str, Any]:
         "room": message.room,
         "id": message.sender_id,
         "name": message.name,
+        **({"user": message.user} if message.user else {}),
         "text": message.text.decode("utf-8"),
         "ts": message.ts,
         "offset": message.offset or None,

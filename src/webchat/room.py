@@ -66,6 +66,18 @@ class Member(Protocol):
         """
 
 
+def member_entry(member: Member) -> dict[str, object]:
+    """
+    A member as JSON events show one: ``id``, ``name``, and ``user`` when
+    it has an identity (--auth); anonymous members have no ``user`` field.
+    """
+    entry: dict[str, object] = {"id": member.chat_id, "name": member.chat_name}
+    identity = getattr(member, "identity", None)
+    if identity is not None:
+        entry["user"] = identity.user
+    return entry
+
+
 class Room:
     """
     The members of one room, by codec, and the messages of the current
@@ -101,6 +113,10 @@ class Room:
         self._pending: list[Message] = []
         #: Names in use here, case-folded, to the member id holding each.
         self._names: dict[str, int] = {}
+        #: Members that share a name held by another (a signed user's name,
+        #: on each of their tabs), by case-folded name: one of them holds it
+        #: when its holder leaves.
+        self._sharing: dict[str, list[int]] = {}
         #: The room's last offset (message number: 1, 2, ... within its
         #: epoch, webchat.history), and the server time (ms) it arrived at.
         self.offset = offset
@@ -119,13 +135,25 @@ class Room:
         #: None once they are.
         self.opening: list[Callable[[], object]] | None = None
 
-    def join(self, member: Member, codec: Codec, name: str = "") -> None:
+    def join(
+        self, member: Member, codec: Codec, name: str = "", exact: bool = False
+    ) -> None:
         """
         Add ``member`` speaking ``codec``, named ``name`` (default
         ``guest-N``), or that name with the first free suffix (``-2``, ...).
+        ``exact``: the name is the member's own (signed by the app, --auth)
+        and kept as it is, even if someone here has it already.
         """
-        member.chat_name = self.free_name(name or f"guest-{member.chat_id}")
-        self._names[member.chat_name.casefold()] = member.chat_id
+        if exact and name:
+            member.chat_name = name
+            folded = name.casefold()
+            if folded in self._names:
+                self._sharing.setdefault(folded, []).append(member.chat_id)
+            else:
+                self._names[folded] = member.chat_id
+        else:
+            member.chat_name = self.free_name(name or f"guest-{member.chat_id}")
+            self._names[member.chat_name.casefold()] = member.chat_id
         self._members[member.chat_id] = member
         self._codec_of[member.chat_id] = codec
         self._by_codec.setdefault(codec, {})[member.chat_id] = member
@@ -153,17 +181,28 @@ class Room:
             return False
         if holder is None and self._taken(key):
             return False
-        del self._names[member.chat_name.casefold()]
+        self._release_name(member)
         self._names[key] = member.chat_id
         member.chat_name = name
         return True
 
+    def _release_name(self, member: Member) -> None:
+        """``member`` no longer has its name: one of those sharing it holds it."""
+        chat_id = member.chat_id
+        folded = member.chat_name.casefold()
+        sharing = self._sharing.get(folded)
+        if self._names.get(folded) == chat_id:
+            del self._names[folded]
+            if sharing:
+                self._names[folded] = sharing.pop(0)
+        elif sharing and chat_id in sharing:
+            sharing.remove(chat_id)
+        if sharing is not None and not sharing:
+            del self._sharing[folded]
+
     def roster(self) -> list[dict[str, object]]:
         """Everyone here, in join order, as the JSON events list them."""
-        return [
-            {"id": chat_id, "name": member.chat_name}
-            for chat_id, member in self._members.items()
-        ]
+        return [member_entry(member) for member in self._members.values()]
 
     def count(self, codec: Codec) -> int:
         """Members here that speak ``codec``."""
@@ -175,8 +214,7 @@ class Room:
         if self._members.pop(chat_id, None) is None:
             return False
         codec = self._codec_of.pop(chat_id)
-        if self._names.get(member.chat_name.casefold()) == chat_id:
-            del self._names[member.chat_name.casefold()]
+        self._release_name(member)
         same = self._by_codec[codec]
         del same[chat_id]
         if not same:
@@ -208,6 +246,7 @@ class Room:
         offset: int | None = None,
         ts: int | None = None,
         delayed: bool = False,
+        user: str = "",
     ) -> int:
         """
         Queue ``text`` from ``sender`` (``None``: the server, an API, another
@@ -224,12 +263,17 @@ class Room:
         elsewhere (a history shared by several nodes) keeps its own, and
         one said while that history is out of reach has none (0: the room's
         numbering does not move).  ``delayed``: held up by a Redis outage.
+        ``user``: the sender's user id (default: ``sender``'s identity's).
         """
         member_id = sender.chat_id if sender is not None else 0
         if sender_id is None:
             sender_id = member_id
         if not name:
             name = sender.chat_name if sender is not None else f"guest-{sender_id}"
+        if not user and sender is not None:
+            identity = getattr(sender, "identity", None)
+            if identity is not None:
+                user = identity.user
         if not self._pending:
             self._schedule(self)
         if offset is None:
@@ -250,6 +294,7 @@ class Room:
                 ts,
                 offset,
                 delayed=delayed,
+                user=user,
             )
         )
         members = len(self._members)

@@ -82,7 +82,12 @@ class Rooms:
         self._flush_call: Any = None
 
     def join(
-        self, name: str, member: Member, codec: Codec = SEED, member_name: str = ""
+        self,
+        name: str,
+        member: Member,
+        codec: Codec = SEED,
+        member_name: str = "",
+        exact: bool = False,
     ) -> Room:
         """
         Put ``member`` in room ``name`` (made now if need be), named
@@ -115,7 +120,7 @@ class Rooms:
                     callbackArgs=(room,),
                     errbackArgs=(room,),
                 )
-        room.join(member, codec, member_name)
+        room.join(member, codec, member_name, exact)
         return room
 
     def _opened(self, opened: tuple[str, int], room: Room) -> None:
