@@ -49,6 +49,7 @@ from webchat.auth import TokenVerifier
 from webchat.codecs import JSON, SEED, Message, event_frame
 from webchat.connection import (
     _CLOSED,
+    _OPEN,
     ERROR_CLOSE_CODES,
     SERVER_FAULT_CODES,
     WebChatProtocol,
@@ -899,7 +900,9 @@ class WebChatFactory(WebSocketServerFactory):
         )
         if self.quiet:
             return
-        if own:
+        if not envelope.chat_id:
+            _log_server_message(room.name, envelope.text, count)
+        elif own:
             log.info(
                 "Connection {id} sending message {text} to {count} other "
                 "connection(s) here, and published to the other nodes",
@@ -1007,6 +1010,98 @@ class WebChatFactory(WebSocketServerFactory):
                 room=room.name,
             )
         )
+
+    # -- the server API (webchat.api) ----------------------------------------------
+
+    def server_message(self, room_name: str, text: bytes, name: str) -> Deferred[int]:
+        """
+        The app says ``text`` (UTF-8, checked) in ``room_name`` as ``name``:
+        every member there gets it (``server: text`` / ``"server": true``),
+        and the room's history keeps it, as its next offset, which the
+        Deferred fires with.
+
+        With --redis it goes through the room's Stream like any message, so
+        every node delivers it once with the same offset; while Redis is away
+        it fails with ``ConnectionError`` (the API answers 503: the app
+        retries, with its idempotency key), rather than reaching one node's
+        members only.
+        """
+        self.stats.messages_received += 1
+        if self.keeps_in_redis:
+            assert self.link is not None
+            if self.link.state != "up":
+                return fail(ConnectionError("Redis is away"))
+            d = self.link.append_message(room_name, 0, name, self.now_ms(), text)
+            return d.addCallback(lambda kept: kept[0])
+        room = self.rooms.open_room(room_name)
+        count = room.publish(None, text, 0, name=name)
+        if not self.quiet:
+            _log_server_message(room.name, text, count)
+        return succeed(room.offset)
+
+    def room_counts(self) -> dict[str, int]:
+        """Members of every room open here, plus those other nodes told of."""
+        counts = {room.name: len(room) for room in self._rooms_open()}
+        if self.link is not None:
+            for name, members in self.link.presence.rooms().items():
+                counts[name] = counts.get(name, 0) + members
+        return {name: count for name, count in counts.items() if count}
+
+    def members_of(self, room_name: str) -> list[dict[str, object]]:
+        """
+        The members of ``room_name`` here and on other nodes, as the JSON
+        events list them (with ``user`` when they have an identity).
+        """
+        room = self.rooms.get(room_name)
+        members: list[dict[str, object]] = []
+        if room is not None:
+            for member in room:
+                entry: dict[str, object] = {
+                    "id": member.chat_id,
+                    "name": member.chat_name,
+                }
+                user = _user_of(member)
+                if user is not None:
+                    entry["user"] = user
+                members.append(entry)
+        if self.link is not None:
+            here = {member["id"] for member in members}
+            members += [
+                member
+                for member in self.link.presence.roster(room_name)
+                if member["id"] not in here
+            ]
+        return members
+
+    def disconnect_user(self, user: str, reason: str) -> int:
+        """
+        Close this node's connections of ``user`` with 4002 (JSON ones are
+        told why first, in an ``error`` event); return how many.  The API
+        asks every other node too (--redis).
+        """
+        close_reason = _fit_close_reason(f"disconnected by the app: {reason}")
+        count = 0
+        for protocol in self.connections_of(user):
+            if protocol.state != _OPEN or protocol.room is None:
+                continue
+            if protocol.admitted is not None and protocol.admitted.codec is JSON:
+                self._tell(
+                    protocol,
+                    event_frame(
+                        {"type": "error", "code": "disconnected", "reason": reason}
+                    ),
+                )
+            protocol.close_with(4002, close_reason)
+            count += 1
+        if count:
+            log.info(
+                "Disconnected {count} connection(s) of user {user} at the app's "
+                "request: {reason}",
+                count=count,
+                user=escape_for_log(user),
+                reason=escape_for_log(reason),
+            )
+        return count
 
     # -- other nodes (--redis) -----------------------------------------------------
 
@@ -1140,6 +1235,27 @@ def users_of(members: list[dict[str, object]]) -> list[dict[str, object]]:
         else:
             entry["connections"] += 1  # type: ignore[operator]
     return list(users.values())
+
+
+def _user_of(member: object) -> str | None:
+    """The user (JWT ``sub``) a room member is; None when anonymous."""
+    identity = getattr(member, "identity", None)
+    return identity.user if identity is not None else None
+
+
+def _fit_close_reason(reason: str, most: int = 123) -> str:
+    """``reason`` cut to ``most`` bytes of UTF-8, never inside a character."""
+    return reason.encode("utf-8")[:most].decode("utf-8", "ignore")
+
+
+def _log_server_message(room: str, text: bytes, count: int) -> None:
+    """The line a message from the app (the server API) is logged with."""
+    log.info(
+        "Server API sending message {text} to {count} connection(s) in room {room}",
+        text=LogText(text),
+        count=count,
+        room=room,
+    )
 
 
 def _log_from_node(envelope: Envelope, count: int) -> None:

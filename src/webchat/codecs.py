@@ -26,7 +26,9 @@ class Message(NamedTuple):
     """One message as a room queues it."""
 
     #: The id the message is shown as from (``id N:``): the sender's
-    #: connection id, here or on another node; 0 for the server.
+    #: connection id, here or on another node; 0 for the server (a message
+    #: from the app through the server API: ``server: text`` for the seed's
+    #: clients, ``"server": true`` in JSON).
     sender_id: int
     #: The text as the sender sent it (UTF-8, already validated).
     text: bytes
@@ -83,6 +85,9 @@ class SeedCodec:
     def encode(self, message: Message) -> bytes:
         if message.event is not None:
             return b""  # the seed's clients never heard of presence
+        if not message.sender_id:
+            # The app's, through the server API: no connection said it.
+            return text_frame(b"server: ", message.text)
         return text_frame(b"id %d: " % message.sender_id, message.text)
 
     #: The seed's clients are sent history (--history-for-text-clients) as
@@ -103,21 +108,26 @@ class JsonCodec:
     def encode(self, message: Message) -> bytes:
         if message.event is not None:
             return message.event
-        return event_frame(_message_event(message))
+        return event_frame(message_event(message))
 
     def encode_history(self, message: Message) -> bytes:
-        event = _message_event(message)
+        event = message_event(message)
         event["history"] = True
         return event_frame(event)
 
 
-def _message_event(message: Message) -> dict[str, Any]:
+def message_event(message: Message) -> dict[str, Any]:
+    """``message`` as a JSON ``message`` event (a dict, not yet encoded)."""
     event: dict[str, Any] = {
         "type": "message",
         "room": message.room,
         "id": message.sender_id,
         "name": message.name,
         **({"user": message.user} if message.user else {}),
+    }
+    if not message.sender_id:
+        event["server"] = True  # the app's, through the server API
+    event |= {
         "text": message.text.decode("utf-8"),
         "ts": message.ts,
         "offset": message.offset or None,

@@ -120,6 +120,24 @@ OUTAGE_BUFFER = 10000
 MAX_REMOTE_MEMBERS = 100_000
 #: Other nodes a node keeps track of (real or claimed on the channel).
 MAX_REMOTE_NODES = 1000
+#: Requests per second the server API (--api-key-file) takes from its key,
+#: on average (--api-rate-limit); faster gets HTTP 429 with Retry-After.
+#: 0 = off.  Generous: the API is the app's, one trusted caller.
+API_RATE_LIMIT = 1000.0
+#: Seconds' worth of API_RATE_LIMIT the key may spend in one burst.
+API_BURST_SECONDS = 2.0
+#: Bytes of an API request body beyond --max-message-size (the JSON around
+#: the text: "from", "idempotency_key", escaping): bigger gets 413 unread.
+API_BODY_OVERHEAD = 4096
+#: The cap on an API body when --max-message-size is 0 (no message limit):
+#: a body is read into memory, so it is never unbounded.
+API_MAX_BODY = 16 * 1024 * 1024
+#: Seconds an ``idempotency_key`` of a published message is remembered: a
+#: repeat within it gets the first answer and delivers nothing.
+API_IDEMPOTENCY_WINDOW = 600.0
+#: Idempotency keys one node remembers without --redis (the oldest go
+#: first past it); with --redis they live in Redis, with their TTL.
+API_IDEMPOTENCY_MAX = 100_000
 #: Seconds of clock skew allowed between the app that signs tokens and this
 #: server when checking ``exp`` and ``nbf`` (--auth): a token is refused as
 #: expired only this long after its ``exp``, and accepted this long before

@@ -114,6 +114,8 @@ class ChatStats:
         self.history_replayed = 0
         #: Resumes answered, by whether everything missed was sent ("true").
         self.resumes: Counter[str] = Counter()
+        #: Server API answers, by HTTP status and error code ("ok": none).
+        self.api: Counter[tuple[int, str]] = Counter()
         # Not registered anywhere: the collector below reports it.
         self.fanout_seconds = Histogram(
             "webchat_fanout_seconds",
@@ -298,6 +300,14 @@ def _history_metrics(factory: WebChatFactory) -> Iterator[Metric]:
     for recovered in ("true", "false"):
         resumes.add_metric([recovered], stats.resumes[recovered])
     yield resumes
+    api = CounterMetricFamily(
+        "webchat_api_requests",
+        "Server API requests answered, by HTTP status and error code (ok: none).",
+        labels=["status", "error"],
+    )
+    for (status, error), count in sorted(dict(stats.api).items()):
+        api.add_metric([str(status), error], count)
+    yield api
     yield CounterMetricFamily(
         "webchat_history_write_failures",
         "Messages that could not be written to the history database.",

@@ -93,6 +93,16 @@ class Rooms:
         Put ``member`` in room ``name`` (made now if need be), named
         ``member_name`` (see ``Room.join``); return the room.
         """
+        room = self.open_room(name)
+        room.join(member, codec, member_name, exact)
+        return room
+
+    def open_room(self, name: str) -> Room:
+        """
+        Room ``name``, made now if need be (its epoch and offset from the
+        history).  One made for the server API's message alone is closed
+        again at the end of the turn, once the message is kept.
+        """
         room = self._rooms.get(name)
         if room is None:
             opened: tuple[str, int] | Deferred[tuple[str, int]] = (new_epoch(), 0)
@@ -120,7 +130,6 @@ class Rooms:
                     callbackArgs=(room,),
                     errbackArgs=(room,),
                 )
-        room.join(member, codec, member_name, exact)
         return room
 
     def _opened(self, opened: tuple[str, int], room: Room) -> None:

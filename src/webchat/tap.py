@@ -17,6 +17,7 @@ from twisted.python import usage
 
 from webchat import __version__, limits
 from webchat.access import AccessPolicy
+from webchat.api import ServerApi, read_api_key
 from webchat.auth import AUTH_MODES, TokenVerifier, load_public_key, read_key_file
 from webchat.chat import WebChatFactory
 from webchat.history.sqlite import SQLiteHistory
@@ -29,7 +30,12 @@ from webchat.redis import (
     parse_redis_url,
 )
 from webchat.service import ChatService, ListeningService
-from webchat.web import default_web_root, make_metrics_site, make_site
+from webchat.web import (
+    default_web_root,
+    make_api_site,
+    make_metrics_site,
+    make_site,
+)
 
 #: Where the server listens when no --port is given.
 DEFAULT_PORT = "tcp:8080"
@@ -47,6 +53,9 @@ ENDPOINT_EXAMPLES = "use 8080, tcp:8080:interface=127.0.0.1, ssl:..., unix:..."
 PLACEHOLDERS = {
     "port": "ENDPOINT",
     "metrics-port": "ENDPOINT",
+    "api-port": "ENDPOINT",
+    "api-key-file": "FILE",
+    "api-rate-limit": "N",
     "web-root": "DIR",
     "allowed-origin": "ORIGIN",
     "trust-proxy": "ADDR",
@@ -206,6 +215,29 @@ class Options(usage.Options):
             None,
             None,
             "Serve the static files in DIR instead of the shipped page.",
+        ],
+        [
+            "api-key-file",
+            None,
+            None,
+            "Turn the server API on (/api/ on the chat's port, docs/api.md): "
+            "requests must carry 'Authorization: Bearer <key>', the key being "
+            "this file's first line.",
+        ],
+        [
+            "api-port",
+            None,
+            None,
+            "Serve the server API on this endpoint instead of on the chat's "
+            "port, e.g. tcp:8081:interface=127.0.0.1 (needs --api-key-file).",
+        ],
+        [
+            "api-rate-limit",
+            None,
+            limits.API_RATE_LIMIT,
+            "Server API requests per second the key may make, in bursts of "
+            f"{limits.API_BURST_SECONDS:g} s' worth; faster get HTTP 429. 0 = off.",
+            _float,
         ],
         [
             "max-connections",
@@ -523,6 +555,19 @@ class Options(usage.Options):
             raise usage.UsageError("--no-metrics and --metrics-port contradict")
         if self["metrics-port"]:
             self["metrics-port"] = check_endpoint("metrics-port", self["metrics-port"])
+        self["api-key"] = None
+        if self["api-key-file"]:
+            try:
+                self["api-key"] = read_api_key(self["api-key-file"])
+            except (OSError, UnicodeDecodeError, ValueError) as e:
+                reason = getattr(e, "strerror", None) or str(e) or type(e).__name__
+                raise usage.UsageError(
+                    f"--api-key-file {self['api-key-file']}: {reason}"
+                ) from None
+        if self["api-port"]:
+            if not self["api-key-file"]:
+                raise usage.UsageError("--api-port needs --api-key-file")
+            self["api-port"] = check_endpoint("api-port", self["api-port"])
         if self["web-root"] is None:
             self["web-root"] = str(default_web_root())
         else:
@@ -721,7 +766,22 @@ def makeService(options: Options, reactor: Any = None) -> IService:
             option="metrics-port",
         )
         metrics = None  # not on the public port, then
-    site = make_site(factory, options["web-root"], metrics)
+    api = None
+    if options["api-key"] is not None:
+        # After attach_link: with --redis, idempotency keys live in Redis.
+        api = ServerApi(factory, options["api-key"], options["api-rate-limit"])
+        log.info(
+            "Server API on {where}",
+            where=f"--api-port {options['api-port']}"
+            if options["api-port"]
+            else "/api/ of --port",
+        )
+    if options["api-port"]:
+        listen(
+            reactor, top, options["api-port"], make_api_site(factory, api), "api-port"
+        )
+        api = None  # not on the chat's port, then
+    site = make_site(factory, options["web-root"], metrics, api)
     for description in options["port"]:
         listen(reactor, top, description, site)
     return top

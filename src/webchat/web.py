@@ -30,7 +30,11 @@ from twisted.web.static import File
 from webchat.access import canonical_address
 from webchat.chat import WebChatFactory
 from webchat.health import HealthResource
-from webchat.limits import MAX_REQUESTS_PER_CONNECTION
+from webchat.limits import (
+    API_BODY_OVERHEAD,
+    API_MAX_BODY,
+    MAX_REQUESTS_PER_CONNECTION,
+)
 from webchat.logtext import escape_for_log, redact_query
 from webchat.rooms import ROOM_NAME
 
@@ -76,13 +80,17 @@ class ChatRoot(Resource):
         files: File,
         websocket: WebSocketResource,
         endpoints: dict[bytes, IResource] | None = None,
+        api: IResource | None = None,
     ) -> None:
         super().__init__()
         self._files = files
         self._websocket = websocket
         self._endpoints = endpoints or {}
+        self._api = api
 
     def getChildWithDefault(self, path: bytes, request: Request) -> IResource:
+        if path == b"api" and self._api is not None:
+            return self._api  # the server API routes the rest itself
         at_end = not request.postpath
         in_room = path == b"ws" and len(request.postpath) == 1  # /ws/<room>
         if (at_end and path in WEBSOCKET_PATHS) or in_room:
@@ -453,9 +461,38 @@ class ChatChannel(HTTPChannel):
     def allHeadersReceived(self) -> None:
         # length: 0 without a body, None for chunked, else the Content-Length.
         if self.length != 0:
-            self._refuse_body()
-            return
+            cap = self.factory.api_body_cap(self._command, self._path)
+            if cap is None:
+                self._refuse_body()
+                return
+            if self.length is None or self.length > cap:
+                self._refuse_api_body(cap)
+                return
         super().allHeadersReceived()
+
+    def _refuse_api_body(self, cap: int) -> None:
+        """
+        A server API body without a length (chunked), or over the cap: refused
+        from the headers, in JSON like every API answer, never read.
+        """
+        if self.length is None:
+            status, code = b"411 Length Required", "length_required"
+            detail = "send a Content-Length"
+        else:
+            status, code = b"413 Content Too Large", "too_large"
+            detail = f"the body is over {cap} bytes"
+        self._refused = True
+        self.factory.chat.dropped["request_body"] += 1
+        self.factory.chat.stats.api[(int(status[:3]), code)] += 1
+        log.warn(
+            "Server API refused {method} from {peer}: {detail} (HTTP {status})",
+            peer=_peer_of(self.transport),
+            method=escape_for_log(self._command.decode("latin-1")),
+            detail=detail,
+            status=status[:3].decode(),
+        )
+        body = b'{"error":"%s","detail":"%s"}\n' % (code.encode(), detail.encode())
+        self._answer_and_close(status, b"Content-Type: application/json\r\n", body=body)
 
     def _refuse_body(self) -> None:
         method = self._command
@@ -505,10 +542,13 @@ class ChatChannel(HTTPChannel):
         )
         self._answer_and_close(b"431 Request Header Fields Too Large")
 
-    def _answer_and_close(self, status: bytes, headers: bytes = b"") -> None:
+    def _answer_and_close(
+        self, status: bytes, headers: bytes = b"", body: bytes = b""
+    ) -> None:
         self.transport.write(
             b"HTTP/1.1 " + status + b"\r\nServer: " + SERVER_NAME
-            + b"\r\nContent-Length: 0\r\nConnection: close\r\n" + headers + b"\r\n"
+            + b"\r\nContent-Length: %d\r\nConnection: close\r\n" % len(body)
+            + headers + b"\r\n" + body
         )  # fmt: skip
         self.transport.loseConnection()
         # Whatever else arrives is dropped unread.
@@ -599,7 +639,14 @@ class ChatSite(Site):
     protocol = ChatChannel
     requestFactory = ChatRequest
 
-    def __init__(self, resource: IResource, chat: WebChatFactory) -> None:
+    def __init__(
+        self,
+        resource: IResource,
+        chat: WebChatFactory,
+        *,
+        api_max_body: int | None = None,
+        serves_chat: bool = True,
+    ) -> None:
         # Nothing here takes form posts: never parse (and buffer) their bodies.
         super().__init__(
             resource,
@@ -609,8 +656,24 @@ class ChatSite(Site):
         )
         self.chat = chat
         self.displayTracebacks = False
+        #: The most body bytes a POST to /api/ may have; None: no API here.
+        self.api_max_body = api_max_body
+        #: Whether a WebSocket upgrade here goes to the chat (not on the
+        #: --api-port site, which is the API and nothing else).
+        self.serves_chat = serves_chat
 
-    def buildProtocol(self, addr: Any) -> Doorway:
+    def api_body_cap(self, method: bytes, path: bytes) -> int | None:
+        """The body a request may have: a POST to the server API only."""
+        if self.api_max_body is None or method != b"POST":
+            return None
+        path = origin_form(path)
+        if path == b"/api" or path.startswith(b"/api/"):
+            return self.api_max_body
+        return None
+
+    def buildProtocol(self, addr: Any) -> Any:
+        if not self.serves_chat:
+            return self.build_channel(addr)
         return Doorway(self, addr)
 
     def build_channel(self, addr: Any) -> Any:
@@ -636,17 +699,39 @@ def make_site(
     factory: WebChatFactory,
     web_root: Path | str | None = None,
     metrics: IResource | None = None,
+    api: IResource | None = None,
 ) -> ChatSite:
     """
     Build the site that serves the page, the chat and ``/healthz`` on one
-    port, and ``/metrics`` too when given one.
+    port, ``/metrics`` too when given one, and the server API at ``/api``
+    when given it.
     """
     root = Path(web_root) if web_root is not None else default_web_root()
     endpoints: dict[bytes, IResource] = {b"healthz": HealthResource(factory)}
     if metrics is not None:
         endpoints[b"metrics"] = LocalOnly(metrics, factory)
     files = ChatFile(str(root))
-    return ChatSite(ChatRoot(files, ChatWebSocketResource(factory), endpoints), factory)
+    chat_root = ChatRoot(files, ChatWebSocketResource(factory), endpoints, api)
+    return ChatSite(
+        chat_root,
+        factory,
+        api_max_body=api_max_body(factory) if api is not None else None,
+    )
+
+
+def api_max_body(factory: WebChatFactory) -> int:
+    """The largest server API request body: a whole message and its JSON."""
+    size = factory.limits.max_message_size
+    return size + API_BODY_OVERHEAD if size else API_MAX_BODY
+
+
+def make_api_site(factory: WebChatFactory, api: IResource) -> ChatSite:
+    """A site with only the server API at ``/api``, for ``--api-port``."""
+    root = Resource()
+    root.putChild(b"api", api)
+    return ChatSite(
+        root, factory, api_max_body=api_max_body(factory), serves_chat=False
+    )
 
 
 def make_metrics_site(factory: WebChatFactory, metrics: IResource) -> ChatSite:

@@ -265,7 +265,8 @@ def _stream_message(node_id: str, delayed: bool, rest: bytes) -> Envelope:
     _check_text(text)
     return Envelope(
         node_id,
-        _chat_id(chat_id),
+        # 0: a message from the app (the server API), said by no connection.
+        _chat_id(chat_id) if chat_id != b"0" else 0,
         text,
         _room(room),
         _name(name),

@@ -265,6 +265,10 @@ class RemotePresence:
             for chat_id, name in self._rooms.get(room, {}).items()
         ]
 
+    def rooms(self) -> dict[str, int]:
+        """How many members other nodes have in each room (the server API)."""
+        return {room: len(members) for room, members in self._rooms.items() if members}
+
     def name_taken(self, room: str, folded: str) -> bool:
         """Whether a member of another node has this (case-folded) name in ``room``."""
         names = self._names.get(room)

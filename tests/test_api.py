@@ -1,0 +1,423 @@
+"""The server API (issue #15, docs/api.md), on real sockets in this process.
+
+Every route and every refusal, as the app sees them (status, JSON body,
+headers), and what the chat's members see of it (``server: text`` for the
+seed's clients, ``"server": true`` in JSON, history on join), with a
+bystander pair chatting through the hostile requests.  Two nodes and Redis:
+tests/test_api_cluster.py.
+"""
+
+from __future__ import annotations
+
+import json
+
+from twisted.internet import reactor
+from twisted.internet.defer import inlineCallbacks
+from twisted.internet.endpoints import TCP4ServerEndpoint
+from twisted.trial.unittest import TestCase
+
+from tests.support import ServerMixin, connect_raw, deferLater
+from tests.test_auth import SECRET, hs256
+from tests.test_rooms import connect_json
+from webchat.api import ServerApi
+from webchat.auth import TokenVerifier
+from webchat.limits import API_BODY_OVERHEAD, Limits
+from webchat.web import make_api_site, make_site
+
+KEY = "s3cret-api-key-never-logged"
+AUTH = {"Authorization": f"Bearer {KEY}"}
+
+
+def request_bytes(
+    method: str, path: str, body: bytes | None = None, headers: dict | None = None
+) -> bytes:
+    lines = [f"{method} {path} HTTP/1.1", "Host: 127.0.0.1", "Connection: close"]
+    for name, value in (headers or {}).items():
+        lines.append(f"{name}: {value}")
+    if body is not None:
+        lines.append(f"Content-Length: {len(body)}")
+    return ("\r\n".join(lines) + "\r\n\r\n").encode() + (body or b"")
+
+
+class Response:
+    def __init__(self, data: bytes) -> None:
+        head, _, self.body = data.partition(b"\r\n\r\n")
+        lines = head.decode("latin-1").split("\r\n")
+        self.status = int(lines[0].split()[1]) if lines[0] else 0
+        self.headers = {}
+        for line in lines[1:]:
+            name, _, value = line.partition(":")
+            self.headers[name.strip().lower()] = value.strip()
+
+    @property
+    def json(self):
+        return json.loads(self.body)
+
+
+class ApiMixin(ServerMixin):
+    limits = Limits(rate_limit=0)
+    rate_limit = 1000.0
+
+    #: Server options for the factory (auth for DisconnectTests).
+    server_kwargs: dict = {}
+
+    @inlineCallbacks
+    def start_api(self, own_port: bool = False):
+        yield self.start_server(limits=self.limits, **self.server_kwargs)
+        self.api = ServerApi(self.factory, KEY.encode(), self.rate_limit)
+        if own_port:
+            endpoint = TCP4ServerEndpoint(reactor, 0, interface="127.0.0.1")
+            self.api_port = yield endpoint.listen(make_api_site(self.factory, self.api))
+            self.addCleanup(self.api_port.stopListening)
+            return
+        # The chat's site again, now with /api (the mixin's has none).
+        yield self.port.stopListening()
+        endpoint = TCP4ServerEndpoint(reactor, 0, interface="127.0.0.1")
+        self.port = yield endpoint.listen(make_site(self.factory, api=self.api))
+        self.api_port = self.port
+        self.url = f"ws://127.0.0.1:{self.port.getHost().port}/"
+
+    @inlineCallbacks
+    def call(self, method, path, body=None, headers=AUTH, raw=None):
+        peer = yield connect_raw(self.api_port.getHost().port)
+        if isinstance(body, dict):
+            body = json.dumps(body).encode()
+        peer.transport.write(raw or request_bytes(method, path, body, headers))
+        yield peer.lost
+        return Response(peer.data)
+
+    @inlineCallbacks
+    def json_client(self, path):
+        client = yield connect_json(self.port.getHost().port, path)
+        self.clients.append(client)
+        return client
+
+    def publish(self, room, **body):
+        return self.call("POST", f"/api/rooms/{room}/messages", body)
+
+
+class PublishTests(ApiMixin, TestCase):
+    @inlineCallbacks
+    def setUp(self):
+        yield self.start_api()
+
+    @inlineCallbacks
+    def test_a_message_reaches_both_codecs_and_the_history(self):
+        yield self.connect("/ws/news")
+        js = yield self.json_client("/ws/news")
+        welcome = json.loads((yield js.received.get()))
+        response = yield self.publish("news", text="héllo", **{"from": "Bot"})
+        self.assertEqual(response.status, 202)
+        self.assertEqual(response.json, {"room": "news", "offset": 1})
+        self.assertEqual(response.headers["content-type"], "application/json")
+        event = json.loads((yield js.received.get()))
+        self.assertEqual(
+            list(event),
+            ["type", "room", "id", "name", "server", "text", "ts", "offset"],
+        )
+        self.assertEqual(
+            (event["id"], event["name"], event["server"], event["text"]),
+            (0, "Bot", True, "héllo"),
+        )
+        self.assertEqual(event["offset"], 1)
+        # A joiner replays it from history.
+        late = yield self.json_client("/ws/news")
+        yield late.received.get()  # welcome
+        replayed = json.loads((yield late.received.get()))
+        self.assertEqual(
+            (replayed["server"], replayed["text"], replayed["history"]),
+            (True, "héllo", True),
+        )
+        # GET history has it, as a message event.
+        history = yield self.call("GET", "/api/rooms/news/history")
+        self.assertEqual(history.status, 200)
+        self.assertEqual(history.json["epoch"], welcome["epoch"])
+        [kept] = history.json["messages"]
+        self.assertEqual(
+            (kept["name"], kept["server"], kept["offset"]), ("Bot", True, 1)
+        )
+
+    @inlineCallbacks
+    def test_seed_clients_get_server_colon_text(self):
+        seed = yield self.connect("/ws/news")
+        response = yield self.publish("news", text="hello all")
+        self.assertEqual(response.status, 202)
+        got = yield seed.received.get()
+        self.assertEqual(got, "server: hello all")
+        line = [x for x in self.logs.lines if "Server API sending" in x]
+        self.assertEqual(
+            line,
+            ["Server API sending message hello all to 1 connection(s) in room news"],
+        )
+
+    @inlineCallbacks
+    def test_a_room_nobody_is_in_keeps_it_for_the_first_joiner(self):
+        response = yield self.publish("empty", text="you missed this")
+        self.assertEqual(response.json, {"room": "empty", "offset": 1})
+        yield deferLater(0)
+        self.assertNotIn("empty", self.factory.rooms)  # closed again
+        js = yield self.json_client("/ws/empty")
+        welcome = json.loads((yield js.received.get()))
+        self.assertEqual(welcome["offset"], 1)
+        replayed = json.loads((yield js.received.get()))
+        self.assertEqual(replayed["text"], "you missed this")
+
+    @inlineCallbacks
+    def test_a_repeated_idempotency_key_gets_the_first_answer_and_delivers_nothing(
+        self,
+    ):
+        seed = yield self.connect("/ws/news")
+        first = yield self.publish("news", text="once", idempotency_key="k-1")
+        again = yield self.publish("news", text="once", idempotency_key="k-1")
+        other = yield self.publish("news", text="twice", idempotency_key="k-2")
+        self.assertEqual((first.status, again.status, other.status), (202, 202, 202))
+        self.assertEqual(first.json, again.json)
+        self.assertEqual(other.json["offset"], 2)
+        self.assertEqual((yield seed.received.get()), "server: once")
+        self.assertEqual((yield seed.received.get()), "server: twice")
+        yield deferLater(0.05)
+        self.assertEqual(seed.pending(), [])
+
+    @inlineCallbacks
+    def test_bad_bodies(self):
+        cases = [
+            (b"{not json", 400, "bad_json"),
+            (b"\xff\xfe{}", 400, "bad_json"),
+            (b"[1]", 400, "bad_json"),
+            (b'{"text": 5}', 400, "bad_text"),
+            (b'{"text": "\\ud800"}', 400, "bad_text"),
+            (b'{"text": "x", "from": "\\u0000"}', 400, "bad_name"),
+            (b'{"text": "x", "idempotency_key": ""}', 400, "bad_idempotency_key"),
+        ]
+        for body, status, code in cases:
+            response = yield self.call("POST", "/api/rooms/news/messages", body)
+            self.assertEqual((response.status, response.json["error"]), (status, code))
+            self.assertIsInstance(response.json["detail"], str)
+        bad_room = yield self.publish("bad%20room", text="x")
+        self.assertEqual((bad_room.status, bad_room.json["error"]), (400, "bad_room"))
+        too_big = "x" * (self.factory.limits.max_text_bytes + 1)
+        response = yield self.publish("news", text=too_big)
+        self.assertEqual((response.status, response.json["error"]), (413, "too_large"))
+
+
+class RouteTests(ApiMixin, TestCase):
+    @inlineCallbacks
+    def setUp(self):
+        yield self.start_api()
+
+    @inlineCallbacks
+    def test_rooms_and_members(self):
+        yield self.connect("/ws/a")
+        yield self.json_client("/ws/a")
+        yield self.connect("/ws/b?name=x")
+        rooms = yield self.call("GET", "/api/rooms")
+        self.assertEqual(
+            rooms.json,
+            {"rooms": [{"room": "a", "members": 2}, {"room": "b", "members": 1}]},
+        )
+        members = yield self.call("GET", "/api/rooms/a/members")
+        self.assertEqual(
+            members.json,
+            {
+                "room": "a",
+                "members": [{"id": 1, "name": "guest-1"}, {"id": 2, "name": "guest-2"}],
+            },
+        )
+        nobody = yield self.call("GET", "/api/rooms/zzz/members")
+        self.assertEqual(nobody.json, {"room": "zzz", "members": []})
+
+    @inlineCallbacks
+    def test_history_since_and_limit(self):
+        for n in range(1, 6):
+            yield self.publish("h", text=f"m{n}")
+        every = yield self.call("GET", "/api/rooms/h/history")
+        self.assertEqual([m["text"] for m in every.json["messages"]], [
+            "m1", "m2", "m3", "m4", "m5"
+        ])  # fmt: skip
+        last = yield self.call("GET", "/api/rooms/h/history?limit=2")
+        self.assertEqual([m["offset"] for m in last.json["messages"]], [4, 5])
+        after = yield self.call("GET", "/api/rooms/h/history?since=1&limit=2")
+        self.assertEqual([m["offset"] for m in after.json["messages"]], [2, 3])
+        self.assertEqual(after.json["epoch"], every.json["epoch"])
+        bad = yield self.call("GET", "/api/rooms/h/history?since=-1")
+        self.assertEqual((bad.status, bad.json["error"]), (400, "bad_query"))
+
+    @inlineCallbacks
+    def test_not_found_and_method_not_allowed(self):
+        response = yield self.call("GET", "/api/nothing")
+        self.assertEqual((response.status, response.json["error"]), (404, "not_found"))
+        response = yield self.call("GET", "/api/rooms/a/messages")
+        self.assertEqual(
+            (response.status, response.json["error"], response.headers["allow"]),
+            (405, "method_not_allowed", "POST"),
+        )
+        response = yield self.call("POST", "/api/rooms", b"{}")
+        self.assertEqual((response.status, response.headers["allow"]), (405, "GET"))
+
+    @inlineCallbacks
+    def test_no_key_or_a_wrong_key_is_401_and_the_key_is_never_logged(self):
+        missing = yield self.call("GET", "/api/rooms", headers={})
+        wrong = yield self.call(
+            "GET", "/api/rooms", headers={"Authorization": f"Bearer {KEY}x"}
+        )
+        for response, detail in (
+            (missing, "missing API key"),
+            (wrong, "wrong API key"),
+        ):
+            self.assertEqual(response.status, 401)
+            self.assertEqual(response.json, {"error": "unauthorized", "detail": detail})
+            self.assertIn("Bearer", response.headers["www-authenticate"])
+        yield self.publish("a", text="hi")
+        self.assertTrue(any("HTTP 401" in line for line in self.logs.lines))
+        self.assertFalse([line for line in self.logs.lines if KEY in line])
+
+    @inlineCallbacks
+    def test_bodies_stay_refused_outside_the_api(self):
+        response = yield self.call("POST", "/", b"x")
+        self.assertEqual(response.status, 405)
+        response = yield self.call("POST", "/apix/rooms", b"x")
+        self.assertEqual(response.status, 405)
+
+    @inlineCallbacks
+    def test_a_chunked_body_is_411(self):
+        raw = (
+            b"POST /api/rooms/a/messages HTTP/1.1\r\nHost: x\r\n"
+            b"Authorization: Bearer " + KEY.encode() + b"\r\n"
+            b"Transfer-Encoding: chunked\r\n\r\n5\r\nhello\r\n0\r\n\r\n"
+        )
+        response = yield self.call("POST", "", raw=raw)
+        self.assertEqual(
+            (response.status, response.json["error"]), (411, "length_required")
+        )
+
+
+class DisconnectTests(ApiMixin, TestCase):
+    @inlineCallbacks
+    def setUp(self):
+        self.server_kwargs = {
+            "auth": "optional",
+            "verifier": TokenVerifier(secret=SECRET, clock=reactor.seconds),
+        }
+        yield self.start_api()
+
+    @inlineCallbacks
+    def test_every_connection_of_the_user_is_closed_4002(self):
+        token = hs256(sub="u1")
+        js = yield self.json_client(f"/ws/a?token={token}")
+        seed = yield self.connect(f"/ws/a?token={token}")
+        other = yield self.connect("/ws/a?token=" + hs256(sub="u2"))
+        anonymous = yield self.connect("/ws/a")
+        yield js.received.get()  # welcome
+        members = yield self.call("GET", "/api/rooms/a/members")
+        self.assertEqual(
+            [m.get("user") for m in members.json["members"]], ["u1", "u1", "u2", None]
+        )
+        response = yield self.call(
+            "POST", "/api/users/u1/disconnect", {"reason": "banned ✋"}
+        )
+        self.assertEqual(response.status, 200)
+        self.assertEqual(response.json, {"user": "u1", "disconnected": 2})
+        while True:
+            event = json.loads((yield js.received.get()))
+            if event["type"] == "error":
+                break
+        self.assertEqual(
+            event, {"type": "error", "code": "disconnected", "reason": "banned ✋"}
+        )
+        for client in (js, seed):
+            code, reason = yield client.closed
+            self.assertEqual(
+                (code, reason), (4002, "disconnected by the app: banned ✋")
+            )
+        self.assertIsNone(other.closed_code)
+        self.assertIsNone(anonymous.closed_code)
+        nobody = yield self.call("POST", "/api/users/u9/disconnect", b"")
+        self.assertEqual(nobody.json, {"user": "u9", "disconnected": 0})
+
+    def test_a_long_reason_is_cut_on_a_character(self):
+        from webchat.chat import _fit_close_reason
+
+        cut = _fit_close_reason("disconnected by the app: " + "é" * 100)
+        self.assertLessEqual(len(cut.encode()), 123)
+        self.assertTrue(cut.endswith("é"))
+
+
+class HostileTests(ApiMixin, TestCase):
+    limits = Limits(rate_limit=0, handshake_timeout=0.5)
+
+    @inlineCallbacks
+    def setUp(self):
+        yield self.start_api()
+        self.alice, self.bob = yield self.connect_many(2)
+        self._said = 0
+
+    @inlineCallbacks
+    def assert_bystanders_chat(self):
+        self._said += 1
+        self.alice.send_text(f"still {self._said}")
+        self.assertEqual((yield self.bob.received.get()), f"id 1: still {self._said}")
+        self.assertIsNone(self.alice.closed_code)
+
+    @inlineCallbacks
+    def test_a_10_mb_body_is_refused_from_its_headers(self):
+        peer = yield connect_raw(self.api_port.getHost().port)
+        peer.transport.write(
+            request_bytes("POST", "/api/rooms/a/messages", None, AUTH)[:-2]
+            + b"Content-Length: 10485760\r\n\r\n"
+            + b"x" * 65536
+        )
+        yield peer.lost
+        response = Response(peer.data)
+        self.assertEqual((response.status, response.json["error"]), (413, "too_large"))
+        cap = self.factory.limits.max_message_size + API_BODY_OVERHEAD
+        self.assertEqual(response.json["detail"], f"the body is over {cap} bytes")
+        yield self.assert_bystanders_chat()
+
+    @inlineCallbacks
+    def test_a_body_that_never_finishes_is_cut_off(self):
+        peer = yield connect_raw(self.api_port.getHost().port)
+        peer.transport.write(
+            request_bytes("POST", "/api/rooms/a/messages", None, AUTH)[:-2]
+            + b"Content-Length: 100\r\n\r\n{"
+        )
+        yield peer.lost  # the handshake timeout: 0.5 s
+        self.assertEqual(peer.data, b"")
+        self.assertTrue(
+            any("no complete request within 0.5 s" in line for line in self.logs.lines)
+        )
+        yield self.assert_bystanders_chat()
+
+
+class RateLimitTests(ApiMixin, TestCase):
+    rate_limit = 1.0  # a burst of 2
+
+    @inlineCallbacks
+    def setUp(self):
+        yield self.start_api()
+
+    @inlineCallbacks
+    def test_over_the_rate_is_429_with_retry_after(self):
+        answers = []
+        for _ in range(3):
+            answers.append((yield self.call("GET", "/api/rooms")))
+        self.assertEqual([a.status for a in answers], [200, 200, 429])
+        self.assertEqual(answers[2].json["error"], "rate_limited")
+        self.assertEqual(answers[2].headers["retry-after"], "1")
+
+
+class OwnPortTests(ApiMixin, TestCase):
+    @inlineCallbacks
+    def setUp(self):
+        yield self.start_api(own_port=True)
+
+    @inlineCallbacks
+    def test_the_api_port_serves_the_api_and_nothing_else(self):
+        response = yield self.call("GET", "/api/rooms")
+        self.assertEqual(response.json, {"rooms": []})
+        page = yield self.call("GET", "/")
+        self.assertEqual(page.status, 404)
+        # ...and the chat's port has no /api then.
+        peer = yield connect_raw(self.port.getHost().port)
+        peer.transport.write(request_bytes("GET", "/api/rooms", None, AUTH))
+        yield peer.lost
+        self.assertEqual(Response(peer.data).status, 404)
