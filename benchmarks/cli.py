@@ -240,7 +240,7 @@ def build_parser() -> argparse.ArgumentParser:
     app.add_argument(
         "--api-connections",
         type=int,
-        help="api: keep-alive connections publishing [16; quick: 8]",
+        help="api: keep-alive connections publishing [32; quick: 16]",
     )
     app.add_argument(
         "--api-members", type=int, help="api: members counting deliveries [10]"

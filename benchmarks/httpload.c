@@ -216,8 +216,13 @@ static void reopen(conn_t *c) {
     watch(c);
 }
 
-/* Returns 1 when a response completed. */
+/*
+ * Read what came; count a complete response.  Returns 1 when the connection
+ * is ready for its next request (a response completed, or the server closed
+ * it and it was opened again).
+ */
 static int http_readable(conn_t *c, uint64_t measure_from, uint64_t measure_to) {
+    int eof = 0;
     for (;;) {
         reserve(c, 16384);
         ssize_t r = read(c->fd, c->buf + c->len, c->cap - c->len);
@@ -226,31 +231,35 @@ static int http_readable(conn_t *c, uint64_t measure_from, uint64_t measure_to) 
             continue;
         }
         if (r < 0 && errno == EAGAIN) break;
-        /* Closed (or reset) by the server: a request in flight is lost. */
-        if (c->sent_at) errors++;
-        reopen(c);
-        return 0;
+        eof = 1; /* closed (or reset) by the server, maybe after a last answer */
+        break;
     }
-    int status, closing;
+    int status = 0, closing = 0;
     size_t whole = response_length(c, &status, &closing);
-    if (!whole) return 0;
-    uint64_t done = now_ns();
-    if (status >= 200 && status < 300) ok_total++;
-    if (c->sent_at >= measure_from && done <= measure_to) {
-        measured++;
-        status_count[status >= 100 && status < 600 ? status / 100 : 0]++;
-        if (nlat == lat_cap) {
-            lat_cap = lat_cap ? lat_cap * 2 : 65536;
-            lat_us = realloc(lat_us, lat_cap * sizeof *lat_us);
+    if (whole) {
+        uint64_t done = now_ns();
+        if (status >= 200 && status < 300) ok_total++;
+        if (c->sent_at >= measure_from && done <= measure_to) {
+            measured++;
+            status_count[status >= 100 && status < 600 ? status / 100 : 0]++;
+            if (nlat == lat_cap) {
+                lat_cap = lat_cap ? lat_cap * 2 : 65536;
+                lat_us = realloc(lat_us, lat_cap * sizeof *lat_us);
+            }
+            lat_us[nlat++] = (uint32_t)((done - c->sent_at) / 1000);
         }
-        lat_us[nlat++] = (uint32_t)((done - c->sent_at) / 1000);
+        memmove(c->buf, c->buf + whole, c->len - whole);
+        c->len -= whole;
+        c->sent_at = 0;
+        c->wrote = 0;
+    } else if (eof && c->sent_at) {
+        errors++; /* the request in flight got no answer */
     }
-    memmove(c->buf, c->buf + whole, c->len - whole);
-    c->len -= whole;
-    c->sent_at = 0;
-    c->wrote = 0;
-    if (closing) reopen(c);
-    return 1;
+    if (eof || closing) {
+        reopen(c);
+        return 1;
+    }
+    return whole != 0;
 }
 
 static int cmp_u32(const void *a, const void *b) {

@@ -79,7 +79,7 @@ class BenchConfig:
     auth_tokens: int = 1000
     #: api (issue #15): keep-alive connections publishing, members counting,
     #: and the measured seconds after a warm-up.
-    api_connections: int = 16
+    api_connections: int = 32
     api_members: int = 10
     api_seconds: float = 10.0
     api_warmup: float = 1.0
@@ -105,7 +105,7 @@ class BenchConfig:
             storm_clients=1000,
             storm_rooms=100,
             auth_tokens=100,
-            api_connections=8,
+            api_connections=16,
             api_seconds=3.0,
             quick=True,
         )
