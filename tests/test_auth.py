@@ -606,3 +606,82 @@ class IdentityEventsTests(MemoryAuthCase):
         self.assertNotIn("users", welcome)
         self.assertNotIn("user", welcome)
         self.assertEqual(welcome["members"], [{"id": 1, "name": "guest-1"}])
+
+
+class ExpiryTests(MemoryAuthCase):
+    """A token's end, on the factory's clock: error, close 4001; refresh moves it."""
+
+    def test_at_expiry_json_gets_an_error_then_4001_and_seed_just_4001(self):
+        ann = self.json_client(token=self.token(ttl=100))
+        seed = self.pump.connect(f"/ws/lobby?token={self.token(sub='u-2', ttl=100)}")
+        self.assertEqual(seed.status, 101)
+        bystander = self.json_client()
+        self.clock.advance(100 + JWT_LEEWAY - 1)
+        self.pump.pump()
+        self.assertIsNone(ann.close_code)
+        self.clock.advance(1)
+        self.pump.pump()
+        self.assertEqual(
+            events(ann)[-1],
+            {"type": "error", "code": "token_expired", "reason": "token expired"},
+        )
+        self.assertEqual(ann.close_code, 4001)
+        self.assertEqual(seed.close_code, 4001)
+        self.assertEqual(seed.texts, [])
+        self.assertIsNone(bystander.close_code)
+        self.assertEqual(self.factory.stats.closed[4001], 2)
+        expired = [line for line in self.all_logs.lines if "expired" in line]
+        self.assertEqual(
+            expired,
+            [
+                "Connection 1 from 127.0.0.1: token of user u-1 expired",
+                "Connection 2 from 127.0.0.1: token of user u-2 expired",
+            ],
+        )
+        self.assertEqual(self.factory.connections_of("u-1"), [])
+        self.assertEqual(self.clock.getDelayedCalls(), [])
+
+    def test_a_refresh_moves_the_expiry_on(self):
+        ann = self.json_client(token=self.token(ttl=100))
+        self.clock.advance(90)
+        fresh = self.token(ttl=600, name="Someone else")
+        self.send(ann, type="refresh", token=fresh)
+        self.assertEqual(
+            events(ann)[-1], {"type": "refreshed", "exp": int(T0 + 90 + 600)}
+        )
+        self.clock.advance(100)
+        self.pump.pump()
+        self.assertIsNone(ann.close_code)
+        self.assertEqual(self.factory.connections_of("u-1")[0].chat_name, "u-1")
+        self.clock.advance(600 - 100 + JWT_LEEWAY)
+        self.pump.pump()
+        self.assertEqual(ann.close_code, 4001)
+        self.assertNotIn(fresh, "\n".join(self.all_logs.lines))
+
+    def test_a_bad_refresh_is_refused_and_the_old_expiry_stands(self):
+        ann = self.json_client(token=self.token(ttl=100, rooms=["lobby"]))
+        anonymous = self.json_client()
+        bad = [
+            (self.token(sub="u-2"), "the token is for another user"),
+            (self.token(rooms=["other"]), "the token does not grant this room"),
+            (self.token(ttl=-600), "token expired"),
+            ("not-a-token", "invalid token"),
+            (jwt.encode({"sub": "u-1", "exp": T0 + 900}, b"x" * 32), "invalid token"),
+        ]
+        for token, reason in bad:
+            self.send(ann, type="refresh", token=token)
+            self.assertEqual(
+                events(ann)[-1],
+                {"type": "error", "code": "bad_token", "reason": reason},
+            )
+        self.send(anonymous, type="refresh", token=self.token())
+        self.assertEqual(events(anonymous)[-1]["code"], "bad_token")
+        self.send(ann, type="refresh", token="")
+        self.assertEqual(events(ann)[-1]["code"], "bad_event")
+        self.clock.advance(100 + JWT_LEEWAY)
+        self.pump.pump()
+        self.assertEqual(ann.close_code, 4001)
+        self.assertIsNone(anonymous.close_code)
+        text = "\n".join(self.all_logs.lines)
+        for token, _ in bad:
+            self.assertNotIn(token, text)

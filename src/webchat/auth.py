@@ -22,7 +22,10 @@ exception's text, which may reach a log line.
 
 from __future__ import annotations
 
+import base64
+import binascii
 import fnmatch
+import json
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -149,12 +152,8 @@ class TokenVerifier:
                 "token too long",
                 f"token too long ({len(token)} characters, most {JWT_MAX_LENGTH})",
             )
-        try:
-            header = jwt.get_unverified_header(token)
-        except jwt.PyJWTError:
-            raise _invalid("malformed") from None
-        alg = header.get("alg")
-        key = self._keys.get(alg) if isinstance(alg, str) else None
+        alg = _algorithm_of(token)
+        key = self._keys.get(alg) if alg is not None else None
         if key is None:
             shown = alg if alg in ("none", "HS256", "RS256", "ES256") else "another"
             raise _invalid(f"algorithm {shown} not accepted")
@@ -183,7 +182,8 @@ class TokenVerifier:
             raise _invalid("wrong issuer") from None
         except jwt.MissingRequiredClaimError as e:
             raise _invalid(f"no {e.claim} claim") from None
-        except jwt.PyJWTError:
+        except (jwt.PyJWTError, RecursionError):
+            # RecursionError: claims nested thousands deep, for json.loads.
             raise _invalid("malformed") from None
         return self._identity(claims)
 
@@ -224,6 +224,26 @@ class TokenVerifier:
                     f"token of user {user} not yet valid",
                 )
         return Identity(user, name.strip() if name else None, rooms, exp)
+
+
+def _algorithm_of(token: str) -> str | None:
+    """
+    The ``alg`` a token's header names (unverified: it only picks the key,
+    and PyJWT checks it again against that key's one algorithm).  Read
+    here rather than with ``jwt.get_unverified_header``, which parses and
+    checks the whole token a second time: a third of what checking one costs.
+    """
+    segment = token.partition(".")[0]
+    try:
+        header = json.loads(
+            base64.urlsafe_b64decode(segment + "=" * (-len(segment) % 4))
+        )
+    except (ValueError, TypeError, binascii.Error, RecursionError):
+        raise _invalid("malformed") from None
+    if not isinstance(header, dict):
+        raise _invalid("malformed")
+    alg = header.get("alg")
+    return alg if isinstance(alg, str) else None
 
 
 def _number(value: object) -> float | None:

@@ -28,6 +28,7 @@ from __future__ import annotations
 
 from collections import Counter, deque
 from collections.abc import Callable, Sequence
+from dataclasses import replace
 from typing import TYPE_CHECKING, Any
 
 import txaio
@@ -45,7 +46,7 @@ from twisted.python.failure import Failure
 
 from webchat.access import AccessPolicy
 from webchat.admission import Admission
-from webchat.auth import TokenVerifier
+from webchat.auth import TokenError, TokenVerifier
 from webchat.codecs import JSON, SEED, Message, event_frame
 from webchat.connection import (
     _CLOSED,
@@ -281,6 +282,74 @@ class WebChatFactory(WebSocketServerFactory):
         """This node's open connections of ``user`` (the token's ``sub``)."""
         return list(self._by_user.get(user, ()))
 
+    def _expire_at(self, protocol: WebChatProtocol, expires: float) -> None:
+        """
+        Close ``protocol`` when a token expiring at ``expires`` no longer
+        passes admission (``exp`` plus the verifier's leeway), on the
+        factory's clock; a ``refresh`` moves it on.
+        """
+        timer = protocol.token_expiry
+        if timer is not None and timer.active():
+            timer.cancel()
+        verifier = self.admission.verifier
+        leeway = verifier.leeway if verifier is not None else 0.0
+        delay = max(expires + leeway - self.reactor.seconds(), 0.0)
+        protocol.token_expiry = self.reactor.callLater(
+            delay, self._token_expired, protocol
+        )
+
+    def _token_expired(self, protocol: WebChatProtocol) -> None:
+        """Its token ran out: say so (JSON), close 4001, log it once."""
+        protocol.token_expiry = None
+        if protocol.state != _OPEN:
+            return
+        identity = protocol.identity
+        log.info(
+            "Connection {id} from {peer}: token of user {user} expired",
+            id=protocol.chat_id,
+            peer=escape_for_log(protocol.client_address),
+            user=escape_for_log(identity.user if identity is not None else "-"),
+        )
+        if protocol.admitted is not None and protocol.admitted.codec is JSON:
+            self._tell(
+                protocol,
+                event_frame(
+                    {
+                        "type": "error",
+                        "code": "token_expired",
+                        "reason": "token expired",
+                    }
+                ),
+            )
+        protocol.close_with(4001, "token expired")
+
+    def _refresh_event(self, sender: WebChatProtocol, token: str) -> None:
+        """
+        A fresh token before the old one expires: for the same user and
+        still granting the room, it moves the expiry on (``refreshed``);
+        otherwise ``bad_token``, and the connection lasts as long as before.
+        """
+        identity = sender.identity
+        verifier = self.admission.verifier
+        if identity is None or verifier is None:
+            raise BadEvent("bad_token", "this connection has no token to refresh")
+        try:
+            fresh = verifier.verify(token)
+        except TokenError as e:
+            raise BadEvent("bad_token", e.reason) from None
+        if fresh.user != identity.user:
+            raise BadEvent("bad_token", "the token is for another user")
+        room = sender.room
+        if room is not None and not fresh.may_join(room.name):
+            raise BadEvent("bad_token", "the token does not grant this room")
+        # The name stays the one the connection opened with: others know it so.
+        sender.identity = replace(fresh, name=identity.name)
+        self._expire_at(sender, fresh.expires)
+        exp: float | int = fresh.expires
+        if exp == int(exp):
+            exp = int(exp)
+        self._tell(sender, event_frame({"type": "refreshed", "exp": exp}))
+
     def _forget_user(self, protocol: WebChatProtocol) -> None:
         identity = protocol.identity
         if identity is None:
@@ -315,6 +384,7 @@ class WebChatFactory(WebSocketServerFactory):
             # Signed by the app: their name is theirs, ?name= is not read.
             name = identity.display_name
             self._by_user.setdefault(identity.user, []).append(protocol)
+            self._expire_at(protocol, identity.expires)
         elif protocol.wanted_name is not None:
             try:
                 name = check_name(protocol.wanted_name)
@@ -594,6 +664,8 @@ class WebChatFactory(WebSocketServerFactory):
                 self._name_event(sender, event.value)
             elif event.type == "resume":
                 self._resume_event(sender, event.since, event.value)
+            elif event.type == "refresh":
+                self._refresh_event(sender, event.value)
             else:
                 self._typing_event(sender)
         except BadEvent as e:

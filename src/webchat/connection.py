@@ -34,9 +34,12 @@ Wire protocol (docs/protocol.md has the long form)
 * No sign of life within ``--ping-timeout`` of a ping: the TCP connection is
   dropped (the peer is gone; there is nobody to send a close frame to).
 * Server shutdown: close 1001 (going away) to everyone.
+* A signed connection (--auth) whose token expires without a ``refresh``:
+  close 4001 "token expired" (JSON clients get an ``error`` first).
 
 Refused opening handshakes get an HTTP status instead: 403 for a foreign
-``Origin``, 503 when the server is full, 429 when one address holds too many.
+``Origin``, 503 when the server is full, 429 when one address holds too many,
+401 for a missing or bad ``?token=`` and 403 for a room it does not grant.
 """
 
 from __future__ import annotations
@@ -133,6 +136,8 @@ class WebChatProtocol(FlowControl, Keepalive, WebSocketServerProtocol):
     #: Who the connection's token says it is, from when it opens; None =
     #: anonymous (no token, or --auth off).
     identity: Identity | None = None
+    #: Closes the connection when its token expires (``WebChatFactory``).
+    token_expiry: IDelayedCall | None = None
     #: The name shown to others (set by the room), and the one asked for
     #: with ``?name=`` until the connection opens.
     chat_name = ""
@@ -376,11 +381,12 @@ class WebChatProtocol(FlowControl, Keepalive, WebSocketServerProtocol):
             self._linger,
             self._message_deadline,
             self.closeHandshakeTimeoutCall,
+            self.token_expiry,
         )
         for timer in timers:
             if timer is not None and timer.active():
                 timer.cancel()
-        self._linger = self._message_deadline = None
+        self._linger = self._message_deadline = self.token_expiry = None
         self.closeHandshakeTimeoutCall = None
         super().connectionLost(reason)
         self.factory.forget(self)

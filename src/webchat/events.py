@@ -27,10 +27,10 @@ _BAD_CATEGORIES = frozenset({"Cc", "Cf", "Cs", "Zl", "Zp"})
 class ClientEvent(NamedTuple):
     """A well-formed client event."""
 
-    #: "message", "name", "typing" or "resume".
+    #: "message", "name", "typing", "resume" or "refresh".
     type: str
-    #: The message's text, the name asked for, or the epoch to resume in;
-    #: "" for typing.
+    #: The message's text, the name asked for, the epoch to resume in, or
+    #: the fresh token; "" for typing.
     value: str = ""
     #: The client's tag for a message (string or integer), echoed in its ack.
     ref: str | int | None = None
@@ -122,6 +122,11 @@ def parse_event(payload: bytes) -> ClientEvent:
         if not isinstance(epoch, str) or not EPOCH.fullmatch(epoch):
             raise BadEvent("bad_event", "a resume needs an epoch string")
         return ClientEvent("resume", epoch, since=since)
+    if kind == "refresh":
+        token = event.get("token")
+        if not isinstance(token, str) or not token:
+            raise BadEvent("bad_event", "a refresh needs a token string")
+        return ClientEvent("refresh", token)
     if not isinstance(kind, str):
         raise BadEvent("bad_event", "an event needs a type string")
     raise BadEvent("unknown_type", "unknown event type")
