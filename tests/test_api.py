@@ -14,14 +14,23 @@ import json
 from twisted.internet import reactor
 from twisted.internet.defer import inlineCallbacks
 from twisted.internet.endpoints import TCP4ServerEndpoint
-from twisted.trial.unittest import TestCase
+from twisted.internet.task import Clock
+from twisted.trial.unittest import SynchronousTestCase, TestCase
+from twisted.web.test.requesthelper import DummyRequest
 
 from tests.support import ServerMixin, connect_raw, deferLater
 from tests.test_auth import SECRET, hs256
 from tests.test_rooms import connect_json
-from webchat.api import ServerApi
+from webchat.api import MemoryIdempotency, ServerApi
 from webchat.auth import TokenVerifier
 from webchat.limits import API_BODY_OVERHEAD, Limits
+from webchat.metrics import MetricsPage, make_registry
+from webchat.redis.envelope import (
+    Disconnect,
+    MalformedEnvelopeError,
+    decode_envelope,
+    encode_disconnect,
+)
 from webchat.web import make_api_site, make_site
 
 KEY = "s3cret-api-key-never-logged"
@@ -64,7 +73,10 @@ class ApiMixin(ServerMixin):
     @inlineCallbacks
     def start_api(self, own_port: bool = False):
         yield self.start_server(limits=self.limits, **self.server_kwargs)
-        self.api = ServerApi(self.factory, KEY.encode(), self.rate_limit)
+        self.clock = Clock()
+        self.api = ServerApi(
+            self.factory, KEY.encode(), self.rate_limit, clock=self.clock
+        )
         if own_port:
             endpoint = TCP4ServerEndpoint(reactor, 0, interface="127.0.0.1")
             self.api_port = yield endpoint.listen(make_api_site(self.factory, self.api))
@@ -403,6 +415,41 @@ class RateLimitTests(ApiMixin, TestCase):
         self.assertEqual([a.status for a in answers], [200, 200, 429])
         self.assertEqual(answers[2].json["error"], "rate_limited")
         self.assertEqual(answers[2].headers["retry-after"], "1")
+        self.clock.advance(1)
+        self.assertEqual((yield self.call("GET", "/api/rooms")).status, 200)
+        metrics = MetricsPage(make_registry(self.factory)).render_GET(
+            DummyRequest([b"metrics"])
+        )
+        self.assertIn(
+            b'webchat_api_requests_total{error="rate_limited",status="429"} 1.0',
+            metrics,
+        )
+        self.assertIn(
+            b'webchat_api_requests_total{error="ok",status="200"} 3.0', metrics
+        )
+
+
+class IdempotencyMemoryTests(SynchronousTestCase):
+    def test_keys_are_kept_for_the_window_and_at_most_so_many(self):
+        clock = Clock()
+        keys = MemoryIdempotency(clock, window=600, most=2)
+
+        def reserve(key):
+            return self.successResultOf(keys.reserve(key))
+
+        self.assertIsNone(reserve("a"))
+        self.assertEqual(reserve("a"), b"pending")
+        keys.settle("a", b'{"offset":1}')
+        self.assertEqual(reserve("a"), b'{"offset":1}')
+        clock.advance(599)
+        self.assertEqual(reserve("a"), b'{"offset":1}')
+        clock.advance(1)
+        self.assertIsNone(reserve("a"))  # the window is over: a new request
+        self.assertIsNone(reserve("b"))
+        self.assertIsNone(reserve("c"))  # the oldest ("a") goes
+        self.assertIsNone(reserve("a"))
+        keys.release("a")  # a failed publish frees its key
+        self.assertIsNone(reserve("a"))
 
 
 class OwnPortTests(ApiMixin, TestCase):
@@ -421,3 +468,37 @@ class OwnPortTests(ApiMixin, TestCase):
         peer.transport.write(request_bytes("GET", "/api/rooms", None, AUTH))
         yield peer.lost
         self.assertEqual(Response(peer.data).status, 404)
+
+
+class EnvelopeTests(SynchronousTestCase):
+    """What the server API adds to wc2 (docs/protocol.md, "From the app")."""
+
+    def test_a_disconnect_round_trips(self):
+        payload = encode_disconnect("web-1", "u-42", "spam, again\nand again ✋")
+        self.assertEqual(
+            payload, "wc2 web-1 k u-42\nspam, again\nand again ✋".encode()
+        )
+        self.assertEqual(
+            decode_envelope(payload),
+            Disconnect("web-1", "u-42", "spam, again\nand again ✋"),
+        )
+        self.assertEqual(
+            decode_envelope(b"wc2 web-1 k u-42\n"), Disconnect("web-1", "u-42", "")
+        )
+
+    def test_a_bad_disconnect_is_malformed(self):
+        for payload in (
+            b"wc2 web-1 k u 42\nr",  # whitespace in the user
+            b"wc2 web-1 k u-42",  # no LF
+            b"wc2 web-1 k \xff\nr",
+            b"wc2 web-1 k u-42\n\xff",
+            b"wc2 web-1 k " + b"u" * 257 + b"\n",
+        ):
+            with self.assertRaises(MalformedEnvelopeError):
+                decode_envelope(payload)
+
+    def test_id_0_is_read_in_kept_messages_only(self):
+        kept = decode_envelope(b"wc2 web-1 s news 7 ep0ch 0 1764633600000 ops\nhi")
+        self.assertEqual((kept.chat_id, kept.name, kept.offset), (0, "ops", 7))
+        with self.assertRaises(MalformedEnvelopeError):
+            decode_envelope(b"wc2 web-1 m news 0 1764633600000 ops\nhi")

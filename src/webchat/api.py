@@ -33,6 +33,7 @@ from collections import Counter, OrderedDict
 from typing import TYPE_CHECKING, Any
 
 from twisted.internet.defer import Deferred, maybeDeferred, succeed
+from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 from twisted.web.resource import Resource
@@ -190,20 +191,22 @@ class ServerApi(Resource):
         key: bytes,
         rate_limit: float = API_RATE_LIMIT,
         idempotency: MemoryIdempotency | RedisIdempotency | None = None,
+        clock: IReactorTime | None = None,
     ) -> None:
         super().__init__()
         self._chat = chat
+        clock = clock if clock is not None else chat.reactor
         self._expected = b"Bearer " + key
         self._bucket: TokenBucket | None = None
         self._rate = rate_limit
         if rate_limit > 0:
             burst = max(int(rate_limit * API_BURST_SECONDS), 1)
-            self._bucket = TokenBucket(rate_limit, burst, chat.reactor)
+            self._bucket = TokenBucket(rate_limit, burst, clock)
         if idempotency is None:
             if chat.link is not None:
                 idempotency = RedisIdempotency(chat.link)
             else:
-                idempotency = MemoryIdempotency(chat.reactor)
+                idempotency = MemoryIdempotency(clock)
         self._idempotency = idempotency
         #: Answers by HTTP status and error code ("ok" for none): /metrics.
         self.answered: Counter[tuple[int, str]] = chat.stats.api
@@ -401,14 +404,35 @@ class ServerApi(Resource):
 
     def _disconnect(
         self, user: str, body: dict[str, Any]
-    ) -> tuple[int, dict[str, Any]]:
+    ) -> tuple[int, dict[str, Any]] | Deferred[tuple[int, dict[str, Any]]]:
         reason = body.get("reason", "")
         if not isinstance(reason, str) or len(reason) > MAX_REASON_CHARS:
             raise ApiError(
                 400, "bad_reason", f"reason: at most {MAX_REASON_CHARS} characters"
             )
-        count = self._chat.disconnect_user(user, reason)
-        return 200, {"user": user, "disconnected": count}
+        try:
+            reason.encode("utf-8")
+        except UnicodeEncodeError:
+            raise ApiError(400, "bad_reason", "reason is not valid Unicode") from None
+        link = self._chat.link
+        if link is None:
+            count = self._chat.disconnect_user(user, reason)
+            return 200, {"user": user, "disconnected": count}
+        if link.state != "up":
+            # Not half of it: the app retries, and no node is left out.
+            raise ApiError(503, "unavailable", "Redis is away; try again")
+        # The other nodes first (one PUBLISH), then this one's: the answer
+        # counts this node's connections only.
+        d = link.disconnect_user(user, reason)
+        return d.addCallback(
+            lambda _: (
+                200,
+                {
+                    "user": user,
+                    "disconnected": self._chat.disconnect_user(user, reason),
+                },
+            )
+        )
 
     # -- answers -------------------------------------------------------------------
 

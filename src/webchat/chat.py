@@ -1196,6 +1196,8 @@ class WebChatFactory(WebSocketServerFactory):
             link.on_link_up = self._link_back
             self.rooms.on_opened = self._deliver_waiting
         link.presence.listener = self
+        # Another node's server API asks: this node's connections of the user.
+        link.on_disconnect = self.disconnect_user
         # A name is free in a room only if no member of another node has it.
         self.rooms.names_elsewhere = link.presence.name_taken
 

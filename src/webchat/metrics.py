@@ -201,6 +201,7 @@ class ChatCollector(Collector):
         )
         yield from stats.fanout_seconds.collect()
         yield from _history_metrics(factory)
+        yield _api_metric(factory.stats)
         link = factory.link
         if link is not None:
             yield GaugeMetricFamily(
@@ -266,6 +267,18 @@ class ChatCollector(Collector):
             )
 
 
+def _api_metric(stats: ChatStats) -> Metric:
+    """The server API's answers (docs/operations.md, "The server API")."""
+    api = CounterMetricFamily(
+        "webchat_api_requests",
+        "Server API requests answered, by HTTP status and error code (ok: none).",
+        labels=["status", "error"],
+    )
+    for (status, error), count in sorted(dict(stats.api).items()):
+        api.add_metric([str(status), error], count)
+    return api
+
+
 def _history_metrics(factory: WebChatFactory) -> Iterator[Metric]:
     """History and resuming (docs/operations.md, "History")."""
     stats = factory.stats
@@ -300,14 +313,6 @@ def _history_metrics(factory: WebChatFactory) -> Iterator[Metric]:
     for recovered in ("true", "false"):
         resumes.add_metric([recovered], stats.resumes[recovered])
     yield resumes
-    api = CounterMetricFamily(
-        "webchat_api_requests",
-        "Server API requests answered, by HTTP status and error code (ok: none).",
-        labels=["status", "error"],
-    )
-    for (status, error), count in sorted(dict(stats.api).items()):
-        api.add_metric([str(status), error], count)
-    yield api
     yield CounterMetricFamily(
         "webchat_history_write_failures",
         "Messages that could not be written to the history database.",

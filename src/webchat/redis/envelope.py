@@ -13,6 +13,8 @@ separated by single spaces (SP), a chat message's text after the first LF::
     wc2 <node> l <version> <room> <id>                 left
     wc2 <node> t <room> <id> <name>                    is typing
     wc2 <node> h <version>                             heartbeat
+    wc2 <node> k <user> LF <reason>                    disconnect the user
+                                                       (the server API)
     wc2 <node> x <version>                             stopped: all gone
 
 * ``wc2`` names the format and its version; ``wc1`` (no rooms, no names,
@@ -120,6 +122,39 @@ class PresenceEvent(NamedTuple):
     name: str = ""
 
 
+class Disconnect(NamedTuple):
+    """The app asked for every connection of ``user`` to be closed (4002)."""
+
+    node: str
+    #: The user (a JWT ``sub``): 1-256 characters, no whitespace or controls.
+    user: str
+    #: Why, as the app said it (UTF-8, may be empty).
+    reason: str
+
+
+_USER = re.compile(r"[^\s\x00-\x1f\x7f]{1,256}")
+
+
+def encode_disconnect(node: str, user: str, reason: str) -> bytes:
+    """``wc2 <node> k <user> LF <reason>``: every node closes ``user``'s connections."""
+    return b"%bk %b\n%b" % (
+        envelope_prefix(node),
+        user.encode("utf-8"),
+        reason.encode("utf-8"),
+    )
+
+
+def _disconnect(node_id: str, rest: bytes) -> Disconnect:
+    head, newline, reason = rest.partition(b"\n")
+    try:
+        user, why = head.decode("utf-8"), reason.decode("utf-8")
+    except UnicodeDecodeError:
+        raise MalformedEnvelopeError("disconnect is not valid UTF-8") from None
+    if not newline or _USER.fullmatch(user) is None:
+        raise MalformedEnvelopeError("disconnect needs a user, LF")
+    return Disconnect(node_id, user, why)
+
+
 class MalformedEnvelopeError(ValueError):
     """A payload on the channel that is not an envelope this node can read."""
 
@@ -166,7 +201,7 @@ def encode_presence(event: PresenceEvent) -> bytes:
     return b"%b %d %b %d %b" % (head, event.version, room, event.chat_id, name)
 
 
-def decode_envelope(payload: bytes) -> Envelope | PresenceEvent:
+def decode_envelope(payload: bytes) -> Envelope | PresenceEvent | Disconnect:
     """
     Read a payload from the channel: a chat message (``Envelope``) or a
     presence event; raise ``MalformedEnvelopeError`` saying what is wrong.
@@ -186,6 +221,8 @@ def decode_envelope(payload: bytes) -> Envelope | PresenceEvent:
     node_id = node.decode("ascii")
     if kind in (b"s", b"d"):
         return _stream_message(node_id, kind == b"d", rest)
+    if kind == b"k":
+        return _disconnect(node_id, rest)
     if kind == b"m":
         head, newline, text = rest.partition(b"\n")
         fields = head.split(b" ", 3)

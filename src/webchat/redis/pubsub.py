@@ -20,7 +20,7 @@ from dataclasses import replace
 from typing import Any
 
 from twisted.application.service import Service
-from twisted.internet.defer import Deferred, DeferredList, succeed
+from twisted.internet.defer import Deferred, DeferredList, fail, succeed
 from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
 from twisted.python.failure import Failure
@@ -28,12 +28,14 @@ from twisted.python.failure import Failure
 from webchat.limits import OUTAGE_BUFFER, PRESENCE_TIMEOUT
 from webchat.logtext import escape_for_log
 from webchat.redis.envelope import (
+    Disconnect,
     Envelope,
     MalformedEnvelopeError,
     PresenceEvent,
     check_node_id,
     decode_envelope,
     default_node_id,
+    encode_disconnect,
     encode_presence,
     envelope_prefix,
     payload_for_log,
@@ -217,6 +219,9 @@ class RedisRelay(Service):
         #: appended (the chat's history forgets what it heard: it may have
         #: missed some).
         self.on_link_up: Callable[[], None] | None = None
+        #: Who closes a user's connections here when another node's server
+        #: API asks (``k`` envelopes): (user, reason).
+        self.on_disconnect: Callable[[str, str], object] | None = None
 
         self._channel_bytes = self.channel.encode("ascii")
         self._prefix = envelope_prefix(self.node_id)
@@ -351,6 +356,21 @@ class RedisRelay(Service):
             self._relaying_again()
         return True
 
+    def disconnect_user(self, user: str, reason: str) -> Deferred[Any]:
+        """
+        Ask every other node to close ``user``'s connections (4002): one
+        PUBLISH of a ``k`` envelope; fails at once while Redis is away.
+        """
+        protocol = self._publisher.protocol
+        if protocol is None:
+            return fail(ConnectionError("Redis is away"))
+        self.published += 1
+        return protocol.execute_command(
+            b"PUBLISH",
+            self._channel_bytes,
+            encode_disconnect(self.node_id, user, reason),
+        )
+
     def _published(self, result: Any) -> None:
         self._in_flight -= 1
         if isinstance(result, Failure):
@@ -392,6 +412,17 @@ class RedisRelay(Service):
             envelope = decode_envelope(payload)
         except MalformedEnvelopeError as e:
             self._dropped_malformed(payload, str(e))
+            return
+        if isinstance(envelope, Disconnect):
+            self.presence.heard(envelope.node)
+            if self.on_disconnect is not None:
+                try:
+                    self.on_disconnect(envelope.user, envelope.reason)
+                except Exception:
+                    self._log.failure(
+                        "An error has occurred: a disconnect from node {node} failed",
+                        node=envelope.node,
+                    )
             return
         if isinstance(envelope, PresenceEvent):
             try:
