@@ -17,10 +17,13 @@ import os
 import re
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import threading
 import time
+import urllib.error
+import urllib.request
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
@@ -30,7 +33,7 @@ from twisted.trial.unittest import SkipTest, SynchronousTestCase
 from websockets.exceptions import InvalidStatus
 from websockets.sync.client import connect
 
-from tests.support import ROOT, Twistd, require, slow
+from tests.support import ROOT, Twistd, free_port, require, slow
 from webchat.tap import Options
 
 DOC = ROOT / "docs" / "integration.md"
@@ -198,6 +201,62 @@ class VerifyWebhookTests(SynchronousTestCase):
             (self.body, "", sign(SECRET, "", self.body)),
         ]:
             self.assertEqual(self.verify(body, timestamp, signature), [1, 1], timestamp)
+
+
+@slow
+class PhpEndpointTests(SynchronousTestCase):
+    """verify_webhook.php as the endpoint itself, under ``php -S``."""
+
+    def setUp(self) -> None:
+        secret = Path(self.mktemp()).resolve()
+        secret.write_text(SECRET + "\n")
+        port = free_port()
+        self.php = subprocess.Popen(
+            [php(), "-S", f"127.0.0.1:{port}", example("verify_webhook.php")],
+            env={**os.environ, "WEBCHAT_WEBHOOK_SECRET_FILE": str(secret)},
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE,
+        )
+        self.addCleanup(self.stop)
+        self.url = f"http://127.0.0.1:{port}/events"
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline:
+            try:
+                socket.create_connection(("127.0.0.1", port), timeout=1).close()
+                return
+            except OSError:
+                time.sleep(0.05)
+        raise AssertionError("php -S did not listen")
+
+    def stop(self) -> None:
+        self.php.terminate()
+        self.php.wait(10)
+        self.php.stderr.close()
+
+    def post(self, body: bytes, timestamp: str, signature: str) -> int:
+        request = urllib.request.Request(
+            self.url,
+            data=body,
+            headers={
+                "Content-Type": "application/json",
+                "Webchat-Timestamp": timestamp,
+                "Webchat-Signature": signature,
+            },
+        )
+        try:
+            with urllib.request.urlopen(request, timeout=10) as response:
+                return response.status
+        except urllib.error.HTTPError as e:
+            return e.code
+
+    def test_answers_204_to_webchat_and_400_to_a_forgery(self):
+        body = b'{"id":"e9","type":"user.online","ts":1,"data":{"user":"u42"}}'
+        now = str(int(time.time()))
+        self.assertEqual(self.post(body, now, sign(SECRET, now, body)), 204)
+        forged = body.replace(b"u42", b"u43")
+        self.assertEqual(self.post(forged, now, sign(SECRET, now, body)), 400)
+        old = str(int(now) - 600)
+        self.assertEqual(self.post(body, old, sign(SECRET, old, body)), 400)
 
 
 # -- against a live server ------------------------------------------------------------
