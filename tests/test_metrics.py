@@ -27,6 +27,7 @@ from tests.support import (
     Twistd,
     connect_raw,
     deferLater,
+    free_port,
     slow,
 )
 from webchat.limits import Limits
@@ -192,8 +193,19 @@ class DocumentedMetricsTests(SynchronousTestCase):
         redis.start()
         workdir = Path(self.mktemp()).resolve()
         workdir.mkdir(parents=True)
+        # And webhooks (to nowhere): their metrics exist only then.
+        secret = workdir / "webhook-secret"
+        secret.write_text("secret\n")
         node = Twistd(
-            workdir, "--port", "tcp:0:interface=127.0.0.1", "--redis", redis.url
+            workdir,
+            "--port",
+            "tcp:0:interface=127.0.0.1",
+            "--redis",
+            redis.url,
+            "--webhook-url",
+            f"http://127.0.0.1:{free_port()}/hooks",
+            "--webhook-secret-file",
+            str(secret),
         )
         self.addCleanup(node.stop, signal.SIGKILL)
         log = node.wait_for_log("Redis link up")

@@ -73,6 +73,7 @@ from webchat.rooms import Rooms
 if TYPE_CHECKING:
     from webchat.redis import Envelope, RedisRelay
     from webchat.redis.streams import StreamHistory
+    from webchat.webhooks import AppEvents
 
 #: Error codes that are a person's (or a page's) mistake, not garbage: they
 #: do not count towards the bad events that close a connection.
@@ -191,6 +192,8 @@ class WebChatFactory(WebSocketServerFactory):
         self._catching_up: dict[str, list[Envelope]] = {}
         #: Rooms whose catch-up read is in flight.
         self._reading: set[str] = set()
+        #: What the app hears of (--webhook-url): comings, goings, messages.
+        self.app_events: AppEvents | None = None
         size = self.limits.max_message_size
         self.setProtocolOptions(
             # Without failByDrop=False Autobahn answers a protocol violation by
@@ -406,6 +409,8 @@ class WebChatFactory(WebSocketServerFactory):
         member = member_entry(protocol)
         if self.link is not None:
             self.link.member_joined(room.name, protocol.chat_id, protocol.chat_name)
+        if self.app_events is not None:
+            self.app_events.opened(_user_of(protocol), room.name)
         if admitted.codec is JSON:
             # The welcome, the errors about the URL right after it, then the
             # history: all before any live event (see _replay).
@@ -583,6 +588,34 @@ class WebChatFactory(WebSocketServerFactory):
             )
         )
 
+    def _said(
+        self,
+        room: str,
+        sender: WebChatProtocol | None,
+        text: bytes,
+        offset: int | None,
+        ts: int,
+        *,
+        chat_id: int = 0,
+        name: str = "",
+    ) -> None:
+        """Tell the app (``message`` webhook) what ``sender`` said in ``room``."""
+        assert self.app_events is not None
+        if not self.app_events.messages_wanted:
+            return
+        data: dict[str, Any] = {
+            "room": room,
+            "id": sender.chat_id if sender is not None else chat_id,
+            "name": sender.chat_name if sender is not None else name,
+        }
+        user = _user_of(sender) if sender is not None else None
+        if user is not None:
+            data["user"] = user
+        data["text"] = text.decode("utf-8", "replace")
+        data["offset"] = offset
+        data["ts"] = ts
+        self.app_events.message(data)
+
     def _tell(self, protocol: WebChatProtocol, frame: bytes) -> None:
         """Send one event to one member, behind anything its room holds for it."""
         room = protocol.room
@@ -600,6 +633,8 @@ class WebChatFactory(WebSocketServerFactory):
             return  # never opened, or already gone
         if self.link is not None:
             self.link.member_left(room.name, protocol.chat_id)
+        if self.app_events is not None:
+            self.app_events.closed(_user_of(protocol), room.name)
         if len(room):
             member = member_entry(protocol)
             room.publish_event(
@@ -810,6 +845,8 @@ class WebChatFactory(WebSocketServerFactory):
             return self._keep(sender, room, payload, ref)
         count = room.publish(sender, payload) if room is not None else 0
         self.stats.messages_received += 1
+        if self.app_events is not None and room is not None:
+            self._said(room.name, sender, payload, room.offset or None, room.ts)
         if self.link is not None and room is not None:
             self.link.publish(
                 sender.chat_id, payload, room.name, sender.chat_name, room.ts
@@ -885,6 +922,8 @@ class WebChatFactory(WebSocketServerFactory):
         count = 0
         if self.rooms.get(room.name) is room:
             count = room.publish(sender, entry.text, offset=0, ts=entry.ts)
+        if self.app_events is not None:
+            self._said(room.name, sender, entry.text, None, entry.ts)
         self.link.keep_later(
             room.name, sender.chat_id, sender.chat_name, entry.ts, entry.text
         )
@@ -954,6 +993,17 @@ class WebChatFactory(WebSocketServerFactory):
         sender = room.member(envelope.chat_id) if own else None
         if not envelope.delayed:
             self._acked(sender, envelope.offset, envelope.ts)
+            if own and self.app_events is not None:
+                # Its sender's node tells the app (once in the cluster).
+                self._said(
+                    envelope.room,
+                    sender,
+                    envelope.text,
+                    envelope.offset,
+                    envelope.ts,
+                    chat_id=envelope.chat_id,
+                    name=envelope.name,
+                )
         if envelope.epoch != room.epoch:
             room.epoch = envelope.epoch  # Redis lost the room: a new history
         elif envelope.offset <= room.offset:
@@ -1290,6 +1340,12 @@ class WebChatFactory(WebSocketServerFactory):
         timer = self.reactor.callLater(grace, on_timeout)
         finished.addCallback(finish)
         return done
+
+
+def _user_of(protocol: WebChatProtocol) -> str | None:
+    """The authenticated user behind ``protocol`` (its JWT ``sub``), if any."""
+    identity = getattr(protocol, "identity", None)
+    return identity.user if identity is not None else None
 
 
 def users_of(members: list[dict[str, object]]) -> list[dict[str, object]]:

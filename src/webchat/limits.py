@@ -138,6 +138,29 @@ API_IDEMPOTENCY_WINDOW = 600.0
 #: Idempotency keys one node remembers without --redis (the oldest go
 #: first past it); with --redis they live in Redis, with their TTL.
 API_IDEMPOTENCY_MAX = 100_000
+
+#: Seconds one webhook request may take, connecting to reading the whole
+#: answer (--webhook-timeout); past it the attempt counts as failed and is
+#: retried.
+WEBHOOK_TIMEOUT = 10.0
+#: Seconds a user's last connection may stay closed before ``user.offline``
+#: is sent (--webhook-offline-delay): a page reload reconnects well within
+#: it, and is then neither an offline nor an online.
+WEBHOOK_OFFLINE_DELAY = 3.0
+#: Webhook events waiting to be sent, at most (--webhook-queue); past it the
+#: newest are dropped and counted (webchat_webhook_dropped_total).  Each is
+#: a few hundred bytes, or a message's text (--max-message-size) for
+#: ``message`` events: 10000 x 64 KiB = 640 MB at the very worst.
+WEBHOOK_QUEUE = 10000
+#: The first retry of a failed webhook request waits about this long
+#: (seconds), each next one twice as long, up to WEBHOOK_RETRY_MAX; each
+#: wait is jittered down by up to half so nodes do not retry in step.  Not
+#: options: the receiver being down is what they wait out.
+WEBHOOK_RETRY_INITIAL = 0.5
+WEBHOOK_RETRY_MAX = 60.0
+#: How old (seconds) a webhook's Webchat-Timestamp may be before a receiver
+#: should refuse it as a replay (docs/webhooks.md; webhooks.signing.verify).
+WEBHOOK_SIGNATURE_TOLERANCE = 300.0
 #: Seconds of clock skew allowed between the app that signs tokens and this
 #: server when checking ``exp`` and ``nbf`` (--auth): a token is refused as
 #: expired only this long after its ``exp``, and accepted this long before

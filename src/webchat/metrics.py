@@ -334,6 +334,10 @@ def make_registry(factory: WebChatFactory) -> CollectorRegistry:
     """A registry of this server's metrics plus the process's own (RSS, CPU, fds)."""
     registry = CollectorRegistry(auto_describe=True)
     registry.register(ChatCollector(factory))
+    if factory.app_events is not None:
+        from webchat.webhooks import WebhookCollector
+
+        registry.register(WebhookCollector(factory.app_events.sender))
     ProcessCollector(registry=registry)
     PlatformCollector(registry=registry)
     GCCollector(registry=registry)

@@ -9,6 +9,7 @@ import textwrap
 from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 from twisted.application.service import IService, MultiService
 from twisted.internet.endpoints import serverFromString
@@ -36,6 +37,15 @@ from webchat.web import (
     make_metrics_site,
     make_site,
 )
+from webchat.webhooks import (
+    DEFAULT_EVENTS,
+    EVENT_TYPES,
+    AppEvents,
+    WebhookSender,
+    parse_event_types,
+    treq_post,
+)
+from webchat.webhooks.sender import safe_url
 
 #: Where the server listens when no --port is given.
 DEFAULT_PORT = "tcp:8080"
@@ -82,6 +92,12 @@ PLACEHOLDERS = {
     "history": "N",
     "history-ttl": "S",
     "history-db": "PATH",
+    "webhook-url": "URL",
+    "webhook-secret-file": "FILE",
+    "webhook-timeout": "S",
+    "webhook-offline-delay": "S",
+    "webhook-events": "LIST",
+    "webhook-queue": "N",
     "auth": "MODE",
     "jwt-secret-file": "FILE",
     "jwt-public-key-file": "FILE",
@@ -413,6 +429,52 @@ class Options(usage.Options):
             "process only; not with --redis). Default: in memory.",
         ],
         [
+            "webhook-url",
+            None,
+            None,
+            "POST signed events (user.online, user.offline, room.vacated, "
+            "message) to this http:// or https:// URL (docs/webhooks.md). "
+            "Needs --webhook-secret-file.",
+        ],
+        [
+            "webhook-secret-file",
+            None,
+            None,
+            "Read the secret that signs webhook requests (HMAC-SHA256) from "
+            "this file: its first line.",
+        ],
+        [
+            "webhook-timeout",
+            None,
+            limits.WEBHOOK_TIMEOUT,
+            "Seconds one webhook request may take before it is retried "
+            "(with backoff). 0 = no limit.",
+            _float,
+        ],
+        [
+            "webhook-offline-delay",
+            None,
+            limits.WEBHOOK_OFFLINE_DELAY,
+            "Seconds a user's last connection must stay closed before "
+            "user.offline is sent (a page reload sends nothing). 0 = at once.",
+            _float,
+        ],
+        [
+            "webhook-events",
+            None,
+            ",".join(DEFAULT_EVENTS),
+            "The webhook events to send, comma-separated, from "
+            f"{', '.join(EVENT_TYPES)} (message must be asked for).",
+        ],
+        [
+            "webhook-queue",
+            None,
+            limits.WEBHOOK_QUEUE,
+            "Webhook events waiting to be sent, at most; past it new events are "
+            "dropped and counted.",
+            _int,
+        ],
+        [
             "auth",
             None,
             "off",
@@ -585,6 +647,7 @@ class Options(usage.Options):
                 raise usage.UsageError(
                     f"--redis-password-file needs --redis or ${REDIS_URL_VARIABLE}"
                 )
+        self.check_webhooks()
         self._check_auth()
         try:
             self["access"] = AccessPolicy.from_options(
@@ -602,6 +665,32 @@ class Options(usage.Options):
                     check_node_id(self["node-id"])
         except ValueError as e:
             raise usage.UsageError(str(e)) from None
+
+    def check_webhooks(self) -> None:
+        """--webhook-*: a URL that can be posted to, its secret, the event types."""
+        try:
+            self["webhook-events"] = parse_event_types(self["webhook-events"])
+        except ValueError as e:
+            raise usage.UsageError(f"--webhook-events: {e}") from None
+        url = self["webhook-url"]
+        self["webhook-secret"] = None
+        if not url:
+            if self["webhook-secret-file"]:
+                raise usage.UsageError("--webhook-secret-file needs --webhook-url")
+            return
+        parts = urlsplit(url)
+        if parts.scheme not in ("http", "https") or not parts.hostname:
+            raise usage.UsageError(
+                f"--webhook-url: {safe_url(url)}: expected http://host/path or "
+                "https://host/path"
+            )
+        if not self["webhook-secret-file"]:
+            raise usage.UsageError(
+                "--webhook-url needs --webhook-secret-file (requests are signed)"
+            )
+        self["webhook-secret"] = read_password(
+            self["webhook-secret-file"], "webhook-secret-file"
+        ).encode("utf-8")
 
     def _check_auth(self) -> None:
         """
@@ -673,16 +762,16 @@ class Options(usage.Options):
         )
 
 
-def read_password(path: str) -> str:
+def read_password(path: str, option: str = "redis-password-file") -> str:
     """The first line of ``path``; a usage error (never echoing it) otherwise."""
     try:
         text = Path(path).read_text(encoding="utf-8")
     except (OSError, UnicodeDecodeError) as e:
         reason = getattr(e, "strerror", None) or type(e).__name__
-        raise usage.UsageError(f"--redis-password-file {path}: {reason}") from None
+        raise usage.UsageError(f"--{option} {path}: {reason}") from None
     password = text.splitlines()[0] if text else ""
     if not password:
-        raise usage.UsageError(f"--redis-password-file {path}: the file is empty")
+        raise usage.UsageError(f"--{option} {path}: the file is empty")
     return password
 
 
@@ -754,6 +843,10 @@ def makeService(options: Options, reactor: Any = None) -> IService:
         factory.attach_link(link)
         # Before the listeners: it starts first, and stops after the drain.
         link.setServiceParent(top)
+    if options["webhook-url"]:
+        # After the link: it stops first, settling the offline checks
+        # through Redis while the link is still up, then drains its sender.
+        webhooks(reactor, options, factory, chosen).setServiceParent(top)
     metrics = None
     if not options["no-metrics"]:
         metrics = MetricsPage(make_registry(factory))
@@ -785,6 +878,29 @@ def makeService(options: Options, reactor: Any = None) -> IService:
     for description in options["port"]:
         listen(reactor, top, description, site)
     return top
+
+
+def webhooks(
+    reactor: Any, options: Options, factory: WebChatFactory, chosen: limits.Limits
+) -> AppEvents:
+    """The webhook events and their sender (--webhook-url), told of by ``factory``."""
+    sender = WebhookSender(
+        reactor,
+        options["webhook-url"],
+        options["webhook-secret"],
+        treq_post(reactor),
+        queue_size=options["webhook-queue"],
+        timeout=options["webhook-timeout"],
+        drain_grace=chosen.shutdown_grace,
+    )
+    events = AppEvents(
+        reactor,
+        sender,
+        options["webhook-events"],
+        offline_delay=options["webhook-offline-delay"],
+    )
+    factory.app_events = events
+    return events
 
 
 def check_web_root(web_root: str) -> None:

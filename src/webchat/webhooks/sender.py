@@ -1,0 +1,381 @@
+"""The webhook sender: a bounded queue of events, POSTed one at a time.
+
+Delivery is at least once: the event at the head of the queue stays there
+until the receiver answers 2xx, and is retried with capped exponential
+backoff (jittered) after a 5xx, 408, 429, a timeout or a connection error.
+Any other answer (a 3xx, a 4xx) means the receiver will never take it: it is
+dropped and counted, so one bad event cannot hold up the rest forever.  One
+request at a time keeps the events of one node in order.
+
+Nothing here blocks the chat: ``enqueue`` appends and returns; a full queue
+drops the newest event (counted, logged once per episode).  The sender is a
+``Service``: stopping it gives the queue ``drain_grace`` seconds to empty,
+then counts what is left as dropped.
+"""
+
+from __future__ import annotations
+
+import random
+from collections import Counter, deque
+from collections.abc import Callable, Iterator
+from typing import Any
+from urllib.parse import urlsplit
+
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.registry import Collector
+from twisted.application.service import Service
+from twisted.internet.defer import Deferred, fail, succeed
+from twisted.internet.defer import TimeoutError as DeferTimeoutError
+from twisted.internet.error import TimeoutError as TwistedTimeoutError
+from twisted.internet.interfaces import IDelayedCall, IReactorTime
+from twisted.internet.protocol import Protocol
+from twisted.logger import Logger
+from twisted.python.failure import Failure
+
+from webchat.limits import (
+    SHUTDOWN_GRACE,
+    WEBHOOK_QUEUE,
+    WEBHOOK_RETRY_INITIAL,
+    WEBHOOK_RETRY_MAX,
+    WEBHOOK_TIMEOUT,
+)
+from webchat.logtext import escape_for_log
+from webchat.webhooks.signing import request_headers
+
+log = Logger(namespace="webchat")
+
+#: Posts ``body`` with ``headers`` to ``url``; fires with the HTTP status
+#: once the whole answer is read.  Cancelling it abandons the request.
+Post = Callable[[str, bytes, dict[str, str]], Deferred[int]]
+
+#: Why events are dropped (webchat_webhook_dropped_total), each from zero.
+DROP_REASONS = ("queue_full", "rejected", "shutdown")
+#: Statuses worth another try: the receiver may take the event later.
+RETRY_STATUSES = frozenset({408, 429})
+
+
+def safe_url(url: str) -> str:
+    """
+    ``url`` as log lines show it: scheme, host, port and path only.  A
+    receiver's URL often carries a credential (``user:pass@``, ``?token=``).
+    """
+    parts = urlsplit(url)
+    host = parts.hostname or ""
+    if ":" in host:
+        host = f"[{host}]"
+    port = f":{parts.port}" if parts.port else ""
+    return f"{parts.scheme}://{host}{port}{parts.path}"
+
+
+class _Discard(Protocol):
+    """Reads an answer's body to its end, keeping none of it."""
+
+    def __init__(self, done: Deferred[None]) -> None:
+        self.done = done
+
+    def dataReceived(self, data: bytes) -> None:
+        pass
+
+    def connectionLost(self, reason: Failure = None) -> None:  # type: ignore[assignment]
+        self.done.callback(None)
+
+
+def treq_post(reactor: Any) -> Post:
+    """
+    A ``Post`` on treq, over a pool of kept-alive connections (one request
+    at a time goes out, so one connection is all it ever uses).
+    """
+    from treq.client import HTTPClient
+    from twisted.web.client import Agent, HTTPConnectionPool
+
+    class QuietFactory(HTTPConnectionPool._factory):  # type: ignore[name-defined]
+        # Not two "Starting factory" lines in the log per connection.
+        noisy = False
+
+    pool = HTTPConnectionPool(reactor, persistent=True)
+    pool._factory = QuietFactory
+    pool.maxPersistentPerHost = 1
+    client = HTTPClient(Agent(reactor, pool=pool))
+
+    def post(url: str, body: bytes, headers: dict[str, str]) -> Deferred[int]:
+        d = client.post(url, data=body, headers=headers)
+
+        def read(response: Any) -> Deferred[int]:
+            # Read to the end: a connection whose answer is unread cannot
+            # carry the next request.
+            done: Deferred[None] = Deferred()
+            response.deliverBody(_Discard(done))
+            return done.addCallback(lambda _: response.code)
+
+        return d.addCallback(read)
+
+    post.pool = pool  # type: ignore[attr-defined]
+    return post
+
+
+class WebhookSender(Service):
+    """
+    Sends the events handed to ``enqueue`` to ``url``, signed with
+    ``secret``, in order, each until it is taken (2xx) or refused (4xx).
+
+    ``clock`` times the requests and the backoff; ``post`` makes the
+    requests (``treq_post`` in production, a fake in tests); ``rng`` draws
+    the jitter.  Counters for /metrics: ``sent`` (attempts by status:
+    the HTTP code, ``timeout`` or ``error``), ``dropped`` (by reason).
+    """
+
+    def __init__(
+        self,
+        clock: IReactorTime,
+        url: str,
+        secret: bytes,
+        post: Post,
+        *,
+        queue_size: int = WEBHOOK_QUEUE,
+        timeout: float = WEBHOOK_TIMEOUT,
+        retry_initial: float = WEBHOOK_RETRY_INITIAL,
+        retry_max: float = WEBHOOK_RETRY_MAX,
+        drain_grace: float = SHUTDOWN_GRACE,
+        rng: Callable[[], float] | None = None,
+    ) -> None:
+        self.clock = clock
+        self.url = url
+        #: The URL as log lines show it (no credentials).
+        self.shown_url = safe_url(url)
+        self._secret = secret
+        self._post = post
+        self.queue_size = queue_size
+        self.timeout = timeout
+        self.retry_initial = retry_initial
+        self.retry_max = retry_max
+        self.drain_grace = drain_grace
+        self._rng = rng or random.random
+        #: Events waiting: (id, body), the head being the one tried now.
+        self.queue: deque[tuple[str, bytes]] = deque()
+        self.sent: Counter[str] = Counter()
+        self.dropped: Counter[str] = Counter()
+        #: Failed attempts in a row (the backoff's exponent).
+        self.failures = 0
+        self._in_flight: Deferred[int] | None = None
+        self._retry: IDelayedCall | None = None
+        #: Events dropped since the queue filled up (0: not full).
+        self._overflow = 0
+        self._drained: Deferred[None] | None = None
+
+    # -- what the chat calls ----------------------------------------------------------
+
+    def enqueue(self, event_id: str, body: bytes) -> bool:
+        """Queue one event (never waits); ``False``: the queue was full, dropped."""
+        if len(self.queue) >= self.queue_size:
+            self.dropped["queue_full"] += 1
+            if not self._overflow:
+                log.warn(
+                    "Webhook queue full ({size} events): dropping new events "
+                    "until {url} takes some",
+                    size=self.queue_size,
+                    url=self.shown_url,
+                )
+            self._overflow += 1
+            return False
+        self.queue.append((event_id, body))
+        self._next()
+        return True
+
+    # -- lifetime -----------------------------------------------------------------
+
+    def startService(self) -> None:
+        super().startService()
+        self._next()
+
+    def stopService(self) -> Deferred[None]:
+        """Give the queue ``drain_grace`` seconds to empty, then drop the rest."""
+        super().stopService()
+        if not self.queue and self._in_flight is None:
+            return succeed(None)
+        done: Deferred[None] = Deferred()
+        self._drained = done
+        if self._retry is not None and self._retry.active():
+            # A receiver that failed a moment ago gets one more try now.
+            self._retry.cancel()
+            self._retry = None
+        self._next()
+        timer = self.clock.callLater(self.drain_grace, self._give_up)
+        return done.addBoth(lambda result: _cancel(timer) or result)
+
+    def _give_up(self) -> None:
+        left = len(self.queue)
+        if self._retry is not None and self._retry.active():
+            self._retry.cancel()
+        self._retry = None
+        in_flight, self._in_flight = self._in_flight, None
+        self.queue.clear()
+        if in_flight is not None:
+            in_flight.cancel()
+        self.dropped["shutdown"] += left
+        if left:
+            log.warn(
+                "Shutting down: {count} webhook event(s) not delivered to {url}",
+                count=left,
+                url=self.shown_url,
+            )
+        self._finish_drain()
+
+    def _finish_drain(self) -> None:
+        drained, self._drained = self._drained, None
+        if drained is not None:
+            drained.callback(None)
+
+    # -- sending --------------------------------------------------------------------
+
+    def _next(self) -> None:
+        """Send the head of the queue, unless one is under way or waiting."""
+        if self._in_flight is not None or self._retry is not None:
+            return
+        if not self.queue:
+            if self._drained is not None:
+                self._finish_drain()
+            return
+        if not self.running and self._drained is None:
+            return  # not started yet (or stopped and drained)
+        self._attempt()
+
+    def _attempt(self) -> None:
+        event_id, body = self.queue[0]
+        timestamp = int(self.clock.seconds())
+        headers = request_headers(self._secret, event_id, timestamp, body)
+        try:
+            d = self._post(self.url, body, headers)
+        except Exception:
+            d = fail()  # a bad URL, say: fails like a refused connection
+        if self.timeout:
+            d.addTimeout(self.timeout, self.clock)
+        self._in_flight = d
+        d.addCallbacks(
+            self._answered, self._failed, callbackArgs=(d,), errbackArgs=(d,)
+        )
+        d.addErrback(
+            lambda failure: log.failure(
+                "An error has occurred: a webhook answer", failure
+            )
+        )
+
+    def _answered(self, status: int, d: Deferred[int]) -> None:
+        if self._in_flight is not d:
+            return  # given up on at shutdown
+        self._in_flight = None
+        self.sent[str(status)] += 1
+        if 200 <= status < 300:
+            self._done()
+        elif status >= 500 or status in RETRY_STATUSES:
+            self._back_off(f"HTTP {status}")
+        else:
+            event_id, _ = self.queue[0]
+            self.dropped["rejected"] += 1
+            log.warn(
+                "Webhook event {id} refused by {url} with HTTP {status}: dropped",
+                id=event_id,
+                url=self.shown_url,
+                status=status,
+            )
+            self._done()
+
+    def _failed(self, failure: Failure, d: Deferred[int]) -> None:
+        if self._in_flight is not d:
+            return
+        self._in_flight = None
+        if failure.check(DeferTimeoutError, TwistedTimeoutError):
+            self.sent["timeout"] += 1
+            why = f"no answer within {self.timeout:g} s"
+        else:
+            self.sent["error"] += 1
+            why = escape_for_log(str(failure.value) or type(failure.value).__name__)
+        self._back_off(why)
+
+    def _done(self) -> None:
+        """The head is settled (taken, or refused for good): on to the next."""
+        self.queue.popleft()
+        if self.failures:
+            log.info(
+                "Webhooks to {url} delivered again after {count} failed attempt(s)",
+                url=self.shown_url,
+                count=self.failures,
+            )
+            self.failures = 0
+        if self._overflow:
+            log.info(
+                "Webhook queue has room again: {count} event(s) were dropped",
+                count=self._overflow,
+            )
+            self._overflow = 0
+        self._next()
+
+    def _back_off(self, why: str) -> None:
+        """The head failed: try it again after the backoff."""
+        if not self.failures:
+            # Once per episode; _done says when it is over.
+            log.warn(
+                "Webhook delivery to {url} failing ({why}): retrying with backoff",
+                url=self.shown_url,
+                why=why,
+            )
+        delay = self.delay(self.failures)
+        self.failures += 1
+        if self._drained is not None:
+            delay = min(delay, self.retry_initial)  # shutting down: no long waits
+        self._retry = self.clock.callLater(delay, self._retry_now)
+
+    def delay(self, failures: int) -> float:
+        """
+        The wait after ``failures`` failures before this one: twice the last
+        each time, capped, and jittered down by up to half (so nodes whose
+        receiver came back do not all retry in the same instant).
+        """
+        full = min(self.retry_max, self.retry_initial * 2.0 ** min(failures, 64))
+        return full * (1.0 - 0.5 * self._rng())
+
+    def _retry_now(self) -> None:
+        self._retry = None
+        if self.queue:
+            self._attempt()
+        else:
+            self._next()
+
+
+def _cancel(call: IDelayedCall) -> None:
+    if call.active():
+        call.cancel()
+
+
+class WebhookCollector(Collector):
+    """The sender's counters at scrape time (docs/operations.md, "Webhooks")."""
+
+    def __init__(self, sender: WebhookSender) -> None:
+        self._sender = sender
+
+    def collect(self) -> Iterator[Metric]:
+        sender = self._sender
+        sent = CounterMetricFamily(
+            "webchat_webhook_sent",
+            "Webhook requests made, by outcome: the HTTP status, timeout "
+            "(no answer within --webhook-timeout) or error (no connection).",
+            labels=["status"],
+        )
+        for status, count in sorted(dict(sender.sent).items()):
+            sent.add_metric([status], count)
+        yield sent
+        dropped = CounterMetricFamily(
+            "webchat_webhook_dropped",
+            "Webhook events given up on, by reason (queue_full: over "
+            "--webhook-queue; rejected: a 4xx answer other than 408/429; "
+            "shutdown: still queued when the drain ran out).",
+            labels=["reason"],
+        )
+        counts = dict(sender.dropped)
+        for reason in dict.fromkeys((*DROP_REASONS, *counts)):
+            dropped.add_metric([reason], counts.get(reason, 0))
+        yield dropped
+        yield GaugeMetricFamily(
+            "webchat_webhook_queue",
+            "Webhook events waiting to be sent (the one being tried included).",
+            len(sender.queue),
+        )

@@ -1,0 +1,437 @@
+"""The webhook machinery on a fake clock: signing, the queue, the retry
+schedule, what is dropped and why, draining at shutdown, the counts of
+users and rooms.  (tests/test_webhooks_http.py sends them to a real HTTP
+receiver from a real chat.)"""
+
+from __future__ import annotations
+
+import itertools
+import json
+from pathlib import Path
+from types import SimpleNamespace
+
+from twisted.internet.defer import Deferred
+from twisted.internet.error import ConnectionRefusedError
+from twisted.internet.task import Clock
+from twisted.logger import globalLogPublisher
+from twisted.python.usage import UsageError
+from twisted.trial.unittest import TestCase
+
+from tests.support import ROOT, LogCapture
+from webchat.limits import (
+    WEBHOOK_OFFLINE_DELAY,
+    WEBHOOK_QUEUE,
+    WEBHOOK_SIGNATURE_TOLERANCE,
+    WEBHOOK_TIMEOUT,
+)
+from webchat.tap import Options
+from webchat.webhooks import (
+    AppEvents,
+    LocalTally,
+    WebhookCollector,
+    WebhookSender,
+    parse_event_types,
+    sign,
+    verify,
+)
+from webchat.webhooks.sender import safe_url
+
+SECRET = b"s3cret-webhook-key"
+
+
+class FakeReceiver:
+    """Records each request; answers each with the next Deferred of ``answers``."""
+
+    def __init__(self) -> None:
+        self.requests: list[tuple[str, bytes, dict[str, str]]] = []
+        self.answers: list[Deferred[int]] = []
+
+    def post(self, url: str, body: bytes, headers: dict[str, str]) -> Deferred[int]:
+        self.requests.append((url, body, headers))
+        d: Deferred[int] = Deferred()
+        self.answers.append(d)
+        return d
+
+    def answer(self, status: int) -> None:
+        self.answers[-1].callback(status)
+
+
+def make_sender(clock, receiver, **kwargs) -> WebhookSender:
+    kwargs.setdefault("rng", lambda: 0.0)  # no jitter: the full delay
+    sender = WebhookSender(
+        clock, "http://user:pw@127.0.0.1:9/hook?token=abc", SECRET, receiver.post,
+        **kwargs,
+    )  # fmt: skip
+    sender.startService()
+    return sender
+
+
+class Logged:
+    def capture(self, test: TestCase) -> LogCapture:
+        logs = LogCapture()
+        globalLogPublisher.addObserver(logs)
+        test.addCleanup(globalLogPublisher.removeObserver, logs)
+        return logs
+
+
+class SigningTests(TestCase):
+    def test_signature_is_hmac_of_timestamp_dot_body(self):
+        import hashlib
+        import hmac
+
+        body = b'{"id":"x"}'
+        expected = hmac.new(SECRET, b"1700000000." + body, hashlib.sha256)
+        self.assertEqual(sign(SECRET, 1700000000, body), "v1=" + expected.hexdigest())
+
+    def test_verify(self):
+        body = b"{}"
+        good = sign(SECRET, 1000, body)
+        self.assertTrue(verify(SECRET, "1000", good, body, now=1000))
+        self.assertFalse(verify(b"other", "1000", good, body, now=1000))
+        self.assertFalse(verify(SECRET, "1000", good, body + b" ", now=1000))
+        self.assertFalse(verify(SECRET, "1001", good, body, now=1001))
+        late = 1000 + WEBHOOK_SIGNATURE_TOLERANCE + 1
+        self.assertFalse(verify(SECRET, "1000", good, body, now=late))
+        self.assertFalse(verify(SECRET, "soon", good, body, now=1000))
+
+    def test_safe_url_hides_credentials(self):
+        self.assertEqual(
+            safe_url("https://u:p@hooks.example:8443/in?token=abc#x"),
+            "https://hooks.example:8443/in",
+        )
+
+    def test_event_types(self):
+        self.assertEqual(
+            parse_event_types("message, user.online"),
+            frozenset({"message", "user.online"}),
+        )
+        with self.assertRaisesRegex(ValueError, "unknown event type 'user.typing'"):
+            parse_event_types("user.online,user.typing")
+        with self.assertRaises(ValueError):
+            parse_event_types(" , ")
+
+
+class SenderTests(TestCase, Logged):
+    def setUp(self):
+        self.logs = self.capture(self)
+        self.clock = Clock()
+        self.clock.advance(1_700_000_000)
+        self.receiver = FakeReceiver()
+
+    def test_request_is_signed_and_carries_the_event(self):
+        sender = make_sender(self.clock, self.receiver)
+        sender.enqueue("ev1", b'{"id":"ev1"}')
+        _, body, headers = self.receiver.requests[0]
+        self.assertEqual(body, b'{"id":"ev1"}')
+        self.assertEqual(headers["Content-Type"], "application/json")
+        self.assertEqual(headers["Webchat-Event-Id"], "ev1")
+        self.assertEqual(headers["Webchat-Timestamp"], "1700000000")
+        self.assertTrue(
+            verify(SECRET, "1700000000", headers["Webchat-Signature"], body, now=1.7e9)
+        )
+
+    def test_one_at_a_time_in_order(self):
+        sender = make_sender(self.clock, self.receiver)
+        for n in range(3):
+            sender.enqueue(f"ev{n}", b"%d" % n)
+        self.assertEqual(len(self.receiver.requests), 1)
+        self.receiver.answer(200)
+        self.receiver.answer(204)
+        self.receiver.answer(200)
+        self.assertEqual([r[1] for r in self.receiver.requests], [b"0", b"1", b"2"])
+        self.assertEqual(len(sender.queue), 0)
+        self.assertEqual(dict(sender.sent), {"200": 2, "204": 1})
+
+    def test_backoff_schedule_capped_then_delivered(self):
+        sender = make_sender(self.clock, self.receiver, retry_initial=0.5, retry_max=8)
+        sender.enqueue("ev", b"body")
+        times = []
+        for _ in range(7):
+            times.append(self.clock.seconds())
+            self.receiver.answer(503)
+            self.clock.advance(sender._retry.getTime() - self.clock.seconds())
+        gaps = [b - a for a, b in itertools.pairwise(times)]
+        self.assertEqual(gaps, [0.5, 1.0, 2.0, 4.0, 8.0, 8.0])
+        self.receiver.answer(200)
+        self.assertEqual(len(sender.queue), 0)
+        self.assertEqual(sender.failures, 0)
+        # Each try signed with its own time: a receiver's 5-minute window
+        # never refuses a retry just for being late.
+        stamps = [h["Webchat-Timestamp"] for _, _, h in self.receiver.requests]
+        self.assertEqual(len(set(stamps)), len(stamps) - 1)  # 0.5 s apart at first
+        self.assertEqual(
+            len({r[2]["Webchat-Event-Id"] for r in self.receiver.requests}), 1
+        )
+        failing = [line for line in self.logs.lines if "failing" in line]
+        self.assertEqual(len(failing), 1, self.logs.lines)  # once per episode
+        self.assertIn("http://127.0.0.1:9/hook", failing[0])
+        self.assertTrue(
+            any("delivered again after 7" in line for line in self.logs.lines)
+        )
+
+    def test_jitter_shortens_by_up_to_half(self):
+        draws = iter([1.0, 0.5])
+        sender = make_sender(self.clock, self.receiver, rng=lambda: next(draws))
+        self.assertEqual(sender.delay(0), 0.25)
+        self.assertEqual(sender.delay(3), 3.0)
+
+    def test_timeout_and_connection_errors_are_retried(self):
+        sender = make_sender(self.clock, self.receiver, timeout=10)
+        sender.enqueue("ev", b"body")
+        self.clock.advance(10)  # no answer: timed out, cancelled
+        self.assertEqual(sender.sent["timeout"], 1)
+        self.assertEqual(len(sender.queue), 1)
+        self.clock.advance(0.5)
+        self.assertEqual(len(self.receiver.requests), 2)
+        self.receiver.answers[-1].errback(ConnectionRefusedError())
+        self.assertEqual(sender.sent["error"], 1)
+        self.clock.advance(1.0)
+        self.receiver.answer(408)
+        self.clock.advance(2.0)
+        self.receiver.answer(429)
+        self.clock.advance(4.0)
+        self.receiver.answer(200)
+        self.assertEqual(len(self.receiver.requests), 5)
+        self.assertEqual(len(sender.queue), 0)
+
+    def test_4xx_is_dropped_and_counted_not_retried(self):
+        sender = make_sender(self.clock, self.receiver)
+        sender.enqueue("bad", b"1")
+        sender.enqueue("good", b"2")
+        self.receiver.answer(400)
+        self.assertEqual(sender.dropped["rejected"], 1)
+        self.assertEqual(len(self.receiver.requests), 2)
+        self.receiver.answer(200)
+        self.assertEqual(len(sender.queue), 0)
+        refused = [line for line in self.logs.lines if "refused" in line]
+        self.assertEqual(len(refused), 1)
+        self.assertIn("bad", refused[0])
+
+    def test_queue_full_drops_newest_counts_logs_once_per_episode(self):
+        sender = make_sender(self.clock, self.receiver, queue_size=3)
+        for n in range(10):
+            sender.enqueue(f"ev{n}", b"%d" % n)
+        self.assertEqual(len(sender.queue), 3)
+        self.assertEqual(sender.dropped["queue_full"], 7)
+        full = [line for line in self.logs.lines if "queue full" in line]
+        self.assertEqual(len(full), 1)
+        self.receiver.answer(200)  # room again: the episode is over
+        self.assertTrue(
+            any("7 event(s) were dropped" in line for line in self.logs.lines)
+        )
+        sender.enqueue("ev10", b"10")
+        sender.enqueue("ev11", b"11")
+        full = [line for line in self.logs.lines if "queue full" in line]
+        self.assertEqual(len(full), 2)
+        bodies = [b for _, b in sender.queue]
+        self.assertEqual(bodies, [b"1", b"2", b"10"])  # the oldest kept
+
+    def test_the_secret_is_never_logged(self):
+        sender = make_sender(self.clock, self.receiver, queue_size=1)
+        sender.enqueue("ev", b"x")
+        sender.enqueue("ev2", b"y")
+        self.receiver.answer(500)
+        self.clock.advance(0.5)
+        self.receiver.answer(403)
+        text = "\n".join(self.logs.lines)
+        self.assertNotIn(SECRET.decode(), text)
+        self.assertNotIn("pw", text)
+        self.assertNotIn("token=abc", text)
+
+    def test_stop_drains_within_grace(self):
+        sender = make_sender(self.clock, self.receiver, drain_grace=5)
+        sender.enqueue("a", b"1")
+        sender.enqueue("b", b"2")
+        stopped = sender.stopService()
+        self.assertFalse(stopped.called)
+        self.receiver.answer(200)
+        self.receiver.answer(200)
+        self.assertTrue(stopped.called)
+        self.assertEqual(sender.dropped["shutdown"], 0)
+        self.assertEqual(self.clock.getDelayedCalls(), [])
+
+    def test_stop_gives_up_after_grace(self):
+        sender = make_sender(self.clock, self.receiver, drain_grace=5, timeout=60)
+        sender.enqueue("a", b"1")
+        sender.enqueue("b", b"2")
+        stopped = sender.stopService()
+        self.clock.advance(5)
+        self.assertTrue(stopped.called)
+        self.assertEqual(sender.dropped["shutdown"], 2)
+        self.assertEqual(self.clock.getDelayedCalls(), [])
+        self.assertTrue(
+            any("2 webhook event(s) not delivered" in line for line in self.logs.lines)
+        )
+
+    def test_metrics(self):
+        sender = make_sender(self.clock, self.receiver, queue_size=1)
+        sender.enqueue("a", b"1")
+        sender.enqueue("b", b"2")
+        self.receiver.answer(200)
+        families = {m.name: m for m in WebhookCollector(sender).collect()}
+        sent = {
+            s.labels["status"]: s.value
+            for s in families["webchat_webhook_sent"].samples
+        }
+        self.assertEqual(sent, {"200": 1})
+        dropped = {
+            s.labels["reason"]: s.value
+            for s in families["webchat_webhook_dropped"].samples
+        }
+        self.assertEqual(dropped, {"queue_full": 1, "rejected": 0, "shutdown": 0})
+        self.assertEqual(families["webchat_webhook_queue"].samples[0].value, 0)
+
+
+class AppEventsTests(TestCase):
+    def setUp(self):
+        self.clock = Clock()
+        self.events: list[dict] = []
+
+    def app(self, wanted=("user.online", "user.offline", "room.vacated"), delay=3.0):
+        def enqueue(event_id: str, body: bytes) -> bool:
+            event = json.loads(body)
+            self.assertEqual(event["id"], event_id)
+            self.events.append(event)
+            return True
+
+        sender = SimpleNamespace(enqueue=enqueue)
+        app = AppEvents(self.clock, sender, wanted, offline_delay=delay)
+        app.startService()
+        return app
+
+    def kinds(self):
+        return [(e["type"], e["data"]) for e in self.events]
+
+    def test_online_once_offline_after_delay(self):
+        app = self.app()
+        app.opened("u1", "lobby")
+        app.opened("u1", "other")  # a second tab
+        app.closed("u1", "other")
+        self.assertEqual(
+            self.kinds(),
+            [("user.online", {"user": "u1"}), ("room.vacated", {"room": "other"})],
+        )
+        app.closed("u1", "lobby")
+        self.clock.advance(2.9)
+        self.assertEqual(len(self.events), 3)  # lobby vacated, no offline yet
+        self.clock.advance(0.1)
+        self.assertEqual(self.kinds()[-1], ("user.offline", {"user": "u1"}))
+
+    def test_reload_is_neither_offline_nor_online(self):
+        app = self.app(wanted=("user.online", "user.offline"))
+        app.opened("u1", "lobby")
+        app.closed("u1", "lobby")
+        self.clock.advance(1.0)
+        app.opened("u1", "lobby")
+        self.clock.advance(10)
+        self.assertEqual(self.kinds(), [("user.online", {"user": "u1"})])
+
+    def test_anonymous_connections_make_no_user_events(self):
+        app = self.app()
+        app.opened(None, "lobby")
+        app.closed(None, "lobby")
+        self.clock.advance(10)
+        self.assertEqual(self.kinds(), [("room.vacated", {"room": "lobby"})])
+
+    def test_only_wanted_events(self):
+        app = self.app(wanted=("message",))
+        app.opened("u1", "lobby")
+        app.closed("u1", "lobby")
+        app.message({"room": "lobby", "text": "hi"})
+        self.clock.advance(10)
+        self.assertEqual(self.kinds(), [("message", {"room": "lobby", "text": "hi"})])
+        self.assertEqual(self.events[0]["ts"], 10_000 - 10_000)
+
+    def test_stop_settles_pending_offline_checks(self):
+        app = self.app()
+        app.opened("u1", "lobby")
+        app.closed("u1", "lobby")
+        app.stopService()
+        self.assertEqual(self.kinds()[-1], ("user.offline", {"user": "u1"}))
+        self.assertEqual(self.clock.getDelayedCalls(), [])
+
+    def test_local_tally(self):
+        tally = LocalTally()
+        self.assertTrue(tally.user_opened("u"))
+        self.assertFalse(tally.user_opened("u"))
+        self.assertFalse(tally.user_closed("u"))
+        self.assertTrue(tally.user_closed("u"))
+        self.assertTrue(tally.user_check("u"))
+        self.assertFalse(tally.user_check("u"))  # once
+        self.assertFalse(tally.user_closed("never"))
+
+
+class OptionsTests(TestCase):
+    def parse(self, *argv: str) -> Options:
+        options = Options()
+        options.parseOptions(list(argv))
+        return options
+
+    def secret_file(self, text: str = "the secret\n") -> str:
+        path = Path(self.mktemp())
+        path.write_text(text)
+        return str(path)
+
+    def test_defaults_from_limits(self):
+        options = self.parse()
+        self.assertIsNone(options["webhook-url"])
+        self.assertEqual(options["webhook-timeout"], WEBHOOK_TIMEOUT)
+        self.assertEqual(options["webhook-offline-delay"], WEBHOOK_OFFLINE_DELAY)
+        self.assertEqual(options["webhook-queue"], WEBHOOK_QUEUE)
+        self.assertEqual(
+            options["webhook-events"],
+            frozenset({"user.online", "user.offline", "room.vacated"}),
+        )
+
+    def test_url_and_secret(self):
+        options = self.parse(
+            "--webhook-url", "https://app.example/hooks",
+            "--webhook-secret-file", self.secret_file(),
+            "--webhook-events", "message,room.vacated",
+        )  # fmt: skip
+        self.assertEqual(options["webhook-secret"], b"the secret")
+        self.assertEqual(options["webhook-events"], {"message", "room.vacated"})
+
+    def test_mistakes_are_one_line_and_never_show_the_secret(self):
+        secret = self.secret_file()
+        for argv, expected in [
+            (("--webhook-url", "https://a.example/"), "needs --webhook-secret-file"),
+            (("--webhook-secret-file", secret), "needs --webhook-url"),
+            (
+                ("--webhook-url", "ftp://u:pw@a.example/x?k=v",
+                 "--webhook-secret-file", secret),
+                "--webhook-url: ftp://a.example/x: expected http://",
+            ),
+            (
+                ("--webhook-url", "http://a.example/",
+                 "--webhook-secret-file", self.secret_file("")),
+                "the file is empty",
+            ),
+            (("--webhook-events", "user.typing"), "unknown event type"),
+            (("--webhook-queue", "-1"), "--webhook-queue: must not be negative"),
+        ]:  # fmt: skip
+            with self.assertRaises(UsageError) as caught:
+                self.parse(*argv)
+            self.assertIn(expected, str(caught.exception))
+            self.assertNotIn("the secret", str(caught.exception))
+            self.assertNotIn("pw", str(caught.exception))
+
+    def test_help_lists_every_webhook_option(self):
+        usage = Options().getUsage(width=400)
+        for shown in (
+            "--webhook-url=URL",
+            "--webhook-secret-file=FILE",
+            "--webhook-timeout=S",
+            "--webhook-offline-delay=S",
+            "--webhook-events=LIST",
+            "--webhook-queue=N",
+        ):
+            self.assertIn(shown, usage)
+        readme = (ROOT / "README.md").read_text()
+        operations = (ROOT / "docs" / "operations.md").read_text()
+        for shown in usage.split():
+            if shown.startswith("--webhook-") and "=" in shown:
+                option = shown[2:].split("=")[0]
+                self.assertIn(f"| `--{option} ", readme)
+        for option in ("webhook-queue", "webhook-timeout", "webhook-offline-delay"):
+            self.assertIn(f"`--{option} ", operations)
