@@ -2,7 +2,7 @@
 // Mint a webchat token (an HS256 JWT) with PHP's own functions only.
 //
 // In your app:   require 'mint_token.php';
-//                $token = webchat_token($secret, $user_id, $display_name, ['lobby', 'team-*']);
+//                $token = chat_token($secret, $user_id, $display_name, ['lobby', 'team-*']);
 // From a shell:  php mint_token.php SECRET_FILE USER [NAME [ROOM,ROOM...]]
 //                (WEBCHAT_TOKEN_TTL: seconds until it expires, default 3600)
 
@@ -11,7 +11,7 @@ function base64url(string $bytes): string
     return rtrim(strtr(base64_encode($bytes), '+/', '-_'), '=');
 }
 
-function webchat_token(string $secret, string $user, ?string $name = null,
+function chat_token(string $secret, string $user, ?string $name = null,
                        ?array $rooms = null, int $ttl = 3600): string
 {
     $now = time();
@@ -29,7 +29,7 @@ function webchat_token(string $secret, string $user, ?string $name = null,
 }
 
 // The secret file without surrounding whitespace, as webchat reads --jwt-secret-file.
-function webchat_secret(string $path): string
+function read_secret(string $path): string
 {
     return trim(file_get_contents($path));
 }
@@ -41,5 +41,5 @@ if (PHP_SAPI === 'cli' && realpath($argv[0]) === __FILE__) {
     }
     $rooms = isset($argv[4]) ? array_filter(explode(',', $argv[4]), 'strlen') : null;
     $ttl = (int) (getenv('WEBCHAT_TOKEN_TTL') ?: 3600);
-    echo webchat_token(webchat_secret($argv[1]), $argv[2], $argv[3] ?? null, $rooms, $ttl), "\n";
+    echo chat_token(read_secret($argv[1]), $argv[2], $argv[3] ?? null, $rooms, $ttl), "\n";
 }

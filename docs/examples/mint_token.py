@@ -1,7 +1,7 @@
 """
 Mint a webchat token (an HS256 JWT) with PyJWT.
 
-In your app:   token = webchat_token(secret, user_id, display_name, ["lobby", "team-*"])
+In your app:   token = chat_token(secret, user_id, display_name, ["lobby", "team-*"])
 From a shell:  python mint_token.py SECRET_FILE USER [NAME [ROOM,ROOM...]]
                (WEBCHAT_TOKEN_TTL: seconds until it expires, default 3600)
 """
@@ -13,7 +13,7 @@ import time
 import jwt  # pip install PyJWT
 
 
-def webchat_token(
+def chat_token(
     secret: str,
     user: str,
     name: str | None = None,
@@ -29,7 +29,7 @@ def webchat_token(
     return jwt.encode(claims, secret, algorithm="HS256")
 
 
-def webchat_secret(path: str) -> str:
+def read_secret(path: str) -> str:
     """The secret file without surrounding whitespace, as webchat reads it."""
     with open(path, encoding="utf-8") as f:
         return f.read().strip()
@@ -41,4 +41,4 @@ if __name__ == "__main__":
     name = sys.argv[3] if len(sys.argv) > 3 else None
     rooms = [r for r in sys.argv[4].split(",") if r] if len(sys.argv) > 4 else None
     ttl = int(os.environ.get("WEBCHAT_TOKEN_TTL") or 3600)
-    print(webchat_token(webchat_secret(sys.argv[1]), sys.argv[2], name, rooms, ttl))
+    print(chat_token(read_secret(sys.argv[1]), sys.argv[2], name, rooms, ttl))

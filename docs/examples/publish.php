@@ -5,7 +5,7 @@
 //   WEBCHAT_URL           the server, default http://127.0.0.1:8080
 //   WEBCHAT_API_KEY_FILE  the file given to --api-key-file
 
-function webchat_publish(string $base_url, string $api_key, string $room, string $text,
+function publish_message(string $base_url, string $api_key, string $room, string $text,
                          ?string $idempotency_key = null): array
 {
     $body = ['text' => $text];
@@ -40,7 +40,7 @@ if (PHP_SAPI === 'cli' && realpath($argv[0]) === __FILE__) {
     }
     $api_key = trim(explode("\n", file_get_contents(getenv('WEBCHAT_API_KEY_FILE')), 2)[0]);
     try {
-        $sent = webchat_publish(getenv('WEBCHAT_URL') ?: 'http://127.0.0.1:8080',
+        $sent = publish_message(getenv('WEBCHAT_URL') ?: 'http://127.0.0.1:8080',
                                 $api_key, $argv[1], $argv[2], $argv[3] ?? null);
     } catch (RuntimeException $e) {
         fwrite(STDERR, 'not published: ' . $e->getMessage() . "\n");

@@ -14,7 +14,7 @@ import urllib.parse
 import urllib.request
 
 
-def webchat_publish(
+def publish_message(
     base_url: str,
     api_key: str,
     room: str,
@@ -51,7 +51,7 @@ if __name__ == "__main__":
     base_url = os.environ.get("WEBCHAT_URL") or "http://127.0.0.1:8080"
     key = sys.argv[3] if len(sys.argv) > 3 else None
     try:
-        sent = webchat_publish(base_url, api_key, sys.argv[1], sys.argv[2], key)
+        sent = publish_message(base_url, api_key, sys.argv[1], sys.argv[2], key)
     except (RuntimeError, OSError) as e:
         sys.exit(f"not published: {e}")
     print(json.dumps(sent))

@@ -7,7 +7,7 @@
 
 const WEBCHAT_WEBHOOK_MAX_AGE = 300;  // seconds: older (or later) requests are replays
 
-function webchat_webhook_valid(string $secret, string $body, string $timestamp,
+function webhook_valid(string $secret, string $body, string $timestamp,
                                string $signature_header, ?int $now = null): bool
 {
     if (!ctype_digit($timestamp)
@@ -34,7 +34,7 @@ if (PHP_SAPI === 'cli') {
     $timestamp = $_SERVER['HTTP_WEBCHAT_TIMESTAMP'] ?? '';
     $signature = $_SERVER['HTTP_WEBCHAT_SIGNATURE'] ?? '';
 }
-if (!webchat_webhook_valid($secret, $body, $timestamp, $signature)) {
+if (!webhook_valid($secret, $body, $timestamp, $signature)) {
     if (PHP_SAPI === 'cli') {
         fwrite(STDERR, "rejected\n");
         exit(1);

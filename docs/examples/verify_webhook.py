@@ -1,7 +1,7 @@
 """
 Check that a webhook request comes from webchat, and is fresh.
 
-In your endpoint:  webchat_webhook_valid(secret, request_body_bytes,
+In your endpoint:  webhook_valid(secret, request_body_bytes,
                        headers["Webchat-Timestamp"], headers["Webchat-Signature"])
 From a shell:      python verify_webhook.py TIMESTAMP SIGNATURE < body.json
   WEBCHAT_WEBHOOK_SECRET_FILE  the file given to --webhook-secret-file
@@ -17,7 +17,7 @@ import time
 MAX_AGE = 300  # seconds: older (or later) requests are replays
 
 
-def webchat_webhook_valid(
+def webhook_valid(
     secret: str,
     body: bytes,
     timestamp: str,
@@ -41,7 +41,7 @@ if __name__ == "__main__":
         secret = f.readline().strip()
     body = sys.stdin.buffer.read()
     timestamp, signature = [*sys.argv[1:], "", ""][:2]
-    if not webchat_webhook_valid(secret, body, timestamp, signature):
+    if not webhook_valid(secret, body, timestamp, signature):
         sys.exit("rejected")
     event = json.loads(body)
     # At least once: the same event may come again; keep event["id"] to skip repeats.
