@@ -452,3 +452,53 @@ class LiveServerTests(SynchronousTestCase):
             self.assertEqual(forged.returncode, 1)
             replayed = run([*argv, old, sign(secret, old, body)], body, **env)
             self.assertEqual(replayed.returncode, 1)
+
+    def test_the_afternoon_walk_through(self):
+        """docs/integration.md end to end: token, page, publish, events back."""
+        php()
+        for option, branch in [("auth", "h15auth"), ("api-key-file", "h15api"),
+                               ("webhook-url", "h15hooks")]:  # fmt: skip
+            server_option(option, branch)
+        receiver = Receiver()
+        self.addCleanup(receiver.stop)
+        server, port = self.start(
+            "--auth", "required", "--jwt-secret-file", str(self.secret),
+            "--api-key-file", str(self.api_key),
+            "--webhook-url", receiver.url,
+            "--webhook-secret-file", str(self.hook_secret),
+            "--webhook-offline-delay", "0.5",
+        )  # fmt: skip
+        token = self.mint_php("u42", "Ann Lee", "lobby,team-*")
+        env = {
+            "WEBCHAT_URL": f"http://127.0.0.1:{port}",
+            "WEBCHAT_API_KEY_FILE": str(self.api_key),
+            "WEBCHAT_WEBHOOK_SECRET_FILE": str(self.hook_secret),
+        }
+        url = f"ws://127.0.0.1:{port}/ws/team-a?token={token}"
+        with connect(url, subprotocols=[JSON]) as page:
+            self.assertEqual(json.loads(page.recv(timeout=5))["user"], "u42")
+            headers, body = receiver.wait_for("user.online")
+            verified = run(
+                [php(), example("verify_webhook.php"),
+                 headers["Webchat-Timestamp"], headers["Webchat-Signature"]],
+                body, **env,
+            )  # fmt: skip
+            self.assertEqual(verified.returncode, 0, verified.stderr)
+            self.assertEqual(json.loads(body)["data"], {"user": "u42"})
+            done = run(
+                [php(), example("publish.php"), "team-a", "Build is green"], **env
+            )
+            self.assertEqual(done.returncode, 0, done.stderr)
+            event = self.next_message(page)
+            self.assertEqual(
+                (event["name"], event["text"]), ("server", "Build is green")
+            )
+        headers, body = receiver.wait_for("user.offline")
+        verified = run(
+            [sys.executable, example("verify_webhook.py"),
+             headers["Webchat-Timestamp"], headers["Webchat-Signature"]],
+            body, **env,
+        )  # fmt: skip
+        self.assertEqual(verified.returncode, 0, verified.stderr)
+        server.stop(signal.SIGTERM)
+        self.assertNotIn(token.split(".")[2], server.log())
