@@ -33,6 +33,14 @@ from tests.support import (
 from webchat.auth import Identity, TokenVerifier
 from webchat.limits import JWT_LEEWAY, JWT_MAX_LENGTH, Limits
 from webchat.logtext import redact_query
+from webchat.redis import RedisRelay
+from webchat.redis.envelope import (
+    Envelope,
+    MalformedEnvelopeError,
+    PresenceEvent,
+    decode_envelope,
+    encode_presence,
+)
 from webchat.testing import ChatPump
 
 REFUSED = "Refused connection from 127.0.0.1: "
@@ -182,6 +190,11 @@ class TokenMatrixTests(ServerMixin, TestCase):
 
     @inlineCallbacks
     def test_each_bad_token_gets_its_status_count_and_one_line(self):
+        # Two signed bystanders chat on through the whole matrix.
+        alice = yield self.connect(f"/ws/lobby?token={self.token(sub='a')}")
+        bob = yield self.connect(f"/ws/lobby?token={self.token(sub='b')}")
+        alice.send_text("before")
+        self.assertTrue((yield bob.received.get()).endswith(": before"))
         now = time.time()
         cases = [
             (
@@ -219,6 +232,10 @@ class TokenMatrixTests(ServerMixin, TestCase):
         ]
         for token, status, reason, _ in cases:
             yield self.expect(token, status, reason)
+        alice.send_text("after")
+        self.assertTrue((yield bob.received.get()).endswith(": after"))
+        self.assertIsNone(alice.closed_code)
+        self.assertIsNone(bob.closed_code)
         refused = self.factory.refused
         self.assertEqual(refused["token_expired"], 1)
         self.assertEqual(refused["token_not_yet_valid"], 1)
@@ -685,3 +702,81 @@ class ExpiryTests(MemoryAuthCase):
         text = "\n".join(self.all_logs.lines)
         for token, _ in bad:
             self.assertNotIn(token, text)
+
+
+class ClusterIdentityTests(MemoryAuthCase):
+    """--redis: a signed member's user travels in presence, compatibly."""
+
+    def setUp(self):
+        super().setUp()
+        self.relay = RedisRelay(
+            self.clock, "redis://127.0.0.1", node_id="me", on_envelope=lambda e: None
+        )
+        self.factory.attach_link(self.relay)
+        self.presence = self.relay.presence
+        self.presence.ask("a")
+        # Node "a": Ann signed as u-1 (LF user after the name), Bob anonymous
+        # (as every node wrote it before, byte for byte).
+        self.presence.snapshot(
+            "a", [b"_v", b"3", b"500", b"lobby Ann\nu-1", b"501", b"lobby Bob"], 30000
+        )
+
+    def test_presence_envelopes_carry_the_user_and_old_ones_still_read(self):
+        join = PresenceEvent("a", "join", 4, "lobby", 502, "Cy Dee", "u 3")
+        payload = encode_presence(join)
+        self.assertEqual(payload, b"wc2 a j 4 lobby 502 Cy Dee\nu 3")
+        self.assertEqual(decode_envelope(payload), join)
+        typing = PresenceEvent("a", "typing", 0, "lobby", 502, "Cy", "u-3")
+        self.assertEqual(decode_envelope(encode_presence(typing)), typing)
+        old = decode_envelope(b"wc2 a j 4 lobby 502 Cy Dee")
+        self.assertEqual((old.name, old.user), ("Cy Dee", ""))
+        for bad in (b"wc2 a j 4 lobby 502 Cy\n", b"wc2 a j 4 lobby 502 Cy\nu\x1b"):
+            with self.assertRaises(MalformedEnvelopeError):
+                decode_envelope(bad)
+
+    def test_welcome_users_and_events_span_the_nodes(self):
+        tab = self.json_client(token=self.token(name="Ann"))
+        welcome = events(tab)[0]
+        self.assertEqual(
+            welcome["members"],
+            [
+                {"id": welcome["id"], "name": "Ann", "user": "u-1"},
+                {"id": 500, "name": "Ann", "user": "u-1"},
+                {"id": 501, "name": "Bob"},
+            ],
+        )
+        self.assertEqual(
+            welcome["users"], [{"user": "u-1", "name": "Ann", "connections": 2}]
+        )
+        self.assertEqual(self.presence.user_of(500), "u-1")
+        self.assertEqual(self.presence.user_of(501), "")
+        # What this node publishes about its signed member carries the user.
+        self.assertEqual(self.relay._mine[welcome["id"]], ("lobby", "Ann", "u-1"))
+        self.presence.event(PresenceEvent("a", "join", 4, "lobby", 502, "Cy", "u-3"))
+        self.presence.event(PresenceEvent("a", "typing", 0, "lobby", 502, "Cy", "u-3"))
+        self.factory.deliver_remote(Envelope("a", 500, b"hi", "lobby", "Ann", 1))
+        self.presence.event(PresenceEvent("a", "leave", 5, "lobby", 502))
+        self.pump.pump()
+        join, typing, message, leave = events(tab)[1:]
+        self.assertEqual(join["member"], {"id": 502, "name": "Cy", "user": "u-3"})
+        self.assertEqual(typing["user"], "u-3")
+        self.assertEqual((message["id"], message["user"]), (500, "u-1"))
+        self.assertEqual(leave["member"], {"id": 502, "name": "Cy", "user": "u-3"})
+
+    def test_a_sub_or_name_that_cannot_travel_is_an_invalid_token(self):
+        for claims in (
+            {"sub": "a\nb"},
+            {"sub": "x" * 257},
+            {"sub": "\u202e"},
+            {"sub": "   "},
+            {"name": "x" * 33},
+            {"name": "a\u202eb"},
+            {"name": 7},
+        ):
+            client = self.pump.connect(f"/ws/lobby?token={self.token(**claims)}")
+            self.assertEqual(client.status, 401)
+        # A long sub is a name of 32 characters, as everywhere.
+        long = self.json_client(token=self.token(sub="u" * 40))
+        self.assertEqual(events(long)[0]["name"], "u" * 32)
+        self.assertEqual(events(long)[0]["user"], "u" * 40)
+        self.assertEqual(self.relay._mine[events(long)[0]["id"]][1], "u" * 32)

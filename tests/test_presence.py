@@ -107,17 +107,21 @@ class Listener:
     def __init__(self) -> None:
         self.calls: list[tuple[Any, ...]] = []
 
-    def remote_joined(self, room: str, chat_id: int, name: str) -> None:
-        self.calls.append(("join", room, chat_id, name))
+    # ``user`` (--auth) is recorded only when there is one.
 
-    def remote_left(self, room: str, chat_id: int, name: str) -> None:
-        self.calls.append(("leave", room, chat_id, name))
+    def remote_joined(self, room: str, chat_id: int, name: str, user="") -> None:
+        self.calls.append(("join", room, chat_id, name, *([user] if user else [])))
 
-    def remote_renamed(self, room: str, chat_id: int, old: str, name: str) -> None:
+    def remote_left(self, room: str, chat_id: int, name: str, user="") -> None:
+        self.calls.append(("leave", room, chat_id, name, *([user] if user else [])))
+
+    def remote_renamed(
+        self, room: str, chat_id: int, old: str, name: str, user=""
+    ) -> None:
         self.calls.append(("name", room, chat_id, old, name))
 
-    def remote_typing(self, room: str, chat_id: int, name: str) -> None:
-        self.calls.append(("typing", room, chat_id, name))
+    def remote_typing(self, room: str, chat_id: int, name: str, user="") -> None:
+        self.calls.append(("typing", room, chat_id, name, *([user] if user else [])))
 
 
 def hash_reply(version: int, **members: tuple[str, str]) -> list[bytes]:
@@ -294,7 +298,7 @@ class RemotePresenceTests(SynchronousTestCase):
                 b"r",
             ]
         )
-        self.assertEqual((version, members, bad), (4, {7: ("r", "Ann")}, 3))
+        self.assertEqual((version, members, bad), (4, {7: ("r", "Ann", "")}, 3))
 
 
 class ChatWithPresenceTests(SynchronousTestCase):

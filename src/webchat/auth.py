@@ -37,7 +37,8 @@ from cryptography.hazmat.primitives.asymmetric.ec import EllipticCurvePublicKey
 from cryptography.hazmat.primitives.asymmetric.rsa import RSAPublicKey
 from cryptography.hazmat.primitives.serialization import load_pem_public_key
 
-from webchat.limits import JWT_LEEWAY, JWT_MAX_LENGTH
+from webchat.events import BadEvent, check_name
+from webchat.limits import JWT_LEEWAY, JWT_MAX_LENGTH, MAX_NAME_CHARS, MAX_USER_CHARS
 
 #: ``--auth``: no tokens (the seed's anonymous chat), a token if given, or
 #: a token for every connection.
@@ -49,6 +50,21 @@ PRIVATE_PREFIX = "private-"
 
 #: Granted when a token has no ``rooms`` claim: every room but the private ones.
 EVERY_PUBLIC_ROOM = ("*",)
+
+
+def is_user_id(user: object) -> bool:
+    """
+    Whether ``user`` can be a user id: a string of 1-MAX_USER_CHARS
+    printable characters (no control, format or separator character but
+    the space), not all spaces, so it is safe in JSON events, logs and
+    between nodes.
+    """
+    return (
+        isinstance(user, str)
+        and 0 < len(user) <= MAX_USER_CHARS
+        and user.isprintable()
+        and not user.isspace()
+    )
 
 
 def is_private(room: str) -> bool:
@@ -72,8 +88,11 @@ class Identity:
 
     @property
     def display_name(self) -> str:
-        """The name others see: the claim ``name``, else the ``sub``."""
-        return self.name or self.user
+        """
+        The name others see: the claim ``name``, else the ``sub`` (cut to
+        MAX_NAME_CHARS: a name is that long at most, here and between nodes).
+        """
+        return self.name or self.user.strip()[:MAX_NAME_CHARS].strip()
 
     def may_join(self, room: str) -> bool:
         """
@@ -190,14 +209,17 @@ class TokenVerifier:
     def _identity(self, claims: dict[str, Any]) -> Identity:
         """The identity in verified ``claims``, if they are well formed and current."""
         user = claims.get("sub")
-        if not isinstance(user, str) or not user:
-            raise _invalid("sub is not a non-empty string")
+        if not is_user_id(user):
+            raise _invalid(f"sub is not 1-{MAX_USER_CHARS} printable characters")
         exp = _number(claims.get("exp"))
         if exp is None:
             raise _invalid("exp is not a number")
         name = claims.get("name")
-        if name is not None and (not isinstance(name, str) or not name.strip()):
-            raise _invalid("name is not a non-empty string")
+        if name is not None:
+            try:
+                name = check_name(name if isinstance(name, str) else "")
+            except BadEvent as e:
+                raise _invalid(f"name claim: {e.reason}") from None
         rooms: tuple[str, ...] = EVERY_PUBLIC_ROOM
         if "rooms" in claims:
             granted = claims["rooms"]
@@ -223,7 +245,7 @@ class TokenVerifier:
                     "token not yet valid",
                     f"token of user {user} not yet valid",
                 )
-        return Identity(user, name.strip() if name else None, rooms, exp)
+        return Identity(user, name, rooms, exp)
 
 
 def _algorithm_of(token: str) -> str | None:

@@ -408,7 +408,12 @@ class WebChatFactory(WebSocketServerFactory):
         )
         member = member_entry(protocol)
         if self.link is not None:
-            self.link.member_joined(room.name, protocol.chat_id, protocol.chat_name)
+            self.link.member_joined(
+                room.name,
+                protocol.chat_id,
+                protocol.chat_name,
+                identity.user if identity is not None else "",
+            )
         if self.app_events is not None:
             self.app_events.opened(_user_of(protocol), room.name)
         if admitted.codec is JSON:
@@ -779,7 +784,13 @@ class WebChatFactory(WebSocketServerFactory):
             return  # at most one every TYPING_INTERVAL, the rest dropped
         sender.typed_at = now
         if self.link is not None:
-            self.link.member_typing(room.name, sender.chat_id, sender.chat_name)
+            identity = sender.identity
+            self.link.member_typing(
+                room.name,
+                sender.chat_id,
+                sender.chat_name,
+                identity.user if identity is not None else "",
+            )
         room.publish_event(
             event_frame(
                 {
@@ -1019,6 +1030,7 @@ class WebChatFactory(WebSocketServerFactory):
             offset=envelope.offset,
             ts=envelope.ts or None,
             delayed=envelope.delayed,
+            user="" if own else self._remote_user(envelope.chat_id),
         )
         if self.quiet:
             return
@@ -1107,6 +1119,7 @@ class WebChatFactory(WebSocketServerFactory):
                         offset=message.offset,
                         ts=message.ts or None,
                         delayed=True,
+                        user=self._remote_user(message.sender_id),
                     )
 
         def failed(failure: Failure) -> None:
@@ -1265,30 +1278,42 @@ class WebChatFactory(WebSocketServerFactory):
             sender_id=envelope.chat_id,
             name=envelope.name,
             ts=envelope.ts or None,
+            user=self._remote_user(envelope.chat_id),
         )
         if not self.quiet:
             _log_from_node(envelope, count)
 
+    def _remote_user(self, chat_id: int) -> str:
+        """
+        The user id of member ``chat_id`` of another node, as its presence
+        says ("" if anonymous or not known): messages between nodes do not
+        carry it, so their envelope stays as it was.
+        """
+        if self.link is None:
+            return ""
+        return self.link.presence.user_of(chat_id)
+
     # What members of other nodes do (``RemotePresence`` calls these): JSON
     # members of the room here hear of it, as of a member of this node.
 
-    def remote_joined(self, room: str, chat_id: int, name: str) -> None:
+    def remote_joined(self, room: str, chat_id: int, name: str, user: str = "") -> None:
         self._remote_event(
-            room, {"type": "join", "member": {"id": chat_id, "name": name}}
+            room, {"type": "join", "member": _member(chat_id, name, user)}
         )
 
-    def remote_left(self, room: str, chat_id: int, name: str) -> None:
+    def remote_left(self, room: str, chat_id: int, name: str, user: str = "") -> None:
         self._remote_event(
-            room, {"type": "leave", "member": {"id": chat_id, "name": name}}
+            room, {"type": "leave", "member": _member(chat_id, name, user)}
         )
 
-    def remote_renamed(self, room: str, chat_id: int, old: str, name: str) -> None:
-        self._remote_event(
-            room, {"type": "name", "id": chat_id, "old": old, "name": name}
-        )
+    def remote_renamed(
+        self, room: str, chat_id: int, old: str, name: str, user: str = ""
+    ) -> None:
+        event: dict[str, object] = {"type": "name", "id": chat_id, "old": old}
+        self._remote_event(room, {**event, **_member(chat_id, name, user)})
 
-    def remote_typing(self, room: str, chat_id: int, name: str) -> None:
-        self._remote_event(room, {"type": "typing", "id": chat_id, "name": name})
+    def remote_typing(self, room: str, chat_id: int, name: str, user: str = "") -> None:
+        self._remote_event(room, {"type": "typing", **_member(chat_id, name, user)})
 
     def _remote_event(self, name: str, event: dict[str, object]) -> None:
         room = self.rooms.get(name)
@@ -1342,10 +1367,11 @@ class WebChatFactory(WebSocketServerFactory):
         return done
 
 
-def _user_of(protocol: WebChatProtocol) -> str | None:
-    """The authenticated user behind ``protocol`` (its JWT ``sub``), if any."""
-    identity = getattr(protocol, "identity", None)
-    return identity.user if identity is not None else None
+def _member(chat_id: int, name: str, user: str) -> dict[str, object]:
+    """A member of another node as JSON events show one (``member_entry``)."""
+    if user:
+        return {"id": chat_id, "name": name, "user": user}
+    return {"id": chat_id, "name": name}
 
 
 def users_of(members: list[dict[str, object]]) -> list[dict[str, object]]:

@@ -170,6 +170,9 @@ JWT_LEEWAY = 30
 #: long"): a token with a few claims is 200-1000; the request line must
 #: still fit the 16 KB header limit.
 JWT_MAX_LENGTH = 4096
+#: Longest user id (a token's ``sub``), in characters: it travels in JSON
+#: events and between nodes (--redis), so it is bounded and printable.
+MAX_USER_CHARS = 256
 #: File descriptors kept back from --max-connections for listening sockets,
 #: log files, page requests and Redis, so accept() never fails with EMFILE.
 FD_RESERVE = 64

@@ -8,10 +8,10 @@ separated by single spaces (SP), a chat message's text after the first LF::
     wc2 <node> s <room> <offset> <epoch> <id> <ts> <name> LF <text>
                                                        one kept in Redis (d:
                                                        delayed by an outage)
-    wc2 <node> j <version> <room> <id> <name>          joined
-    wc2 <node> n <version> <room> <id> <name>          renamed
+    wc2 <node> j <version> <room> <id> <name>[ LF <user>]  joined
+    wc2 <node> n <version> <room> <id> <name>[ LF <user>]  renamed
     wc2 <node> l <version> <room> <id>                 left
-    wc2 <node> t <room> <id> <name>                    is typing
+    wc2 <node> t <room> <id> <name>[ LF <user>]        is typing
     wc2 <node> h <version>                             heartbeat
     wc2 <node> k <user> LF <reason>                    disconnect the user
                                                        (the server API)
@@ -34,6 +34,11 @@ separated by single spaces (SP), a chat message's text after the first LF::
   end of the payload.
 * ``<text>``: the message exactly as the client sent it: UTF-8, possibly
   empty, spaces and newlines included; it runs to the end of the payload.
+* ``<user>``: a signed member's user id (--auth: the token's ``sub``),
+  after an LF that ends the name: 1-MAX_USER_CHARS printable characters.
+  Anonymous members' events are as before, byte for byte; a node older
+  than this drops a signed member's event as malformed (its name would
+  hold an LF).
 
 Why not JSON: every node decodes every other node's messages, and JSON with
 the same fields costs 7x as much to encode and more to decode (without any
@@ -53,7 +58,7 @@ import socket
 from typing import Any, NamedTuple
 
 from webchat.events import BadEvent, check_name
-from webchat.limits import MAX_NAME_CHARS
+from webchat.limits import MAX_NAME_CHARS, MAX_USER_CHARS
 from webchat.logtext import escape_for_log
 
 #: The envelope's first word: its format and version.
@@ -120,6 +125,8 @@ class PresenceEvent(NamedTuple):
     room: str = ""
     chat_id: int = 0
     name: str = ""
+    #: A signed member's user id (--auth); "" = anonymous.
+    user: str = ""
 
 
 class Disconnect(NamedTuple):
@@ -193,6 +200,8 @@ def encode_presence(event: PresenceEvent) -> bytes:
     if kind in ("beat", "gone"):
         return b"%b %d" % (head, event.version)
     name = event.name.encode("utf-8")
+    if event.user:
+        name += b"\n" + event.user.encode("utf-8")
     room = event.room.encode("ascii")
     if kind == "typing":
         return b"%b %b %d %b" % (head, room, event.chat_id, name)
@@ -248,8 +257,9 @@ def decode_envelope(payload: bytes) -> Envelope | PresenceEvent | Disconnect:
         if len(fields) != 3:
             raise MalformedEnvelopeError("typing needs room, id, name")
         room, chat_id, name = fields
+        name, user = _name_and_user(name)
         return PresenceEvent(
-            node_id, presence, 0, _room(room), _chat_id(chat_id), _name(name)
+            node_id, presence, 0, _room(room), _chat_id(chat_id), name, user
         )
     if presence == "leave":
         fields = rest.split(b" ")
@@ -262,13 +272,15 @@ def decode_envelope(payload: bytes) -> Envelope | PresenceEvent | Disconnect:
         if len(fields) != 4:
             raise MalformedEnvelopeError(f"{presence} needs version, room, id, name")
         number, room, chat_id, name = fields
+    name_text, user = _name_and_user(name) if presence != "leave" else ("", "")
     return PresenceEvent(
         node_id,
         presence,
         _number(number, "version"),
         _room(room),
         _chat_id(chat_id),
-        _name(name) if presence != "leave" else "",
+        name_text,
+        user,
     )
 
 
@@ -370,6 +382,23 @@ def _name(raw: bytes) -> str:
     except BadEvent:
         pass
     raise MalformedEnvelopeError("invalid name")
+
+
+def _name_and_user(raw: bytes) -> tuple[str, str]:
+    """``<name>[ LF <user>]``: a member's name, and its user id or ""."""
+    name, newline, user = raw.partition(b"\n")
+    return _name(name), _user(user) if newline else ""
+
+
+def _user(raw: bytes) -> str:
+    """A signed member's user id, as admission accepts one (``is_user_id``)."""
+    try:
+        user = raw.decode("utf-8")
+    except UnicodeDecodeError:
+        raise MalformedEnvelopeError("user is not valid UTF-8") from None
+    if not 0 < len(user) <= MAX_USER_CHARS or not user.isprintable():
+        raise MalformedEnvelopeError("invalid user")
+    return user
 
 
 def _check_text(text: bytes) -> None:

@@ -2,10 +2,11 @@
 
 Each node keeps its own members where the others can read them, a Redis
 hash per node (``webchat:<channel>:presence:<node>``: field ``<id>`` =
-``<room> <name>``, field ``_v`` = the node's presence *version*), and tells
-the others of every change on the channel (``j``, ``n``, ``l`` envelopes),
-the hash write and the PUBLISH in one Lua script, so the hash is never
-behind an event anyone has seen.  Every ``timeout / 3`` seconds it beats
+``<room> <name>``, with ``LF <user>`` after it for a signed member, field
+``_v`` = the node's presence *version*), and tells the others of every
+change on the channel (``j``, ``n``, ``l`` envelopes), the hash write
+and the PUBLISH in one Lua script, so the hash is never behind an event
+anyone has seen.  Every ``timeout / 3`` seconds it beats
 (``h <version>``) and refreshes the hash's TTL (``timeout``).
 
 ``RemotePresence`` is the receiving side's bookkeeping, with no Redis and
@@ -38,7 +39,7 @@ from webchat.redis.envelope import (
     MalformedEnvelopeError,
     PresenceEvent,
     _chat_id,
-    _name,
+    _name_and_user,
     _room,
 )
 
@@ -50,15 +51,26 @@ DROP_LOG_INTERVAL = 60.0
 
 
 class PresenceListener(Protocol):
-    """What the chat does when a member of another node comes, goes or types."""
+    """
+    What the chat does when a member of another node comes, goes or types;
+    ``user`` is a signed member's user id (--auth), "" for anonymous ones.
+    """
 
-    def remote_joined(self, room: str, chat_id: int, name: str) -> None: ...
+    def remote_joined(
+        self, room: str, chat_id: int, name: str, user: str = ""
+    ) -> None: ...
 
-    def remote_left(self, room: str, chat_id: int, name: str) -> None: ...
+    def remote_left(
+        self, room: str, chat_id: int, name: str, user: str = ""
+    ) -> None: ...
 
-    def remote_renamed(self, room: str, chat_id: int, old: str, name: str) -> None: ...
+    def remote_renamed(
+        self, room: str, chat_id: int, old: str, name: str, user: str = ""
+    ) -> None: ...
 
-    def remote_typing(self, room: str, chat_id: int, name: str) -> None: ...
+    def remote_typing(
+        self, room: str, chat_id: int, name: str, user: str = ""
+    ) -> None: ...
 
 
 class _Node:
@@ -69,11 +81,13 @@ class _Node:
     def __init__(self, version: int, heard_at: float) -> None:
         self.version = version
         self.heard_at = heard_at
-        #: Its members: id -> (room, name).
-        self.members: dict[int, tuple[str, str]] = {}
+        #: Its members: id -> (room, name, user); user "" = anonymous.
+        self.members: dict[int, tuple[str, str, str]] = {}
 
 
-def parse_snapshot(reply: Any) -> tuple[int, dict[int, tuple[str, str]], int]:
+def parse_snapshot(
+    reply: Any,
+) -> tuple[int, dict[int, tuple[str, str, str]], int]:
     """
     A node's presence hash as HGETALL returns it (a flat list, or a dict):
     (version, members, malformed fields skipped).  Version 0: no hash.
@@ -84,7 +98,7 @@ def parse_snapshot(reply: Any) -> tuple[int, dict[int, tuple[str, str]], int]:
         items = list(reply or ())
         pairs = list(zip(items[::2], items[1::2], strict=False))
     version = 0
-    members: dict[int, tuple[str, str]] = {}
+    members: dict[int, tuple[str, str, str]] = {}
     bad = 0
     for field, value in pairs:
         try:
@@ -96,7 +110,7 @@ def parse_snapshot(reply: Any) -> tuple[int, dict[int, tuple[str, str]], int]:
             room, sep, name = value.partition(b" ")
             if not sep:
                 raise MalformedEnvelopeError("no name")
-            members[_chat_id(field)] = (_room(room), _name(name))
+            members[_chat_id(field)] = (_room(room), *_name_and_user(name))
         except (MalformedEnvelopeError, ValueError):
             bad += 1
     return version, members, bad
@@ -122,8 +136,8 @@ class RemotePresence:
         self.max_nodes = max_nodes
         self.listener: PresenceListener | None = None
         self._nodes: dict[str, _Node] = {}
-        #: room -> id -> name, for rosters and names.
-        self._rooms: dict[str, dict[int, str]] = {}
+        #: room -> id -> (name, user), for rosters and names.
+        self._rooms: dict[str, dict[int, tuple[str, str]]] = {}
         #: room -> case-folded name -> how many remote members hold it.
         self._names: dict[str, Counter[str]] = {}
         #: Which node a remote id belongs to: no node may claim another's.
@@ -157,10 +171,13 @@ class RemotePresence:
             if state is not None and state.members.get(event.chat_id) == (
                 event.room,
                 event.name,
+                event.user,
             ):
                 listener = self.listener
                 if listener is not None:
-                    listener.remote_typing(event.room, event.chat_id, event.name)
+                    listener.remote_typing(
+                        event.room, event.chat_id, event.name, event.user
+                    )
             return
         if kind == "gone":
             if state is not None:
@@ -181,7 +198,7 @@ class RemotePresence:
         if kind == "leave":
             self._leave(node, state, event.chat_id)
         else:
-            self._set(node, state, event.chat_id, event.room, event.name)
+            self._set(node, state, event.chat_id, event.room, event.name, event.user)
         if skipped:
             self.ask(node)
 
@@ -217,8 +234,8 @@ class RemotePresence:
         state.version = version
         for chat_id in [i for i in state.members if i not in members]:
             self._leave(node, state, chat_id)
-        for chat_id, (room, name) in members.items():
-            self._set(node, state, chat_id, room, name)
+        for chat_id, (room, name, user) in members.items():
+            self._set(node, state, chat_id, room, name, user)
         if again:
             self.ask(node)
 
@@ -261,13 +278,22 @@ class RemotePresence:
     def roster(self, room: str) -> list[dict[str, object]]:
         """The room's members on other nodes, as the JSON events list them."""
         return [
-            {"id": chat_id, "name": name}
-            for chat_id, name in self._rooms.get(room, {}).items()
+            {"id": chat_id, "name": name, "user": user}
+            if user
+            else {"id": chat_id, "name": name}
+            for chat_id, (name, user) in self._rooms.get(room, {}).items()
         ]
 
     def rooms(self) -> dict[str, int]:
         """How many members other nodes have in each room (the server API)."""
         return {room: len(members) for room, members in self._rooms.items() if members}
+
+    def user_of(self, chat_id: int) -> str:
+        """The user id of member ``chat_id`` of another node ("" if none known)."""
+        node = self._owner.get(chat_id)
+        state = self._nodes.get(node) if node is not None else None
+        member = state.members.get(chat_id) if state is not None else None
+        return member[2] if member is not None else ""
 
     def name_taken(self, room: str, folded: str) -> bool:
         """Whether a member of another node has this (case-folded) name in ``room``."""
@@ -283,22 +309,24 @@ class RemotePresence:
 
     # -- bookkeeping ------------------------------------------------------------------
 
-    def _set(self, node: str, state: _Node, chat_id: int, room: str, name: str) -> None:
+    def _set(
+        self, node: str, state: _Node, chat_id: int, room: str, name: str, user: str
+    ) -> None:
         owner = self._owner.get(chat_id)
         if owner is not None and owner != node:
             self._drop("conflict", f"node {node} claims member {chat_id} of {owner}")
             return
         old = state.members.get(chat_id)
-        if old == (room, name):
+        if old == (room, name, user):
             return
         listener = self.listener
         if old is not None and old[0] == room:
             self._unname(room, old[1])
-            self._rooms[room][chat_id] = name
+            self._rooms[room][chat_id] = (name, user)
             self._names.setdefault(room, Counter())[name.casefold()] += 1
-            state.members[chat_id] = (room, name)
+            state.members[chat_id] = (room, name, user)
             if listener is not None:
-                listener.remote_renamed(room, chat_id, old[1], name)
+                listener.remote_renamed(room, chat_id, old[1], name, user)
             return
         if old is not None:
             self._leave(node, state, chat_id)
@@ -307,13 +335,13 @@ class RemotePresence:
                 "over_cap", f"more than {self.max_members} members of other nodes"
             )
             return
-        state.members[chat_id] = (room, name)
+        state.members[chat_id] = (room, name, user)
         self._owner[chat_id] = node
-        self._rooms.setdefault(room, {})[chat_id] = name
+        self._rooms.setdefault(room, {})[chat_id] = (name, user)
         self._names.setdefault(room, Counter())[name.casefold()] += 1
         self.members += 1
         if listener is not None:
-            listener.remote_joined(room, chat_id, name)
+            listener.remote_joined(room, chat_id, name, user)
 
     def _drop(self, reason: str, why: str) -> None:
         """Count what is not taken; say so at most once a minute."""
@@ -333,7 +361,7 @@ class RemotePresence:
         old = state.members.pop(chat_id, None)
         if old is None:
             return
-        room, name = old
+        room, name, user = old
         del self._owner[chat_id]
         in_room = self._rooms[room]
         del in_room[chat_id]
@@ -342,7 +370,7 @@ class RemotePresence:
         self._unname(room, name)
         self.members -= 1
         if self.listener is not None:
-            self.listener.remote_left(room, chat_id, name)
+            self.listener.remote_left(room, chat_id, name, user)
 
     def _unname(self, room: str, name: str) -> None:
         names = self._names[room]

@@ -191,7 +191,7 @@ class RedisRelay(Service):
             reactor, self._request_snapshot, timeout=presence_timeout
         )
         #: This node's own members, id -> (room, name), and its version.
-        self._mine: dict[int, tuple[str, str]] = {}
+        self._mine: dict[int, tuple[str, str, str]] = {}
         # Starts at the time in ms, so a node restarted under the same
         # --node-id goes on above the versions the others saw of it.
         self._version = int(reactor.seconds() * 1000)
@@ -596,26 +596,30 @@ class RedisRelay(Service):
 
     # -- presence: this node's members ----------------------------------------------
 
-    def member_joined(self, room: str, chat_id: int, name: str) -> None:
-        """A client of this node joined ``room`` as ``name``: tell the others."""
-        self._mine[chat_id] = (room, name)
-        self._change("join", room, chat_id, name)
+    def member_joined(self, room: str, chat_id: int, name: str, user: str = "") -> None:
+        """
+        A client of this node joined ``room`` as ``name`` (signed as
+        ``user``, --auth; "" = anonymous): tell the others.
+        """
+        self._mine[chat_id] = (room, name, user)
+        self._change("join", room, chat_id, name, user)
 
     def member_renamed(self, room: str, chat_id: int, name: str) -> None:
-        self._mine[chat_id] = (room, name)
-        self._change("name", room, chat_id, name)
+        user = self._mine[chat_id][2] if chat_id in self._mine else ""
+        self._mine[chat_id] = (room, name, user)
+        self._change("name", room, chat_id, name, user)
 
     def member_left(self, room: str, chat_id: int) -> None:
         if self._mine.pop(chat_id, None) is not None:
             self._change("leave", room, chat_id, "")
 
-    def member_typing(self, room: str, chat_id: int, name: str) -> None:
+    def member_typing(self, room: str, chat_id: int, name: str, user: str = "") -> None:
         """Typing is not kept anywhere: a PUBLISH, lost if Redis is away."""
         protocol = self._publisher.protocol
         if protocol is None:
             return
         payload = encode_presence(
-            PresenceEvent(self.node_id, "typing", 0, room, chat_id, name)
+            PresenceEvent(self.node_id, "typing", 0, room, chat_id, name, user)
         )
         try:
             d = protocol.execute_command(b"PUBLISH", self._channel_bytes, payload)
@@ -623,14 +627,18 @@ class RedisRelay(Service):
             return
         d.addErrback(lambda _: None)
 
-    def _change(self, kind: str, room: str, chat_id: int, name: str) -> None:
+    def _change(
+        self, kind: str, room: str, chat_id: int, name: str, user: str = ""
+    ) -> None:
         self._version += 1
         protocol = self._publisher.protocol
         if protocol is None or self._dirty:
             self._dirty = True  # written whole once Redis is back
             return
-        event = PresenceEvent(self.node_id, kind, self._version, room, chat_id, name)
-        value = b"" if kind == "leave" else _member_value(room, name)
+        event = PresenceEvent(
+            self.node_id, kind, self._version, room, chat_id, name, user
+        )
+        value = b"" if kind == "leave" else _member_value(room, name, user)
         try:
             d = protocol.execute_command(
                 b"EVAL",
@@ -672,8 +680,8 @@ class RedisRelay(Service):
         self._version += 1
         beat = encode_presence(PresenceEvent(self.node_id, "beat", self._version))
         fields: list[Any] = []
-        for chat_id, (room, name) in self._mine.items():
-            fields += [chat_id, _member_value(room, name)]
+        for chat_id, (room, name, user) in self._mine.items():
+            fields += [chat_id, _member_value(room, name, user)]
         try:
             d = protocol.execute_command(
                 b"EVAL",
@@ -820,9 +828,13 @@ class RedisRelay(Service):
             )
 
 
-def _member_value(room: str, name: str) -> bytes:
-    """A member's field value in a presence hash: ``<room> <name>``."""
-    return b"%b %b" % (room.encode("ascii"), name.encode("utf-8"))
+def _member_value(room: str, name: str, user: str = "") -> bytes:
+    """
+    A member's field value in a presence hash: ``<room> <name>``, and
+    ``LF <user>`` after it for a signed member (--auth).
+    """
+    value = b"%b %b" % (room.encode("ascii"), name.encode("utf-8"))
+    return value + b"\n" + user.encode("utf-8") if user else value
 
 
 def _as_int(value: Any) -> int:
