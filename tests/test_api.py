@@ -15,11 +15,12 @@ from twisted.internet import reactor
 from twisted.internet.defer import inlineCallbacks
 from twisted.internet.endpoints import TCP4ServerEndpoint
 from twisted.internet.task import Clock
+from twisted.logger import globalLogPublisher
 from twisted.trial.unittest import SynchronousTestCase, TestCase
 from twisted.web.test.requesthelper import DummyRequest
 
 from tests.support import ServerMixin, connect_raw, deferLater
-from tests.test_auth import SECRET, hs256
+from tests.test_auth import SECRET, AllLogs, hs256
 from tests.test_rooms import connect_json
 from webchat.api import MemoryIdempotency, ServerApi
 from webchat.auth import TokenVerifier
@@ -279,6 +280,14 @@ class RouteTests(ApiMixin, TestCase):
             self.assertEqual(response.status, 401)
             self.assertEqual(response.json, {"error": "unauthorized", "detail": detail})
             self.assertIn("Bearer", response.headers["www-authenticate"])
+        lower = yield self.call(
+            "GET", "/api/rooms", headers={"Authorization": f"bearer  {KEY}"}
+        )
+        self.assertEqual(lower.status, 200)  # the scheme is case-insensitive
+        other = yield self.call(
+            "GET", "/api/rooms", headers={"Authorization": f"Basic {KEY}"}
+        )
+        self.assertEqual(other.status, 401)
         yield self.publish("a", text="hi")
         self.assertTrue(any("HTTP 401" in line for line in self.logs.lines))
         self.assertFalse([line for line in self.logs.lines if KEY in line])
@@ -502,3 +511,30 @@ class EnvelopeTests(SynchronousTestCase):
         self.assertEqual((kept.chat_id, kept.name, kept.offset), (0, "ops", 7))
         with self.assertRaises(MalformedEnvelopeError):
             decode_envelope(b"wc2 web-1 m news 0 1764633600000 ops\nhi")
+
+
+class AccessLogTests(ApiMixin, TestCase):
+    """The app's requests are in the access log, but for --quiet."""
+
+    @inlineCallbacks
+    def setUp(self):
+        self.all_logs = AllLogs()
+        globalLogPublisher.addObserver(self.all_logs)
+        self.addCleanup(globalLogPublisher.removeObserver, self.all_logs)
+        yield self.start_api()
+
+    @inlineCallbacks
+    def test_a_publish_is_in_the_access_log(self):
+        yield self.publish("a", text="hi")
+        lines = [x for x in self.all_logs.lines if '"POST /api/rooms/a/messages' in x]
+        self.assertEqual(len(lines), 1, self.all_logs.lines)
+        self.assertNotIn(KEY, self.all_logs.text)
+
+    @inlineCallbacks
+    def test_not_with_quiet(self):
+        self.factory.quiet = True
+        yield self.publish("a", text="hi")
+        self.assertFalse([x for x in self.all_logs.lines if "/api/" in x])
+        page = yield self.call("GET", "/index.html")
+        self.assertEqual(page.status, 200)
+        self.assertTrue([x for x in self.all_logs.lines if "/index.html" in x])

@@ -149,6 +149,26 @@ class ApiClusterTests(Cluster):
         self.servers[1][0].wait_for_log("HTTP 401 unauthorized")
         self.assert_key_never_logged()
 
+    def test_while_redis_is_away_nothing_is_half_done(self):
+        seed = self.client(0, "news")
+        mine = self.client(0, f"a?token={token('u1')}")
+        self.redis.stop()
+        deadline = time.monotonic() + 10
+        while self.health(0).get("redis") == "up":
+            self.assertLess(time.monotonic(), deadline)
+            time.sleep(0.05)
+        for body in ({"text": "x"}, {"text": "x", "idempotency_key": "k"}):
+            status, answer, _ = call(
+                self.port(0), "POST", "/api/rooms/news/messages", body
+            )
+            self.assertEqual((status, answer["error"]), (503, "unavailable"))
+        status, answer, _ = call(self.port(0), "POST", "/api/users/u1/disconnect", {})
+        self.assertEqual((status, answer["error"]), (503, "unavailable"))
+        self.assert_silent(seed)
+        mine.ping().wait(5)  # not disconnected
+        self.assertIsNone(mine.close_code)
+        self.logs_are_clean()
+
     def assert_key_never_logged(self) -> None:
         for server, _ in self.servers:
             self.assertNotIn(KEY, server.log())

@@ -45,6 +45,7 @@ from webchat.events import BadEvent, check_name
 from webchat.history import SINCE
 from webchat.limits import (
     API_BURST_SECONDS,
+    API_IDEMPOTENCY_CLAIM,
     API_IDEMPOTENCY_MAX,
     API_IDEMPOTENCY_WINDOW,
     API_RATE_LIMIT,
@@ -142,20 +143,27 @@ class MemoryIdempotency:
 class RedisIdempotency:
     """
     Idempotency keys shared by every node (--redis): ``SET NX EX`` claims a
-    key for the window, the answer replaces the claim, a failure frees it.
+    key for API_IDEMPOTENCY_CLAIM seconds, the answer replaces the claim for
+    the window, a failure frees it.
     """
 
-    def __init__(self, link: RedisRelay, window: float = API_IDEMPOTENCY_WINDOW):
+    def __init__(
+        self,
+        link: RedisRelay,
+        window: float = API_IDEMPOTENCY_WINDOW,
+        claim: float = API_IDEMPOTENCY_CLAIM,
+    ) -> None:
         self._link = link
         self._prefix = f"webchat:{link.channel}:api:idem:".encode("ascii")
         self.window = math.ceil(window)
+        self.claim = math.ceil(claim)
 
     def _key(self, key: str) -> bytes:
         return self._prefix + hashlib.sha256(key.encode("ascii")).hexdigest().encode()
 
     def reserve(self, key: str) -> Deferred[bytes | None]:
         name = self._key(key)
-        d = self._link.command(b"SET", name, _PENDING, b"NX", b"EX", self.window)
+        d = self._link.command(b"SET", name, _PENDING, b"NX", b"EX", self.claim)
 
         def claimed(reply: Any) -> Deferred[bytes | None] | None:
             if reply is not None:
@@ -196,7 +204,7 @@ class ServerApi(Resource):
         super().__init__()
         self._chat = chat
         clock = clock if clock is not None else chat.reactor
-        self._expected = b"Bearer " + key
+        self._key = key
         self._bucket: TokenBucket | None = None
         self._rate = rate_limit
         if rate_limit > 0:
@@ -223,8 +231,24 @@ class ServerApi(Resource):
         except Exception:
             log.failure("An error has occurred: the server API failed")
             return self._refuse(request, ApiError(500, "internal", "internal error"))
-        if not isinstance(answer, Deferred):
-            return self._answer(request, *answer)
+        if isinstance(answer, Deferred):
+            # Most answers are ready at once (no Redis): send them now,
+            # without the bookkeeping of a response that comes later.
+            ready: list[Any] = []
+
+            def grab(result: Any) -> None:
+                ready.append(result)  # consumed: a failure is handled below
+
+            if not answer.called or answer.paused:
+                return self._later(request, answer)
+            answer.addBoth(grab)
+            if isinstance(ready[0], Failure):
+                return self._refuse(request, _as_api_error(ready[0]))
+            answer = ready[0]
+        return self._answer(request, *answer)
+
+    def _later(self, request: Request, answer: Deferred[Any]) -> Any:
+        """Answer ``request`` when ``answer`` fires (Redis): NOT_DONE_YET now."""
         finished = [False]
         request.notifyFinish().addErrback(lambda _: finished.__setitem__(0, True))
 
@@ -235,27 +259,21 @@ class ServerApi(Resource):
                 request.write(body)
                 request.finish()
 
-        def done(result: tuple[int, dict[str, Any]]) -> None:
-            send(self._answer(request, *result))
-
-        def failed(failure: Failure) -> None:
-            error = failure.value
-            if not isinstance(error, ApiError):
-                if not isinstance(error, ConnectionError) and (
-                    type(error).__name__ != "ConnectionError"
-                ):
-                    log.failure("An error has occurred: the server API failed", failure)
-                    error = ApiError(500, "internal", "internal error")
-                else:
-                    error = ApiError(503, "unavailable", "Redis is away; try again")
-            send(self._refuse(request, error))
-
-        answer.addCallbacks(done, failed)
+        answer.addCallback(lambda result: self._answer(request, *result))
+        answer.addErrback(lambda failure: self._refuse(request, _as_api_error(failure)))
+        answer.addCallback(send).addErrback(
+            lambda failure: log.failure(
+                "An error has occurred: answering an API request failed", failure
+            )
+        )
         return NOT_DONE_YET
 
     def _authorize(self, request: Request) -> None:
         given = request.getHeader(b"authorization") or b""
-        if not hmac.compare_digest(given, self._expected):
+        scheme, _, credentials = given.strip().partition(b" ")
+        # The scheme is case-insensitive (RFC 9110 11.1); the key is not.
+        bearer = scheme.lower() == b"bearer"
+        if not (bearer and hmac.compare_digest(credentials.strip(), self._key)):
             reason = "missing API key" if not given else "wrong API key"
             raise ApiError(
                 401,
@@ -465,6 +483,18 @@ def _closing(opened: tuple[str, int], store: Any, room: str) -> tuple[str, int]:
     # Opened only to be read: let it be idle again (its history stays).
     store.room_closed(room)
     return opened
+
+
+def _as_api_error(failure: Failure) -> ApiError:
+    """The refusal for what went wrong: Redis away is 503, a bug 500 (logged)."""
+    error = failure.value
+    if isinstance(error, ApiError):
+        return error
+    # txredisapi's ConnectionError is its own class, not the builtin.
+    if isinstance(error, ConnectionError) or type(error).__name__ == "ConnectionError":
+        return ApiError(503, "unavailable", "Redis is away; try again")
+    log.failure("An error has occurred: the server API failed", failure)
+    return ApiError(500, "internal", "internal error")
 
 
 def _allow(method: bytes, allowed: bytes) -> None:

@@ -135,6 +135,10 @@ API_MAX_BODY = 16 * 1024 * 1024
 #: Seconds an ``idempotency_key`` of a published message is remembered: a
 #: repeat within it gets the first answer and delivers nothing.
 API_IDEMPOTENCY_WINDOW = 600.0
+#: Seconds a key is claimed while its message is on its way (with --redis):
+#: a node that dies meanwhile leaves the key free again this soon, not after
+#: the whole window; a repeat within it gets 409 "in_progress".
+API_IDEMPOTENCY_CLAIM = 10.0
 #: Idempotency keys one node remembers without --redis (the oldest go
 #: first past it); with --redis they live in Redis, with their TTL.
 API_IDEMPOTENCY_MAX = 100_000

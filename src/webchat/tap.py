@@ -209,7 +209,12 @@ class Options(usage.Options):
     )
 
     optFlags = [
-        ["quiet", "q", "Do not log a line for every relayed message."],
+        [
+            "quiet",
+            "q",
+            "Do not log a line for every relayed message (nor an access-log "
+            "line for every server API request).",
+        ],
         ["no-metrics", None, "Do not serve /metrics at all."],
         [
             "history-for-text-clients",

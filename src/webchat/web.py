@@ -681,9 +681,15 @@ class ChatSite(Site):
         return super().buildProtocol(addr)
 
     def log(self, request: Request) -> None:
-        # Probes and scrapes every few seconds would drown the access log.
-        if request.path not in QUIET_PATHS:
-            super().log(request)
+        # Probes and scrapes every few seconds would drown the access log;
+        # so would the app's publishing with --quiet (a line per message).
+        if request.path in QUIET_PATHS:
+            return
+        if self.chat.quiet and self.api_max_body is not None:
+            path = request.path
+            if path == b"/api" or path.startswith(b"/api/"):
+                return
+        super().log(request)
 
 
 def redacted_access_log(timestamp: str, request: Request) -> str:
