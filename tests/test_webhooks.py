@@ -278,7 +278,9 @@ class SenderTests(TestCase, Logged):
             s.labels["reason"]: s.value
             for s in families["webchat_webhook_dropped"].samples
         }
-        self.assertEqual(dropped, {"queue_full": 1, "rejected": 0, "shutdown": 0})
+        self.assertEqual(
+            dropped, {"queue_full": 1, "rejected": 0, "shutdown": 0, "redis": 0}
+        )
         self.assertEqual(families["webchat_webhook_queue"].samples[0].value, 0)
 
 
@@ -435,3 +437,35 @@ class OptionsTests(TestCase):
                 self.assertIn(f"| `--{option} ", readme)
         for option in ("webhook-queue", "webhook-timeout", "webhook-offline-delay"):
             self.assertIn(f"`--{option} ", operations)
+
+
+class DocsTests(TestCase):
+    def test_the_python_receiver_in_the_docs_verifies_our_signature(self):
+        text = (ROOT / "docs" / "webhooks.md").read_text()
+        code = text.split("```python\n", 1)[1].split("```", 1)[0]
+        namespace: dict = {}
+        exec(compile(code, "docs/webhooks.md", "exec"), namespace)
+        doc_verify = namespace["verify"]
+        import time
+
+        now = int(time.time())
+        body = b'{"id":"x","type":"user.online","ts":1,"data":{"user":"\xc3\xa9"}}'
+        good = sign(SECRET, now, body)
+        self.assertTrue(doc_verify(SECRET, str(now), good, body))
+        self.assertFalse(doc_verify(SECRET, str(now), good, body + b" "))
+        self.assertFalse(
+            doc_verify(SECRET, str(now - 301), sign(SECRET, now - 301, body), body)
+        )
+
+    def test_every_option_and_metric_is_in_the_webhooks_doc(self):
+        text = (ROOT / "docs" / "webhooks.md").read_text()
+        for name in ("webhook-url", "webhook-secret-file", "webhook-events",
+                     "webhook-offline-delay", "webhook-timeout", "webhook-queue",
+                     "webchat_webhook_sent_total", "webchat_webhook_dropped_total",
+                     "webchat_webhook_queue", "Webchat-Signature",
+                     "Webchat-Timestamp", "Webchat-Event-Id"):  # fmt: skip
+            self.assertIn(name, text)
+        from webchat.webhooks.sender import DROP_REASONS
+
+        for reason in DROP_REASONS:
+            self.assertIn(f'reason="{reason}"', text)

@@ -830,6 +830,7 @@ def makeService(options: Options, reactor: Any = None) -> IService:
         # Before the listeners: the database is open before anyone joins,
         # and the last turns are written after the drain.
         history.setServiceParent(top)
+    link = None
     if options["redis"]:
         link = RedisRelay(
             reactor,
@@ -851,7 +852,7 @@ def makeService(options: Options, reactor: Any = None) -> IService:
     if options["webhook-url"]:
         # After the link: it stops first, settling the offline checks
         # through Redis while the link is still up, then drains its sender.
-        webhooks(reactor, options, factory, chosen).setServiceParent(top)
+        webhooks(reactor, options, factory, chosen, link).setServiceParent(top)
     metrics = None
     if not options["no-metrics"]:
         metrics = MetricsPage(make_registry(factory))
@@ -886,9 +887,25 @@ def makeService(options: Options, reactor: Any = None) -> IService:
 
 
 def webhooks(
-    reactor: Any, options: Options, factory: WebChatFactory, chosen: limits.Limits
+    reactor: Any,
+    options: Options,
+    factory: WebChatFactory,
+    chosen: limits.Limits,
+    link: RedisRelay | None,
 ) -> AppEvents:
-    """The webhook events and their sender (--webhook-url), told of by ``factory``."""
+    """
+    The webhook events and their sender (--webhook-url), told of by
+    ``factory``; with ``link`` (--redis), counted in Redis, so each event is
+    sent by one node, and dead nodes reaped every third of
+    --presence-timeout.
+    """
+    tally = None
+    reap_interval = 0.0
+    if link is not None:
+        from webchat.webhooks.redis_tally import RedisTally
+
+        tally = RedisTally(link)
+        reap_interval = options["presence-timeout"] / 3
     sender = WebhookSender(
         reactor,
         options["webhook-url"],
@@ -903,6 +920,8 @@ def webhooks(
         sender,
         options["webhook-events"],
         offline_delay=options["webhook-offline-delay"],
+        tally=tally,
+        reap_interval=reap_interval,
     )
     factory.app_events = events
     return events

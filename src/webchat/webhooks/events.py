@@ -172,6 +172,8 @@ class AppEvents(MultiService):
         #: Tally answers not in yet (settled before the sender stops).
         self._pending: set[Deferred[Any]] = set()
         self._reaper: LoopingCall | None = None
+        #: Changes the tally could not count since it last answered.
+        self._uncounted = 0
 
     @property
     def messages_wanted(self) -> bool:
@@ -287,16 +289,29 @@ class AppEvents(MultiService):
         self._pending.add(d)
 
         def answered(answer: Any) -> None:
+            if self._uncounted:
+                log.info(
+                    "Webhook events: counting in Redis again ({count} change(s) "
+                    "could not be counted; their events may be lost)",
+                    count=self._uncounted,
+                )
+                self._uncounted = 0
             if then is not None:
                 then(subject, answer)
 
         def failed(failure: Failure) -> None:
-            # Redis away or refusing: the event is lost (docs/webhooks.md).
-            log.warn(
-                "Webhook events: could not count {subject}: {error}",
-                subject=escape_for_log(str(subject)),
-                error=escape_for_log(str(failure.value)),
-            )
+            # Redis away or refusing: this change is not counted, and its
+            # event may be lost (docs/webhooks.md).  Logged once an outage.
+            dropped = getattr(self.sender, "dropped", None)
+            if dropped is not None:
+                dropped["redis"] += 1
+            if not self._uncounted:
+                log.warn(
+                    "Webhook events: cannot count in Redis ({error}); events "
+                    "may be lost until it answers again",
+                    error=escape_for_log(str(failure.value)),
+                )
+            self._uncounted += 1
 
         d.addCallbacks(answered, failed)
         d.addErrback(

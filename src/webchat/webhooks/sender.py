@@ -49,7 +49,7 @@ log = Logger(namespace="webchat")
 Post = Callable[[str, bytes, dict[str, str]], Deferred[int]]
 
 #: Why events are dropped (webchat_webhook_dropped_total), each from zero.
-DROP_REASONS = ("queue_full", "rejected", "shutdown")
+DROP_REASONS = ("queue_full", "rejected", "shutdown", "redis")
 #: Statuses worth another try: the receiver may take the event later.
 RETRY_STATUSES = frozenset({408, 429})
 
@@ -367,7 +367,8 @@ class WebhookCollector(Collector):
             "webchat_webhook_dropped",
             "Webhook events given up on, by reason (queue_full: over "
             "--webhook-queue; rejected: a 4xx answer other than 408/429; "
-            "shutdown: still queued when the drain ran out).",
+            "shutdown: still queued when the drain ran out; redis: a change "
+            "Redis could not count, whose event may be lost).",
             labels=["reason"],
         )
         counts = dict(sender.dropped)
