@@ -29,6 +29,7 @@ from pathlib import Path
 from typing import Any
 
 from benchmarks import loadgen
+from benchmarks.helpers import process_cpu_seconds
 from benchmarks.loadgen import LoadGen
 from benchmarks.processes import UsageMeter
 from benchmarks.scenarios import Bench, _disturbed, _foreign, run_connect
@@ -42,6 +43,11 @@ TOKEN_TTL = 6 * 3600
 BENCH_SECRET = "webchat-bench-hs256-secret-0123456789abcdef"
 API_KEY = "webchat-bench-api-key"
 API_ROOM = "r"
+#: What the api scenario keeps of its GET /healthz baseline run.
+HEALTHZ_FIELDS = (
+    "req_per_s", "requests", "status", "p50_ms", "p99_ms", "reconnects",
+    "errors", "server_cpu_us_per_request", "server_cpu", "disturbed",
+)  # fmt: skip
 #: Issue #15's targets.
 TARGET_AUTH_RATIO = 0.75
 TARGET_API_PER_S = 5000
@@ -139,50 +145,40 @@ def api_request(host: str, room: str, text: str, key: str) -> bytes:
     ).encode() + body
 
 
-class _Pid:
-    """What Bench.meter needs of a load generator."""
-
-    def __init__(self, pid: int) -> None:
-        self.pid = pid
-
-
-def run_api(bench: Bench) -> dict[str, Any]:
-    """Publish through the API from ``httpload``; requests/s, p50/p99, delivery."""
+def _httpload(
+    bench: Bench,
+    binary: Path,
+    server: Any,
+    request: bytes,
+    members: int,
+    label: str,
+) -> dict[str, Any]:
+    """One ``httpload`` run against ``server``: its JSON, and the server's CPU."""
     cfg = bench.config
-    binary = loadgen.build(source_path=HTTPLOAD, selftest=False)
-    key_file = bench.workdir / "bench-api.key"
-    key_file.write_text(API_KEY + "\n")
-    request_file = bench.workdir / "bench-api.request"
-    text = "x" * cfg.payload
-    args = ["--api-key-file", str(key_file), "--api-rate-limit", "0"]
-    label = "webchat api"
-    with bench.server("webchat", args) as server:
-        request_file.write_bytes(
-            api_request(server.host_header, API_ROOM, text, API_KEY)
-        )
-        command = [
-            binary, server.ip, server.port, server.host_header, request_file,
-            cfg.api_connections, cfg.api_seconds, cfg.api_warmup,
-            f"/ws/{API_ROOM}", cfg.api_members,
-        ]  # fmt: skip
-        bench.progress.update(
-            f"{label} | {cfg.api_connections} keep-alive connections,"
-            f" {cfg.api_members} members, {cfg.api_seconds:g} s"
-        )
-        process = bench.registry.start(
-            command, bench.client_cpu, stdout=subprocess.PIPE, stderr=subprocess.PIPE
-        )
-        meter = UsageMeter(server.pid, bench.cores, [process.pid])
-        timeout = cfg.api_warmup + cfg.api_seconds + 90
-        try:
-            out, err = process.communicate(timeout=timeout)
-        except subprocess.TimeoutExpired:
-            bench.registry.stop(process)
-            raise RuntimeError(
-                f"{label}: httpload did not finish in {timeout} s"
-            ) from None
-        usage = meter.read()
-        server_alive = server.alive()
+    request_file = bench.workdir / f"bench-{label.replace(' ', '-')}.request"
+    request_file.write_bytes(request)
+    command = [
+        binary, server.ip, server.port, server.host_header, request_file,
+        cfg.api_connections, cfg.api_seconds, cfg.api_warmup,
+        f"/ws/{API_ROOM}", members,
+    ]  # fmt: skip
+    bench.progress.update(
+        f"{label} | {cfg.api_connections} keep-alive connections,"
+        f" {members} members, {cfg.api_seconds:g} s"
+    )
+    cpu_before = process_cpu_seconds(server.pid)
+    process = bench.registry.start(
+        command, bench.client_cpu, stdout=subprocess.PIPE, stderr=subprocess.PIPE
+    )
+    meter = UsageMeter(server.pid, bench.cores, [process.pid])
+    timeout = cfg.api_warmup + cfg.api_seconds + 90
+    try:
+        out, err = process.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        bench.registry.stop(process)
+        raise RuntimeError(f"{label}: httpload did not finish in {timeout} s") from None
+    usage = meter.read()
+    cpu_after = process_cpu_seconds(server.pid)
     lines = out.decode(errors="replace").strip().splitlines()
     if process.returncode != 0 or not lines:
         raise RuntimeError(
@@ -192,24 +188,57 @@ def run_api(bench: Bench) -> dict[str, Any]:
     raw = json.loads(lines[-1])
     if "error" in raw:
         raise RuntimeError(f"{label}: {raw['error']}")
+    # Every answer, warm-up included, against the server's CPU time over all
+    # of them (the members' handshakes too: a few, against thousands).
+    per_request = None
+    if cpu_before is not None and cpu_after is not None and raw["accepted_total"]:
+        per_request = round((cpu_after - cpu_before) / raw["accepted_total"] * 1e6, 1)
+    return {
+        **raw,
+        "server_cpu_us_per_request": per_request,
+        "server_cpu": usage["process"],
+        "server_core_busy": usage["server_core"],
+        "loadgen_core_busy": usage["loadgen_core"],
+        "foreign_cpu": _foreign(usage),
+        "disturbed": _disturbed(usage),
+    }
+
+
+def run_api(bench: Bench) -> dict[str, Any]:
+    """
+    Publish through the API from ``httpload``: requests/s, p50/p99, delivery;
+    then ``GET /healthz`` on the same server, the same way: twisted.web's own
+    cost per request, the baseline.
+    """
+    cfg = bench.config
+    binary = loadgen.build(source_path=HTTPLOAD, selftest=False)
+    key_file = bench.workdir / "bench-api.key"
+    key_file.write_text(API_KEY + "\n")
+    args = ["--api-key-file", str(key_file), "--api-rate-limit", "0"]
+    label = "webchat api"
+    with bench.server("webchat", args) as server:
+        publish = api_request(server.host_header, API_ROOM, "x" * cfg.payload, API_KEY)
+        raw = _httpload(bench, binary, server, publish, cfg.api_members, label)
+        healthz = (
+            f"GET /healthz HTTP/1.1\r\nHost: {server.host_header}\r\n\r\n".encode()
+        )
+        baseline = _httpload(bench, binary, server, healthz, 0, f"{label} healthz")
+        server_alive = server.alive()
     result = {
         "target": "webchat",
         "room": API_ROOM,
         "payload_bytes": cfg.payload,
         **raw,
         "members_got_all": raw["member_frames_min"] >= raw["accepted_total"],
-        "server_cpu": usage["process"],
-        "server_core_busy": usage["server_core"],
-        "loadgen_core_busy": usage["loadgen_core"],
         "server_alive_after": server_alive,
-        "foreign_cpu": _foreign(usage),
-        "disturbed": _disturbed(usage),
+        "healthz": {key: baseline[key] for key in HEALTHZ_FIELDS},
+        "disturbed": raw["disturbed"] or baseline["disturbed"],
     }
     bench.progress.done(
         f"{label}: {raw['req_per_s']:,.0f} requests/s ({raw['status']['2xx']:,} 2xx"
         f" of {raw['requests']:,}), p50 {raw['p50_ms']:.2f} p99 {raw['p99_ms']:.2f} ms;"
         f" members got {raw['member_frames_min']:,}..{raw['member_frames_max']:,}"
-        f" of {raw['accepted_total']:,}"
+        f" of {raw['accepted_total']:,}; GET /healthz {baseline['req_per_s']:,.0f}/s"
     )
     return result
 
@@ -242,6 +271,7 @@ def api_lines(result: dict[str, Any]) -> list[str]:
     if "error" in result:
         return [f"api: error: {result['error']}"]
     status = result["status"]
+    healthz = result.get("healthz") or {}
     return [
         f"api: POST /api/rooms/{result['room']}/messages, {result['connections']}"
         f" keep-alive connections, {result['members']} members:",
@@ -250,6 +280,10 @@ def api_lines(result: dict[str, Any]) -> list[str]:
         f" errors {result['errors']:,}, reconnects {result['reconnects']:,});"
         f" p50 {result['p50_ms']:.2f} p90 {result['p90_ms']:.2f}"
         f" p99 {result['p99_ms']:.2f} max {result['max_ms']:.2f} ms",
+        f"  server CPU per publish {_us(result.get('server_cpu_us_per_request'))};"
+        f" GET /healthz on the same server (twisted.web alone):"
+        f" {healthz.get('req_per_s', 0):,.0f} requests/s,"
+        f" {_us(healthz.get('server_cpu_us_per_request'))} per request",
         f"  every member got every accepted message:"
         f" {'yes' if result['members_got_all'] else 'NO'}"
         f" ({result['member_frames_min']:,}..{result['member_frames_max']:,}"
@@ -257,6 +291,10 @@ def api_lines(result: dict[str, Any]) -> list[str]:
         f" {(result.get('server_cpu') or 0) * 100:.0f}% of a core"
         + ("  ~ disturbed" if result.get("disturbed") else ""),
     ]
+
+
+def _us(value: float | None) -> str:
+    return "?" if value is None else f"{value:,.0f} µs"
 
 
 def integration_checks(results: dict[str, Any]) -> list[tuple[str, Any, str, Any, str]]:

@@ -547,7 +547,13 @@ class IntegrationRunTests(SynchronousTestCase):
         self.assertTrue(api["members_got_all"])
         self.assertEqual(api["member_frames_min"], api["accepted_total"])
         self.assertLessEqual(api["p50_ms"], api["p99_ms"])
-        self.assertIn("requests/s", output)
+        self.assertGreater(api["server_cpu_us_per_request"], 0)
+        # The baseline on the same server: GET /healthz, all answered 200.
+        healthz = api["healthz"]
+        self.assertEqual(healthz["status"]["2xx"], healthz["requests"])
+        self.assertGreater(healthz["requests"], 0)
+        self.assertGreater(healthz["server_cpu_us_per_request"], 0)
+        self.assertIn("GET /healthz on the same server", output)
 
 
 class IntegrationOptionTests(SynchronousTestCase):
