@@ -10,6 +10,7 @@ tests/test_api_cluster.py.
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 from twisted.internet import reactor
 from twisted.internet.defer import inlineCallbacks
@@ -24,6 +25,7 @@ from tests.test_auth import SECRET, AllLogs, hs256
 from tests.test_rooms import connect_json
 from webchat.api import MemoryIdempotency, ServerApi
 from webchat.auth import TokenVerifier
+from webchat.history.sqlite import SQLiteHistory
 from webchat.limits import API_BODY_OVERHEAD, Limits
 from webchat.metrics import MetricsPage, make_registry
 from webchat.redis.envelope import (
@@ -538,3 +540,30 @@ class AccessLogTests(ApiMixin, TestCase):
         page = yield self.call("GET", "/index.html")
         self.assertEqual(page.status, 200)
         self.assertTrue([x for x in self.all_logs.lines if "/index.html" in x])
+
+
+class SQLiteHistoryTests(ApiMixin, TestCase):
+    """With --history-db: a read answered from SQLite's thread, later."""
+
+    @inlineCallbacks
+    def setUp(self):
+        directory = Path(self.mktemp()).resolve()
+        directory.mkdir(parents=True)
+        history = SQLiteHistory(
+            reactor, str(directory / "history.db"), limit=100, ttl=3600
+        )
+        history.startService()
+        self.addCleanup(history.stopService)
+        self.server_kwargs = {"history": history}
+        yield self.start_api()
+
+    @inlineCallbacks
+    def test_published_messages_are_kept_in_the_database(self):
+        for n in (1, 2, 3):
+            response = yield self.publish("db", text=f"m{n}")
+            self.assertEqual(response.json, {"room": "db", "offset": n})
+        got = yield self.call("GET", "/api/rooms/db/history?since=1")
+        self.assertEqual(got.status, 200)
+        self.assertEqual([m["text"] for m in got.json["messages"]], ["m2", "m3"])
+        js = yield self.json_client("/ws/db")
+        self.assertEqual(json.loads((yield js.received.get()))["offset"], 3)
