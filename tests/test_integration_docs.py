@@ -364,6 +364,26 @@ class LiveServerTests(SynchronousTestCase):
             raise SkipTest("the welcome names no user yet: h15auth's JSON events")
         self.assertEqual(me, {"id": welcome["id"], "name": "Ann Lee", "user": "u42"})
 
+    def test_a_fresh_php_token_refreshes_the_connection(self):
+        php()
+        server_option("auth", "h15auth")
+        _server, port = self.start(
+            "--auth", "required", "--jwt-secret-file", str(self.secret)
+        )
+        first = self.mint_php("u42", "Ann Lee")
+        url = f"ws://127.0.0.1:{port}/ws/lobby?token={first}"
+        with connect(url, subprotocols=[JSON]) as client:
+            self.assertEqual(json.loads(client.recv(timeout=5))["type"], "welcome")
+            done = run(
+                [php(), example("mint_token.php"), str(self.secret), "u42", "Ann Lee"],
+                WEBCHAT_TOKEN_TTL="7200",
+            )
+            fresh = done.stdout.decode().strip()
+            client.send(json.dumps({"type": "refresh", "token": fresh}))
+            answer = json.loads(client.recv(timeout=5))
+        exp = jwt.decode(fresh, SECRET, algorithms=["HS256"])["exp"]
+        self.assertEqual(answer, {"type": "refreshed", "exp": exp})
+
     def publishers(self) -> list[tuple[str, list[str]]]:
         return [
             ("php", [php(), example("publish.php")]),
