@@ -178,7 +178,8 @@ class WebChatFactory(WebSocketServerFactory):
             self.access, self.limits, self.stats.refused, auth, verifier
         )
         #: Open connections with an identity, by user (``connections_of``).
-        self._by_user: dict[str, list[WebChatProtocol]] = {}
+        #: (Ordered sets, as dicts: one user may hold many connections.)
+        self._by_user: dict[str, dict[WebChatProtocol, None]] = {}
         #: When the server started, for /healthz's uptime.
         self.started_at = reactor.seconds()
         #: Set at shutdown: new handshakes get 503 and /healthz says so.
@@ -359,7 +360,7 @@ class WebChatFactory(WebSocketServerFactory):
             return
         held = self._by_user.get(identity.user)
         if held is not None and protocol in held:
-            held.remove(protocol)
+            del held[protocol]
             if not held:
                 del self._by_user[identity.user]
 
@@ -386,7 +387,7 @@ class WebChatFactory(WebSocketServerFactory):
         if identity is not None:
             # Signed by the app: their name is theirs, ?name= is not read.
             name = identity.display_name
-            self._by_user.setdefault(identity.user, []).append(protocol)
+            self._by_user.setdefault(identity.user, {})[protocol] = None
             self._expire_at(protocol, identity.expires)
         elif protocol.wanted_name is not None:
             try:

@@ -116,7 +116,8 @@ class Room:
         #: Members that share a name held by another (a signed user's name,
         #: on each of their tabs), by case-folded name: one of them holds it
         #: when its holder leaves.
-        self._sharing: dict[str, list[int]] = {}
+        #: (Ordered sets, as dicts: a user may hold many connections.)
+        self._sharing: dict[str, dict[int, None]] = {}
         #: The room's last offset (message number: 1, 2, ... within its
         #: epoch, webchat.history), and the server time (ms) it arrived at.
         self.offset = offset
@@ -148,7 +149,7 @@ class Room:
             member.chat_name = name
             folded = name.casefold()
             if folded in self._names:
-                self._sharing.setdefault(folded, []).append(member.chat_id)
+                self._sharing.setdefault(folded, {})[member.chat_id] = None
             else:
                 self._names[folded] = member.chat_id
         else:
@@ -194,9 +195,11 @@ class Room:
         if self._names.get(folded) == chat_id:
             del self._names[folded]
             if sharing:
-                self._names[folded] = sharing.pop(0)
-        elif sharing and chat_id in sharing:
-            sharing.remove(chat_id)
+                heir = next(iter(sharing))
+                del sharing[heir]
+                self._names[folded] = heir
+        elif sharing:
+            sharing.pop(chat_id, None)
         if sharing is not None and not sharing:
             del self._sharing[folded]
 
