@@ -5,83 +5,24 @@ offline (once) and its rooms vacate."""
 
 from __future__ import annotations
 
-import json
 import signal
-import threading
 import time
-from collections.abc import Callable
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import jwt
 
 from tests.test_cluster import Cluster
-from webchat.webhooks import verify
+from tests.webhook_receiver import ThreadedReceiver
 
 SECRET = b"cluster webhook secret"
 JWT_SECRET = b"a shared secret of at least 32 bytes, for HS256"
-
-
-class ThreadedReceiver:
-    """A webhook receiver on its own thread: records the events it takes."""
-
-    def __init__(self) -> None:
-        self.events: list[dict] = []
-        self.bad = 0
-        self.lock = threading.Lock()
-        receiver = self
-
-        class Handler(BaseHTTPRequestHandler):
-            def do_POST(self) -> None:
-                body = self.rfile.read(int(self.headers["Content-Length"]))
-                ok = verify(
-                    SECRET,
-                    self.headers.get("Webchat-Timestamp", ""),
-                    self.headers.get("Webchat-Signature", ""),
-                    body,
-                    now=time.time(),
-                )
-                with receiver.lock:
-                    if ok:
-                        receiver.events.append(json.loads(body))
-                    else:
-                        receiver.bad += 1
-                self.send_response(200 if ok else 401)
-                self.send_header("Content-Length", "0")
-                self.end_headers()
-
-            def log_message(self, *args: object) -> None:
-                pass
-
-        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.url = f"http://127.0.0.1:{self.server.server_address[1]}/hooks"
-        self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
-        self.thread.start()
-
-    def stop(self) -> None:
-        self.server.shutdown()
-        self.server.server_close()
-
-    def seen(self) -> list[tuple[str, str]]:
-        with self.lock:
-            return [
-                (e["type"], e["data"].get("user") or e["data"].get("room"))
-                for e in self.events
-            ]
-
-    def wait_for(self, predicate: Callable[[list], bool], timeout: float = 10.0):
-        deadline = time.monotonic() + timeout
-        while not predicate(self.seen()):
-            if time.monotonic() > deadline:
-                raise AssertionError(f"timed out; the receiver has {self.seen()}")
-            time.sleep(0.05)
 
 
 class WebhookClusterTests(Cluster):
     nodes = 2
 
     def setUp(self):
-        self.receiver = ThreadedReceiver()
+        self.receiver = ThreadedReceiver(SECRET)
         self.addCleanup(self.receiver.stop)
         keys = Path(self.mktemp()).resolve()
         keys.mkdir(parents=True)

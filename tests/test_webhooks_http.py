@@ -25,7 +25,7 @@ from tests.support import (
     slow,
     take,
 )
-from tests.webhook_receiver import start_receiver
+from tests.webhook_receiver import ThreadedReceiver, start_receiver
 from webchat.auth import TokenVerifier
 from webchat.limits import Limits
 from webchat.webhooks import AppEvents, WebhookSender, treq_post
@@ -240,3 +240,25 @@ class TwistdWebhookTests(TestCase):
         self.assertNotIn(SECRET.decode(), text)
         self.assertNotIn("hidden", text)
         self.assertNotIn("HTTP11ClientFactory", text)  # quiet pool
+
+
+class ClosingReceiverTests(WebhookChatMixin, TestCase):
+    @inlineCallbacks
+    def test_a_receiver_that_closes_after_each_answer_costs_no_retries(self):
+        # HTTP/1.0: the receiver closes the connection after every answer,
+        # and the kept-alive connection the sender had is dead on reuse.
+        receiver = ThreadedReceiver(SECRET)
+        receiver.server.RequestHandlerClass.protocol_version = "HTTP/1.0"
+        self.addCleanup(receiver.stop)
+        sender = self.attach(receiver.url, ("message",))
+        alice, bob = yield self.connect_many(2)
+        for n in range(5):
+            alice.send_text(f"m{n}")  # queued: each sent the moment the last
+        yield take(bob, 5)  # is answered, before the receiver's close arrives
+        for _ in range(100):
+            if len(receiver.events) == 5:
+                break
+            yield deferLater(0.05)
+        self.assertEqual([e["data"]["text"] for e in receiver.events],
+                         [f"m{n}" for n in range(5)])  # fmt: skip
+        self.assertEqual(dict(sender.sent), {"200": 5})

@@ -4,7 +4,10 @@ of 127.0.0.1 that checks every request's signature as an app would."""
 from __future__ import annotations
 
 import json
+import threading
 import time
+from collections.abc import Callable
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 
 from twisted.internet import reactor
@@ -102,6 +105,63 @@ def start_receiver(test: Any, secret: bytes, port: int = 0):
     receiver.stop = stop
     test.addCleanup(stop)
     return receiver
+
+
+class ThreadedReceiver:
+    """A webhook receiver on its own thread: records the events it takes."""
+
+    def __init__(self, secret: bytes) -> None:
+        self.events: list[dict] = []
+        self.bad = 0
+        self.lock = threading.Lock()
+        receiver = self
+
+        class Handler(BaseHTTPRequestHandler):
+            protocol_version = "HTTP/1.1"  # keep-alive, as an app server would
+
+            def do_POST(self) -> None:
+                body = self.rfile.read(int(self.headers["Content-Length"]))
+                ok = verify(
+                    secret,
+                    self.headers.get("Webchat-Timestamp", ""),
+                    self.headers.get("Webchat-Signature", ""),
+                    body,
+                    now=time.time(),
+                )
+                with receiver.lock:
+                    if ok:
+                        receiver.events.append(json.loads(body))
+                    else:
+                        receiver.bad += 1
+                self.send_response(200 if ok else 401)
+                self.send_header("Content-Length", "0")
+                self.end_headers()
+
+            def log_message(self, *args: object) -> None:
+                pass
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self.server.server_address[1]}/hooks"
+        self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
+        self.thread.start()
+
+    def stop(self) -> None:
+        self.server.shutdown()
+        self.server.server_close()
+
+    def seen(self) -> list[tuple[str, str]]:
+        with self.lock:
+            return [
+                (e["type"], e["data"].get("user") or e["data"].get("room"))
+                for e in self.events
+            ]
+
+    def wait_for(self, predicate: Callable[[list], bool], timeout: float = 10.0):
+        deadline = time.monotonic() + timeout
+        while not predicate(self.seen()):
+            if time.monotonic() > deadline:
+                raise AssertionError(f"timed out; the receiver has {self.seen()}")
+            time.sleep(0.05)
 
 
 def settle() -> Deferred[None]:

@@ -24,7 +24,7 @@ from urllib.parse import urlsplit
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 from twisted.application.service import Service
-from twisted.internet.defer import Deferred, fail, succeed
+from twisted.internet.defer import CancelledError, Deferred, fail, succeed
 from twisted.internet.defer import TimeoutError as DeferTimeoutError
 from twisted.internet.error import TimeoutError as TwistedTimeoutError
 from twisted.internet.interfaces import IDelayedCall, IReactorTime
@@ -86,7 +86,12 @@ def treq_post(reactor: Any) -> Post:
     at a time goes out, so one connection is all it ever uses).
     """
     from treq.client import HTTPClient
-    from twisted.web.client import Agent, HTTPConnectionPool
+    from twisted.web.client import (
+        Agent,
+        HTTPConnectionPool,
+        RequestTransmissionFailed,
+        ResponseNeverReceived,
+    )
 
     class QuietFactory(HTTPConnectionPool._factory):  # type: ignore[name-defined]
         # Not two "Starting factory" lines in the log per connection.
@@ -97,17 +102,27 @@ def treq_post(reactor: Any) -> Post:
     pool.maxPersistentPerHost = 1
     client = HTTPClient(Agent(reactor, pool=pool))
 
+    def read(response: Any) -> Deferred[int]:
+        # Read to the end: a connection whose answer is unread cannot
+        # carry the next request.
+        done: Deferred[None] = Deferred()
+        response.deliverBody(_Discard(done))
+        return done.addCallback(lambda _: response.code)
+
     def post(url: str, body: bytes, headers: dict[str, str]) -> Deferred[int]:
-        d = client.post(url, data=body, headers=headers)
+        def send() -> Deferred[int]:
+            return client.post(url, data=body, headers=headers).addCallback(read)
 
-        def read(response: Any) -> Deferred[int]:
-            # Read to the end: a connection whose answer is unread cannot
-            # carry the next request.
-            done: Deferred[None] = Deferred()
-            response.deliverBody(_Discard(done))
-            return done.addCallback(lambda _: response.code)
+        def once_more(failure: Failure) -> Deferred[int]:
+            # A kept-alive connection the receiver had closed meanwhile:
+            # Twisted retries only idempotent methods on a fresh one, and a
+            # webhook is one (its event id makes a repeat harmless).
+            failure.trap(ResponseNeverReceived, RequestTransmissionFailed)
+            if any(r.check(CancelledError) for r in failure.value.reasons):
+                return failure  # timed out (or shutting down): not again
+            return send()
 
-        return d.addCallback(read)
+        return send().addErrback(once_more)
 
     post.pool = pool  # type: ignore[attr-defined]
     return post
@@ -288,7 +303,12 @@ class WebhookSender(Service):
             why = f"no answer within {self.timeout:g} s"
         else:
             self.sent["error"] += 1
-            why = escape_for_log(str(failure.value) or type(failure.value).__name__)
+            error = failure.value
+            # ResponseNeverReceived and the like wrap the failure that matters.
+            reasons = getattr(error, "reasons", None)
+            if reasons and isinstance(reasons[0], Failure):
+                error = reasons[0].value
+            why = escape_for_log(str(error) or type(error).__name__)
         self._back_off(why)
 
     def _done(self) -> None:
