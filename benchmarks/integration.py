@@ -115,15 +115,24 @@ def run_connect_auth(bench: Bench) -> dict[str, Any]:
         "connections": cfg.connections,
     }
     for variant, (args, room_tokens) in variants.items():
-        result[variant] = _attempt(
-            run_connect,
-            bench,
-            "webchat",
-            cfg.connections,
-            variant=variant,
-            server_args=args,
-            prepare=_spread(cfg.auth_tokens, room_tokens),
-        )
+        # As the connect scenario does: a run other processes disturbed is
+        # run once more, and that one counts.
+        for attempt in range(2):
+            run = _attempt(
+                run_connect,
+                bench,
+                "webchat",
+                cfg.connections,
+                variant=variant,
+                server_args=args,
+                prepare=_spread(cfg.auth_tokens, room_tokens),
+            )
+            if attempt:
+                run["disturbed_attempt"] = result[variant]
+            result[variant] = run
+            if not run.get("disturbed"):
+                break
+            bench.progress.done("disturbed by other processes: running it once more")
     off, on = result["auth-off"], result["auth-required"]
     if "error" not in off and "error" not in on and off.get("conn_per_s"):
         result["ratio"] = round(on["conn_per_s"] / off["conn_per_s"], 3)
