@@ -92,6 +92,7 @@ class DocQuotesTests(SynchronousTestCase):
         self.assertEqual(files, quoted)
 
 
+@slow
 class TokenTests(SynchronousTestCase):
     """Tokens minted by the examples, checked by PyJWT with the server's key."""
 
@@ -150,6 +151,7 @@ def sign(secret: str, timestamp: str, body: bytes) -> str:
     return "v1=" + mac.hexdigest()
 
 
+@slow
 class VerifyWebhookTests(SynchronousTestCase):
     """The verifiers, fed requests signed by the test (no server needed)."""
 
