@@ -20,6 +20,7 @@ from twisted.internet.defer import inlineCallbacks
 from twisted.internet.task import Clock
 from twisted.logger import formatEvent, globalLogPublisher
 from twisted.trial.unittest import SynchronousTestCase, TestCase
+from websockets.sync.client import connect as ws_connect
 
 from tests.support import (
     ServerMixin,
@@ -30,6 +31,7 @@ from tests.support import (
     slow,
     twistd_command,
 )
+from tests.test_cluster import Cluster
 from webchat.auth import Identity, TokenVerifier
 from webchat.limits import JWT_LEEWAY, JWT_MAX_LENGTH, Limits
 from webchat.logtext import redact_query
@@ -780,3 +782,59 @@ class ClusterIdentityTests(MemoryAuthCase):
         self.assertEqual(events(long)[0]["name"], "u" * 32)
         self.assertEqual(events(long)[0]["user"], "u" * 40)
         self.assertEqual(self.relay._mine[events(long)[0]["id"]][1], "u" * 32)
+
+
+class ClusterAuthTests(Cluster):
+    """Two real twistd nodes, --auth required, one real redis-server."""
+
+    nodes = 2
+
+    def setUp(self):
+        secret = Path(self.mktemp()).resolve()
+        secret.parent.mkdir(parents=True, exist_ok=True)
+        secret.write_bytes(SECRET + b"\n")
+        self.node_args = ("--auth", "required", "--jwt-secret-file", str(secret))
+        super().setUp()
+
+    def signed(self, node: int, sub: str, name: str):
+        token = hs256(sub=sub, name=name)
+        url = f"ws://127.0.0.1:{self.servers[node][1]}/ws/team?token={token}"
+        client = self.stack.enter_context(
+            ws_connect(url, open_timeout=5, subprotocols=["webchat.v1.json"])
+        )
+        welcome = json.loads(client.recv(timeout=5))
+        self.assertEqual(welcome["type"], "welcome")
+        return client, welcome, token
+
+    def next_event(self, client, kind: str, **fields: object) -> dict:
+        """The next event of ``kind`` (with ``fields`` in it) ``client`` gets."""
+        for _ in range(20):
+            event = json.loads(client.recv(timeout=5))
+            if event["type"] == kind and fields.items() <= event.items():
+                return event
+        self.fail(f"no {kind} event")
+
+    def test_a_user_s_tabs_on_two_nodes_are_one_user(self):
+        tab1, first, token1 = self.signed(0, "u-1", "Ann")
+        self.wait_remote(1, 1)
+        _tab2, welcome, token2 = self.signed(1, "u-1", "Ann")
+        self.assertEqual(
+            welcome["users"], [{"user": "u-1", "name": "Ann", "connections": 2}]
+        )
+        self.assertIn(
+            {"id": first["id"], "name": "Ann", "user": "u-1"}, welcome["members"]
+        )
+        bob, _, token3 = self.signed(1, "u-2", "Bob")
+        # Heard from the other node: first Ann's second tab, then Bob.
+        joins = [self.next_event(tab1, "join")["member"] for _ in range(2)]
+        self.assertEqual([m["user"] for m in joins], ["u-1", "u-2"])
+        tab1.send(json.dumps({"type": "message", "text": "hi from node 0"}))
+        message = self.next_event(bob, "message")
+        self.assertEqual(
+            (message["name"], message["user"], message["text"]),
+            ("Ann", "u-1", "hi from node 0"),
+        )
+        for server, _ in self.servers:
+            for token in (token1, token2, token3):
+                self.assertNotIn(token, server.log())
+        self.logs_are_clean()
