@@ -1188,18 +1188,10 @@ class WebChatFactory(WebSocketServerFactory):
         The members of ``room_name`` here and on other nodes, as the JSON
         events list them (with ``user`` when they have an identity).
         """
-        room = self.rooms.get(room_name)
         members: list[dict[str, object]] = []
+        room = self.rooms.get(room_name)
         if room is not None:
-            for member in room:
-                entry: dict[str, object] = {
-                    "id": member.chat_id,
-                    "name": member.chat_name,
-                }
-                user = _user_of(member)
-                if user is not None:
-                    entry["user"] = user
-                members.append(entry)
+            members = room.roster()
         if self.link is not None:
             here = {member["id"] for member in members}
             members += [
@@ -1368,6 +1360,21 @@ class WebChatFactory(WebSocketServerFactory):
         return done
 
 
+def _fit_close_reason(reason: str, most: int = 123) -> str:
+    """``reason`` cut to ``most`` bytes of UTF-8, never inside a character."""
+    return reason.encode("utf-8")[:most].decode("utf-8", "ignore")
+
+
+def _log_server_message(room: str, text: bytes, count: int) -> None:
+    """The line a message from the app (the server API) is logged with."""
+    log.info(
+        "Server API sending message {text} to {count} connection(s) in room {room}",
+        text=LogText(text),
+        count=count,
+        room=room,
+    )
+
+
 def _member(chat_id: int, name: str, user: str) -> dict[str, object]:
     """A member of another node as JSON events show one (``member_entry``)."""
     if user:
@@ -1398,21 +1405,6 @@ def _user_of(member: object) -> str | None:
     """The user (JWT ``sub``) a room member is; None when anonymous."""
     identity = getattr(member, "identity", None)
     return identity.user if identity is not None else None
-
-
-def _fit_close_reason(reason: str, most: int = 123) -> str:
-    """``reason`` cut to ``most`` bytes of UTF-8, never inside a character."""
-    return reason.encode("utf-8")[:most].decode("utf-8", "ignore")
-
-
-def _log_server_message(room: str, text: bytes, count: int) -> None:
-    """The line a message from the app (the server API) is logged with."""
-    log.info(
-        "Server API sending message {text} to {count} connection(s) in room {room}",
-        text=LogText(text),
-        count=count,
-        room=room,
-    )
 
 
 def _log_from_node(envelope: Envelope, count: int) -> None:

@@ -123,9 +123,10 @@ def message_event(message: Message) -> dict[str, Any]:
         "room": message.room,
         "id": message.sender_id,
         "name": message.name,
-        **({"user": message.user} if message.user else {}),
     }
-    if not message.sender_id:
+    if message.user:
+        event["user"] = message.user
+    elif not message.sender_id:
         event["server"] = True  # the app's, through the server API
     event |= {
         "text": message.text.decode("utf-8"),
