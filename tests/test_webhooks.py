@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import itertools
 import json
+from collections import Counter
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -350,6 +351,52 @@ class AppEventsTests(TestCase):
         app.closed("u1", "lobby")
         app.stopService()
         self.assertEqual(self.kinds()[-1], ("user.offline", {"user": "u1"}))
+        self.assertEqual(self.clock.getDelayedCalls(), [])
+
+    def test_a_tally_that_fails_is_counted_and_logged_once_an_outage(self):
+        logs = LogCapture()
+        globalLogPublisher.addObserver(logs)
+        self.addCleanup(globalLogPublisher.removeObserver, logs)
+        answers: list[Deferred] = []
+
+        class SlowTally(LocalTally):
+            shared = True
+
+            def room_opened(self, room):
+                d = Deferred()
+                answers.append(d)
+                return d
+
+        dropped: Counter = Counter()
+        sender = SimpleNamespace(enqueue=lambda *_: True, dropped=dropped)
+        app = AppEvents(self.clock, sender, ["room.vacated"], offline_delay=1,
+                        tally=SlowTally())  # fmt: skip
+        app.startService()
+        for _ in range(3):
+            app.opened(None, "lobby")
+        for d in answers:
+            d.errback(ConnectionError("Redis is down"))
+        self.assertEqual(dropped["redis"], 3)
+        app.opened(None, "lobby")
+        answers[-1].callback(None)
+        lines = [line for line in logs.lines if "in Redis" in line]
+        self.assertEqual(len(lines), 2, logs.lines)  # the outage, its end
+        self.assertIn("cannot count in Redis (Redis is down)", lines[0])
+        self.assertIn("3 change(s) could not be counted", lines[1])
+
+    def test_stop_with_a_shared_tally_leaves_offline_to_the_others(self):
+        class Shared(LocalTally):
+            shared = True
+
+        sender = SimpleNamespace(enqueue=lambda i, b: self.events.append(b) or True)
+        app = AppEvents(self.clock, sender, ["user.offline"], offline_delay=3,
+                        tally=Shared())  # fmt: skip
+        app.startService()
+        app.opened("u1", "lobby")
+        app.closed("u1", "lobby")
+        app.stopService()
+        self.clock.advance(10)
+        self.assertEqual(self.events, [])
         self.assertEqual(self.clock.getDelayedCalls(), [])
 
     def test_local_tally(self):

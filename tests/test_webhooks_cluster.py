@@ -10,6 +10,7 @@ import time
 from pathlib import Path
 
 import jwt
+from websockets.exceptions import ConnectionClosed
 
 from tests.test_cluster import Cluster
 from tests.webhook_receiver import ThreadedReceiver
@@ -53,6 +54,7 @@ class WebhookClusterTests(Cluster):
         first = self.signed(0, "u1", "team")
         self.receiver.wait_for(lambda seen: ("user.online", "u1") in seen)
         second = self.signed(1, "u1", "team")
+        time.sleep(0.3)  # counted in Redis (a join is not instant there)
         first.close()
         time.sleep(1.5)  # three times the offline delay
         self.assertEqual(self.receiver.seen(), [("user.online", "u1")])
@@ -115,3 +117,33 @@ class WebhookClusterTests(Cluster):
         self.assertEqual(len(messages), 1)
         self.assertEqual(messages[0]["data"]["text"], "said once")
         self.assertEqual(messages[0]["data"]["offset"], 1)  # numbered by Redis
+
+    def test_a_clean_stop_leaves_offline_to_the_other_nodes(self):
+        self.client(0, "r1")  # r1 is never empty (room.vacated is not debounced)
+        rolling = self.signed(1, "rolling", "r1")
+        leaving = self.signed(1, "leaving", "r2")
+        self.receiver.wait_for(
+            lambda seen: (
+                {("user.online", "rolling"), ("user.online", "leaving")} <= set(seen)
+            )
+        )
+        node, _ = self.servers[1]
+        node.process.send_signal(signal.SIGTERM)
+        # The page of one comes back at once through the other node, as
+        # pages do in a rolling restart; the other's does not.
+        with self.assertRaises(ConnectionClosed):
+            rolling.recv(timeout=10)
+        self.signed(0, "rolling", "r1")
+        self.assertEqual(node.process.wait(15), 0)
+        self.receiver.wait_for(lambda seen: ("user.offline", "leaving") in seen)
+        time.sleep(1.5)  # a few reaps more: nothing else
+        self.assertEqual(
+            sorted(self.receiver.seen()),
+            [
+                ("room.vacated", "r2"),
+                ("user.offline", "leaving"),
+                ("user.online", "leaving"),
+                ("user.online", "rolling"),
+            ],
+        )
+        del leaving

@@ -89,7 +89,14 @@ class ChatService(MultiService):
                 clean=clean,
                 count=count,
             )
-            return MultiService.stopService(self)  # now close the ports
+            events = self.factory.app_events
+            if events is None:
+                return MultiService.stopService(self)  # now close the ports
+            # Webhooks (--webhook-url): the closed connections' last events
+            # are counted (in Redis too, whose link must outlive that) and
+            # sent before the other services stop.
+            settled = events.stopService()
+            return settled.addBoth(lambda _: MultiService.stopService(self))
 
         return d.addCallback(report)
 

@@ -24,7 +24,7 @@ from collections.abc import Callable, Iterable
 from typing import Any, Protocol
 
 from twisted.application.service import IService, MultiService
-from twisted.internet.defer import Deferred, DeferredList
+from twisted.internet.defer import Deferred, DeferredList, succeed
 from twisted.internet.interfaces import IDelayedCall, IReactorTime
 from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
@@ -33,6 +33,11 @@ from twisted.python.failure import Failure
 from webchat.logtext import escape_for_log
 
 log = Logger(namespace="webchat")
+
+#: At shutdown, how long (seconds) to wait for the chat's closed connections
+#: to report their close, checking every SETTLE_POLL seconds.
+SETTLE_TIMEOUT = 2.0
+SETTLE_POLL = 0.01
 
 #: Every event type, and those sent unless --webhook-events says otherwise
 #: (``message`` is busy: an app must ask for it).
@@ -174,6 +179,10 @@ class AppEvents(MultiService):
         self._reaper: LoopingCall | None = None
         #: Changes the tally could not count since it last answered.
         self._uncounted = 0
+        #: Set once the chat has drained: no more offline delays.
+        self._stopping = False
+        #: Connections opened and not closed yet (``opened`` - ``closed``).
+        self._open = 0
 
     @property
     def messages_wanted(self) -> bool:
@@ -191,15 +200,42 @@ class AppEvents(MultiService):
     def stopService(self) -> Deferred[None]:
         """
         The chat has drained: the users whose offline check is pending are
-        checked now (the node will not be here to check later), then the
-        sender drains.
+        checked now (the node will not be here to check later; with a
+        shared tally the other nodes do it when they reap this one), then
+        the sender drains.
         """
+        if not self.running or self._stopping:
+            return succeed(None)  # stopped already (ChatService stops it first)
+        self._stopping = True
         if self._reaper is not None and self._reaper.running:
             self._reaper.stop()
+        # The chat's closing connections report their close when their TCP
+        # connection ends, a little after their closing handshake: wait
+        # for them (briefly: the chat dropped the stragglers already).
+        settled: Deferred[None] = Deferred()
+        deadline = self.clock.seconds() + SETTLE_TIMEOUT
+
+        def poll() -> None:
+            if self._open > 0 and self.clock.seconds() < deadline:
+                self.clock.callLater(SETTLE_POLL, poll)
+            else:
+                settled.callback(None)
+
+        poll()
+        return settled.addCallback(lambda _: self._settle())
+
+    def _settle(self) -> Deferred[None]:
+        """Settle the offline checks and tally answers still pending; stop."""
+        shared = getattr(self.tally, "shared", False)
         for user, call in list(self._offline_checks.items()):
             if call.active():
                 call.cancel()
-            self._check_offline(user)
+            if shared:
+                # The other nodes reap this one once it is gone: a user
+                # back on one of them by then (a rolling restart) is no event.
+                self._offline_checks.pop(user)
+            else:
+                self._check_offline(user)
         pending = DeferredList(list(self._pending), consumeErrors=True)
         return pending.addBoth(lambda _: MultiService.stopService(self))
 
@@ -207,6 +243,7 @@ class AppEvents(MultiService):
 
     def opened(self, user: str | None, room: str) -> None:
         """A connection opened in ``room``, authenticated as ``user`` (or not)."""
+        self._open += 1
         if self._rooms_wanted:
             self._ask(self.tally.room_opened, room, None)
         if user is not None and self._users_wanted:
@@ -214,6 +251,7 @@ class AppEvents(MultiService):
 
     def closed(self, user: str | None, room: str) -> None:
         """A connection that ``opened`` has closed."""
+        self._open -= 1
         if user is not None and self._users_wanted:
             self._ask(self.tally.user_closed, user, self._last_closed)
         if self._rooms_wanted:
@@ -240,7 +278,9 @@ class AppEvents(MultiService):
     def _last_closed(self, user: str, last: bool) -> None:
         if not last or user in self._offline_checks:
             return
-        if self.offline_delay <= 0 or not self.running:
+        if self._stopping and getattr(self.tally, "shared", False):
+            return  # the other nodes reap this one once it is gone
+        if self.offline_delay <= 0 or self._stopping or not self.running:
             self._check_offline(user)
             return
         self._offline_checks[user] = self.clock.callLater(

@@ -41,11 +41,12 @@ redis.call('SADD', KEYS[3], ARGV[1])
 return redis.call('HSETNX', KEYS[1], '_online', '1')
 """
 #: KEYS: user hash, node's users.  ARGV: node, user.
-#: 1 if no node has a connection of the user now (check again later).
+#: 1 if no node has a connection of the user now (check again later).  The
+#: user stays in the node's users until that check: should the node stop
+#: (or die) first, the reaping node does it.
 _USER_CLOSE = """
 if redis.call('HINCRBY', KEYS[1], ARGV[1], -1) <= 0 then
   redis.call('HDEL', KEYS[1], ARGV[1])
-  redis.call('SREM', KEYS[2], ARGV[2])
 end
 local all = redis.call('HGETALL', KEYS[1])
 for i = 1, #all, 2 do
@@ -53,9 +54,13 @@ for i = 1, #all, 2 do
 end
 return 1
 """
-#: KEYS: user hash.  1 if still no connection and still announced online:
-#: the caller announces user.offline (and nobody else will).
+#: KEYS: user hash, node's users.  ARGV: node, user.  1 if still no
+#: connection and still announced online: the caller announces
+#: user.offline (and nobody else will).
 _USER_CHECK = """
+if redis.call('HEXISTS', KEYS[1], ARGV[1]) == 0 then
+  redis.call('SREM', KEYS[2], ARGV[2])
+end
 local all = redis.call('HGETALL', KEYS[1])
 for i = 1, #all, 2 do
   if all[i] ~= '_online' and tonumber(all[i + 1]) > 0 then return 0 end
@@ -132,6 +137,9 @@ class RedisTally:
     lost (docs/webhooks.md).
     """
 
+    #: Other nodes settle what this one leaves pending (``reap``).
+    shared = True
+
     def __init__(self, link: Any) -> None:
         self._link = link
         self.node = link.node_id.encode("utf-8")
@@ -160,7 +168,8 @@ class RedisTally:
         return d.addCallback(lambda reply: int(reply) == 1)
 
     def user_check(self, user: str) -> Deferred[bool]:
-        d = self._eval(_USER_CHECK, [self._user(user)])
+        keys = [self._user(user), self._node_users]
+        d = self._eval(_USER_CHECK, keys, self.node, user.encode("utf-8"))
         return d.addCallback(lambda reply: int(reply) == 1)
 
     def room_opened(self, room: str) -> Deferred[None]:
