@@ -9,6 +9,8 @@ Run from a checkout's root (the wheel does not ship the benchmarks)::
     python -m benchmarks --scenario cluster   # 2 nodes + Redis vs 1 node (~1 min)
     python -m benchmarks --scenario history,storm  # issue #14: history on vs off;
                                           # 10,000 clients resume at once
+    python -m benchmarks --scenario connect-auth,api  # issue #15: handshakes
+                                          # with a token vs without; the publish API
     python -m benchmarks --url ws://127.0.0.1:8080/ --pid 1234 --no-baselines
 
 Progress goes to stderr, the table to stdout, everything measured to the
@@ -30,6 +32,7 @@ from typing import Any
 
 from benchmarks import loadgen
 from benchmarks.cluster import run_cluster
+from benchmarks.integration import run_api, run_connect_auth
 from benchmarks.processes import ProcessRegistry, background_load, pick_cpus
 from benchmarks.report import (
     check_targets,
@@ -50,7 +53,12 @@ from benchmarks.servers import BASELINES, EXTRA_BASELINES, TLS_EXTRA_TARGETS
 from benchmarks.storm import run_storm
 from benchmarks.tls import make_tls_files
 
-SCENARIOS = ("fanout", "json", "rooms", "history", "storm", "connect", "echo")
+SCENARIOS = (
+    "fanout", "json", "rooms", "history", "storm", "connect", "echo",
+    "connect-auth", "api",
+)  # fmt: skip
+#: Scenarios that start their own servers with options of their own.
+OWN_SERVERS = ("cluster", "history", "connect-auth", "api")
 #: Fan-out variants whose baselines cannot take part: they speak no JSON
 #: (and keep no history).
 WEBCHAT_ONLY = ("json", "history")
@@ -114,7 +122,9 @@ def build_parser() -> argparse.ArgumentParser:
         help="fanout, json (the JSON codec's fan-out), rooms (1,000 rooms x 10), "
         "history (the JSON fan-out with --history 0 and with history on), "
         "storm (10,000 JSON clients resume at once, 50 messages behind), "
-        "connect, echo, all (= those seven), calibrate (the load "
+        "connect, echo, connect-auth (connect with --auth required and an HS256 "
+        "token vs --auth off, issue #15), api (publishing through POST "
+        "/api/rooms/r/messages, issue #15), all (= those nine), calibrate (the load "
         "generator against the C server) or cluster (2 nodes + Redis vs 1 node, "
         "issue #6); comma-separated [all]",
     )
@@ -231,6 +241,24 @@ def build_parser() -> argparse.ArgumentParser:
     )
     conn.add_argument("--echo-seconds", type=float, help="echo duration [5; quick: 2]")
 
+    app = parser.add_argument_group("connect-auth / api (issue #15)")
+    app.add_argument(
+        "--auth-tokens",
+        type=int,
+        help="connect-auth: rooms, a token each [1000; quick: 100]",
+    )
+    app.add_argument(
+        "--api-connections",
+        type=int,
+        help="api: keep-alive connections publishing [32; quick: 16]",
+    )
+    app.add_argument(
+        "--api-members", type=int, help="api: members counting deliveries [10]"
+    )
+    app.add_argument(
+        "--api-seconds", type=float, help="api: measured seconds [10; quick: 3]"
+    )
+
     run = parser.add_argument_group("where")
     run.add_argument(
         "--out", type=Path, default=DEFAULT_OUT, help="JSON results [%(default)s]"
@@ -272,6 +300,10 @@ def make_config(args: argparse.Namespace) -> BenchConfig:
         "storm_rooms": args.storm_rooms,
         "storm_behind": args.storm_behind,
         "storm_concurrency": args.storm_concurrency,
+        "auth_tokens": args.auth_tokens,
+        "api_connections": args.api_connections,
+        "api_members": args.api_members,
+        "api_seconds": args.api_seconds,
     }
     for name, value in overrides.items():
         if value is not None:
@@ -296,10 +328,17 @@ def _validate(parser: argparse.ArgumentParser, args: argparse.Namespace) -> list
         parser.error("--pid only goes with --url")
     if args.url and "cluster" in scenarios:
         parser.error("the cluster scenario starts its own nodes: not with --url")
-    if args.url and "history" in scenarios:
-        parser.error(
-            "the history scenario starts servers with --history: not with --url"
-        )
+    for name in OWN_SERVERS[1:]:
+        if args.url and name in scenarios:
+            parser.error(
+                f"the {name} scenario starts servers with its own options:"
+                " not with --url"
+            )
+    for name in ("auth_tokens", "api_connections", "api_seconds"):
+        if getattr(args, name) is not None and getattr(args, name) < 1:
+            parser.error(f"--{name.replace('_', '-')} must be >= 1")
+    if args.api_members is not None and args.api_members < 0:
+        parser.error("--api-members must be >= 0")
     for name in ("storm_clients", "storm_rooms", "storm_behind", "storm_concurrency"):
         if getattr(args, name) is not None and getattr(args, name) < 1:
             parser.error(f"--{name.replace('_', '-')} must be >= 1")
@@ -430,6 +469,14 @@ def _run_scenario(
         return
     if scenario == "storm":
         results["storm"] = _guarded(run_storm, bench)
+        write_json(out, document)
+        return
+    if scenario == "connect-auth":
+        results["connect-auth"] = _guarded(run_connect_auth, bench)
+        write_json(out, document)
+        return
+    if scenario == "api":
+        results["api"] = _undisturbed(run_api, bench)
         write_json(out, document)
         return
     if scenario in ("json", "rooms", "history"):

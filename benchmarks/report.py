@@ -11,6 +11,7 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any
 
+from benchmarks.integration import api_lines, connect_auth_lines, integration_checks
 from benchmarks.storm import storm_lines
 
 #: Issue #5's targets for webchat (1000 receivers, 64 B, server on one core).
@@ -256,6 +257,8 @@ def check_targets(results: dict[str, Any]) -> list[dict[str, Any]]:
             f"{connect['handshake_p99_ms']:.1f} ms",
             0 <= connect["handshake_p99_ms"] <= TARGET_HANDSHAKE_P99_MS,
         )
+    for name, value, shown, met, note in integration_checks(results):
+        check(name, value, shown, met, note)
     return checks
 
 
@@ -503,9 +506,13 @@ def render_table(document: dict[str, Any]) -> str:
     storm = results.get("storm")
     if storm:
         lines.extend(storm_lines(storm))
+    if results.get("connect-auth"):
+        lines.extend(connect_auth_lines(results["connect-auth"]))
+    if results.get("api"):
+        lines.extend(api_lines(results["api"]))
     checks = document.get("issue_targets") or []
     if checks:
-        lines.append("Targets (webchat; issues #5, #13 and #14):")
+        lines.append("Targets (webchat; issues #5, #13, #14 and #15):")
         for item in checks:
             verdict = {True: "met", False: "NOT met", None: "n/a"}[item["met"]]
             note = f" ({item['note']})" if item["note"] else ""

@@ -75,6 +75,15 @@ class BenchConfig:
     storm_rooms: int = 1000
     storm_behind: int = 50
     storm_concurrency: int = 1000
+    #: connect-auth (issue #15): rooms the connections are spread over, a
+    #: token each.
+    auth_tokens: int = 1000
+    #: api (issue #15): keep-alive connections publishing, members counting,
+    #: and the measured seconds after a warm-up.
+    api_connections: int = 32
+    api_members: int = 10
+    api_seconds: float = 10.0
+    api_warmup: float = 1.0
     quick: bool = False
 
     @classmethod
@@ -96,6 +105,9 @@ class BenchConfig:
             publish_requests=20_000,
             storm_clients=1000,
             storm_rooms=100,
+            auth_tokens=100,
+            api_connections=16,
+            api_seconds=3.0,
             quick=True,
         )
 
@@ -612,19 +624,37 @@ def _summarise_fanout(result: dict[str, Any], limit: float) -> None:
 # -- connect ---------------------------------------------------------------------
 
 
-def run_connect(bench: Bench, name: str, count: int) -> dict[str, Any]:
-    """Open ``count`` connections, 50 handshakes in flight; hold; RSS per connection."""
+def run_connect(
+    bench: Bench,
+    name: str,
+    count: int,
+    *,
+    variant: str = "",
+    server_args: list[str] | None = None,
+    prepare: Callable[[LoadGen], None] | None = None,
+) -> dict[str, Any]:
+    """
+    Open ``count`` connections, 50 handshakes in flight; hold; RSS per connection.
+
+    A ``variant`` (issue #15's ``auth-required``) starts webchat with
+    ``server_args`` too, and ``prepare`` sets up the load generator (rooms,
+    a token per room) before the first connection.
+    """
     cfg = bench.config
-    label = f"{name} connect {count:,}"
+    label = f"{name}{' ' + variant if variant else ''} connect {count:,}"
     result: dict[str, Any] = {
         "target": name,
         "requested": count,
         "concurrency": cfg.concurrency,
         "hold_seconds": cfg.hold_seconds,
     }
-    with bench.server(name) as server:
+    if variant:
+        result["variant"] = variant
+    with bench.server(name, server_args) as server:
         result["server"] = server.describe()
-        with bench.loadgen(server, f"{name}-connect") as generator:
+        with bench.loadgen(server, f"{name}-connect{variant}") as generator:
+            if prepare is not None:
+                prepare(generator)
             # Warm up: the first connections pay one-time costs (imports,
             # caches, arena growth) that are not a per-connection cost.
             generator.open("recv", min(50, count), cfg.concurrency, 30)

@@ -547,3 +547,76 @@ class BurstRunTests(SynchronousTestCase):
         self.assertLessEqual(mib["hwm_before_burst"], mib["hwm_after_burst"])
         self.assertEqual(len(figures["rounds_mib"]), 1)
         self.assertIn("peak_rise", result.stdout)
+
+
+@slow
+class IntegrationRunTests(SynchronousTestCase):
+    """Issue #15's scenarios at toy size: a token per handshake; the publish API."""
+
+    def test_connect_with_and_without_tokens_same_rooms(self):
+        from tests.test_integration_docs import server_option
+
+        server_option("auth", "h15auth")
+        document, output = run_bench(
+            "--quick", "--scenario", "connect-auth", "--no-baselines",
+            "--connections", "30", "--auth-tokens", "3", "--hold", "0.2",
+        )  # fmt: skip
+
+        self.assertEqual(document["status"], "complete")
+        auth = document["results"]["connect-auth"]
+        off, on = auth["auth-off"], auth["auth-required"]
+        for run in (off, on):
+            self.assertNotIn("error", run)
+            self.assertEqual((run["opened"], run["failed"]), (30, 0))
+            self.assertEqual(run["still_open_after_hold"], 30)
+        self.assertNotIn("--auth", off["server"]["command"])
+        command = on["server"]["command"]
+        self.assertEqual(command[command.index("--auth") + 1], "required")
+        self.assertEqual(auth["rooms"], 3)
+        self.assertGreater(auth["ratio"], 0)
+        (target,) = document["issue_targets"]
+        self.assertIn("--auth required (HS256) >= 75%", target["target"])
+        self.assertIn("required / off", output)
+
+    def test_api_publishes_reach_every_member(self):
+        from tests.test_integration_docs import server_option
+
+        server_option("api-key-file", "h15api")
+        document, output = run_bench(
+            "--quick", "--scenario", "api", "--no-baselines",
+            "--api-seconds", "1", "--api-connections", "2", "--api-members", "3",
+        )  # fmt: skip
+
+        self.assertEqual(document["status"], "complete")
+        api = document["results"]["api"]
+        self.assertNotIn("error", api)
+        self.assertGreater(api["requests"], 0)
+        self.assertEqual(api["status"]["2xx"], api["requests"])
+        self.assertEqual((api["errors"], api["unanswered"]), (0, 0))
+        self.assertTrue(api["members_got_all"])
+        self.assertEqual(api["member_frames_min"], api["accepted_total"])
+        self.assertLessEqual(api["p50_ms"], api["p99_ms"])
+        self.assertGreater(api["server_cpu_us_per_request"], 0)
+        # The baseline on the same server: GET /healthz, all answered 200.
+        healthz = api["healthz"]
+        self.assertEqual(healthz["status"]["2xx"], healthz["requests"])
+        self.assertGreater(healthz["requests"], 0)
+        self.assertGreater(healthz["server_cpu_us_per_request"], 0)
+        self.assertIn("GET /healthz on the same server", output)
+
+
+class IntegrationOptionTests(SynchronousTestCase):
+    """Issue #15's scenarios: what the command line refuses (exit status 2)."""
+
+    def refused(self, *argv: str) -> None:
+        with self.assertRaises(SystemExit) as stopped:
+            bench_main(list(argv))
+        self.assertEqual(stopped.exception.code, 2)
+
+    def test_sizes_below_one(self):
+        for option in ("--auth-tokens", "--api-connections", "--api-seconds"):
+            self.refused("--scenario", "connect-auth,api", option, "0")
+
+    def test_they_start_servers_of_their_own(self):
+        for scenario in ("connect-auth", "api"):
+            self.refused("--scenario", scenario, "--url", "ws://127.0.0.1:1/")
