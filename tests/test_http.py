@@ -418,8 +418,14 @@ class MetricsAccessTests(HTTPMixin, TestCase):
 class ResponseDeadlineClockTests(FakeClockMixin, SynchronousTestCase):
     """The same deadline on a fake clock: exactly when it fires, and when not."""
 
+    handshake_timeout = 10
+    response_timeout = 30
+
     def setUp(self):
-        self.make_factory(handshake_timeout=10, response_timeout=30)
+        self.make_factory(
+            handshake_timeout=self.handshake_timeout,
+            response_timeout=self.response_timeout,
+        )
         root = Path(self.mktemp()).resolve()
         root.mkdir(parents=True)
         (root / "big.bin").write_bytes(b"x" * (1 << 20))
@@ -487,16 +493,7 @@ class ResponseDeadlineClockTests(FakeClockMixin, SynchronousTestCase):
 class ShortResponseDeadlineClockTests(ResponseDeadlineClockTests):
     """A response deadline sooner than the request deadline still holds."""
 
-    def setUp(self):
-        self.make_factory(handshake_timeout=10, response_timeout=2)
-        root = Path(self.mktemp()).resolve()
-        root.mkdir(parents=True)
-        (root / "big.bin").write_bytes(b"x" * (1 << 20))
-        self.site = make_site(self.factory, web_root=root)
-        self.channel = self.site.buildProtocol(PEER)
-        self.transport = Transport(peerAddress=PEER)
-        self.channel.makeConnection(self.transport)
-        self.addCleanup(self.disconnect)
+    response_timeout = 2
 
     def test_a_response_not_sent_in_time_is_aborted(self):
         self.clock.advance(5)
