@@ -31,7 +31,7 @@ test: $(BIN)/.installed
 	$(BIN)/ruff check src tests twisted benchmarks
 
 ## test-fast: the socket-free and in-process-server tests only (pytest -m "not slow"),
-##            under 30 s: for after every small change; `make test` before a commit
+##            ~35 s: for after every small change; `make test` before a commit
 test-fast: $(BIN)/.installed
 	$(BIN)/python -m pytest -q -m "not slow"
 

@@ -78,6 +78,7 @@ class WebhookChatMixin(ServerMixin):
         return sender
 
 
+@slow  # a real HTTP receiver, and seconds of waiting for retries
 class WebhookEventTests(WebhookChatMixin, TestCase):
     @inlineCallbacks
     def test_message_and_room_vacated(self):
@@ -182,6 +183,7 @@ class WebhookEventTests(WebhookChatMixin, TestCase):
         self.assertEqual(receiver.bad, [])
 
 
+@slow  # a real HTTP receiver, and seconds of waiting for retries
 class StalledReceiverTests(WebhookChatMixin, TestCase):
     @inlineCallbacks
     def test_a_receiver_that_never_answers_never_slows_the_chat(self):
@@ -202,6 +204,7 @@ class StalledReceiverTests(WebhookChatMixin, TestCase):
         self.assertEqual(len(full), 1)
 
 
+@slow  # a real HTTP receiver, and seconds of waiting for retries
 class FloodedQueueTests(WebhookChatMixin, TestCase):
     @inlineCallbacks
     def test_a_room_vacated_flood_does_not_crowd_out_user_offline(self):
@@ -289,6 +292,7 @@ class TwistdWebhookTests(TestCase):
         self.assertNotIn("HTTP11ClientFactory", text)  # quiet pool
 
 
+@slow  # a real HTTP receiver, and seconds of waiting for retries
 class ClosingReceiverTests(WebhookChatMixin, TestCase):
     @inlineCallbacks
     def test_a_receiver_that_closes_after_each_answer_costs_no_retries(self):
@@ -335,6 +339,7 @@ class DrippingReceiver(Protocol):
             self.drip.stop()
 
 
+@slow  # a real HTTP receiver, and seconds of waiting for retries
 class HostileReceiverTests(TestCase):
     """A timed-out request lets go of its connection and is counted a timeout."""
 
