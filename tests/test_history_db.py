@@ -21,8 +21,10 @@ from twisted.trial.unittest import SynchronousTestCase, TestCase
 from websockets.sync.client import connect
 
 from tests.support import LogCapture, ServerMixin, Twistd, deferLater, slow
+from tests.test_auth import SECRET, hs256
 from tests.test_rooms import SUBPROTOCOL, connect_json
 from tests.test_tap import listening_ports
+from webchat.auth import TokenVerifier
 from webchat.history.sqlite import SQLiteHistory
 from webchat.limits import Limits
 
@@ -38,7 +40,7 @@ class SQLiteServerMixin(ServerMixin):
         return str(directory / "history.db")
 
     @inlineCallbacks
-    def start_with_db(self, path: str):
+    def start_with_db(self, path: str, **factory_kwargs):
         # The database is opened before the server starts: log from here on.
         self.db_logs = LogCapture()
         globalLogPublisher.addObserver(self.db_logs)
@@ -49,7 +51,9 @@ class SQLiteServerMixin(ServerMixin):
         self.history.startService()
         # Added first, so it runs last: after the server and its clients.
         self.addCleanup(self.history.stopService)
-        yield self.start_server(limits=self.limits, history=self.history)
+        yield self.start_server(
+            limits=self.limits, history=self.history, **factory_kwargs
+        )
 
     @inlineCallbacks
     def json_events_until(self, client, done):
@@ -166,6 +170,68 @@ class WriteFailureTests(SQLiteServerMixin, TestCase):
         self.assertEqual(self.history.stats.write_failures, 2)
         bob.send_text("and on")
         self.assertEqual((yield alice.received.get()), "id 2: and on")
+
+
+class SignedUserTests(SQLiteServerMixin, TestCase):
+    @inlineCallbacks
+    def test_a_signed_user_s_message_is_replayed_with_its_user(self):
+        """
+        Issue #15: the same user is the same ``user`` in JSON events, a
+        replay from the database included; a database written before the
+        ``user`` column existed is given it, and its old rows stay anonymous.
+        """
+        path = self.db_path()
+        now_ms = int(reactor.seconds() * 1000)
+        old = sqlite3.connect(path)
+        with old:
+            old.execute(
+                "CREATE TABLE rooms (room TEXT PRIMARY KEY, epoch TEXT NOT NULL,"
+                " last_offset INTEGER NOT NULL, newest_ms INTEGER NOT NULL)"
+            )
+            old.execute(
+                "CREATE TABLE messages (room TEXT NOT NULL, offset INTEGER NOT NULL,"
+                " sender_id INTEGER NOT NULL, name TEXT NOT NULL, text BLOB NOT NULL,"
+                " ts INTEGER NOT NULL, PRIMARY KEY (room, offset)) WITHOUT ROWID"
+            )
+            old.execute("INSERT INTO rooms VALUES ('lobby', 'E0', 1, ?)", (now_ms,))
+            old.execute(
+                "INSERT INTO messages VALUES ('lobby', 1, 3, 'bo', X'6f6c64', ?)",
+                (now_ms,),
+            )
+        old.close()
+        verifier = TokenVerifier(secret=SECRET, clock=reactor.seconds)
+        yield self.start_with_db(path, auth="optional", verifier=verifier)
+        alice, bob = yield self.connect_many(2)  # anonymous bystanders
+        port = self.port.getHost().port
+        ann = yield connect_json(port, f"/?token={hs256(sub='u-42', name='Ann')}")
+        self.clients.append(ann)
+        yield self.json_events_until(ann, lambda got: got[-1]["offset"] == 1)
+        ann.send_text(json.dumps({"type": "message", "text": "signed"}))
+        self.assertRegex((yield alice.received.get()), r"^id \d+: signed$")
+        self.assertRegex((yield bob.received.get()), r"^id \d+: signed$")
+        alice.send_text("anonymous")
+        self.assertEqual((yield bob.received.get()), "id 1: anonymous")
+        ann.sendClose()
+        yield ann.closed
+        carl = yield connect_json(port, "/?name=carl")
+        self.clients.append(carl)
+        got = yield self.json_events_until(carl, lambda got: len(got) == 4)
+        replayed = [
+            (e["offset"], e["name"], e.get("user"), e["text"], e["history"])
+            for e in got[1:]
+        ]
+        self.assertEqual(
+            replayed,
+            [
+                (1, "bo", None, "old", True),
+                (2, "Ann", "u-42", "signed", True),
+                (3, "guest-1", None, "anonymous", True),
+            ],
+        )
+        self.assertEqual(self.history.stats.write_failures, 0)
+        self.assertEqual(
+            [line for line in self.db_logs.lines if "error" in line.lower()], []
+        )
 
 
 @slow

@@ -9,6 +9,11 @@ queued before them, so a read sees every message flushed before it was
 asked.  Offsets and epochs stay in memory (one small entry per room) and
 are assigned by the node, synchronously, as for the memory store.
 
+A message is kept with what a replay shows of it: the sender's id, name
+and user id (``user``: --auth's ``sub``, '' when anonymous), its time and
+offset.  A database written before the ``user`` column existed is given
+it when opened; its old rows are anonymous.
+
 What a crash can lose: the database is in WAL mode with ``synchronous =
 NORMAL``, so a committed batch survives the process being killed (``kill
 -9``); what is lost is the batch of the turn in progress and any batch
@@ -48,9 +53,12 @@ _SCHEMA = (
     " last_offset INTEGER NOT NULL, newest_ms INTEGER NOT NULL)",
     "CREATE TABLE IF NOT EXISTS messages (room TEXT NOT NULL,"
     " offset INTEGER NOT NULL, sender_id INTEGER NOT NULL, name TEXT NOT NULL,"
-    " text BLOB NOT NULL, ts INTEGER NOT NULL, PRIMARY KEY (room, offset))"
-    " WITHOUT ROWID",
+    " text BLOB NOT NULL, ts INTEGER NOT NULL, user TEXT NOT NULL DEFAULT '',"
+    " PRIMARY KEY (room, offset)) WITHOUT ROWID",
 )
+#: A database written before messages kept their sender's user id (--auth)
+#: has no ``user`` column: it is added, and its old rows are anonymous ('').
+_ADD_USER = "ALTER TABLE messages ADD COLUMN user TEXT NOT NULL DEFAULT ''"
 
 
 class SQLiteHistory(Service):
@@ -97,6 +105,9 @@ class SQLiteHistory(Service):
             with db:
                 for statement in _SCHEMA:
                     db.execute(statement)
+                columns = {row[1] for row in db.execute("PRAGMA table_info(messages)")}
+                if "user" not in columns:
+                    db.execute(_ADD_USER)
                 if self.ttl:
                     oldest = int((self._reactor.seconds() - self.ttl) * 1000)
                     db.execute("DELETE FROM messages WHERE ts < ?", (oldest,))
@@ -149,7 +160,8 @@ class SQLiteHistory(Service):
             return
         if self.limit:
             self._batch.extend(
-                (room, m.offset, m.sender_id, m.name, m.text, m.ts) for m in messages
+                (room, m.offset, m.sender_id, m.name, m.text, m.ts, m.user)
+                for m in messages
             )
         self._touched.add(room)
         if self._write_call is None:
@@ -223,7 +235,9 @@ class SQLiteHistory(Service):
             raise sqlite3.OperationalError("the database is not open")
         with db:
             db.executemany(
-                "INSERT OR REPLACE INTO messages VALUES (?, ?, ?, ?, ?, ?)", rows
+                "INSERT OR REPLACE INTO messages (room, offset, sender_id, name,"
+                " text, ts, user) VALUES (?, ?, ?, ?, ?, ?, ?)",
+                rows,
             )
             db.executemany("INSERT OR REPLACE INTO rooms VALUES (?, ?, ?, ?)", rooms)
             if self.limit:
@@ -237,11 +251,12 @@ class SQLiteHistory(Service):
         if db is None:
             return []
         rows = db.execute(
-            "SELECT sender_id, text, name, ts, offset FROM messages WHERE room = ?"
-            " AND offset > ? AND offset <= ? AND ts >= ? ORDER BY offset",
+            "SELECT sender_id, text, name, ts, offset, user FROM messages"
+            " WHERE room = ? AND offset > ? AND offset <= ? AND ts >= ?"
+            " ORDER BY offset",
             (room, after, upto, oldest),
         ).fetchall()
         return [
-            Message(sender_id, bytes(text), 0.0, 0, room, name, ts, offset)
-            for sender_id, text, name, ts, offset in rows
+            Message(sender_id, bytes(text), 0.0, 0, room, name, ts, offset, user=user)
+            for sender_id, text, name, ts, offset, user in rows
         ]
