@@ -973,3 +973,23 @@ class ClusterAuthTests(Cluster):
             for token in (token1, token2, token3):
                 self.assertNotIn(token, server.log())
         self.logs_are_clean()
+
+    def test_a_message_replayed_from_redis_keeps_its_user(self):
+        """
+        The history in Redis keeps a signed sender's user: a joiner of
+        another node, after the sender has gone, sees the same ``user`` the
+        live message had.
+        """
+        ann, _, _ = self.signed(0, "u-1", "Ann")
+        ann.send(json.dumps({"type": "message", "text": "kept", "ref": 1}))
+        self.next_event(ann, "ack", ref=1)
+        ann.close()
+        bob, welcome, _ = self.signed(1, "u-2", "Bob")
+        self.assertEqual(welcome["offset"], 1)
+        replayed = self.next_event(bob, "message")
+        self.assertEqual(
+            (replayed["text"], replayed["name"], replayed.get("user")),
+            ("kept", "Ann", "u-1"),
+        )
+        self.assertIs(replayed["history"], True)
+        self.logs_are_clean()

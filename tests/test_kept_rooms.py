@@ -154,6 +154,23 @@ class KeptRoomTests(SynchronousTestCase):
         self.pump.pump()
         self.assertEqual(self.live(client, seen), [(6, True), (7, True), (8, False)])
 
+    def test_missed_messages_read_back_keep_their_user(self):
+        # Issue #15: the catch-up shows a signed sender's user as kept with
+        # the message, though its node's presence no longer knows it.
+        client = self.open_room_at_5()
+        seen = len(self.events(client))
+        self.streams.kept[5] = self.streams.kept[5]._replace(user="u-9")
+        self.streams.read = lambda room, after, upto: succeed(  # type: ignore[method-assign]
+            [m for m in self.streams.kept if after < m.offset <= upto]
+        )
+        self.factory.deliver_kept(kept(8))
+        self.pump.pump()
+        said = [e for e in self.events(client)[seen:] if e["type"] == "message"]
+        self.assertEqual(
+            [(m["offset"], m.get("user")) for m in said],
+            [(6, "u-9"), (7, None), (8, None)],
+        )
+
     def test_a_catch_up_read_that_fails_is_tried_again_before_newer_ones(self):
         # A restarted Redis answers LOADING for a moment: the newer message
         # waits for the missed ones instead of moving the room past them.

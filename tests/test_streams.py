@@ -104,6 +104,33 @@ class RoomStreamsTests(RedisTestCase):
         self.assertEqual([m.text for m in got], [b"new"])  # no old epoch's
 
     @inlineCallbacks
+    def test_a_signed_sender_s_user_is_kept_and_an_anonymous_entry_does_not_grow(
+        self,
+    ):
+        """
+        Issue #15: a replay from Redis shows a signed sender's ``user``, as
+        the live message did; an anonymous one's entry has the four fields it
+        always had, and an entry without ``user`` reads as anonymous.
+        """
+        (store,) = yield self.start(nodes=1)
+        yield store.append("r", 7, "Ann", 1000, b"signed", user="u 42 \u00e9")
+        yield store.append("r", 8, "guest-8", 1001, b"anonymous")
+        got = yield store.read("r", 0, 2)
+        self.assertEqual(
+            [(m.text, m.name, m.user) for m in got],
+            [(b"signed", "Ann", "u 42 \u00e9"), (b"anonymous", "guest-8", "")],
+        )
+        stream = "webchat:webchat:stream:r"
+        (_, signed), (_, anonymous) = self.server.command("XRANGE", stream, "-", "+")
+        self.assertEqual(signed[0::2], [b"id", b"name", b"ts", b"text", b"user"])
+        self.assertEqual(anonymous[0::2], [b"id", b"name", b"ts", b"text"])
+        # Kept by an earlier version, or not a user admission gives out.
+        self.server.command("XADD", stream, "3-0", "id", "9", "name", "x", "ts",
+                            "1002", "text", "old", "user", "\x1b")  # fmt: skip
+        (old,) = yield store.read("r", 2, 3)
+        self.assertEqual((old.text, old.user), (b"old", ""))
+
+    @inlineCallbacks
     def test_messages_older_than_the_ttl_are_not_read(self):
         now = [10_000.0]
         (store,) = yield self.start(nodes=1, ttl=60, clock=lambda: now[0])

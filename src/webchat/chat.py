@@ -942,7 +942,12 @@ class WebChatFactory(WebSocketServerFactory):
             d: Deferred[Any] = fail(ConnectionError("the Redis link is down"))
         else:
             d = self.link.append_message(
-                room.name, sender.chat_id, sender.chat_name, ts, payload
+                room.name,
+                sender.chat_id,
+                sender.chat_name,
+                ts,
+                payload,
+                _user_of(sender) or "",
             )
         d.addErrback(self._not_kept, sender, room, entry)
         return max(len(room) - 1, 0)
@@ -972,7 +977,12 @@ class WebChatFactory(WebSocketServerFactory):
         if self.app_events is not None:
             self._said(room.name, sender, entry.text, None, entry.ts)
         self.link.keep_later(
-            room.name, sender.chat_id, sender.chat_name, entry.ts, entry.text
+            room.name,
+            sender.chat_id,
+            sender.chat_name,
+            entry.ts,
+            entry.text,
+            _user_of(sender) or "",
         )
         if entry.ref is not _NO_ACK:
             self._tell(
@@ -1169,7 +1179,9 @@ class WebChatFactory(WebSocketServerFactory):
                     offset=message.offset,
                     ts=message.ts or None,
                     delayed=heard.get(message.offset, True),
-                    user=self._remote_user(message.sender_id),
+                    # Kept with it; else (kept before entries carried it)
+                    # as its node's presence says, if it is still there.
+                    user=message.user or self._remote_user(message.sender_id),
                 )
 
         def failed(failure: Failure) -> bool:

@@ -209,10 +209,10 @@ class RedisRelay(Service):
         self.on_stream: Callable[[Envelope], None] | None = None
         #: Messages said here that Redis could not keep (it was away), in
         #: order, to append when it is back (``keep_later``): room, id,
-        #: name, ts, text.  At most ``outage_buffer``; ``outage_dropped``
-        #: counts those past it.
+        #: name, ts, text, user.  At most ``outage_buffer``;
+        #: ``outage_dropped`` counts those past it.
         self.outage_buffer = outage_buffer
-        self.later: deque[tuple[str, int, str, int, bytes]] = deque()
+        self.later: deque[tuple[str, int, str, int, bytes, str]] = deque()
         self.outage_dropped = 0
         self._dropping = False
         #: Called when the link is up again, before the late messages are
@@ -527,12 +527,14 @@ class RedisRelay(Service):
         name: str,
         ts: int,
         text: bytes,
+        user: str = "",
         delayed: bool = False,
     ) -> Deferred[tuple[int, str]]:
         """
-        Keep ``text`` in ``room``'s Stream and PUBLISH it with its offset,
-        to every node, this one included (``on_stream``); fires with
-        (offset, epoch), or fails at once while Redis is away.
+        Keep ``text`` (from ``user``, if signed) in ``room``'s Stream and
+        PUBLISH it with its offset, to every node, this one included
+        (``on_stream``); fires with (offset, epoch), or fails at once while
+        Redis is away.
         """
         if self.streams is None:
             raise RuntimeError("keep_history() first")
@@ -541,14 +543,14 @@ class RedisRelay(Service):
             self.node_id, room, chat_id, ts, name, text, delayed
         )
         d = self.streams.append(
-            room, chat_id, name, ts, text, self._channel_bytes, parts
+            room, chat_id, name, ts, text, self._channel_bytes, parts, user
         )
         if self._publisher.protocol is not None:
             self.published += 1  # a PUBLISH too, inside the script
         return d
 
     def keep_later(
-        self, room: str, chat_id: int, name: str, ts: int, text: bytes
+        self, room: str, chat_id: int, name: str, ts: int, text: bytes, user: str = ""
     ) -> bool:
         """
         Redis could not keep this message (it is away): keep it here until
@@ -570,7 +572,7 @@ class RedisRelay(Service):
                     count=self.outage_buffer,
                 )
             return False
-        self.later.append((room, chat_id, name, ts, text))
+        self.later.append((room, chat_id, name, ts, text, user))
         return True
 
     def _append_later(self) -> None:
@@ -589,7 +591,7 @@ class RedisRelay(Service):
             d.addErrback(self._not_appended_later, message)
 
     def _not_appended_later(
-        self, failure: Failure, message: tuple[str, int, str, int, bytes]
+        self, failure: Failure, message: tuple[str, int, str, int, bytes, str]
     ) -> None:
         # Gone again (or refused): kept for the next time it is back.
         self.keep_later(*message)

@@ -8,7 +8,9 @@ room has been idle for ``--history-ttl``:
   epoch, ``webchat.history``) and ``offset`` (the last offset given out);
 * ``webchat:<channel>:stream:<room>``: a Stream of the room's messages,
   entry id ``<offset>-0`` (so a range of offsets is one ``XRANGE``), fields
-  ``id``, ``name``, ``ts``, ``text``, trimmed ``MAXLEN ~ --history``.
+  ``id``, ``name``, ``ts``, ``text`` and, for a signed sender only (--auth),
+  ``user`` (an anonymous one's entry is as it always was, and an entry
+  without ``user`` reads as anonymous), trimmed ``MAXLEN ~ --history``.
 
 ``APPEND`` is one Lua script per message: it bumps the room's offset, adds
 the entry and PUBLISHes the caller's envelope with the offset (and epoch)
@@ -32,6 +34,7 @@ from typing import Any
 
 from twisted.internet.defer import Deferred
 
+from webchat.auth import is_user_id
 from webchat.codecs import Message
 from webchat.history import EPOCH, HistoryCounts, new_epoch
 from webchat.limits import HISTORY, HISTORY_TTL, MAX_HISTORY_ROOMS
@@ -40,7 +43,8 @@ from webchat.limits import HISTORY, HISTORY_TTL, MAX_HISTORY_ROOMS
 #: epoch to start if the room has none, MAXLEN, TTL (s, 0 = none), the
 #: sender's id, name, ts, the text, the channel, then the envelope in three
 #: parts: before the offset, between offset and epoch, after the epoch
-#: ('' channel: publish nothing).  Returns {offset, epoch}.
+#: ('' channel: publish nothing), then the sender's user id ('': anonymous,
+#: and the entry has no ``user`` field).  Returns {offset, epoch}.
 _APPEND = """
 local epoch = redis.call('HGET', KEYS[1], 'epoch')
 if not epoch then
@@ -50,8 +54,14 @@ if not epoch then
 end
 local offset = redis.call('HINCRBY', KEYS[1], 'offset', 1)
 if tonumber(ARGV[2]) > 0 then
-  redis.call('XADD', KEYS[2], 'MAXLEN', '~', ARGV[2], offset .. '-0',
-             'id', ARGV[4], 'name', ARGV[5], 'ts', ARGV[6], 'text', ARGV[7])
+  if ARGV[12] ~= '' then
+    redis.call('XADD', KEYS[2], 'MAXLEN', '~', ARGV[2], offset .. '-0',
+               'id', ARGV[4], 'name', ARGV[5], 'ts', ARGV[6], 'text', ARGV[7],
+               'user', ARGV[12])
+  else
+    redis.call('XADD', KEYS[2], 'MAXLEN', '~', ARGV[2], offset .. '-0',
+               'id', ARGV[4], 'name', ARGV[5], 'ts', ARGV[6], 'text', ARGV[7])
+  end
 end
 if ARGV[3] ~= '0' then
   redis.call('EXPIRE', KEYS[1], ARGV[3])
@@ -118,9 +128,11 @@ class RoomStreams:
         text: bytes,
         channel: bytes = b"",
         envelope: tuple[bytes, bytes, bytes] = (b"", b"", b""),
+        user: str = "",
     ) -> Deferred[tuple[int, str]]:
         """
-        Give ``text`` the room's next offset, keep it, and PUBLISH
+        Give ``text`` the room's next offset, keep it (with the sender's
+        ``user`` id if signed, for a replay to show), and PUBLISH
         ``envelope[0] + offset + envelope[1] + epoch + envelope[2]`` on
         ``channel`` (none if empty), all at once; fires with (offset, epoch).
         """
@@ -142,6 +154,7 @@ class RoomStreams:
             before,
             between,
             after,
+            user.encode("utf-8"),
         )
         return d.addCallback(lambda reply: (_int(reply[0]), _epoch(reply[1])))
 
@@ -229,6 +242,7 @@ def _messages(reply: Any, room: str, oldest: int) -> list[Message]:
                 _text(values.get(b"name", b"")),
                 ts,
                 _int(entry_id.split(b"-", 1)[0]),
+                user=_user(values.get(b"user", b"")),
             )
         )
     return out
@@ -245,6 +259,19 @@ def _int(value: Any) -> int:
 def _text(value: Any) -> str:
     text = value.decode("utf-8") if isinstance(value, bytes) else str(value)
     return text
+
+
+def _user(value: Any) -> str:
+    """
+    A kept message's user id: "" (anonymous) if the entry has none (kept
+    anonymously, or before entries carried it) or one admission would not
+    have given out.
+    """
+    try:
+        user = _text(value)
+    except UnicodeDecodeError:
+        return ""
+    return user if is_user_id(user) else ""
 
 
 def _epoch(value: Any) -> str:
