@@ -136,6 +136,20 @@ class HistoryPageMixin(BrowserMixin):
         )
         self.assert_connected(page, timeout=RECONNECT)
 
+    def bob_and_ann_said_before(self) -> tuple[JsonPeer, Page]:
+        """
+        bob and ann's page (which can go offline) in room team, with one
+        message each said and delivered: ("bob", "before") at offset 1 and
+        ("ann (you)", "mine before") at 2.
+        """
+        bob = self.bob("team")
+        ann = self.open_tab("/r/team", name="ann", script=OFFLINE_SWITCH)
+        bob.say("before")
+        self.wait_for_messages(ann, 1)
+        self.type_message(ann, "mine before")
+        self.wait_for_delivered(ann, 2)
+        return bob, ann
+
     def offsets(self, page: Page) -> list[int]:
         return page.evaluate(
             "() => [...document.querySelectorAll('#messages > li.message')]"
@@ -200,12 +214,7 @@ class JoinHistoryPageTests(HistoryPageMixin, SynchronousTestCase):
         self.assertEqual(self.offsets(ann), [1, 2, 3, 4, 5])
 
     def test_a_dropped_connection_misses_nothing(self) -> None:
-        bob = self.bob("team")
-        ann = self.open_tab("/r/team", name="ann", script=OFFLINE_SWITCH)
-        bob.say("before")
-        self.wait_for_messages(ann, 1)
-        self.type_message(ann, "mine before")
-        self.wait_for_delivered(ann, 2)
+        bob, ann = self.bob_and_ann_said_before()
 
         self.go_offline(ann, drop=True)
         for text in ("while away 1", "while away 2", "while away 3"):
@@ -470,12 +479,7 @@ class RedisOutagePageTests(HistoryPageMixin, SynchronousTestCase):
             peer.close()
 
     def test_a_message_said_in_an_outage_is_shown_once_after_a_resume(self) -> None:
-        bob = self.bob("team")
-        ann = self.open_tab("/r/team", name="ann", script=OFFLINE_SWITCH)
-        bob.say("before")
-        self.wait_for_messages(ann, 1)
-        self.type_message(ann, "mine before")
-        self.wait_for_delivered(ann, 2)
+        bob, ann = self.bob_and_ann_said_before()
 
         self.redis.shutdown()
         self.server.wait_for_log("Redis link lost")
