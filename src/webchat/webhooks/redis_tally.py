@@ -32,6 +32,19 @@ from typing import Any
 
 from twisted.internet.defer import Deferred
 
+#: A Lua function the user scripts open with: whether any node holds a
+#: connection of the user whose hash is ``key`` (every field but
+#: ``_online`` is a node's count).  One definition, so "online" means the
+#: same when a connection closes, after the delay and when a node is reaped.
+_CONNECTED = """
+local function connected(key)
+  local all = redis.call('HGETALL', key)
+  for i = 1, #all, 2 do
+    if all[i] ~= '_online' and tonumber(all[i + 1]) > 0 then return true end
+  end
+  return false
+end
+"""
 #: KEYS: user hash, node's users, nodes.  ARGV: node, user.
 #: 1 if the user was not online: this node announces it.
 _USER_OPEN = """
@@ -44,33 +57,33 @@ return redis.call('HSETNX', KEYS[1], '_online', '1')
 #: 1 if no node has a connection of the user now (check again later).  The
 #: user stays in the node's users until that check: should the node stop
 #: (or die) first, the reaping node does it.
-_USER_CLOSE = """
+_USER_CLOSE = (
+    _CONNECTED
+    + """
 if redis.call('HINCRBY', KEYS[1], ARGV[1], -1) <= 0 then
   redis.call('HDEL', KEYS[1], ARGV[1])
 end
-local all = redis.call('HGETALL', KEYS[1])
-for i = 1, #all, 2 do
-  if all[i] ~= '_online' and tonumber(all[i + 1]) > 0 then return 0 end
-end
+if connected(KEYS[1]) then return 0 end
 return 1
 """
+)
 #: KEYS: user hash, node's users.  ARGV: node, user.  1 if still no
 #: connection and still announced online: the caller announces
 #: user.offline (and nobody else will).
-_USER_CHECK = """
+_USER_CHECK = (
+    _CONNECTED
+    + """
 if redis.call('HEXISTS', KEYS[1], ARGV[1]) == 0 then
   redis.call('SREM', KEYS[2], ARGV[2])
 end
-local all = redis.call('HGETALL', KEYS[1])
-for i = 1, #all, 2 do
-  if all[i] ~= '_online' and tonumber(all[i + 1]) > 0 then return 0 end
-end
+if connected(KEYS[1]) then return 0 end
 if redis.call('HDEL', KEYS[1], '_online') == 1 then
   redis.call('DEL', KEYS[1])
   return 1
 end
 return 0
 """
+)
 #: KEYS: room hash, node's rooms, nodes.  ARGV: node, room.
 _ROOM_OPEN = """
 redis.call('HINCRBY', KEYS[1], ARGV[1], 1)
@@ -90,7 +103,9 @@ return 0
 #: KEYS: nodes.  ARGV: key prefix, this node.  The contributions of every
 #: node without a presence hash go; returns {users now offline, rooms now
 #: empty}, each to announce by the caller alone.
-_REAP = """
+_REAP = (
+    _CONNECTED
+    + """
 local prefix = ARGV[1]
 local offline, vacated = {}, {}
 for _, node in ipairs(redis.call('SMEMBERS', KEYS[1])) do
@@ -99,12 +114,7 @@ for _, node in ipairs(redis.call('SMEMBERS', KEYS[1])) do
     for _, user in ipairs(redis.call('SMEMBERS', users)) do
       local key = prefix .. 'hooks:user:' .. user
       redis.call('HDEL', key, node)
-      local live = false
-      local all = redis.call('HGETALL', key)
-      for i = 1, #all, 2 do
-        if all[i] ~= '_online' and tonumber(all[i + 1]) > 0 then live = true end
-      end
-      if not live and redis.call('HDEL', key, '_online') == 1 then
+      if not connected(key) and redis.call('HDEL', key, '_online') == 1 then
         redis.call('DEL', key)
         table.insert(offline, user)
       end
@@ -123,6 +133,7 @@ for _, node in ipairs(redis.call('SMEMBERS', KEYS[1])) do
 end
 return {offline, vacated}
 """
+)
 
 
 def _text(value: Any) -> str:
