@@ -17,6 +17,7 @@ from twisted.internet.task import Clock
 from twisted.logger import globalLogPublisher
 from twisted.python.usage import UsageError
 from twisted.trial.unittest import TestCase
+from twisted.web.http import datetimeToString
 
 from tests.support import ROOT, LogCapture
 from webchat.limits import (
@@ -35,7 +36,7 @@ from webchat.webhooks import (
     sign,
     verify,
 )
-from webchat.webhooks.sender import safe_url
+from webchat.webhooks.sender import Answer, retry_after_seconds, safe_url
 
 SECRET = b"s3cret-webhook-key"
 
@@ -45,16 +46,16 @@ class FakeReceiver:
 
     def __init__(self) -> None:
         self.requests: list[tuple[str, bytes, dict[str, str]]] = []
-        self.answers: list[Deferred[int]] = []
+        self.answers: list[Deferred[Answer]] = []
 
-    def post(self, url: str, body: bytes, headers: dict[str, str]) -> Deferred[int]:
+    def post(self, url: str, body: bytes, headers: dict[str, str]) -> Deferred[Answer]:
         self.requests.append((url, body, headers))
-        d: Deferred[int] = Deferred()
+        d: Deferred[Answer] = Deferred()
         self.answers.append(d)
         return d
 
-    def answer(self, status: int) -> None:
-        self.answers[-1].callback(status)
+    def answer(self, status: int, retry_after: str = "") -> None:
+        self.answers[-1].callback(Answer(status, retry_after))
 
 
 def make_sender(clock, receiver, **kwargs) -> WebhookSender:
@@ -172,6 +173,43 @@ class SenderTests(TestCase, Logged):
         self.assertTrue(
             any("delivered again after 7" in line for line in self.logs.lines)
         )
+
+    def test_retry_after_on_429_and_503_is_waited_out_up_to_the_cap(self):
+        sender = make_sender(self.clock, self.receiver, retry_initial=0.5, retry_max=8)
+        sender.enqueue("ev", b"body")
+        # (answer, Retry-After) -> seconds until the next try; the backoff
+        # alone would be 0.5, 1, 2, 4, 8.
+        cases = [
+            (503, "86400", 8.0),  # no longer than the backoff's cap
+            (503, "2", 2.0),  # seconds: waited out
+            (429, "a date 3 s ahead", 3.0),  # an HTTP date
+            (500, "30", 4.0),  # only 429 and 503 say when: the backoff
+            (503, "soon", 8.0),  # not a Retry-After: the backoff
+        ]
+        for status, retry_after, wait in cases:
+            if retry_after.startswith("a date"):
+                retry_after = datetimeToString(self.clock.seconds() + 3).decode()
+            self.receiver.answer(status, retry_after)
+            self.assertEqual(
+                sender._retry.getTime() - self.clock.seconds(), wait, retry_after
+            )
+            self.clock.advance(wait)
+        self.assertEqual(len(self.receiver.requests), len(cases) + 1)
+        self.receiver.answer(200)
+        self.assertEqual(len(sender.queue), 0)
+        failing = [line for line in self.logs.lines if "failing" in line]
+        self.assertEqual(len(failing), 1, self.logs.lines)
+        self.assertIn("(HTTP 503, Retry-After 8 s)", failing[0])
+
+    def test_retry_after_seconds(self):
+        now = 1_000_000_000.0
+        self.assertEqual(retry_after_seconds(" 120 ", now), 120.0)
+        later = datetimeToString(now + 90).decode()
+        self.assertEqual(retry_after_seconds(later, now), 90.0)
+        self.assertEqual(retry_after_seconds("Sun, 06 Nov 1994 08:49:37 GMT", now), 0)
+        self.assertEqual(retry_after_seconds("9" * 5000, now), float("inf"))
+        for bad in ("", "-1", "1.5", "\u0661", "soon", "Wed, 21 Foo 2015 07:28:00"):
+            self.assertIsNone(retry_after_seconds(bad, now), bad)
 
     def test_jitter_shortens_by_up_to_half(self):
         draws = iter([1.0, 0.5])

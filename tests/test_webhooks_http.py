@@ -15,7 +15,7 @@ from twisted.internet import reactor
 from twisted.internet.defer import inlineCallbacks
 from twisted.internet.endpoints import TCP4ServerEndpoint
 from twisted.internet.protocol import Factory, Protocol
-from twisted.internet.task import LoopingCall
+from twisted.internet.task import Clock, LoopingCall
 from twisted.internet.threads import deferToThread
 from twisted.logger import globalLogPublisher
 from twisted.python.failure import Failure
@@ -313,6 +313,46 @@ class ClosingReceiverTests(WebhookChatMixin, TestCase):
         self.assertEqual([e["data"]["text"] for e in receiver.events],
                          [f"m{n}" for n in range(5)])  # fmt: skip
         self.assertEqual(dict(sender.sent), {"200": 5})
+
+
+class RetryAfterTests(TestCase):
+    """A real receiver, busy for a moment, says when to come back."""
+
+    timeout = 30
+
+    @inlineCallbacks
+    def test_a_503_with_retry_after_2_is_retried_no_sooner_than_2_s(self):
+        receiver = yield start_receiver(self, SECRET)
+        receiver.first_answers.append((503, {b"Retry-After": b"2"}))
+        # The sender's clock is a fake one (the backoff's and the retry's
+        # time), at the real time: the receiver checks the signatures' age.
+        clock = Clock()
+        clock.advance(time.time())
+        post = treq_post(reactor)
+        sender = WebhookSender(
+            clock, receiver.url, SECRET, post, rng=lambda: 0.0, drain_grace=0
+        )  # (no jitter: without the Retry-After it would be 0.5 s)
+        sender.startService()
+        self.addCleanup(post.pool.closeCachedConnections)
+        self.addCleanup(sender.stopService)
+        sender.enqueue("ev", b'{"id":"ev"}', "user.offline")
+        for _ in range(100):
+            if sender.sent["503"]:
+                break
+            yield deferLater(0.05)
+        self.assertEqual(dict(sender.sent), {"503": 1})
+        clock.advance(1.9)
+        yield deferLater(0.3)  # time for a retry to reach the receiver
+        self.assertEqual(receiver.requests, 1)
+        clock.advance(0.1)
+        event = yield receiver.events.get()
+        self.assertEqual((event["id"], receiver.requests), ("ev", 2))
+        for _ in range(100):
+            if not sender.queue:
+                break
+            yield deferLater(0.05)
+        self.assertEqual(dict(sender.sent), {"503": 1, "200": 1})
+        self.assertEqual(receiver.bad, [])
 
 
 class DrippingReceiver(Protocol):

@@ -25,6 +25,8 @@ class Receiver(Resource):
     ``bad``); otherwise the answer is ``status`` (200), or none at all while
     ``hang`` is set (the request is held open, as by a receiver that stalls).
     Each event taken (2xx) goes to ``events``; ``requests`` counts attempts.
+    ``first_answers``: (status, headers) to answer the next requests with,
+    one each, before any of that (a receiver that is busy for a moment).
     """
 
     isLeaf = True
@@ -42,6 +44,7 @@ class Receiver(Resource):
         #: Take this many events, then hold their requests open anyway (the
         #: answer is lost: the sender must try again, the app sees it twice).
         self.stall_after_taking = 0
+        self.first_answers: list[tuple[int, dict[bytes, bytes]]] = []
 
     def render_POST(self, request: Request) -> bytes | int:
         self.requests += 1
@@ -62,6 +65,12 @@ class Receiver(Resource):
             self.bad.append(body)
             request.setResponseCode(400)
             return b"id mismatch"
+        if self.first_answers:
+            status, headers = self.first_answers.pop(0)
+            request.setResponseCode(status)
+            for name, value in headers.items():
+                request.setHeader(name, value)
+            return b"busy"
         if self.stall_after_taking > 0:
             self.stall_after_taking -= 1
             self.taken.append(event)

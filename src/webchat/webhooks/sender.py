@@ -3,6 +3,9 @@
 Delivery is at least once: the event at the head of the queue stays there
 until the receiver answers 2xx, and is retried with capped exponential
 backoff (jittered) after a 5xx, 408, 429, a timeout or a connection error.
+A 429 or 503 with a ``Retry-After`` (seconds, or an HTTP date) is retried
+no sooner than it asks, up to the backoff's cap: a receiver that says when
+it can take more is not hammered before then, nor can it park the queue.
 Any other answer (a 3xx, a 4xx) means the receiver will never take it: it is
 dropped and counted, so one bad event cannot hold up the rest forever.  One
 request at a time keeps the events of one node in order.
@@ -22,7 +25,7 @@ from __future__ import annotations
 import random
 from collections import Counter, deque
 from collections.abc import Callable, Iterator
-from typing import Any
+from typing import Any, NamedTuple
 from urllib.parse import urlsplit
 
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
@@ -35,6 +38,7 @@ from twisted.internet.interfaces import IDelayedCall, IReactorTime
 from twisted.internet.protocol import Protocol
 from twisted.logger import Logger
 from twisted.python.failure import Failure
+from twisted.web.http import stringToDatetime
 
 from webchat.limits import (
     SHUTDOWN_GRACE,
@@ -48,9 +52,19 @@ from webchat.webhooks.signing import request_headers
 
 log = Logger(namespace="webchat")
 
-#: Posts ``body`` with ``headers`` to ``url``; fires with the HTTP status
+
+class Answer(NamedTuple):
+    """What the sender needs of a receiver's answer."""
+
+    #: The HTTP status.
+    status: int
+    #: Its ``Retry-After`` header as sent ("": none), read on 429 and 503.
+    retry_after: str = ""
+
+
+#: Posts ``body`` with ``headers`` to ``url``; fires with the ``Answer``
 #: once the whole answer is read.  Cancelling it abandons the request.
-Post = Callable[[str, bytes, dict[str, str]], Deferred[int]]
+Post = Callable[[str, bytes, dict[str, str]], Deferred[Answer]]
 
 #: Why events are dropped (webchat_webhook_dropped_total), each from zero.
 DROP_REASONS = ("queue_full", "rejected", "shutdown", "redis")
@@ -60,6 +74,29 @@ EVICTION_RANK = {"room.vacated": 0, "message": 1}
 TOP_RANK = 2
 #: Statuses worth another try: the receiver may take the event later.
 RETRY_STATUSES = frozenset({408, 429})
+#: Statuses whose ``Retry-After`` says when to try again (RFC 9110, 6585).
+RETRY_AFTER_STATUSES = frozenset({429, 503})
+
+
+def retry_after_seconds(value: str, now: float) -> float | None:
+    """
+    A ``Retry-After`` header as seconds from ``now``: a whole number of
+    seconds, or an HTTP date (0 if it is past); None if it is neither, and
+    the answer is then retried as any other.
+    """
+    value = value.strip()
+    if not value:
+        return None
+    if value.isascii() and value.isdigit():
+        try:
+            return float(int(value))
+        except (ValueError, OverflowError):  # too many digits: capped anyway
+            return float("inf")
+    try:
+        when = stringToDatetime(value.encode("latin-1", "replace"))
+    except (ValueError, IndexError, OverflowError):
+        return None
+    return max(when - now, 0.0)
 
 
 def safe_url(url: str) -> str:
@@ -114,7 +151,7 @@ def treq_post(reactor: Any) -> Post:
     pool.maxPersistentPerHost = 1
     client = HTTPClient(Agent(reactor, pool=pool))
 
-    def read(response: Any) -> Deferred[int]:
+    def read(response: Any) -> Deferred[Answer]:
         # Read to the end: a connection whose answer is unread cannot
         # carry the next request.
         # Cancelling (a timeout) closes the connection: a receiver that
@@ -127,13 +164,15 @@ def treq_post(reactor: Any) -> Post:
         done: Deferred[None] = Deferred(abort)
         discard = _Discard(done)
         response.deliverBody(discard)
-        return done.addCallback(lambda _: response.code)
+        retry_after = response.headers.getRawHeaders(b"retry-after") or [b""]
+        answer = Answer(response.code, retry_after[0].decode("latin-1"))
+        return done.addCallback(lambda _: answer)
 
-    def post(url: str, body: bytes, headers: dict[str, str]) -> Deferred[int]:
-        def send() -> Deferred[int]:
+    def post(url: str, body: bytes, headers: dict[str, str]) -> Deferred[Answer]:
+        def send() -> Deferred[Answer]:
             return client.post(url, data=body, headers=headers).addCallback(read)
 
-        def once_more(failure: Failure) -> Deferred[int]:
+        def once_more(failure: Failure) -> Deferred[Answer]:
             # A kept-alive connection the receiver had closed meanwhile:
             # Twisted retries only idempotent methods on a fresh one, and a
             # webhook is one (its event id makes a repeat harmless).
@@ -197,7 +236,7 @@ class WebhookSender(Service):
         self.dropped: Counter[str] = Counter()
         #: Failed attempts in a row (the backoff's exponent).
         self.failures = 0
-        self._in_flight: Deferred[int] | None = None
+        self._in_flight: Deferred[Answer] | None = None
         self._retry: IDelayedCall | None = None
         #: Events dropped since the queue filled up (0: not full).
         self._overflow = 0
@@ -326,15 +365,23 @@ class WebhookSender(Service):
             )
         )
 
-    def _answered(self, status: int, d: Deferred[int]) -> None:
+    def _answered(self, answer: Answer, d: Deferred[Answer]) -> None:
         if self._in_flight is not d:
             return  # given up on at shutdown
         self._in_flight = None
+        status = answer.status
         self.sent[str(status)] += 1
         if 200 <= status < 300:
             self._done()
         elif status >= 500 or status in RETRY_STATUSES:
-            self._back_off(f"HTTP {status}")
+            wait = None
+            if status in RETRY_AFTER_STATUSES:
+                wait = retry_after_seconds(answer.retry_after, self.clock.seconds())
+            if wait is None:
+                self._back_off(f"HTTP {status}")
+            else:
+                wait = min(wait, self.retry_max)
+                self._back_off(f"HTTP {status}, Retry-After {wait:g} s", wait)
         else:
             event_id = self.queue[0][0]
             self.dropped["rejected"] += 1
@@ -346,7 +393,7 @@ class WebhookSender(Service):
             )
             self._done()
 
-    def _failed(self, failure: Failure, d: Deferred[int]) -> None:
+    def _failed(self, failure: Failure, d: Deferred[Answer]) -> None:
         if self._in_flight is not d:
             return
         self._in_flight = None
@@ -396,8 +443,11 @@ class WebhookSender(Service):
             self._overflow = 0
         self._next()
 
-    def _back_off(self, why: str) -> None:
-        """The head failed: try it again after the backoff."""
+    def _back_off(self, why: str, at_least: float = 0.0) -> None:
+        """
+        The head failed: try it again after the backoff, and no sooner than
+        ``at_least`` seconds (the receiver's Retry-After, already capped).
+        """
         if not self.failures:
             # Once per episode; _done says when it is over.
             log.warn(
@@ -405,7 +455,7 @@ class WebhookSender(Service):
                 url=self.shown_url,
                 why=why,
             )
-        delay = self.delay(self.failures)
+        delay = max(self.delay(self.failures), at_least)
         self.failures += 1
         if self._drained is not None:
             delay = min(delay, self.retry_initial)  # shutting down: no long waits
