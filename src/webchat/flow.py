@@ -12,8 +12,9 @@ Four jobs, all for ``deliver``, which a room calls once per member per turn:
   while Twisted holds nothing unsent the bytes go straight to the socket.
   Over TLS (``--port ssl:...``) the same: the turn is encrypted in one
   ``SSL_write`` on the connection's own OpenSSL object (Twisted's memory-BIO
-  TLS layer owns it; only its write side is borrowed) and the ciphertext
-  sent straight to the socket; what the kernel does not take goes to
+  TLS layer owns it; only its write side is borrowed), its ciphertext read
+  into one buffer the server reuses member after member, and sent straight
+  to the socket; what the kernel does not take goes to
   Twisted's buffer under the TLS layer, so order and back-pressure hold.
 * Slow readers: the transport's producer signals (``pauseProducing``) start
   a count of what piles up; past ``--max-send-buffer`` the connection is
