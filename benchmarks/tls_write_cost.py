@@ -14,6 +14,8 @@ connections of:
 * ``direct``: ``SSL_write`` and ``BIO_read`` through the bindings, into one
   reused buffer, and ``socket.send`` of a view of it (``flow.TlsWriter``);
 * ``direct-keep``: the same with ``SSL_MODE_RELEASE_BUFFERS`` cleared;
+* ``flow``: webchat's own ``FlowControl._send_tls`` making those calls, its
+  TLS layer stood in for (the Python the server adds around them);
 * ``encrypt``: ``direct`` without the ``send`` (OpenSSL and Python only);
 * ``send``: ``socket.send`` of as many bytes as the ciphertext, no TLS;
 * ``loop``: the Python loop alone.
@@ -38,6 +40,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 from OpenSSL import SSL
@@ -45,6 +48,11 @@ from OpenSSL.SSL import _ffi, _lib
 from twisted.internet import ssl as twisted_ssl
 
 from benchmarks.tls import make_tls_files
+from webchat.flow import FlowControl
+
+
+def _count_short(short: list[int]) -> None:
+    short[0] += 1
 
 
 def _rss_kib() -> int:
@@ -184,6 +192,30 @@ def main(argv: list[str] | None = None) -> int:
             if send(block) < len(block):
                 short[0] += 1
 
+    # webchat's own ``FlowControl._send_tls`` on the same connections, its
+    # TLS layer and the factory stood in for by plain objects: the Python
+    # the server wraps around the direct calls.
+    factory = SimpleNamespace(reactor=None)
+    members = []
+    for sock, conn in zip(socks, conns, strict=True):
+        member = FlowControl()
+        member._socket = sock
+        member._draining = True  # a short send is counted, never scheduled
+        member.factory = factory  # type: ignore[attr-defined]
+        member._tls = SimpleNamespace(  # type: ignore[assignment]
+            _appSendBuffer=[],
+            disconnecting=False,
+            _handshakeDone=True,
+            _aggregator=SimpleNamespace(_buffer=[]),
+            _tlsConnection=conn,
+            transport=SimpleNamespace(write=lambda rest: _count_short(short)),
+        )
+        members.append(member)
+
+    def flow(data: bytes, cap: int) -> None:
+        for member in members:
+            member._send_tls(data)
+
     def loop(data: bytes, cap: int) -> None:
         for _send, _ssl, _bio in pairs:
             pass
@@ -201,6 +233,7 @@ def main(argv: list[str] | None = None) -> int:
         ("encrypt", encrypt, False),
         ("pyopenssl", pyopenssl, False),
         ("direct", direct, False),
+        ("flow", flow, False),
         ("direct-keep", direct, True),
     ]
     # What keeping the buffers costs in memory: RSS after a 7 KB turn to

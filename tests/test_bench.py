@@ -115,7 +115,14 @@ class TlsRunTests(SynchronousTestCase):
         self.assertIn("kib_per_connection_kept", lines[0])
         ways = {(line["size"], line["way"]): line for line in lines[1:]}
         for size in (70, 3300):
-            for way in ("send", "encrypt", "pyopenssl", "direct", "direct-keep"):
+            for way in (
+                "send",
+                "encrypt",
+                "pyopenssl",
+                "direct",
+                "flow",
+                "direct-keep",
+            ):
                 self.assertGreater(ways[size, way]["us_per_member_turn"], 0)
                 self.assertEqual(ways[size, way]["short_sends"], 0)
 
