@@ -96,6 +96,36 @@ class TlsRunTests(SynchronousTestCase):
             " ".join(document["results"]["echo"]["webchat"]["server"]["command"]),
         )
 
+    def test_the_tls_write_floor_micro_benchmark_runs(self):
+        # benchmarks/tls_write_cost.py, small: a line per way and size, and
+        # the memory line (docs/benchmarks.md quotes its figures).
+        result = subprocess.run(
+            [
+                *(sys.executable, "-m", "benchmarks.tls_write_cost"),
+                *("--connections", "20", "--sizes", "70,3300", "--rounds", "2"),
+            ],
+            cwd=ROOT,
+            capture_output=True,
+            text=True,
+            timeout=120,
+            check=False,
+        )
+        self.assertEqual(result.returncode, 0, result.stderr)
+        lines = [json.loads(line) for line in result.stdout.splitlines()]
+        self.assertIn("kib_per_connection_kept", lines[0])
+        ways = {(line["size"], line["way"]): line for line in lines[1:]}
+        for size in (70, 3300):
+            for way in (
+                "send",
+                "encrypt",
+                "pyopenssl",
+                "direct",
+                "flow",
+                "direct-keep",
+            ):
+                self.assertGreater(ways[size, way]["us_per_member_turn"], 0)
+                self.assertEqual(ways[size, way]["short_sends"], 0)
+
     def test_tls_refuses_what_has_no_tls(self):
         for args in (["--baselines", "c"], ["--scenario", "cluster"]):
             result = subprocess.run(

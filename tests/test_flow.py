@@ -16,6 +16,7 @@ from twisted.trial.unittest import SynchronousTestCase
 from webchat.flow import (
     _OPEN,
     OVER_GRACE,
+    PYOPENSSL_INTERNALS,
     TLS_INTERNALS,
     TRANSPORT_INTERNALS,
     FlowControl,
@@ -68,6 +69,17 @@ class TwistedInternalsTests(SynchronousTestCase):
         tls.write(b"held back: no handshake yet")
         held = tls._aggregator._buffer + tls._appSendBuffer
         self.assertEqual(b"".join(held), b"held back: no handshake yet")
+        # ... and the pyOpenSSL connection under it, whose OpenSSL calls
+        # flow makes itself through the bindings pyOpenSSL uses.
+        from OpenSSL.SSL import _ffi, _lib
+
+        connection = tls._tlsConnection
+        missing = [n for n in PYOPENSSL_INTERNALS if not hasattr(connection, n)]
+        self.assertEqual(missing, [], f"pyOpenSSL's Connection no longer has {missing}")
+        for name in ("SSL_write", "BIO_read"):
+            self.assertTrue(hasattr(_lib, name), f"pyOpenSSL's bindings lack {name}")
+        self.assertEqual(_ffi.typeof(connection._ssl).cname, "SSL *")
+        self.assertEqual(_ffi.typeof(connection._from_ssl).cname, "BIO *")
 
     def test_what_flow_counts_as_unsent_grows_with_a_write(self):
         def unsent():

@@ -23,7 +23,7 @@ from twisted.trial.unittest import TestCase
 
 import tests.test_limits as limits_tests
 import tests.test_protocol as protocol_tests
-from tests.support import HANDSHAKE, deferLater, take
+from tests.support import HANDSHAKE, deferLater, parse_server_frames, take
 from webchat.flow import TLS_DIRECT_MAX
 from webchat.limits import Limits
 
@@ -209,6 +209,46 @@ class TlsFanOutTests(TlsMixin, TestCase):
                 yield deferLater(0)
         self.assertEqual((yield take(self.bob, len(said))), said)
         self.assertEqual((yield take(carol, len(said))), said)
+        yield self.assert_bystanders_chat()
+
+
+class TlsReusedBufferTests(TlsMixin, TestCase):
+    # A kernel share of 256 kB (SO_SNDBUF 128 kB, doubled): 360 kB of
+    # turns overflow it and stay within the 512 kB allowance.
+    limits = Limits(rate_limit=0, max_send_buffer=512 * 1024)
+
+    @inlineCallbacks
+    def test_a_member_behind_mid_turn_decrypts_everything_the_next_one_took(self):
+        # The server reads every member's ciphertext into one buffer it
+        # reuses for the next member.  A member whose kernel buffer fills
+        # keeps the unsent rest in Twisted's buffer: that rest must be its
+        # own copy, not a view the next member's ciphertext overwrites.
+        reader = self.raw_tls(rcvbuf=4096)
+        yield deferToThread(reader.open_websocket)
+        carol = yield self.connect()  # after the reader in the room's order
+        # Turns of at most TLS_DIRECT_MAX (four of these), the direct path's.
+        said = [f"{n} " + "r" * 15000 for n in range(24)]
+        for text in said:
+            self.alice.send_text(text)
+            yield deferLater(0)
+        for member in (self.bob, carol):
+            self.assertEqual(
+                (yield take(member, len(said))), [f"id 1: {t}" for t in said]
+            )
+
+        def read_everything() -> bytes:
+            # The frames, once all have come (each holds its text in full).
+            return reader.read_until(
+                lambda data: (
+                    data.count(b"id 1: ") >= len(said)
+                    and data.endswith(said[-1].encode())
+                )
+            )
+
+        frames = parse_server_frames((yield deferToThread(read_everything)))
+        self.assertEqual(
+            [payload.decode() for _, payload in frames], [f"id 1: {t}" for t in said]
+        )
         yield self.assert_bystanders_chat()
 
 

@@ -12,8 +12,9 @@ Four jobs, all for ``deliver``, which a room calls once per member per turn:
   while Twisted holds nothing unsent the bytes go straight to the socket.
   Over TLS (``--port ssl:...``) the same: the turn is encrypted in one
   ``SSL_write`` on the connection's own OpenSSL object (Twisted's memory-BIO
-  TLS layer owns it; only its write side is borrowed) and the ciphertext
-  sent straight to the socket; what the kernel does not take goes to
+  TLS layer owns it; only its write side is borrowed), its ciphertext read
+  into one buffer the server reuses member after member, and sent straight
+  to the socket; what the kernel does not take goes to
   Twisted's buffer under the TLS layer, so order and back-pressure hold.
 * Slow readers: the transport's producer signals (``pauseProducing``) start
   a count of what piles up; past ``--max-send-buffer`` the connection is
@@ -53,6 +54,7 @@ from typing import TYPE_CHECKING, Any
 
 from autobahn.websocket.protocol import WebSocketProtocol
 from OpenSSL import SSL
+from OpenSSL.SSL import _ffi, _lib
 from twisted.internet import tcp
 from twisted.internet.interfaces import IPushProducer
 from twisted.protocols.tls import BufferingTLSTransport
@@ -105,6 +107,12 @@ RELEASE_ABOVE = 4 * 1024 * 1024
 #: buffer the slow-reader checks watch (their ciphertext would be a copy
 #: per member, where the plain path keeps views of one turn buffer).
 TLS_DIRECT_MAX = 64 * 1024
+#: ... and of pyOpenSSL's ``SSL.Connection`` (``_tlsConnection``), whose
+#: OpenSSL calls ``_send_tls`` makes itself through the bindings pyOpenSSL
+#: uses (``OpenSSL.SSL._lib``, ``_ffi``): its ``SSL*`` (``_ssl``), the
+#: memory BIO the ciphertext goes to (``_from_ssl``), and how it turns a
+#: failed call into an exception (``_raise_ssl_error``).
+PYOPENSSL_INTERNALS = ("_ssl", "_from_ssl", "_raise_ssl_error")
 #: Ciphertext bytes per TLS record beyond its plaintext, at most: header 5,
 #: AEAD tag 16, TLS 1.3's content type 1, TLS 1.2's explicit nonce 8.
 _TLS_RECORD_OVERHEAD = 32
@@ -297,36 +305,52 @@ class FlowControl:
         if held is None or held:
             return False
         connection = tls._tlsConnection  # type: ignore[union-attr]
-        done = 0
-        try:
-            # One SSL_write unless the context allows partial writes (then
-            # one a record): the plaintext is all encrypted either way.
-            done = connection.send(data)
-            while done < size:
-                done += connection.send(memoryview(data)[done:])
-            cap = size + _TLS_RECORD_OVERHEAD * (size // _TLS_RECORD + 1)
-            cipher = connection.bio_read(cap)
-            if len(cipher) == cap:  # more than reckoned: take the rest too
-                pieces = [cipher]
-                try:
-                    while True:
-                        pieces.append(connection.bio_read(cap))
-                except SSL.WantReadError:
-                    cipher = b"".join(pieces)
-        except SSL.Error:
+        ssl = connection._ssl
+        out = getattr(self.factory, "_tls_out", None) or self._new_tls_out()
+        # pyOpenSSL's ``send`` and ``bio_read`` would each wrap the call in
+        # Python (an allocation per read, its ciphertext copied into a new
+        # bytes): the same calls made here on its own pointers cost a third
+        # less per member (``benchmarks/tls_write_cost.py``).
+        done = _lib.SSL_write(ssl, _ffi.from_buffer(data), size)
+        while 0 < done < size:  # a context allowing partial writes: one a record
+            more = _lib.SSL_write(ssl, _ffi.from_buffer(data[done:]), size - done)
+            if more <= 0:
+                _clear_ssl_error(connection, more)
+                return True  # part of it encrypted: the connection is broken
+            done += more
+        if done <= 0:
             # A fatal alert came, or a handshake started: Twisted's layer
-            # will meet the same and report it.  Nothing encrypted: let it
-            # have the turn; part of it encrypted: the connection is broken.
-            return done > 0
+            # will meet the same and report it.  Nothing was encrypted, so
+            # it has the turn.
+            _clear_ssl_error(connection, done)
+            return False
+        got = _lib.BIO_read(connection._from_ssl, out.buffer, out.size)
+        if got <= 0:
+            return True  # cannot happen: a record was written; nothing to send
+        cipher: bytes | memoryview = out.view[:got]
+        if got == out.size:  # more than a turn of TLS_DIRECT_MAX makes
+            pieces = [bytes(cipher)]
+            while (
+                got := _lib.BIO_read(connection._from_ssl, out.buffer, out.size)
+            ) > 0:
+                pieces.append(bytes(out.view[:got]))
+            cipher = b"".join(pieces)
         try:
             sent = self._socket.send(cipher)  # type: ignore[union-attr]
         except OSError:
             sent = 0  # EAGAIN, or a reset Twisted will notice and report
         if sent < len(cipher):
-            tls.transport.write(cipher[sent:])  # type: ignore[union-attr]
+            # A copy: the buffer is the next member's.
+            tls.transport.write(bytes(cipher[sent:]))  # type: ignore[union-attr]
             # As on the plain path: the rest of this turn queues behind it.
             self._start_draining()
         return True
+
+    def _new_tls_out(self) -> _CipherBuffer:
+        """The server's one buffer for ciphertext, made at its first TLS turn."""
+        out = _CipherBuffer()
+        self.factory._tls_out = out  # type: ignore[attr-defined]
+        return out
 
     def _start_draining(self) -> None:
         """This member took a turn it could not send at once: until the turn is
@@ -518,6 +542,36 @@ class FlowControl:
     def stopProducing(self) -> None:
         self._paused = False
         self._drop_queue()
+
+
+class _CipherBuffer:
+    """
+    Where ``_send_tls`` reads each member's ciphertext out of OpenSSL: one
+    buffer for the whole server, reused member after member, since each
+    member's ciphertext is sent (or copied into Twisted's buffer) before the
+    next member's turn.  Big enough for a turn of ``TLS_DIRECT_MAX``.
+    """
+
+    __slots__ = ("buffer", "size", "view")
+
+    def __init__(self) -> None:
+        self.size = TLS_DIRECT_MAX + _TLS_RECORD_OVERHEAD * (
+            TLS_DIRECT_MAX // _TLS_RECORD + 1
+        )
+        self.buffer = _ffi.new("char[]", self.size)
+        self.view = memoryview(_ffi.buffer(self.buffer))
+
+
+def _clear_ssl_error(connection: SSL.Connection, result: int) -> None:
+    """
+    Let pyOpenSSL take a failed ``SSL_write``'s error off OpenSSL's queue,
+    as its own ``send`` would: a stale error there would be read as the
+    answer to Twisted's next call on the connection.
+    """
+    try:
+        connection._raise_ssl_error(connection._ssl, result)
+    except SSL.Error:
+        pass
 
 
 def write_now(transport: Any, data: bytes) -> None:
