@@ -65,9 +65,9 @@ _REQUEST_LINE = re.compile(
 )
 #: A header name (RFC 9110 5.1: a token).
 _TOKEN = re.compile(rb"[!#$%&'*+\-.^_`|~0-9A-Za-z]+")
-#: Bytes no header may have: control characters but tab, and a CR or LF
-#: that is not part of a line's CRLF.
-_BAD_BYTES = re.compile(rb"[\x00-\x08\x0b\x0c\x0e-\x1f\x7f]|\r(?!\n)|(?<!\r)\n")
+#: Bytes no line of a head may have: control characters but tab (a CR or
+#: LF inside a line is one that was not part of a CRLF).
+_CONTROL = re.compile(rb"[\x00-\x08\x0a-\x1f\x7f]")
 _LENGTH = re.compile(rb"[0-9]{1,15}")
 #: Headers whose requests twisted.web answers (a chunked body's 411, a
 #: ``100 Continue``): rare for an API client, not worth a second parser.
@@ -79,6 +79,14 @@ _MOST_HEADERS = 100
 _FIXED_HEADERS = b"".join(
     name + b": " + value + b"\r\n" for name, value in SECURITY_HEADERS.items()
 ) + (b"Server: " + SERVER_NAME + b"\r\n")
+
+
+def _segments(path: bytes) -> list[bytes]:
+    """The path's segments after ``/api``, percent-decoded as twisted.web does."""
+    segments = path[1:].split(b"/")[1:]
+    if b"%" in path:
+        return [unquote_to_bytes(segment) for segment in segments]
+    return segments
 
 
 class _Request:
@@ -129,6 +137,8 @@ class ApiWire(RequestDeadlines, Protocol):
         self._paused = False
         #: Closing, gone or handed to twisted.web: nothing more is read here.
         self._done = False
+        #: The client's address (asked once: it does not change).
+        self._client: Any = None
         #: The Date header's value, and the second it is for.
         self._date_second = -1
         self._date = b""
@@ -185,10 +195,7 @@ class ApiWire(RequestDeadlines, Protocol):
         here and complete: True; False if its body is still on its way
         (nothing consumed); None if it is not one for this parser.
         """
-        head = buffer[:end]
-        if _BAD_BYTES.search(head) is not None:
-            return None
-        lines = head.split(b"\r\n")
+        lines = buffer[:end].split(b"\r\n")
         match = _REQUEST_LINE.fullmatch(lines[0])
         if match is None or len(lines) > _MOST_HEADERS:
             return None
@@ -198,6 +205,8 @@ class ApiWire(RequestDeadlines, Protocol):
         for line in lines[1:]:
             name, colon, value = line.partition(b":")
             if not colon or _TOKEN.fullmatch(name) is None:
+                return None
+            if _CONTROL.search(value) is not None:
                 return None
             name = name.lower()
             if name in _HANDED_HEADERS:
@@ -254,7 +263,9 @@ class ApiWire(RequestDeadlines, Protocol):
                 peer=_peer_of(self.transport),
                 limit=MAX_REQUESTS_PER_CONNECTION,
             )
-        client = self.transport.getPeer()
+        client = self._client
+        if client is None:
+            client = self._client = self.transport.getPeer()
         record = _Request(
             method,
             path + query if query else path,
@@ -266,7 +277,7 @@ class ApiWire(RequestDeadlines, Protocol):
         call = ApiCall(
             method=method,
             path=path,
-            segments=[unquote_to_bytes(s) for s in path[1:].split(b"/")][1:],
+            segments=_segments(path),
             args=parse_qs(query[1:], 1) if query else {},
             authorization=headers.get(b"authorization"),
             body=body,
