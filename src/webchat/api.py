@@ -17,7 +17,12 @@ routes::
 Bodies are let in for ``POST /api/...`` only, with a ``Content-Length`` no
 bigger than ``--max-message-size`` plus ``API_BODY_OVERHEAD``: the channel
 (``webchat.web.ChatChannel``) refuses a bigger one from its headers, and a
-body that never finishes meets the same deadline as any request.  Nothing
+body that never finishes meets the same deadline as any request.
+
+Two HTTP parsers call the routes, through ``ServerApi.handle`` (an
+``ApiCall`` in, an ``ApiAnswer`` or a Deferred of it out): the lean one of
+``webchat.apiwire``, which reads API requests, and twisted.web's, through
+``render``, for the few it hands on (and for a site built without it).  Nothing
 here blocks: a message goes to its room (or to Redis) and the answer comes
 when it is numbered.
 """
