@@ -13,14 +13,17 @@ import json
 from pathlib import Path
 
 from twisted.internet import reactor
-from twisted.internet.defer import inlineCallbacks
-from twisted.trial.unittest import TestCase
+from twisted.internet.defer import Deferred, inlineCallbacks
+from twisted.trial.unittest import SynchronousTestCase, TestCase
 
 from tests.support import connect_raw, deferLater
 from tests.test_api import KEY, ApiMixin, Response
+from tests.test_timeouts import PEER, FakeClockMixin, Transport
+from webchat.api import ApiAnswer, ServerApi
 from webchat.apiwire import ApiWire
 from webchat.history.sqlite import SQLiteHistory
 from webchat.limits import MAX_REQUESTS_PER_CONNECTION, Limits
+from webchat.web import make_site
 
 
 def keep_alive(method: str, path: str, body: bytes | None = None, **extra: str):
@@ -294,6 +297,22 @@ class LaterAnswerTests(LeanPathMixin, TestCase):
         self.assertEqual(third.json, {"room": "l", "offset": 2})
         yield self.assert_bystanders_chat()
 
+    @inlineCallbacks
+    def test_a_full_pipeline_behind_a_later_answer(self):
+        peer = yield self.peer()
+        text = "x" * 3000
+        count = MAX_REQUESTS_PER_CONNECTION - 1
+        # 300 KB: read in many pieces, requests split across them.
+        peer.transport.write(
+            keep_alive("GET", "/api/rooms/b/history") + publish_bytes("b", text) * count
+        )
+        yield peer.lost  # the 100th request says close
+        got = responses(peer.data)
+        self.assertEqual(len(got), count + 1)
+        self.assertEqual(got[0].json["messages"], [])
+        self.assertEqual([r.json["offset"] for r in got[1:]], list(range(1, count + 1)))
+        yield self.assert_bystanders_chat()
+
 
 class ProtocolTests(LeanPathMixin, TestCase):
     """Which parser reads what: the lean one for API requests only."""
@@ -319,3 +338,111 @@ class ProtocolTests(LeanPathMixin, TestCase):
         self.assertEqual(page.status, 200)
         self.assertEqual(len(built), 1)  # not the page
         self.assertNotIn(KEY, "\n".join(self.logs.lines))
+
+
+class TlsTests(LeanPathMixin, TestCase):
+    """The lean path behind TLS (an ``ssl:`` --port)."""
+
+    tls = True
+
+    @inlineCallbacks
+    def start_api(self, own_port: bool = False):
+        yield self.start_server(limits=self.limits)
+        self.api = ServerApi(self.factory, KEY.encode(), self.rate_limit)
+        yield self.port.stopListening()
+        self.port = yield self._tls_endpoint().listen(
+            make_site(self.factory, api=self.api)
+        )
+        self.api_port = self.port
+        self.url = f"wss://127.0.0.1:{self.port.getHost().port}/"
+
+    @inlineCallbacks
+    def peer(self):
+        peer = yield connect_raw(self.api_port.getHost().port, self.client_tls)
+        self.addCleanup(lambda: peer.lost.called or peer.transport.abortConnection())
+        return peer
+
+    @inlineCallbacks
+    def test_pipelined_publishes_over_tls(self):
+        peer = yield self.peer()
+        peer.transport.write(
+            publish_bytes("t", "one") + publish_bytes("t", "two", Connection="close")
+        )
+        yield peer.lost
+        got = responses(peer.data)
+        self.assertEqual([r.json["offset"] for r in got], [1, 2])
+        yield self.assert_bystanders_chat()
+
+
+class HeldAnswerApi:
+    """An API whose every answer waits until the test gives it (as Redis)."""
+
+    def __init__(self) -> None:
+        self.calls: list = []
+
+    def handle(self, call):
+        answer = Deferred()
+        self.calls.append((call, answer))
+        return answer
+
+
+class FakeClockTests(FakeClockMixin, SynchronousTestCase):
+    """The path's timing on a fake clock, with answers the test releases."""
+
+    def setUp(self):
+        self.make_factory(handshake_timeout=10, response_timeout=30, ping_interval=0)
+        self.api = HeldAnswerApi()
+        self.site = make_site(self.factory, api=ServerApi(self.factory, b"k", 0))
+        self.wire = ApiWire(self.site, self.api, PEER)
+        self.transport = Transport(peerAddress=PEER)
+        self.wire.makeConnection(self.transport)
+
+    def release(self, index: int, status: int = 200) -> None:
+        _, answer = self.api.calls[index]
+        answer.callback(ApiAnswer(status, {}, b"{}\n"))
+
+    def test_reading_stops_behind_a_held_answer_and_goes_on_after(self):
+        self.wire.dataReceived(keep_alive("GET", "/api/rooms"))
+        self.assertEqual(len(self.api.calls), 1)
+        self.wire.dataReceived(publish_bytes("r", "x" * 50000))
+        self.assertEqual(self.transport.producerState, "producing")
+        self.wire.dataReceived(publish_bytes("r", "y" * 50000))
+        # Over a head and a body's worth waiting: the socket is not read.
+        self.assertEqual(self.transport.producerState, "paused")
+        self.assertEqual(len(self.api.calls), 1)  # nothing parsed behind it
+        self.assertEqual(self.transport.value(), b"")
+        self.release(0)
+        self.assertEqual(self.transport.producerState, "producing")
+        self.assertEqual(len(self.api.calls), 2)  # the next one, in order
+        self.assertEqual(
+            self.api.calls[1][0].body, b'{"text": "' + b"x" * 50000 + b'"}'
+        )
+        self.release(1, 202)
+        self.release(2, 202)
+        statuses = [r.status for r in responses(self.transport.value())]
+        self.assertEqual(statuses, [200, 202, 202])
+
+    def test_a_held_answer_past_the_response_deadline_is_cut_off(self):
+        self.wire.dataReceived(keep_alive("GET", "/api/rooms"))
+        self.clock.advance(29)
+        self.assertFalse(self.transport.aborted)
+        self.clock.advance(1)
+        self.assertTrue(self.transport.aborted)
+        self.assertEqual(self.factory.dropped["response_timeout"], 1)
+        self.wire.connectionLost(None)
+        self.release(0)  # too late: nothing is written
+        self.assertEqual(self.transport.value(), b"")
+
+    def test_a_slow_second_request_meets_the_request_deadline(self):
+        self.wire.dataReceived(keep_alive("GET", "/api/rooms"))
+        self.release(0)
+        self.transport.clear()
+        request = keep_alive("GET", "/api/rooms")
+        for byte in request[:9]:
+            self.wire.dataReceived(bytes([byte]))
+            self.clock.advance(1)  # a byte a second: never idle, never done
+        self.assertFalse(self.transport.aborted)
+        self.clock.advance(1)
+        self.assertTrue(self.transport.aborted)
+        self.assertEqual(self.factory.dropped["handshake_timeout"], 1)
+        self.assertEqual(self.transport.value(), b"")

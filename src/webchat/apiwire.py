@@ -81,6 +81,17 @@ _FIXED_HEADERS = b"".join(
 ) + (b"Server: " + SERVER_NAME + b"\r\n")
 
 
+def _network_of(transport: Any) -> Any:
+    """
+    What reads the socket: the TCP transport, under TLS too (the TLS layer
+    is not a producer itself).
+    """
+    lower = getattr(transport, "transport", None)
+    if lower is not None and not hasattr(transport, "pauseProducing"):
+        return lower
+    return transport
+
+
 def _segments(path: bytes) -> list[bytes]:
     """The path's segments after ``/api``, percent-decoded as twisted.web does."""
     segments = path[1:].split(b"/")[1:]
@@ -156,10 +167,11 @@ class ApiWire(RequestDeadlines, Protocol):
         self._heard = True
         self._buffer += data
         if self._waiting:
-            if len(self._buffer) > MAX_HEAD + (self.factory.api_max_body or 0):
+            most = MAX_HEAD + (self.factory.api_max_body or 0)
+            if len(self._buffer) > most and not self._paused:
                 # Enough waiting; read more once the answer is out.
-                self.transport.pauseProducing()
                 self._paused = True
+                _network_of(self.transport).pauseProducing()
             return
         self._serve()
 
@@ -308,7 +320,7 @@ class ApiWire(RequestDeadlines, Protocol):
         self._after(persistent, out)
         if self._paused and not self._done:
             self._paused = False
-            self.transport.resumeProducing()
+            _network_of(self.transport).resumeProducing()
         if not self._done:
             write_now(self.transport, b"".join(out))
             self._serve()
