@@ -402,7 +402,8 @@ class ServerApi(Resource):
         if not isinstance(sender, str):
             raise ApiError(400, "bad_name", "from: a string")
         try:
-            name = check_name(sender)
+            # The default needs no check (a character-by-character one).
+            name = sender if sender == SERVER_NAME else check_name(sender)
         except BadEvent as e:
             raise ApiError(400, "bad_name", f"from: {e.reason}") from None
         key = body.get("idempotency_key")
