@@ -295,9 +295,12 @@ class ApiWire(RequestDeadlines, Protocol):
             body=body,
             peer=getattr(client, "host", None) or "unix",
         )
-        self._arm("response", limits.response_timeout)
         answer = self._api.handle(call)
         if isinstance(answer, Deferred):
+            # Only an answer that waits needs the response deadline: one
+            # ready now is written now (as twisted.web's would be, into the
+            # transport), and the next request's deadline follows it.
+            self._arm("response", limits.response_timeout)
             self._waiting = True
             answer.addCallback(self._answered, record, persistent, closing)
             answer.addErrback(
