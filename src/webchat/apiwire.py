@@ -310,7 +310,7 @@ class ApiWire(RequestDeadlines, Protocol):
             )
             return
         out.append(self._response(answer, record, closing))
-        self._after(persistent, out)
+        self._after(persistent)
 
     def _answered(
         self, answer: ApiAnswer, record: _Request, persistent: bool, closing: bytes
@@ -320,7 +320,7 @@ class ApiWire(RequestDeadlines, Protocol):
         if self._done:
             return  # the client went away meanwhile
         out = [self._response(answer, record, closing)]
-        self._after(persistent, out)
+        self._after(persistent)
         if self._paused and not self._done:
             self._paused = False
             _network_of(self.transport).resumeProducing()
@@ -330,7 +330,7 @@ class ApiWire(RequestDeadlines, Protocol):
         else:
             self._write_last(out)
 
-    def _after(self, persistent: bool, out: list[bytes]) -> None:
+    def _after(self, persistent: bool) -> None:
         """After an answer: wait for the next request, or close."""
         if persistent:
             self._arm("request", self.factory.chat.limits.handshake_timeout)
