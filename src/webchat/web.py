@@ -389,11 +389,13 @@ class Doorway(Protocol):
     the connection to the chat or to the web site.
 
     A WebSocket upgrade on ``/`` or ``/ws`` goes straight to the chat's
-    Autobahn protocol, which parses the handshake itself; everything else
-    (the page, ``/healthz``, ``/metrics``, garbage) goes to Twisted's HTTP
-    channel.  Letting twisted.web parse an upgrade first would build a
-    request object, headers and a channel that the WebSocket immediately
-    throws away, and that is most of what a new chat connection costs.
+    Autobahn protocol, which parses the handshake itself; a server API
+    request to ``ApiWire`` (``webchat.apiwire``), which does the same for
+    the API; everything else (the page, ``/healthz``, ``/metrics``,
+    garbage) goes to Twisted's HTTP channel.  Letting twisted.web parse an
+    upgrade first would build a request object, headers and a channel that
+    the WebSocket immediately throws away, and that is most of what a new
+    chat connection costs.
     """
 
     def __init__(self, site: ChatSite, address: Any) -> None:
