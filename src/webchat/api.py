@@ -17,7 +17,12 @@ routes::
 Bodies are let in for ``POST /api/...`` only, with a ``Content-Length`` no
 bigger than ``--max-message-size`` plus ``API_BODY_OVERHEAD``: the channel
 (``webchat.web.ChatChannel``) refuses a bigger one from its headers, and a
-body that never finishes meets the same deadline as any request.  Nothing
+body that never finishes meets the same deadline as any request.
+
+Two HTTP parsers call the routes, through ``ServerApi.handle`` (an
+``ApiCall`` in, an ``ApiAnswer`` or a Deferred of it out): the lean one of
+``webchat.apiwire``, which reads API requests, and twisted.web's, through
+``render``, for the few it hands on (and for a site built without it).  Nothing
 here blocks: a message goes to its room (or to Redis) and the answer comes
 when it is numbered.
 """
@@ -30,7 +35,7 @@ import json
 import math
 import re
 from collections import Counter, OrderedDict
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, NamedTuple
 
 from twisted.internet.defer import Deferred, maybeDeferred, succeed
 from twisted.internet.interfaces import IReactorTime
@@ -88,6 +93,41 @@ class ApiError(Exception):
         self.code = code
         self.detail = detail
         self.headers = headers or {}
+
+
+#: The headers of every answer (besides the refusal's own, e.g. Retry-After).
+JSON_HEADERS = {b"Content-Type": b"application/json", b"Cache-Control": b"no-store"}
+
+
+class ApiCall(NamedTuple):
+    """
+    One request as the API needs it, whichever HTTP parser read it: so
+    twisted.web's ``Request`` and the lean path (``webchat.apiwire``) share
+    one implementation of the routes.
+    """
+
+    #: ``GET``, ``POST``...
+    method: bytes
+    #: The path as sent, without the query (for the refusal's log line).
+    path: bytes
+    #: The path's segments after ``/api``, each percent-decoded.
+    segments: list[bytes]
+    #: The query, as ``urllib.parse.parse_qs(query, keep_blank_values=True)``.
+    args: dict[bytes, list[bytes]]
+    #: The last ``Authorization`` header, or None.
+    authorization: bytes | None
+    #: The body (empty without one).
+    body: bytes
+    #: The client's address (for the refusal's log line).
+    peer: str
+
+
+class ApiAnswer(NamedTuple):
+    """An answer: status, headers (besides Date, Server...), JSON body."""
+
+    status: int
+    headers: dict[bytes, bytes]
+    body: bytes
 
 
 def read_api_key(path: str) -> bytes:
@@ -220,46 +260,67 @@ class ServerApi(Resource):
 
     # -- the request -------------------------------------------------------------
 
-    def render(self, request: Request) -> Any:
+    def handle(self, call: ApiCall) -> ApiAnswer | Deferred[ApiAnswer]:
+        """
+        Answer one request, whichever HTTP parser read it (twisted.web's, in
+        ``render``, or the lean one of ``webchat.apiwire``): the answer, or a
+        Deferred of it when it waits for Redis.  Never fails: a failure is a
+        500 answer (logged).
+        """
         try:
-            self._authorize(request)
+            self._authorize(call.authorization)
             self._take_token()
-            answer = self._route(request)
+            answer = self._route(call)
         except ApiError as e:
-            return self._refuse(request, e)
+            return self._refuse(call, e)
         except Exception:
             log.failure("An error has occurred: the server API failed")
-            return self._refuse(request, ApiError(500, "internal", "internal error"))
+            return self._refuse(call, ApiError(500, "internal", "internal error"))
         if isinstance(answer, Deferred):
-            # Most answers are ready at once (no Redis): send them now,
-            # without the bookkeeping of a response that comes later.
-            ready: list[Any] = []
-
-            def grab(result: Any) -> None:
-                ready.append(result)  # consumed: a failure is handled below
-
             if not answer.called or answer.paused:
-                return self._later(request, answer)
-            answer.addBoth(grab)
+                answer.addCallback(lambda result: self._answer(*result))
+                return answer.addErrback(
+                    lambda failure: self._refuse(call, _as_api_error(failure))
+                )
+            # Most answers are ready at once (no Redis): take them now,
+            # without the bookkeeping of an answer that comes later.
+            ready: list[Any] = []
+            answer.addBoth(ready.append)  # consumed: a failure is handled here
             if isinstance(ready[0], Failure):
-                return self._refuse(request, _as_api_error(ready[0]))
+                return self._refuse(call, _as_api_error(ready[0]))
             answer = ready[0]
-        return self._answer(request, *answer)
+        return self._answer(*answer)
 
-    def _later(self, request: Request, answer: Deferred[Any]) -> Any:
+    def render(self, request: Request) -> Any:
+        """The request as twisted.web read it: through ``handle``."""
+        content = request.content
+        call = ApiCall(
+            method=request.method,
+            path=request.path,
+            segments=request.postpath,
+            args=request.args,
+            authorization=request.getHeader(b"authorization"),
+            body=content.read() if content is not None else b"",
+            peer=getattr(request.getClientAddress(), "host", None) or "unix",
+        )
+        answer = self.handle(call)
+        if isinstance(answer, Deferred):
+            return self._later(request, answer)
+        return _apply(request, answer)
+
+    def _later(self, request: Request, answer: Deferred[ApiAnswer]) -> Any:
         """Answer ``request`` when ``answer`` fires (Redis): NOT_DONE_YET now."""
         finished = [False]
         request.notifyFinish().addErrback(lambda _: finished.__setitem__(0, True))
 
-        def send(body: bytes) -> None:
+        def send(ready: ApiAnswer) -> None:
             if not finished[0]:
+                body = _apply(request, ready)
                 # A length, not chunks: every answer is one small JSON object.
                 request.setHeader(b"Content-Length", b"%d" % len(body))
                 request.write(body)
                 request.finish()
 
-        answer.addCallback(lambda result: self._answer(request, *result))
-        answer.addErrback(lambda failure: self._refuse(request, _as_api_error(failure)))
         answer.addCallback(send).addErrback(
             lambda failure: log.failure(
                 "An error has occurred: answering an API request failed", failure
@@ -267,8 +328,8 @@ class ServerApi(Resource):
         )
         return NOT_DONE_YET
 
-    def _authorize(self, request: Request) -> None:
-        given = request.getHeader(b"authorization") or b""
+    def _authorize(self, given: bytes | None) -> None:
+        given = given or b""
         scheme, _, credentials = given.strip().partition(b" ")
         # The scheme is case-insensitive (RFC 9110 11.1); the key is not.
         bearer = scheme.lower() == b"bearer"
@@ -292,12 +353,12 @@ class ServerApi(Resource):
             )
 
     def _route(
-        self, request: Request
+        self, call: ApiCall
     ) -> tuple[int, dict[str, Any]] | Deferred[tuple[int, dict[str, Any]]]:
-        parts = [p.decode("utf-8", "replace") for p in request.postpath]
+        parts = [p.decode("utf-8", "replace") for p in call.segments]
         if parts and parts[-1] == "":
             parts.pop()  # a trailing slash
-        method = request.method
+        method = call.method
         if parts == ["rooms"]:
             _allow(method, b"GET")
             return 200, {"rooms": self._rooms()}
@@ -305,17 +366,17 @@ class ServerApi(Resource):
             room = _room(parts[1])
             if parts[2] == "messages":
                 _allow(method, b"POST")
-                return self._publish(room, _body(request))
+                return self._publish(room, _body(call.body))
             if parts[2] == "members":
                 _allow(method, b"GET")
                 return 200, {"room": room, "members": self._chat.members_of(room)}
             if parts[2] == "history":
                 _allow(method, b"GET")
-                return self._history(room, request.args)
+                return self._history(room, call.args)
         if len(parts) == 3 and parts[0] == "users" and parts[2] == "disconnect":
             _allow(method, b"POST")
-            user = _user(request.postpath[1])
-            return self._disconnect(user, _body(request))
+            user = _user(call.segments[1])
+            return self._disconnect(user, _body(call.body))
         raise ApiError(404, "not_found", "no such route (see docs/api.md)")
 
     # -- the routes ----------------------------------------------------------------
@@ -341,7 +402,8 @@ class ServerApi(Resource):
         if not isinstance(sender, str):
             raise ApiError(400, "bad_name", "from: a string")
         try:
-            name = check_name(sender)
+            # The default needs no check (a character-by-character one).
+            name = sender if sender == SERVER_NAME else check_name(sender)
         except BadEvent as e:
             raise ApiError(400, "bad_name", f"from: {e.reason}") from None
         key = body.get("idempotency_key")
@@ -451,29 +513,25 @@ class ServerApi(Resource):
 
     # -- answers -------------------------------------------------------------------
 
-    def _answer(self, request: Request, status: int, body: dict[str, Any]) -> bytes:
+    def _answer(self, status: int, body: dict[str, Any]) -> ApiAnswer:
         self.answered[(status, "ok")] += 1
-        request.setResponseCode(status)
-        return _json_response(request, body)
+        return ApiAnswer(status, JSON_HEADERS, _dumps(body) + b"\n")
 
-    def _refuse(self, request: Request, error: ApiError) -> bytes:
+    def _refuse(self, call: ApiCall, error: ApiError) -> ApiAnswer:
         self.answered[(error.status, error.code)] += 1
         log.warn(
             "Server API refused {method} {path} from {peer}: HTTP {status} "
             "{code} ({detail})",
-            method=escape_request_text(request.method.decode("latin-1")),
-            path=escape_request_text(request.path.decode("latin-1")),
-            peer=escape_for_log(
-                str(getattr(request.getClientAddress(), "host", None) or "unix")
-            ),
+            method=escape_request_text(call.method.decode("latin-1")),
+            path=escape_request_text(call.path.decode("latin-1")),
+            peer=escape_for_log(str(call.peer)),
             status=error.status,
             code=error.code,
             detail=escape_for_log(error.detail),
         )
-        request.setResponseCode(error.status)
-        for name, value in error.headers.items():
-            request.setHeader(name, value)
-        return _json_response(request, {"error": error.code, "detail": error.detail})
+        headers = {**error.headers, **JSON_HEADERS} if error.headers else JSON_HEADERS
+        body = _dumps({"error": error.code, "detail": error.detail}) + b"\n"
+        return ApiAnswer(error.status, headers, body)
 
 
 def _closing(opened: tuple[str, int], store: Any, room: str) -> tuple[str, int]:
@@ -539,8 +597,7 @@ def _arg(args: dict[bytes, list[bytes]], name: bytes) -> str | None:
     return value
 
 
-def _body(request: Request) -> dict[str, Any]:
-    raw = request.content.read() if request.content is not None else b""
+def _body(raw: bytes) -> dict[str, Any]:
     if not raw.strip():
         return {}
     try:
@@ -564,7 +621,9 @@ def _dumps(value: Any) -> bytes:
     return _dumps_str(value).encode("utf-8")
 
 
-def _json_response(request: Request, body: dict[str, Any]) -> bytes:
-    request.setHeader(b"Content-Type", b"application/json")
-    request.setHeader(b"Cache-Control", b"no-store")
-    return _dumps(body) + b"\n"
+def _apply(request: Request, answer: ApiAnswer) -> bytes:
+    """Put ``answer``'s status and headers on a twisted.web request: its body."""
+    request.setResponseCode(answer.status)
+    for name, value in answer.headers.items():
+        request.setHeader(name, value)
+    return answer.body

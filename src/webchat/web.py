@@ -29,6 +29,7 @@ from twisted.web.server import NOT_DONE_YET, Request, Site
 from twisted.web.static import File
 
 from webchat.access import canonical_address
+from webchat.api import ServerApi
 from webchat.chat import WebChatFactory
 from webchat.flow import write_now
 from webchat.health import HealthResource
@@ -368,17 +369,33 @@ def is_chat_upgrade(head: bytes) -> bool:
     return _UPGRADE_LINE.search(head.lower() + b"\r\n") is not None
 
 
+#: How a request for the server API starts (ApiWire judges the rest).
+_API_REQUEST = (b"GET /api", b"POST /api")
+
+
+def switch_protocol(transport: Any, successor: Any) -> None:
+    """Have ``transport`` (or the TLS layer under it) deliver to ``successor``."""
+    if isinstance(transport, ProtocolWrapper):
+        transport.wrappedProtocol = successor
+    elif isinstance(getattr(transport, "protocol", None), ProtocolWrapper):
+        transport.protocol.wrappedProtocol = successor
+    else:
+        transport.protocol = successor
+
+
 class Doorway(Protocol):
     """
     The first protocol of every connection: reads the request head and hands
     the connection to the chat or to the web site.
 
     A WebSocket upgrade on ``/`` or ``/ws`` goes straight to the chat's
-    Autobahn protocol, which parses the handshake itself; everything else
-    (the page, ``/healthz``, ``/metrics``, garbage) goes to Twisted's HTTP
-    channel.  Letting twisted.web parse an upgrade first would build a
-    request object, headers and a channel that the WebSocket immediately
-    throws away, and that is most of what a new chat connection costs.
+    Autobahn protocol, which parses the handshake itself; a server API
+    request to ``ApiWire`` (``webchat.apiwire``), which does the same for
+    the API; everything else (the page, ``/healthz``, ``/metrics``,
+    garbage) goes to Twisted's HTTP channel.  Letting twisted.web parse an
+    upgrade first would build a request object, headers and a channel that
+    the WebSocket immediately throws away, and that is most of what a new
+    chat connection costs.
     """
 
     def __init__(self, site: ChatSite, address: Any) -> None:
@@ -401,10 +418,13 @@ class Doorway(Protocol):
         # A head over the limit goes to the HTTP channel, which refuses it
         # (431 for a long line, 400 for too many), whether it arrived in one
         # read or in many.
+        site = self._site
         if 0 <= end <= MAX_HEAD and is_chat_upgrade(self._head[:end]):
-            successor = self._site.chat.buildProtocol(self._address)
+            successor = site.chat.buildProtocol(self._address)
+        elif site.api is not None and self._head.startswith(_API_REQUEST):
+            successor = site.build_api_wire(self._address)  # its own parser
         else:
-            successor = self._site.build_channel(self._address)
+            successor = site.build_channel(self._address)
         self._hand_over(successor)
 
     def connectionLost(self, reason: Any = None) -> None:
@@ -412,45 +432,23 @@ class Doorway(Protocol):
 
     def _hand_over(self, successor: Any) -> None:
         transport = self.transport
-        # Where the reactor (or the TLS layer under it) will deliver from now on.
-        if isinstance(transport, ProtocolWrapper):
-            transport.wrappedProtocol = successor
-        elif isinstance(getattr(transport, "protocol", None), ProtocolWrapper):
-            transport.protocol.wrappedProtocol = successor
-        else:
-            transport.protocol = successor
+        switch_protocol(transport, successor)
         successor.makeConnection(transport)
         head, self._head = self._head, b""
         successor.dataReceived(head)
 
 
-class ChatChannel(HTTPChannel):
+class RequestDeadlines:
     """
-    An HTTP connection whose every request must arrive complete within the
-    handshake timeout of the connection opening (or of the previous
-    response, on a keep-alive connection), and whose every response must be
-    sent within the response timeout of its request.
+    The request and response deadlines of an HTTP connection, on one timer
+    moved lazily (ChatChannel's docstring says why), for twisted.web's
+    channel and for the server API's lean one (``webchat.apiwire``) alike.
 
-    The site serves GET and HEAD only, so a request that announces a body is
-    refused from its headers, before a byte of the body is read (Twisted
-    would otherwise spool a large one to a temporary file first).
-
-    At most MAX_REQUESTS_PER_CONNECTION requests are answered on one
-    connection, and none that was pipelined behind a response to a client
-    already gone: Twisted would answer every pipelined request, synchronously,
-    in the turn that read them.
-
-    The two deadlines share one timer, moved lazily: a keep-alive
-    connection answering request after request only notes when its current
-    deadline falls (no reactor timer made or cancelled per request, which
-    showed in the server API's profile), and the timer, when it fires before
-    that, sets itself again for the rest (it is set no further off than the
-    shorter of the two timeouts, so that the other deadline never has to
-    move it sooner).
-    Twisted's own idle timer is left off while the request deadline is on.
+    Needs ``self.factory`` (the ChatSite) and ``self.transport``.
     """
 
-    site: ChatSite
+    factory: ChatSite
+    transport: Any
     #: The one timer: due at or before the current deadline.
     _deadline: IDelayedCall | None = None
     #: The deadline the connection is under now: "request" (a complete
@@ -458,20 +456,8 @@ class ChatChannel(HTTPChannel):
     _phase: str | None = None
     #: When the current deadline falls, on the reactor's clock.
     _expires_at = 0.0
-    _refused = False
-    #: Requests read on this connection so far.
-    _requests_read = 0
     #: Whether a byte of the request now awaited has arrived.
     _heard = False
-
-    def connectionMade(self) -> None:
-        if self.factory.chat.limits.handshake_timeout > 0:
-            # Twisted's idle timeout is then redundant: the request deadline
-            # is stricter whenever it would run (between responses), and it
-            # costs a timer made and cancelled per request.
-            self.timeOut = None
-        super().connectionMade()
-        self._arm("request", self.factory.chat.limits.handshake_timeout)
 
     def _arm(self, phase: str, timeout: float) -> None:
         """Put the connection under ``phase``'s deadline, ``timeout`` from now."""
@@ -521,6 +507,60 @@ class ChatChannel(HTTPChannel):
 
     def _was_heard(self) -> bool:
         return self._heard
+
+    def continue_request_deadline(self, expires_at: float, heard: bool) -> None:
+        """
+        Take over another protocol's request deadline (the lean API path
+        handing a connection to twisted.web): the client gets no new time.
+        """
+        if self.factory.chat.limits.handshake_timeout <= 0:
+            return
+        self._disarm()
+        self._phase = "request"
+        self._heard = heard
+        self._expires_at = expires_at
+        self._set_timer(max(expires_at - self.factory.reactor.seconds(), 0.0))
+
+
+class ChatChannel(RequestDeadlines, HTTPChannel):
+    """
+    An HTTP connection whose every request must arrive complete within the
+    handshake timeout of the connection opening (or of the previous
+    response, on a keep-alive connection), and whose every response must be
+    sent within the response timeout of its request.
+
+    The site serves GET and HEAD only, so a request that announces a body is
+    refused from its headers, before a byte of the body is read (Twisted
+    would otherwise spool a large one to a temporary file first).
+
+    At most MAX_REQUESTS_PER_CONNECTION requests are answered on one
+    connection, and none that was pipelined behind a response to a client
+    already gone: Twisted would answer every pipelined request, synchronously,
+    in the turn that read them.
+
+    The two deadlines share one timer, moved lazily: a keep-alive
+    connection answering request after request only notes when its current
+    deadline falls (no reactor timer made or cancelled per request, which
+    showed in the server API's profile), and the timer, when it fires before
+    that, sets itself again for the rest (it is set no further off than the
+    shorter of the two timeouts, so that the other deadline never has to
+    move it sooner).
+    Twisted's own idle timer is left off while the request deadline is on.
+    """
+
+    site: ChatSite
+    _refused = False
+    #: Requests read on this connection so far.
+    _requests_read = 0
+
+    def connectionMade(self) -> None:
+        if self.factory.chat.limits.handshake_timeout > 0:
+            # Twisted's idle timeout is then redundant: the request deadline
+            # is stricter whenever it would run (between responses), and it
+            # costs a timer made and cancelled per request.
+            self.timeOut = None
+        super().connectionMade()
+        self._arm("request", self.factory.chat.limits.handshake_timeout)
 
     def dataReceived(self, data: bytes) -> None:
         self._heard = True
@@ -737,6 +777,7 @@ class ChatSite(Site):
         *,
         api_max_body: int | None = None,
         serves_chat: bool = True,
+        api: ServerApi | None = None,
     ) -> None:
         # Nothing here takes form posts: never parse (and buffer) their bodies.
         super().__init__(
@@ -752,6 +793,9 @@ class ChatSite(Site):
         #: Whether a WebSocket upgrade here goes to the chat (not on the
         #: --api-port site, which is the API and nothing else).
         self.serves_chat = serves_chat
+        #: The server API, whose requests the lean path (webchat.apiwire)
+        #: reads itself; None: twisted.web reads every request here.
+        self.api = api
 
     def api_body_cap(self, method: bytes, path: bytes) -> int | None:
         """The body a request may have: a POST to the server API only."""
@@ -764,8 +808,18 @@ class ChatSite(Site):
 
     def buildProtocol(self, addr: Any) -> Any:
         if not self.serves_chat:
+            if self.api is not None:
+                return self.build_api_wire(addr)
             return self.build_channel(addr)
         return Doorway(self, addr)
+
+    def build_api_wire(self, addr: Any) -> Any:
+        """The lean HTTP/1.1 protocol for a connection asking the server API."""
+        # Imported here: apiwire builds on this module.
+        from webchat.apiwire import ApiWire
+
+        assert self.api is not None
+        return ApiWire(self, self.api, addr)
 
     def build_channel(self, addr: Any) -> Any:
         """The HTTP channel for a connection that is not a chat upgrade."""
@@ -813,6 +867,7 @@ def make_site(
         chat_root,
         factory,
         api_max_body=api_max_body(factory) if api is not None else None,
+        api=api if isinstance(api, ServerApi) else None,
     )
 
 
@@ -827,7 +882,11 @@ def make_api_site(factory: WebChatFactory, api: IResource) -> ChatSite:
     root = Resource()
     root.putChild(b"api", api)
     return ChatSite(
-        root, factory, api_max_body=api_max_body(factory), serves_chat=False
+        root,
+        factory,
+        api_max_body=api_max_body(factory),
+        serves_chat=False,
+        api=api if isinstance(api, ServerApi) else None,
     )
 
 
