@@ -309,26 +309,38 @@ class SameAsTwistedWebTests(HostileMixin, TestCase):
     limits = Limits(rate_limit=0, handshake_timeout=0.5)
 
     @inlineCallbacks
-    def send_all(self, port: int):
-        """Every hostile request on its own connection, at once: the answers."""
+    def send_all(self, port: int, before: bytes = b""):
+        """
+        Every hostile request on its own connection, at once, after
+        ``before``: the answers.
+        """
         peers = {}
         for name, data in HOSTILE_REQUESTS.items():
             peer = yield connect_raw(port)
             self.addCleanup(
                 lambda peer=peer: peer.lost.called or peer.transport.abortConnection()
             )
-            peer.transport.write(data)
+            peer.transport.write(before + data)
             peers[name] = peer
         for peer in peers.values():
             yield peer.lost  # each closed by the server (at most the 0.5 s deadline)
         return {name: peer.data for name, peer in peers.items()}
 
-    @inlineCallbacks
     def test_every_hostile_request_is_answered_as_twisted_web_does(self):
+        return self.compare_with_twisted_web()
+
+    def test_and_so_after_an_answer_on_a_kept_alive_connection(self):
+        """The lean path's hand-over in mid-connection, not the doorway's."""
+        return self.compare_with_twisted_web(
+            b"GET /api/rooms/q/members HTTP/1.1\r\n" + _AUTH + b"\r\n"
+        )
+
+    @inlineCallbacks
+    def compare_with_twisted_web(self, before: bytes = b""):
         logs = AllLogLines()
         globalLogPublisher.addObserver(logs)
         self.addCleanup(globalLogPublisher.removeObserver, logs)
-        lean = yield self.send_all(self.port.getHost().port)
+        lean = yield self.send_all(self.port.getHost().port, before)
         yield self.assert_bystanders_chat()
         # twisted.web's path: the same site, but no request goes to the lean
         # path (as before it was written), on a server of its own.
@@ -337,7 +349,7 @@ class SameAsTwistedWebTests(HostileMixin, TestCase):
         site.api = None
         port = yield TCP4ServerEndpoint(reactor, 0, interface="127.0.0.1").listen(site)
         self.addCleanup(port.stopListening)
-        web = yield self.send_all(port.getHost().port)
+        web = yield self.send_all(port.getHost().port, before)
         for name in HOSTILE_REQUESTS:
             with self.subTest(name):
                 self.assertTrue(lean[name].startswith(b"HTTP/1."), name)
