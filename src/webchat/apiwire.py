@@ -25,9 +25,11 @@ answer, to a complete request and body) and the response deadline
 ``MAX_REQUESTS_PER_CONNECTION`` requests, then ``Connection: close``; a
 close after ``Connection: close`` or an HTTP/1.0 request; pipelined
 requests answered in order (an answer that waits for Redis holds the
-ones behind it); the access-log line (none with ``--quiet``; ``token=``
-redacted, the API key never in it); ``Server``, ``Date`` and the security
-headers.
+ones behind it), and none answered or read while the transport holds a
+buffer's worth the client has not read (back-pressure: memory stays
+bounded however many answers it pipelined for); the access-log line
+(none with ``--quiet``; ``token=`` redacted, the API key never in it);
+``Server``, ``Date`` and the security headers.
 """
 
 from __future__ import annotations
@@ -74,6 +76,11 @@ _LENGTH = re.compile(rb"[0-9]{1,15}")
 _HANDED_HEADERS = frozenset({b"transfer-encoding", b"expect"})
 #: More header lines than an API client ever sends: twisted.web judges.
 _MOST_HEADERS = 100
+#: Answers held back to go out in one write, at most (Twisted's own
+#: ``bufferSize``): past it they are written before the next request is
+#: read, so that a client that does not read them pauses this connection
+#: (``pauseProducing``) before another is answered.
+_FLUSH_AT = 65536
 
 #: Sent with every answer, after the status line and any ``Connection``.
 _FIXED_HEADERS = b"".join(
@@ -146,6 +153,9 @@ class ApiWire(RequestDeadlines, Protocol):
         #: An answer is awaited (Redis): the requests behind it wait.
         self._waiting = False
         self._paused = False
+        #: The transport holds more unsent than it wants (a client that
+        #: does not read its answers): nothing more is read or answered.
+        self._blocked = False
         #: Closing, gone or handed to twisted.web: nothing more is read here.
         self._done = False
         #: The client's address (asked once: it does not change).
@@ -155,6 +165,9 @@ class ApiWire(RequestDeadlines, Protocol):
         self._date = b""
 
     def connectionMade(self) -> None:
+        # Told when the client stops reading its answers (pauseProducing):
+        # otherwise every answer it pipelined for would wait in memory.
+        self.transport.registerProducer(self, True)
         self._arm("request", self.factory.chat.limits.handshake_timeout)
 
     def connectionLost(self, reason: Any = None) -> None:
@@ -175,25 +188,60 @@ class ApiWire(RequestDeadlines, Protocol):
             return
         self._serve()
 
+    # -- the transport's signals (IPushProducer) ------------------------------------
+
+    def pauseProducing(self) -> None:
+        """The transport's buffer is full: stop reading and answering."""
+        if not self._blocked:
+            self._blocked = True
+            if not self._paused:
+                _network_of(self.transport).pauseProducing()
+
+    def resumeProducing(self) -> None:
+        """The client has read its answers: read and answer on."""
+        if not self._blocked:
+            return
+        self._blocked = False
+        if self._done:
+            return
+        if not self._paused:
+            _network_of(self.transport).resumeProducing()
+        if not self._waiting:
+            self._serve()
+
+    def stopProducing(self) -> None:
+        self._done = True
+
     # -- reading -----------------------------------------------------------------
 
     def _serve(self) -> None:
         """Answer every complete request in the buffer, in order."""
         out: list[bytes] = []
+        pending = 0  # bytes in out
         transport = self.transport
-        while not (self._done or self._waiting or transport.disconnecting):
+        while not (
+            self._done or self._waiting or self._blocked or transport.disconnecting
+        ):
+            if pending >= _FLUSH_AT:
+                write_now(transport, b"".join(out))  # may pause this
+                out.clear()
+                pending = 0
+                continue
             buffer = self._buffer
             end = buffer.find(b"\r\n\r\n")
             if end < 0:
                 if len(buffer) > MAX_HEAD:
                     self._hand_to_web(out)  # its 431 or 400
                 break
+            answered = len(out)
             taken = self._read_request(buffer, end, out) if end <= MAX_HEAD else None
             if taken is None:
                 self._hand_to_web(out)
                 break
             if not taken:
                 break  # the body is still on its way
+            if len(out) > answered:
+                pending += len(out[-1])
         if not out:
             return
         if self._done:
@@ -323,7 +371,8 @@ class ApiWire(RequestDeadlines, Protocol):
         self._after(persistent)
         if self._paused and not self._done:
             self._paused = False
-            _network_of(self.transport).resumeProducing()
+            if not self._blocked:
+                _network_of(self.transport).resumeProducing()
         if not self._done:
             write_now(self.transport, b"".join(out))
             self._serve()
@@ -343,6 +392,9 @@ class ApiWire(RequestDeadlines, Protocol):
         """The last answers of a connection that closes after them."""
         if self.transport is not None and not self.transport.disconnecting:
             write_now(self.transport, b"".join(out))
+            # With a producer registered, TLS never shuts down and TCP never
+            # closes while the producer is paused.
+            self.transport.unregisterProducer()
             self.transport.loseConnection()
 
     # -- writing -----------------------------------------------------------------
@@ -380,6 +432,7 @@ class ApiWire(RequestDeadlines, Protocol):
             write_now(self.transport, b"".join(out))
             out.clear()
         self._done = True
+        self.transport.unregisterProducer()  # the channel registers itself
         site = self.factory
         expires_at, heard, phase = self._expires_at, self._heard, self._phase
         self._disarm()
