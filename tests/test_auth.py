@@ -816,6 +816,42 @@ class ExpiryTests(MemoryAuthCase):
         self.assertEqual(ann.close_code, 4001)
         self.assertNotIn(fresh, "\n".join(self.all_logs.lines))
 
+    def test_each_token_ends_its_connection_on_time_with_one_timer_for_all(self):
+        """
+        Tokens ending at different times, given out of order, one connection
+        gone early and one refreshed: each connection is closed at its own
+        token's end, not before; the server holds one timer for them all.
+        """
+        ttls = {"u-1": 300, "u-2": 100, "u-3": 200, "u-4": 100, "u-5": 150}
+        clients = {
+            sub: self.json_client(token=self.token(sub=sub, ttl=ttl))
+            for sub, ttl in ttls.items()
+        }
+        # Anonymous connections hold the same timers but for the token's.
+        anonymous = [self.json_client() for _ in ttls]
+        self.assertEqual(
+            len(self.clock.getDelayedCalls()), 1, self.clock.getDelayedCalls()
+        )
+        clients["u-4"].transport.loseConnection()
+        self.pump.pump()
+        self.clock.advance(50)
+        self.send(clients["u-5"], type="refresh", token=self.token(sub="u-5", ttl=400))
+        ends = {sub: T0 + ttl + JWT_LEEWAY for sub, ttl in ttls.items()}
+        ends["u-5"] = T0 + 50 + 400 + JWT_LEEWAY
+        for sub in sorted(ends, key=ends.get):
+            client = clients[sub]
+            if sub == "u-4":
+                continue
+            self.clock.advance(ends[sub] - 1 - self.clock.seconds())
+            self.pump.pump()
+            self.assertIsNone(client.close_code, sub)
+            self.clock.advance(1)
+            self.pump.pump()
+            self.assertEqual(client.close_code, 4001, sub)
+        self.assertEqual(self.factory.stats.closed[4001], 4)
+        self.assertEqual([c.close_code for c in anonymous], [None] * len(ttls))
+        self.assertEqual(self.clock.getDelayedCalls(), [])
+
     def test_a_bad_refresh_is_refused_and_the_old_expiry_stands(self):
         ann = self.json_client(token=self.token(ttl=100, rooms=["lobby"]))
         anonymous = self.json_client()
