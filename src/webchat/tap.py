@@ -500,7 +500,8 @@ class Options(usage.Options):
             None,
             None,
             "Check HS256 tokens with the shared secret in this file (its "
-            "whole contents, surrounding whitespace stripped).",
+            "whole contents, surrounding whitespace stripped; a public key or "
+            "certificate there stops the server).",
         ],
         [
             "jwt-public-key-file",
