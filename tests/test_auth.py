@@ -419,6 +419,56 @@ class IdentityTests(SynchronousTestCase):
             verifier.verify(rs)
         self.assertEqual(caught.exception.kind, "invalid_token")
 
+    def test_each_claim_and_header_is_judged_as_jwt_decode_judges_it(self):
+        """
+        The verifier checks the registered claims itself (PyJWT parses and
+        verifies the signature): the same verdicts, and log details, as
+        ``jwt.decode`` with our options gave.
+        """
+        from webchat.auth import TokenError
+
+        verifier = TokenVerifier(
+            secret=SECRET,
+            audience="chat",
+            issuer="https://app.example",
+            clock=time.time,
+        )
+        good = {"aud": "chat", "iss": "https://app.example"}
+        for aud in ("chat", ["other", "chat"]):
+            token = hs256(**{**good, "aud": aud})
+            self.assertEqual(verifier.verify(token).user, "u-42")
+
+        def signed(payload: bytes, **header: object) -> str:
+            return jwt.PyJWS().encode(payload, SECRET, "HS256", headers=header)
+
+        head = b64(json.dumps({"alg": "HS256"}).encode())
+        refused = [
+            (hs256(**{**good, "aud": None}), "no aud claim"),
+            (hs256(**{**good, "aud": []}), "no aud claim"),
+            (hs256(**{**good, "aud": ["other"]}), "wrong audience"),
+            (hs256(**{**good, "aud": [1, "chat"]}), "wrong audience"),
+            (hs256(**{**good, "aud": {"chat": 1}}), "wrong audience"),
+            (hs256(**{**good, "iss": None}), "no iss claim"),
+            (signed(json.dumps(claims(**{**good, "iss": 5})).encode()), "wrong issuer"),
+            (hs256(**{**good, "exp": None}), "no exp claim"),
+            (hs256(**{**good, "sub": None}), "no sub claim"),
+            (hs256(**{**good, "jti": 5}), "malformed"),
+            (signed(b"[1]"), "malformed"),
+            (signed(b"{not json"), "malformed"),
+            (jwt.encode(claims(**good), SECRET * 2, "HS512"), "algorithm another"),
+            (
+                signed(json.dumps(claims(**good)).encode(), alg=None),
+                "algorithm another",
+            ),
+            (f"{head}.{b64(json.dumps(claims(**good)).encode())}.", "bad signature"),
+            ("a.b.c.d", "malformed"),
+        ]
+        for token, detail in refused:
+            with self.assertRaises(TokenError, msg=detail) as caught:
+                verifier.verify(token)
+            self.assertEqual(caught.exception.kind, "invalid_token")
+            self.assertIn(f"invalid token: {detail}", caught.exception.detail)
+
     def test_the_name_defaults_to_the_sub(self):
         identity = Identity("u-1", None, ("*",), 0.0)
         self.assertEqual(identity.display_name, "u-1")
@@ -461,6 +511,7 @@ class CommandLineTests(SynchronousTestCase):
         options = self.options("--auth", "required", "--jwt-secret-file", secret)
         self.assertEqual(options["jwt-secret"], SECRET)
         self.assertEqual(options.verifier(time.time).algorithms, ("HS256",))
+        public_key = self.key_file(public_pem(rsa_key()))
         cases = [
             (("--auth", "maybe"), "--auth: expected one of off, optional, required"),
             (("--auth", "required"), "--auth required needs --jwt-secret-file or"),
@@ -476,6 +527,12 @@ class CommandLineTests(SynchronousTestCase):
             (
                 ("--auth", "optional", "--jwt-public-key-file", secret),
                 "not a PEM public key",
+            ),
+            # The HS/RS confusion set up by the operator: every token would
+            # be refused, so the server must not start.
+            (
+                ("--auth", "optional", "--jwt-secret-file", public_key),
+                f"{public_key}: a public key or certificate, not an HMAC secret",
             ),
         ]
         for args, message in cases:
@@ -758,6 +815,42 @@ class ExpiryTests(MemoryAuthCase):
         self.pump.pump()
         self.assertEqual(ann.close_code, 4001)
         self.assertNotIn(fresh, "\n".join(self.all_logs.lines))
+
+    def test_each_token_ends_its_connection_on_time_with_one_timer_for_all(self):
+        """
+        Tokens ending at different times, given out of order, one connection
+        gone early and one refreshed: each connection is closed at its own
+        token's end, not before; the server holds one timer for them all.
+        """
+        ttls = {"u-1": 300, "u-2": 100, "u-3": 200, "u-4": 100, "u-5": 150}
+        clients = {
+            sub: self.json_client(token=self.token(sub=sub, ttl=ttl))
+            for sub, ttl in ttls.items()
+        }
+        # Anonymous connections hold the same timers but for the token's.
+        anonymous = [self.json_client() for _ in ttls]
+        self.assertEqual(
+            len(self.clock.getDelayedCalls()), 1, self.clock.getDelayedCalls()
+        )
+        clients["u-4"].transport.loseConnection()
+        self.pump.pump()
+        self.clock.advance(50)
+        self.send(clients["u-5"], type="refresh", token=self.token(sub="u-5", ttl=400))
+        ends = {sub: T0 + ttl + JWT_LEEWAY for sub, ttl in ttls.items()}
+        ends["u-5"] = T0 + 50 + 400 + JWT_LEEWAY
+        for sub in sorted(ends, key=ends.get):
+            client = clients[sub]
+            if sub == "u-4":
+                continue
+            self.clock.advance(ends[sub] - 1 - self.clock.seconds())
+            self.pump.pump()
+            self.assertIsNone(client.close_code, sub)
+            self.clock.advance(1)
+            self.pump.pump()
+            self.assertEqual(client.close_code, 4001, sub)
+        self.assertEqual(self.factory.stats.closed[4001], 4)
+        self.assertEqual([c.close_code for c in anonymous], [None] * len(ttls))
+        self.assertEqual(self.clock.getDelayedCalls(), [])
 
     def test_a_bad_refresh_is_refused_and_the_old_expiry_stands(self):
         ann = self.json_client(token=self.token(ttl=100, rooms=["lobby"]))

@@ -36,6 +36,7 @@ import jwt
 from cryptography.hazmat.primitives.asymmetric.ec import EllipticCurvePublicKey
 from cryptography.hazmat.primitives.asymmetric.rsa import RSAPublicKey
 from cryptography.hazmat.primitives.serialization import load_pem_public_key
+from jwt.algorithms import Algorithm, get_default_algorithms
 
 from webchat.events import BadEvent, check_name
 from webchat.limits import JWT_LEEWAY, JWT_MAX_LENGTH, MAX_NAME_CHARS, MAX_USER_CHARS
@@ -127,11 +128,70 @@ def _invalid(detail: str) -> TokenError:
     return TokenError("invalid_token", "invalid token", f"invalid token: {detail}")
 
 
+class _BoundKey(Algorithm):
+    """
+    One of PyJWT's algorithms with the server's key for it, prepared once.
+
+    ``jwt.decode`` prepares the key it is given on every call, and for
+    HMAC that means trying to read the secret as a PEM, SSH or DER public
+    key and as JSON (so that a public key is never used as an HMAC secret):
+    about a quarter of what checking a token cost.  Here that check runs
+    once, when the server starts (``ValueError`` if the secret is such a
+    key); PyJWT still picks this object by the token's ``alg`` among the
+    allowed ones and calls ``verify`` with the signature it parsed.
+    """
+
+    def __init__(self, algorithm: Algorithm, key: Any) -> None:
+        try:
+            self._key = algorithm.prepare_key(key)
+        except jwt.InvalidKeyError:
+            raise ValueError(
+                "a public key or certificate, not an HMAC secret"
+            ) from None
+        self._algorithm = algorithm
+        check = getattr(algorithm, "check_key_length", None)
+        #: PyJWT's warning about a short key, decided once (it warns per call).
+        self._key_length_message = check(self._key) if check is not None else None
+
+    def prepare_key(self, key: Any) -> Any:
+        """The key prepared at start (the one PyJWT passes in is unused)."""
+        return self._key
+
+    def check_key_length(self, key: Any) -> str | None:
+        """PyJWT's verdict on the key's length, as at start."""
+        return self._key_length_message
+
+    def verify(self, msg: bytes, key: Any, sig: bytes) -> bool:
+        """Whether ``sig`` signs ``msg`` under the server's key."""
+        return bool(self._algorithm.verify(msg, self._key, sig))
+
+    def sign(self, msg: bytes, key: Any) -> bytes:
+        """Never: the server only checks tokens; the app signs them."""
+        raise NotImplementedError("webchat does not sign tokens")
+
+    @staticmethod
+    def to_jwk(key_obj: Any, as_dict: bool = False) -> Any:
+        """Not needed: keys come from files, never as JWKs."""
+        raise NotImplementedError("webchat reads no JWKs")
+
+    @staticmethod
+    def from_jwk(jwk: Any) -> Any:
+        """Not needed: keys come from files, never as JWKs."""
+        raise NotImplementedError("webchat reads no JWKs")
+
+
 class TokenVerifier:
     """
     Checks tokens against the keys the server was given (``secret`` for
     HS256, ``public_key`` PEM for RS256 or ES256, or both), and ``audience``
     and ``issuer`` when given.
+
+    Everything a handshake need not redo is done here, once: each key is
+    prepared for its algorithm and bound to it (``_BoundKey``), on a
+    ``jwt.PyJWS`` of our own that knows only those algorithms.  PyJWT still
+    parses the token (once), checks its ``alg`` against them and verifies
+    the signature; the claims are then checked here (the registered ones
+    as ``jwt.decode`` checks them, on the server's clock).
     """
 
     def __init__(
@@ -146,13 +206,18 @@ class TokenVerifier:
     ) -> None:
         if secret is None and public_key is None:
             raise ValueError("a token verifier needs a secret or a public key")
-        #: The key for each algorithm a token may use.
-        self._keys: dict[str, Any] = {}
+        keys: dict[str, Any] = {}
         if secret is not None:
-            self._keys["HS256"] = secret
+            keys["HS256"] = secret
         if public_key is not None:
             key = load_public_key(public_key)
-            self._keys["RS256" if isinstance(key, RSAPublicKey) else "ES256"] = key
+            keys["RS256" if isinstance(key, RSAPublicKey) else "ES256"] = key
+        known = get_default_algorithms()
+        #: PyJWT's token parsing and signature checks, with our keys only.
+        self._jws = jwt.PyJWS(algorithms=[])
+        for name, key in keys.items():
+            self._jws.register_algorithm(name, _BoundKey(known[name], key))
+        self._algorithms = list(keys)
         self.audience = audience
         self.issuer = issuer
         self.leeway = leeway
@@ -161,7 +226,7 @@ class TokenVerifier:
     @property
     def algorithms(self) -> tuple[str, ...]:
         """The algorithms a token may be signed with."""
-        return tuple(self._keys)
+        return tuple(self._algorithms)
 
     def verify(self, token: str) -> Identity:
         """The identity ``token`` proves, or ``TokenError``."""
@@ -171,40 +236,54 @@ class TokenVerifier:
                 "token too long",
                 f"token too long ({len(token)} characters, most {JWT_MAX_LENGTH})",
             )
-        alg = _algorithm_of(token)
-        key = self._keys.get(alg) if alg is not None else None
-        if key is None:
-            shown = alg if alg in ("none", "HS256", "RS256", "ES256") else "another"
-            raise _invalid(f"algorithm {shown} not accepted")
         try:
-            claims = jwt.decode(
-                token,
-                key,
-                algorithms=[alg],
-                audience=self.audience,
-                issuer=self.issuer,
-                # exp and nbf are checked below, on the server's own clock.
-                options={
-                    "require": ["exp", "sub"],
-                    "verify_exp": False,
-                    "verify_nbf": False,
-                    "verify_iat": False,
-                    "verify_aud": self.audience is not None,
-                    "verify_iss": self.issuer is not None,
-                },
-            )
+            # The key argument is unused: each algorithm has its own.
+            signed = self._jws.decode_complete(token, algorithms=self._algorithms)
+            claims = json.loads(signed["payload"])
+        except jwt.InvalidAlgorithmError:
+            # Read again only now: a refusal says which algorithm it was.
+            alg = _algorithm_of(token)
+            shown = alg if alg in ("none", "HS256", "RS256", "ES256") else "another"
+            raise _invalid(f"algorithm {shown} not accepted") from None
         except jwt.InvalidSignatureError:
             raise _invalid("bad signature") from None
-        except jwt.InvalidAudienceError:
-            raise _invalid("wrong audience") from None
-        except jwt.InvalidIssuerError:
-            raise _invalid("wrong issuer") from None
-        except jwt.MissingRequiredClaimError as e:
-            raise _invalid(f"no {e.claim} claim") from None
-        except (jwt.PyJWTError, RecursionError):
-            # RecursionError: claims nested thousands deep, for json.loads.
+        except (jwt.PyJWTError, ValueError, RecursionError):
+            # RecursionError: JSON nested thousands deep, for json.loads.
             raise _invalid("malformed") from None
+        if not isinstance(claims, dict):
+            raise _invalid("malformed")
+        self._check_registered_claims(claims)
         return self._identity(claims)
+
+    def _check_registered_claims(self, claims: dict[str, Any]) -> None:
+        """
+        What ``jwt.decode`` would check with our options: ``exp`` and
+        ``sub`` present, ``iss`` and ``aud`` when the server names them,
+        ``jti`` a string if present (``exp`` and ``nbf`` are ``_identity``'s,
+        on the server's clock).
+        """
+        for claim in ("exp", "sub"):
+            if claims.get(claim) is None:
+                raise _invalid(f"no {claim} claim")
+        if self.issuer is not None:
+            if "iss" not in claims:
+                raise _invalid("no iss claim")
+            if claims["iss"] != self.issuer:
+                raise _invalid("wrong issuer")
+        if self.audience is not None:
+            granted = claims.get("aud")
+            if not granted:
+                raise _invalid("no aud claim")
+            if isinstance(granted, str):
+                granted = [granted]
+            if (
+                not isinstance(granted, list)
+                or not all(isinstance(aud, str) for aud in granted)
+                or self.audience not in granted
+            ):
+                raise _invalid("wrong audience")
+        if not isinstance(claims.get("jti", ""), str):
+            raise _invalid("malformed")
 
     def _identity(self, claims: dict[str, Any]) -> Identity:
         """The identity in verified ``claims``, if they are well formed and current."""
@@ -250,10 +329,9 @@ class TokenVerifier:
 
 def _algorithm_of(token: str) -> str | None:
     """
-    The ``alg`` a token's header names (unverified: it only picks the key,
-    and PyJWT checks it again against that key's one algorithm).  Read
-    here rather than with ``jwt.get_unverified_header``, which parses and
-    checks the whole token a second time: a third of what checking one costs.
+    The ``alg`` a refused token's header names, for the log line (PyJWT's
+    error does not say): read only once PyJWT has refused the algorithm,
+    so an accepted token's header is parsed once, by PyJWT.
     """
     segment = token.partition(".")[0]
     try:
@@ -281,6 +359,15 @@ def _number(value: object) -> float | None:
     except OverflowError:
         return None
     return number if math.isfinite(number) else None
+
+
+def check_hmac_secret(secret: bytes) -> None:
+    """
+    ``ValueError`` if ``secret`` is a public key or certificate (PEM, SSH,
+    DER or a JWK), which PyJWT refuses as an HMAC secret: a server that
+    would refuse every token must not start.
+    """
+    _BoundKey(get_default_algorithms()["HS256"], secret)
 
 
 def load_public_key(pem: bytes) -> RSAPublicKey | EllipticCurvePublicKey:

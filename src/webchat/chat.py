@@ -26,6 +26,7 @@ process, or hand in a fake clock.
 
 from __future__ import annotations
 
+import heapq
 from collections import Counter, deque
 from collections.abc import Callable, Sequence
 from dataclasses import replace
@@ -41,7 +42,7 @@ from twisted.internet.defer import (
     gatherResults,
     succeed,
 )
-from twisted.internet.interfaces import IReactorTime, ISSLTransport
+from twisted.internet.interfaces import IDelayedCall, IReactorTime, ISSLTransport
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
@@ -183,6 +184,14 @@ class WebChatFactory(WebSocketServerFactory):
         #: Open connections with an identity, by user (``connections_of``).
         #: (Ordered sets, as dicts: one user may hold many connections.)
         self._by_user: dict[str, dict[WebChatProtocol, None]] = {}
+        #: When signed connections' tokens run out (exp plus the leeway, on
+        #: the reactor's clock): the connections whose token ends at each
+        #: time, those times as a heap, and one timer for the earliest (see
+        #: ``_expire_at``).
+        self._deadlines: dict[float, dict[WebChatProtocol, None]] = {}
+        self._deadline_heap: list[float] = []
+        self._expiry_timer: IDelayedCall | None = None
+        self._expiry_timer_at: float | None = None
         #: When the server started, for /healthz's uptime.
         self.started_at = reactor.seconds()
         #: Set at shutdown: new handshakes get 503 and /healthz says so.
@@ -294,20 +303,71 @@ class WebChatFactory(WebSocketServerFactory):
         Close ``protocol`` when a token expiring at ``expires`` no longer
         passes admission (``exp`` plus the verifier's leeway), on the
         factory's clock; a ``refresh`` moves it on.
+
+        One timer serves every connection, not one each: a timer per
+        connection was six more objects for the garbage collector to walk
+        per signed connection (docs/benchmarks.md, issue #15), and the
+        connections of one moment mostly share their deadline anyway.
         """
-        timer = protocol.token_expiry
-        if timer is not None and timer.active():
-            timer.cancel()
+        self._drop_deadline(protocol)
         verifier = self.admission.verifier
         leeway = verifier.leeway if verifier is not None else 0.0
-        delay = max(expires + leeway - self.reactor.seconds(), 0.0)
-        protocol.token_expiry = self.reactor.callLater(
-            delay, self._token_expired, protocol
-        )
+        deadline = expires + leeway
+        sharing = self._deadlines.get(deadline)
+        if sharing is None:
+            sharing = self._deadlines[deadline] = {}
+            heapq.heappush(self._deadline_heap, deadline)
+        sharing[protocol] = None
+        protocol.token_deadline = deadline
+        self._schedule_expiry()
+
+    def _drop_deadline(self, protocol: WebChatProtocol) -> None:
+        """``protocol``'s token no longer ends it (closed, refreshed, expired)."""
+        deadline = protocol.token_deadline
+        if deadline is None:
+            return
+        protocol.token_deadline = None
+        sharing = self._deadlines.get(deadline)
+        if sharing is not None:
+            sharing.pop(protocol, None)
+            if not sharing:
+                # Its time stays in the heap, skipped when it comes up.
+                del self._deadlines[deadline]
+        if not self._deadlines:
+            self._deadline_heap.clear()
+            self._schedule_expiry()
+
+    def _schedule_expiry(self) -> None:
+        """The timer at the earliest deadline with a connection, or none."""
+        heap = self._deadline_heap
+        while heap and heap[0] not in self._deadlines:
+            heapq.heappop(heap)
+        first = heap[0] if heap else None
+        if first == self._expiry_timer_at:
+            return
+        timer = self._expiry_timer
+        if timer is not None and timer.active():
+            timer.cancel()
+        self._expiry_timer = self._expiry_timer_at = None
+        if first is not None:
+            delay = max(first - self.reactor.seconds(), 0.0)
+            self._expiry_timer = self.reactor.callLater(
+                delay, self._deadline_reached, first
+            )
+            self._expiry_timer_at = first
+
+    def _deadline_reached(self, deadline: float) -> None:
+        """Every connection whose token ends at ``deadline`` or before: closed."""
+        self._expiry_timer = self._expiry_timer_at = None
+        heap = self._deadline_heap
+        while heap and heap[0] <= deadline:
+            for protocol in list(self._deadlines.pop(heapq.heappop(heap), ())):
+                protocol.token_deadline = None
+                self._token_expired(protocol)
+        self._schedule_expiry()
 
     def _token_expired(self, protocol: WebChatProtocol) -> None:
         """Its token ran out: say so (JSON), close 4001, log it once."""
-        protocol.token_expiry = None
         if protocol.state != _OPEN:
             return
         identity = protocol.identity
@@ -358,6 +418,7 @@ class WebChatFactory(WebSocketServerFactory):
         self._tell(sender, event_frame({"type": "refreshed", "exp": exp}))
 
     def _forget_user(self, protocol: WebChatProtocol) -> None:
+        self._drop_deadline(protocol)
         identity = protocol.identity
         if identity is None:
             return

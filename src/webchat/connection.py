@@ -136,8 +136,8 @@ class WebChatProtocol(FlowControl, Keepalive, WebSocketServerProtocol):
     #: Who the connection's token says it is, from when it opens; None =
     #: anonymous (no token, or --auth off).
     identity: Identity | None = None
-    #: Closes the connection when its token expires (``WebChatFactory``).
-    token_expiry: IDelayedCall | None = None
+    #: When its token ends it (reactor time; ``WebChatFactory._expire_at``).
+    token_deadline: float | None = None
     #: The name shown to others (set by the room), and the one asked for
     #: with ``?name=`` until the connection opens.
     chat_name = ""
@@ -381,12 +381,11 @@ class WebChatProtocol(FlowControl, Keepalive, WebSocketServerProtocol):
             self._linger,
             self._message_deadline,
             self.closeHandshakeTimeoutCall,
-            self.token_expiry,
         )
         for timer in timers:
             if timer is not None and timer.active():
                 timer.cancel()
-        self._linger = self._message_deadline = self.token_expiry = None
+        self._linger = self._message_deadline = None
         self.closeHandshakeTimeoutCall = None
         super().connectionLost(reason)
         self.factory.forget(self)

@@ -19,7 +19,13 @@ from twisted.python import usage
 from webchat import __version__, limits
 from webchat.access import AccessPolicy
 from webchat.api import ServerApi, read_api_key
-from webchat.auth import AUTH_MODES, TokenVerifier, load_public_key, read_key_file
+from webchat.auth import (
+    AUTH_MODES,
+    TokenVerifier,
+    check_hmac_secret,
+    load_public_key,
+    read_key_file,
+)
 from webchat.chat import WebChatFactory
 from webchat.history.sqlite import SQLiteHistory
 from webchat.metrics import MetricsPage, make_registry
@@ -494,7 +500,8 @@ class Options(usage.Options):
             None,
             None,
             "Check HS256 tokens with the shared secret in this file (its "
-            "whole contents, surrounding whitespace stripped).",
+            "whole contents, surrounding whitespace stripped; a public key or "
+            "certificate there stops the server).",
         ],
         [
             "jwt-public-key-file",
@@ -723,10 +730,14 @@ class Options(usage.Options):
             )
         self["jwt-secret"] = self["jwt-public-key"] = None
         if self["jwt-secret-file"]:
+            path = self["jwt-secret-file"]
             try:
-                self["jwt-secret"] = read_key_file(self["jwt-secret-file"])
+                secret = read_key_file(path)
+                check_hmac_secret(secret)
             except ValueError as e:
-                raise usage.UsageError(f"--jwt-secret-file {e}") from None
+                shown = str(e) if str(e).startswith(path) else f"{path}: {e}"
+                raise usage.UsageError(f"--jwt-secret-file {shown}") from None
+            self["jwt-secret"] = secret
         if self["jwt-public-key-file"]:
             path = self["jwt-public-key-file"]
             try:
