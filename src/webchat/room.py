@@ -14,14 +14,29 @@ bytes.  So messages are not sent as they arrive.  They are queued, and at
 the end of the current reactor iteration (``Rooms`` runs one
 ``callLater(0)`` for every room with messages: after every socket that was
 readable in this turn has been read, before the reactor waits again) each
-member is handed, in one write, everything it is owed from that turn.
-Under light load a turn carries one message and this adds no latency;
-under heavy load a turn carries many, and the cost per delivery falls with
-every message that shares the write.
+member is handed, in one write, everything it is owed.  Under light load
+that is one message and this adds no latency; under heavy load it is many,
+and the cost per delivery falls with every message that shares the write.
 
-Memory: a turn holds what was received plus, per codec, its encoding; a
-sender's share (the turn less its own messages) is worked out when its
-delivery comes and let go before the next member's.
+Why a pass in slices: under heavy load one pass over a big room takes a
+while (T: 1,000 members over TLS, tens of ms), and nothing is read while it
+runs.  If a pass only sent what was queued when it began, a message that
+arrived during it would wait for the rest of that pass and then for its
+member's place in the next (p99 about 2.5-3 T).  So a pass yields to the
+reactor once a slice has taken ``SLICE_SECONDS``; what was read meanwhile
+is sealed as the room's next *chunk* when the next slice begins, and each
+member, when its turn in the rotation comes, is sent every chunk it has
+not had: members later in the pass get the new messages in this pass, the
+ones served already in the next, each about one pass after it arrived.  A
+member remembers the first chunk it has not been sent (joining: the first
+one not yet sealed, i.e. not in the history it is replayed); chunks are
+let go at the end of a pass once every member has passed them.  A pass
+that fits in a slice is one flush, exactly as if there were no slicing.
+
+Memory: the chunks not yet sent to everyone (about one pass's worth) plus,
+per codec, their encodings; a sender's share (what it is owed less its own
+messages) is worked out when its delivery comes and let go before the next
+member's.
 """
 
 from __future__ import annotations
@@ -86,8 +101,8 @@ def member_entry(member: Member) -> dict[str, object]:
 
 class Room:
     """
-    The members of one room, by codec, and the messages of the current
-    reactor turn that they have not been sent yet.
+    The members of one room, by codec, and the messages that some of them
+    have not been sent yet.
 
     Rooms are made by ``Rooms``, which also runs their end-of-turn flush.
     """
