@@ -234,6 +234,7 @@ class PassTests(SynchronousTestCase):
         self.rooms.timer = lambda: self.now[0]
         # Three writes (3 ms) are more than a slice: a slice serves three.
         self.rooms.slice_seconds = 0.0025
+        self.rooms.slice_check = 1
         self.members = [Timed(chat_id, self.now) for chat_id in range(1, 7)]
         for member in self.members:
             self.room = self.rooms.join("lobby", member, PLAIN)
@@ -323,6 +324,7 @@ class PassTests(SynchronousTestCase):
         rooms = Rooms(self.clock, self.stats)
         rooms.timer = lambda: self.now[0]
         rooms.slice_seconds = 1.0
+        rooms.slice_check = 1
         for member in self.members:
             room = rooms.join("lounge", member, PLAIN)
         room.publish(m1, b"A1")

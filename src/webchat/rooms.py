@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import re
 from collections.abc import Callable, Iterator
-from time import perf_counter
+from time import thread_time
 from typing import TYPE_CHECKING, Any
 
 from twisted.internet.defer import Deferred
@@ -24,7 +24,7 @@ from webchat.codecs import SEED, Codec
 from webchat.history import new_epoch
 from webchat.logtext import escape_for_log
 from webchat.memory import release_free_heap
-from webchat.room import SLICE_SECONDS, Member, Room
+from webchat.room import SLICE_CHECK, SLICE_SECONDS, Member, Room
 
 if TYPE_CHECKING:
     from webchat.history import HistoryStore
@@ -77,10 +77,13 @@ class Rooms:
         #: Called with a room whose epoch and offset came later (Redis),
         #: once its joiners have been greeted.
         self.on_opened: Callable[[Room], object] | None = None
-        #: What rooms time a slice of a pass over their members with, and
-        #: how long one may take (``Room.flush``); set before rooms are made.
-        self.timer: Callable[[], float] = perf_counter
+        #: What rooms time a slice of a pass over their members with (the
+        #: server's CPU time), how long one may take, and every how many
+        #: members the clock is read (``Room.flush``); set before rooms are
+        #: made (tests: a fake clock, read after every member).
+        self.timer: Callable[[], float] = thread_time
         self.slice_seconds = SLICE_SECONDS
+        self.slice_check = SLICE_CHECK
         self._rooms: dict[str, Room] = {}
         #: Rooms with messages this turn, in the order they got their first.
         self._busy: list[Room] = []
@@ -126,6 +129,7 @@ class Rooms:
                 offset,
                 self.timer,
                 self.slice_seconds,
+                self.slice_check,
             )
             room.names_elsewhere = self.names_elsewhere
             if isinstance(opened, Deferred):
