@@ -331,3 +331,25 @@ class PassTests(SynchronousTestCase):
         self.turn()
         self.assertEqual(self.clock.getDelayedCalls(), [])
         self.assertEqual(self.writes(), [[]] + [[b"A1"]] * 5)
+
+    def test_a_member_released_mid_pass_gets_its_history_first_then_live(self):
+        m1, _m2, _m3, _m4, m5, _m6 = self.members
+        self.room.hold(m5)
+        self.room.publish(m1, b"A1")
+        self.turn()  # 1-4; 5's history is still being read
+        self.assertTrue(self.room.release(m5, [b"H"]))  # before its turn came
+        self.room.publish(m1, b"A2")
+        self.turn()  # 5 and 6: everything up to now
+        self.assertEqual([bytes(w) for w in m5.writes], [b"H", b"A1A2"])
+
+    def test_a_big_share_across_chunks_reaches_a_sender_around_its_own(self):
+        m1, _m2, _m3, _m4, m5, m6 = self.members
+        big = [b"A" * 40_000, b"F" * 40_000, b"B" * 10]
+        self.room.publish(m1, big[0])
+        self.turn()
+        self.room.publish(m6, big[1])  # mid-pass, from a member not yet served
+        self.room.publish(m1, big[2])
+        self.turn()
+        self.assertEqual([bytes(w) for w in m6.writes], [big[0], big[2]])
+        self.assertTrue(all(isinstance(w, memoryview) for w in m6.writes))
+        self.assertEqual([bytes(w) for w in m5.writes], [b"".join(big)])
