@@ -23,10 +23,10 @@ while (T: 1,000 members over TLS, tens of ms), and nothing is read while it
 runs.  If a pass only sent what was queued when it began, a message that
 arrived during it would wait for the rest of that pass and then for its
 member's place in the next (p99 about 2.5-3 T).  So a pass yields to the
-reactor once a slice has taken ``SLICE_SECONDS`` of CPU; what was read meanwhile
-is sealed as the room's next *chunk* when the next slice begins, and each
-member, when its turn in the rotation comes, is sent every chunk it has
-not had: members later in the pass get the new messages in this pass, the
+reactor once a slice has taken ``SLICE_SECONDS`` of CPU; what was read
+meanwhile is sealed as the room's next *chunk* when the next slice begins,
+and each member, when its turn in the rotation comes, is sent every chunk
+it has not had: members later in the pass get the new messages in this pass, the
 ones served already in the next, each about one pass after it arrived.  A
 member remembers the first chunk it has not been sent (joining: the first
 one not yet sealed, i.e. not in the history it is replayed); chunks are
