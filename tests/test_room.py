@@ -205,3 +205,151 @@ class RoomsTests(SynchronousTestCase):
         self.assertEqual((rooms.names, len(rooms)), ([], 0))
         self.assertIsNone(rooms.get("red"))
         self.assertIsNot(rooms.join("red", a, PLAIN), room)
+
+
+class Timed(Recorder):
+    """A member whose every write takes a millisecond of the room's timer."""
+
+    def __init__(self, chat_id: int, now: list[float]) -> None:
+        super().__init__(chat_id)
+        self.now = now
+
+    def deliver(self, data: bytes) -> bool:
+        self.now[0] += 0.001
+        return super().deliver(data)
+
+
+class PassTests(SynchronousTestCase):
+    """
+    A pass over a room's members yields to the reactor once it has taken its
+    slice's time, and whoever's turn comes next is sent everything it is owed
+    up to then: what arrived mid-pass included.
+    """
+
+    def setUp(self):
+        self.clock = Clock()
+        self.stats = ChatStats()
+        self.now = [0.0]
+        self.rooms = Rooms(self.clock, self.stats)
+        self.rooms.timer = lambda: self.now[0]
+        # Three writes (3 ms) are more than a slice: a slice serves three.
+        self.rooms.slice_seconds = 0.0025
+        self.rooms.slice_check = 1
+        self.members = [Timed(chat_id, self.now) for chat_id in range(1, 7)]
+        for member in self.members:
+            self.room = self.rooms.join("lobby", member, PLAIN)
+
+    def writes(self) -> list[list[bytes]]:
+        return [[bytes(w) for w in m.writes] for m in self.members]
+
+    def turn(self) -> None:
+        """
+        One reactor iteration: the one call due (``Clock.advance(0)`` would
+        also run the calls that call makes, the next slices included).
+        """
+        (call,) = self.clock.getDelayedCalls()
+        self.clock.calls.remove(call)
+        call.func(*call.args, **call.kw)
+
+    def test_what_arrives_mid_pass_reaches_the_rest_of_the_pass_and_then_the_rest(
+        self,
+    ):
+        m1, m2, _m3, _m4, _m5, m6 = self.members
+        self.room.publish(m1, b"A1")
+        self.turn()
+        # The first slice: 1 (its own message only), 2, 3, 4; then the reactor.
+        self.assertEqual(self.writes(), [[], [b"A1"], [b"A1"], [b"A1"], [], []])
+        # Read meanwhile: one from a member served already, one from a member
+        # not served yet.  The room is due once, not once more per message.
+        self.room.publish(m2, b"B1")
+        self.room.publish(m6, b"F1")
+        self.assertEqual(len(self.clock.getDelayedCalls()), 1)
+        self.turn()
+        # The rest of the pass: everything up to now, in one write, less a
+        # sender's own.
+        self.assertEqual(
+            self.writes(),
+            [[], [b"A1"], [b"A1"], [b"A1"], [b"A1B1F1"], [b"A1B1"]],
+        )
+        self.turn()  # the next pass: the first three
+        self.turn()  # ... and the fourth; 5 and 6 are owed nothing
+        self.assertEqual(
+            self.writes(),
+            [
+                [b"B1F1"],
+                [b"A1", b"F1"],
+                [b"A1", b"B1F1"],
+                [b"A1", b"B1F1"],
+                [b"A1B1F1"],
+                [b"A1B1"],
+            ],
+        )
+        self.assertEqual(self.clock.getDelayedCalls(), [])  # nothing owed
+        self.assertEqual(self.stats.deliveries, 15)  # 3 messages to 5 each
+        (histogram,) = self.stats.fanout_seconds.collect()
+        counts = [s.value for s in histogram.samples if s.name.endswith("_count")]
+        self.assertEqual(counts, [3])  # taken once each, once sent to everyone
+
+    def test_a_joiner_mid_pass_is_sent_what_comes_after_its_history_only(self):
+        m1, _m2, _m3, _m4, m5, m6 = self.members
+        self.room.publish(m1, b"A1")
+        self.turn()
+        # A1 has been kept: a member joining now has it as history (up to
+        # ``flushed``), never live, even though the pass is not over.
+        self.assertEqual(self.room.flushed, 1)
+        joiner = Timed(7, self.now)
+        self.rooms.join("lobby", joiner, PLAIN)
+        self.rooms.leave(self.room, m5)  # not served yet: gets nothing more
+        self.room.publish(m6, b"F1")
+        self.turn()  # the rest of the pass: 6 (5 has gone)
+        self.turn()  # the next pass: 1, 2, 3
+        self.turn()  # ... 4, 6 (nothing owed) and the joiner
+        self.assertEqual(self.clock.getDelayedCalls(), [])
+        self.assertEqual(
+            [*self.writes(), joiner.writes],
+            [
+                [b"F1"],
+                [b"A1", b"F1"],
+                [b"A1", b"F1"],
+                [b"A1", b"F1"],
+                [],
+                [b"A1"],
+                [b"F1"],
+            ],
+        )
+
+    def test_a_pass_that_fits_its_slice_is_one_turn_as_before(self):
+        m1 = self.members[0]
+        self.rooms.slice_seconds = 1.0
+        rooms = Rooms(self.clock, self.stats)
+        rooms.timer = lambda: self.now[0]
+        rooms.slice_seconds = 1.0
+        rooms.slice_check = 1
+        for member in self.members:
+            room = rooms.join("lounge", member, PLAIN)
+        room.publish(m1, b"A1")
+        self.turn()
+        self.assertEqual(self.clock.getDelayedCalls(), [])
+        self.assertEqual(self.writes(), [[]] + [[b"A1"]] * 5)
+
+    def test_a_member_released_mid_pass_gets_its_history_first_then_live(self):
+        m1, _m2, _m3, _m4, m5, _m6 = self.members
+        self.room.hold(m5)
+        self.room.publish(m1, b"A1")
+        self.turn()  # 1-4; 5's history is still being read
+        self.assertTrue(self.room.release(m5, [b"H"]))  # before its turn came
+        self.room.publish(m1, b"A2")
+        self.turn()  # 5 and 6: everything up to now
+        self.assertEqual([bytes(w) for w in m5.writes], [b"H", b"A1A2"])
+
+    def test_a_big_share_across_chunks_reaches_a_sender_around_its_own(self):
+        m1, _m2, _m3, _m4, m5, m6 = self.members
+        big = [b"A" * 40_000, b"F" * 40_000, b"B" * 10]
+        self.room.publish(m1, big[0])
+        self.turn()
+        self.room.publish(m6, big[1])  # mid-pass, from a member not yet served
+        self.room.publish(m1, big[2])
+        self.turn()
+        self.assertEqual([bytes(w) for w in m6.writes], [big[0], big[2]])
+        self.assertTrue(all(isinstance(w, memoryview) for w in m6.writes))
+        self.assertEqual([bytes(w) for w in m5.writes], [b"".join(big)])

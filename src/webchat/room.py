@@ -14,20 +14,35 @@ bytes.  So messages are not sent as they arrive.  They are queued, and at
 the end of the current reactor iteration (``Rooms`` runs one
 ``callLater(0)`` for every room with messages: after every socket that was
 readable in this turn has been read, before the reactor waits again) each
-member is handed, in one write, everything it is owed from that turn.
-Under light load a turn carries one message and this adds no latency;
-under heavy load a turn carries many, and the cost per delivery falls with
-every message that shares the write.
+member is handed, in one write, everything it is owed.  Under light load
+that is one message and this adds no latency; under heavy load it is many,
+and the cost per delivery falls with every message that shares the write.
 
-Memory: a turn holds what was received plus, per codec, its encoding; a
-sender's share (the turn less its own messages) is worked out when its
-delivery comes and let go before the next member's.
+Why a pass in slices: under heavy load one pass over a big room takes a
+while (T: 1,000 members over TLS, tens of ms), and nothing is read while it
+runs.  If a pass only sent what was queued when it began, a message that
+arrived during it would wait for the rest of that pass and then for its
+member's place in the next (p99 about 2.5-3 T).  So a pass yields to the
+reactor once a slice has taken ``SLICE_SECONDS`` of CPU; what was read
+meanwhile is sealed as the room's next *chunk* when the next slice begins,
+and each member, when its turn in the rotation comes, is sent every chunk
+it has not had: members later in the pass get the new messages in this pass, the
+ones served already in the next, each about one pass after it arrived.  A
+member remembers the first chunk it has not been sent (joining: the first
+one not yet sealed, i.e. not in the history it is replayed); chunks are
+let go at the end of a pass once every member has passed them.  A pass
+that fits in a slice is one flush, exactly as if there were no slicing.
+
+Memory: the chunks not yet sent to everyone (about one pass's worth) plus,
+per codec, their encodings; a sender's share (what it is owed less its own
+messages) is worked out when its delivery comes and let go before the next
+member's.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator, Sequence
-from time import perf_counter
+from time import perf_counter, thread_time
 from typing import TYPE_CHECKING, Protocol
 
 from twisted.logger import Logger
@@ -47,6 +62,18 @@ SLICE_ABOVE = 64 * 1024
 #: back to the system (``webchat.memory``): a chat turn is rarely more than a
 #: few KB, and after a burst of MBs glibc would keep tens of MB resident.
 RELEASE_ABOVE = 4 * 1024 * 1024
+#: A pass over a room's members yields to the reactor after this much of the
+#: server's CPU time (seconds), so what arrives meanwhile is read and
+#: reaches the members not yet served in the same pass: a message's wait is
+#: about one pass, not the rest of the pass it arrived in plus its member's
+#: place in the next.  A pass that fits is one slice, as if there were no
+#: slicing at all.  CPU time, not wall time: a server that other processes
+#: keep waiting would otherwise cut its passes into ever smaller slices,
+#: each paying for a round of reads, and fall further behind.
+SLICE_SECONDS = 0.005
+#: The slice's clock is read once per this many members (reading the CPU
+#: clock is a system call, about 0.7 µs: per member it would cost 2-3%).
+SLICE_CHECK = 8
 
 log = Logger(namespace="webchat")
 
@@ -80,8 +107,8 @@ def member_entry(member: Member) -> dict[str, object]:
 
 class Room:
     """
-    The members of one room, by codec, and the messages of the current
-    reactor turn that they have not been sent yet.
+    The members of one room, by codec, and the messages that some of them
+    have not been sent yet.
 
     Rooms are made by ``Rooms``, which also runs their end-of-turn flush.
     """
@@ -97,8 +124,16 @@ class Room:
         history: HistoryStore | None = None,
         epoch: str = "",
         offset: int = 0,
+        timer: Callable[[], float] = thread_time,
+        slice_seconds: float = SLICE_SECONDS,
+        slice_check: int = SLICE_CHECK,
     ) -> None:
         self.name = name
+        #: What a slice of a pass is timed with, how long one may take, and
+        #: every how many members its clock is read.
+        self._timer = timer
+        self._slice_seconds = slice_seconds
+        self._slice_check = slice_check
         #: The server's clock (seconds), for a message's ``ts``.
         self._clock = clock
         self._stats = stats
@@ -110,7 +145,22 @@ class Room:
         self._members: dict[int, Member] = {}
         self._codec_of: dict[int, Codec] = {}
         self._by_codec: dict[Codec, dict[int, Member]] = {}
+        #: Messages (and events) not yet sent to anyone: sealed into a chunk
+        #: when the next slice of a pass begins.
         self._pending: list[Message] = []
+        #: Sealed chunks some member is still owed; ``_chunks[0]`` is chunk
+        #: number ``_base`` (numbers only grow).
+        self._chunks: list[_Chunk] = []
+        self._base = 0
+        #: Per member id: the number of the first chunk it has not been sent
+        #: (it has had every chunk before).
+        self._served: dict[int, int] = {}
+        #: The pass in progress: (codec, member id) in serving order, taken
+        #: when it began, and the index of the next to serve; empty: none.
+        self._order: list[tuple[Codec, int]] = []
+        self._next = 0
+        #: Whether ``Rooms`` will call ``flush`` at the end of this turn.
+        self._scheduled = False
         #: Names in use here, case-folded, to the member id holding each.
         self._names: dict[str, int] = {}
         #: Members that share a name held by another (a signed user's name,
@@ -158,6 +208,9 @@ class Room:
         self._members[member.chat_id] = member
         self._codec_of[member.chat_id] = codec
         self._by_codec.setdefault(codec, {})[member.chat_id] = member
+        # Owed what is not yet sealed (not yet kept: it is not in the history
+        # a joiner is sent), nothing sealed before.
+        self._served[member.chat_id] = self._base + len(self._chunks)
 
     def free_name(self, wanted: str) -> str:
         """``wanted``, or ``wanted-2``, ``wanted-3``, ...: the first not in use here."""
@@ -222,6 +275,7 @@ class Room:
         if self._members.pop(chat_id, None) is None:
             return False
         codec = self._codec_of.pop(chat_id)
+        del self._served[chat_id]
         self._release_name(member)
         same = self._by_codec[codec]
         del same[chat_id]
@@ -282,8 +336,7 @@ class Room:
             identity = getattr(sender, "identity", None)
             if identity is not None:
                 user = identity.user
-        if not self._pending:
-            self._schedule(self)
+        self._wake()
         if offset is None:
             offset = self.offset + 1
         if offset:
@@ -318,9 +371,14 @@ class Room:
         by_codec = self._by_codec
         if not by_codec or (len(by_codec) == 1 and SEED in by_codec):
             return
-        if not self._pending:
-            self._schedule(self)
+        self._wake()
         self._pending.append(Message(0, b"", perf_counter(), member_id, event=frame))
+
+    def _wake(self) -> None:
+        """Have ``Rooms`` flush this room at the end of the turn, once."""
+        if not self._scheduled:
+            self._scheduled = True
+            self._schedule(self)
 
     def _same_codec(self, member: Member) -> dict[int, Member] | None:
         """The members speaking ``member``'s codec, ``member`` among them."""
@@ -392,85 +450,150 @@ class Room:
 
     def flush(self) -> int:
         """
-        Send each member what this turn owes it, in one write (a sender in a
-        big turn: one per run of other people's frames); return deliveries.
+        Serve the next slice of the pass over the members (a new pass if none
+        is in progress): each member, in turn, is sent in one write (a sender
+        in a big turn: one per run of other people's frames) everything it
+        is owed up to now, what arrived since the pass began included.  A
+        slice ends when the pass does or after ``slice_seconds``; the room
+        asks to be flushed again while anything is owed.  Return deliveries.
         """
+        self._scheduled = False
+        if self._pending:
+            self._seal()
+        if not self._order:
+            if not self._chunks:
+                return 0
+            self._order = [
+                (codec, chat_id)
+                for codec, members in self._by_codec.items()
+                for chat_id in members
+            ]
+            self._next = 0
+        copies = self._slice()
+        if self._next >= len(self._order):
+            self._order = []
+            self._let_go()
+        if self._pending or self._chunks:
+            self._wake()
+        return copies
+
+    def _seal(self) -> None:
+        """What arrived since the last slice becomes the room's next chunk."""
         pending, self._pending = self._pending, []
-        if not pending:
-            return 0
         if len(pending) == 1:
             said = pending if pending[0].event is None else ()
         else:
             said = [message for message in pending if message.event is None]
         if said:
-            # Kept once per turn, before anyone is sent it: a member joining
-            # after this turn is owed it as history, never live.
+            # Kept once, before anyone is sent it: a member joining after
+            # this is owed it as history, never live.
             self.flushed = self.offset
             if self._history is not None:
                 self._history.append(self.name, said)
-        if len(pending) == 1:
-            senders = {pending[0].member_id}
-        else:
-            senders = {message.member_id for message in pending}
-        copies = sent = biggest = 0
-        for codec, members in list(self._by_codec.items()):
-            got, size, turn = self._fan_out(codec, members, pending, senders)
-            copies += got
-            sent += size
-            biggest = max(biggest, turn)
+        self._chunks.append(_Chunk(pending))
 
-        stats = self._stats
-        done = perf_counter()
-        for message in pending:
-            if message.event is None:
-                stats.fanout_seconds.observe(done - message.arrived)
-        stats.deliveries += copies
-        stats.bytes_sent += sent
-        if biggest > RELEASE_ABOVE:
-            del pending  # the turn's messages go first
-            self._release_memory()
-        return copies
-
-    def _fan_out(
-        self,
-        codec: Codec,
-        members: dict[int, Member],
-        pending: list[Message],
-        senders: set[int],
-    ) -> tuple[int, int, int]:
-        """
-        Encode the turn once in ``codec`` and hand it to ``members``; return
-        (frames, bytes) delivered and the size of the encoded turn.
-        """
-        encode = codec.encode
-        frames = [encode(message) for message in pending]
-        everything = frames[0] if len(frames) == 1 else b"".join(frames)
-        if not everything:
-            return 0, 0, 0  # nothing this codec speaks (presence, for the seed's)
-        total = len(frames) - frames.count(b"")
-        copies = 0
-        sent = 0
-        for chat_id, member in list(members.items()):
+    def _slice(self) -> int:
+        """Serve members of the pass until it ends or the slice's time is up."""
+        timer = self._timer
+        deadline = timer() + self._slice_seconds
+        end = self._base + len(self._chunks)
+        order = self._order
+        served = self._served
+        by_codec = self._by_codec
+        check = self._slice_check
+        # What a member that was last served at chunk N is owed now, per codec:
+        # members served together are owed the same, and are mostly served
+        # together again.
+        owed: dict[tuple[Codec, int], _Owed] = {}
+        copies = sent = 0
+        index = self._next
+        while index < len(order):
+            codec, chat_id = order[index]
+            index += 1
+            start = served.get(chat_id)
+            if start is None or start >= end:
+                continue  # gone, or had everything already
+            members = by_codec.get(codec)
+            member = members.get(chat_id) if members is not None else None
+            if member is None:
+                continue
+            served[chat_id] = end
+            share = owed.get((codec, start))
+            if share is None:
+                share = owed[codec, start] = self._owed(codec, start)
             try:
-                if chat_id in senders:
+                if not share.everything:
+                    pass  # nothing this codec speaks (presence, for the seed's)
+                elif chat_id in share.senders:
                     # A sender is owed everything but its own frames.  That is
                     # worked out here, when its turn comes, and let go before
                     # the next member's: a copy per sender held for the whole
-                    # loop grows with senders x bytes (150 x 60 KB: 1.3 GB).
-                    if len(frames) > 1:
+                    # pass grows with senders x bytes (150 x 60 KB: 1.3 GB).
+                    if len(share.frames) > 1:
                         got, size = _deliver_without(
-                            member, chat_id, pending, frames, everything
+                            member,
+                            chat_id,
+                            share.messages,
+                            share.frames,
+                            share.everything,
                         )
                         copies += got
                         sent += size
-                elif member.deliver(everything):
-                    sent += len(everything)
-                    copies += total
+                elif member.deliver(share.everything):
+                    sent += len(share.everything)
+                    copies += share.total
             except Exception:
                 # One member's failure must not cost the members after it
                 # their turn.
                 self._failed(member)
-        return copies, sent, len(everything)
+            if not index % check and timer() > deadline:
+                break
+        self._next = index
+        stats = self._stats
+        stats.deliveries += copies
+        stats.bytes_sent += sent
+        return copies
+
+    def _owed(self, codec: Codec, start: int) -> _Owed:
+        """Chunks ``start`` onwards, encoded in ``codec`` (once per chunk)."""
+        chunks = self._chunks[start - self._base :]
+        if len(chunks) == 1:
+            return chunks[0].encoded(codec)
+        shares = [chunk.encoded(codec) for chunk in chunks]
+        return _Owed(
+            [m for share in shares for m in share.messages],
+            [f for share in shares for f in share.frames],
+            b"".join(share.everything for share in shares),
+            set().union(*(share.senders for share in shares)),
+            sum(share.total for share in shares),
+        )
+
+    def _let_go(self) -> None:
+        """
+        A pass has ended: the chunks every member has been sent are let go
+        (and their messages' fan-out times taken: sent to everyone now).
+        """
+        served = self._served
+        end = self._base + len(self._chunks)
+        upto = min(served.values()) if served else end
+        done, self._chunks = (
+            self._chunks[: upto - self._base],
+            self._chunks[upto - self._base :],
+        )
+        self._base = upto
+        if not done:
+            return
+        stats = self._stats
+        now = perf_counter()
+        biggest = 0
+        for chunk in done:
+            biggest = max(biggest, chunk.biggest)
+            for message in chunk.messages:
+                if message.event is None:
+                    stats.fanout_seconds.observe(now - message.arrived)
+        if biggest > RELEASE_ABOVE:
+            del done, chunk  # the turn's messages go first
+            self._release_memory()
 
     def _failed(self, member: Member) -> None:
         """A delivery raised: log it once, and see that it is not tried again."""
@@ -491,6 +614,62 @@ class Room:
                 )
         if not handled:
             self.leave(member)
+
+
+class _Owed:
+    """What a member last served at a given chunk is owed, in one codec."""
+
+    __slots__ = ("everything", "frames", "messages", "senders", "total")
+
+    def __init__(
+        self,
+        messages: list[Message],
+        frames: list[bytes],
+        everything: bytes,
+        senders: set[int],
+        total: int,
+    ) -> None:
+        self.messages = messages
+        self.frames = frames
+        #: The frames joined: what a member that sent none of them is sent.
+        self.everything = everything
+        #: The ids of those not to be sent some of them (their own).
+        self.senders = senders
+        #: Frames in ``everything`` (a codec may encode a message as none).
+        self.total = total
+
+
+class _Chunk:
+    """
+    Messages sealed together at the start of a slice, and their encoding
+    in each codec that has been asked for it (once, shared by every member).
+    """
+
+    __slots__ = ("biggest", "by_codec", "messages")
+
+    def __init__(self, messages: list[Message]) -> None:
+        self.messages = messages
+        self.by_codec: dict[Codec, _Owed] = {}
+        #: The size of its biggest encoding (bytes), for ``RELEASE_ABOVE``.
+        self.biggest = 0
+
+    def encoded(self, codec: Codec) -> _Owed:
+        owed = self.by_codec.get(codec)
+        if owed is None:
+            messages = self.messages
+            encode = codec.encode
+            frames = [encode(message) for message in messages]
+            everything = frames[0] if len(frames) == 1 else b"".join(frames)
+            if len(messages) == 1:
+                senders = {messages[0].member_id}
+            else:
+                senders = {message.member_id for message in messages}
+            total = len(frames) - frames.count(b"")
+            owed = self.by_codec[codec] = _Owed(
+                messages, frames, everything, senders, total
+            )
+            self.biggest = max(self.biggest, len(everything))
+        return owed
 
 
 class _Held:

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import re
 from collections.abc import Callable, Iterator
+from time import thread_time
 from typing import TYPE_CHECKING, Any
 
 from twisted.internet.defer import Deferred
@@ -23,7 +24,7 @@ from webchat.codecs import SEED, Codec
 from webchat.history import new_epoch
 from webchat.logtext import escape_for_log
 from webchat.memory import release_free_heap
-from webchat.room import Member, Room
+from webchat.room import SLICE_CHECK, SLICE_SECONDS, Member, Room
 
 if TYPE_CHECKING:
     from webchat.history import HistoryStore
@@ -76,6 +77,13 @@ class Rooms:
         #: Called with a room whose epoch and offset came later (Redis),
         #: once its joiners have been greeted.
         self.on_opened: Callable[[Room], object] | None = None
+        #: What rooms time a slice of a pass over their members with (the
+        #: server's CPU time), how long one may take, and every how many
+        #: members the clock is read (``Room.flush``); set before rooms are
+        #: made (tests: a fake clock, read after every member).
+        self.timer: Callable[[], float] = thread_time
+        self.slice_seconds = SLICE_SECONDS
+        self.slice_check = SLICE_CHECK
         self._rooms: dict[str, Room] = {}
         #: Rooms with messages this turn, in the order they got their first.
         self._busy: list[Room] = []
@@ -119,6 +127,9 @@ class Rooms:
                 self.history,
                 epoch,
                 offset,
+                self.timer,
+                self.slice_seconds,
+                self.slice_check,
             )
             room.names_elsewhere = self.names_elsewhere
             if isinstance(opened, Deferred):
@@ -220,13 +231,20 @@ class Rooms:
         return bool(self.delivery_failed(member))
 
     def _schedule(self, room: Room) -> None:
-        """``room`` has its first message this turn: flush it at the turn's end."""
+        """
+        ``room`` has its first message this turn, or more of a pass to serve:
+        flush it at the turn's end.
+        """
         self._busy.append(room)
         if self._flush_call is None:
             self._flush_call = self._reactor.callLater(0, self.flush)
 
     def flush(self) -> int:
-        """Send every busy room's turn; return deliveries."""
+        """
+        Send every busy room's turn (a slice of its pass over its members: a
+        room with more to serve is busy again in the next turn); return
+        deliveries.
+        """
         self._flush_call = None
         busy, self._busy = self._busy, []
         copies = 0
