@@ -87,10 +87,14 @@ class ApiMixin(ServerMixin):
             return
         # The chat's site again, now with /api (the mixin's has none).
         yield self.port.stopListening()
-        endpoint = TCP4ServerEndpoint(reactor, 0, interface="127.0.0.1")
+        if self.tls:
+            endpoint = self._tls_endpoint()
+        else:
+            endpoint = TCP4ServerEndpoint(reactor, 0, interface="127.0.0.1")
         self.port = yield endpoint.listen(make_site(self.factory, api=self.api))
         self.api_port = self.port
-        self.url = f"ws://127.0.0.1:{self.port.getHost().port}/"
+        scheme = "wss" if self.tls else "ws"
+        self.url = f"{scheme}://127.0.0.1:{self.port.getHost().port}/"
 
     @inlineCallbacks
     def call(self, method, path, body=None, headers=AUTH, raw=None):
@@ -109,6 +113,27 @@ class ApiMixin(ServerMixin):
 
     def publish(self, room, **body):
         return self.call("POST", f"/api/rooms/{room}/messages", body)
+
+
+class BystanderApiMixin(ApiMixin):
+    """An API (on the chat's port, or its own with ``own_port``) and a pair
+    of chat clients, Alice and Bob, whose chat a hostile caller must not
+    disturb."""
+
+    own_port = False
+
+    @inlineCallbacks
+    def setUp(self):
+        yield self.start_api(own_port=self.own_port)
+        self.alice, self.bob = yield self.connect_many(2)
+        self._said = 0
+
+    @inlineCallbacks
+    def assert_bystanders_chat(self):
+        self._said += 1
+        self.alice.send_text(f"still {self._said}")
+        self.assertEqual((yield self.bob.received.get()), f"id 1: still {self._said}")
+        self.assertIsNone(self.alice.closed_code)
 
 
 class PublishTests(ApiMixin, TestCase):
@@ -394,21 +419,8 @@ class DisconnectTests(ApiMixin, TestCase):
         self.assertTrue(cut.endswith("é"))
 
 
-class HostileTests(ApiMixin, TestCase):
+class HostileTests(BystanderApiMixin, TestCase):
     limits = Limits(rate_limit=0, handshake_timeout=0.5)
-
-    @inlineCallbacks
-    def setUp(self):
-        yield self.start_api()
-        self.alice, self.bob = yield self.connect_many(2)
-        self._said = 0
-
-    @inlineCallbacks
-    def assert_bystanders_chat(self):
-        self._said += 1
-        self.alice.send_text(f"still {self._said}")
-        self.assertEqual((yield self.bob.received.get()), f"id 1: still {self._said}")
-        self.assertIsNone(self.alice.closed_code)
 
     @inlineCallbacks
     def test_a_10_mb_body_is_refused_from_its_headers(self):

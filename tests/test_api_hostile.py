@@ -25,7 +25,7 @@ from twisted.logger import formatEvent, globalLogPublisher
 from twisted.trial.unittest import TestCase
 
 from tests.support import connect_raw, deferLater
-from tests.test_api import KEY, ApiMixin
+from tests.test_api import KEY, BystanderApiMixin
 from tests.test_apiwire import keep_alive
 from webchat.api import ServerApi
 from webchat.chat import WebChatFactory
@@ -262,21 +262,8 @@ class CountingPeer(Protocol):
         self.lost.callback(None)
 
 
-class HostileMixin(ApiMixin):
+class HostileMixin(BystanderApiMixin):
     limits = Limits(rate_limit=0, handshake_timeout=5)
-
-    @inlineCallbacks
-    def setUp(self):
-        yield self.start_api()
-        self.alice, self.bob = yield self.connect_many(2)
-        self._said = 0
-
-    @inlineCallbacks
-    def assert_bystanders_chat(self):
-        self._said += 1
-        self.alice.send_text(f"still {self._said}")
-        self.assertEqual((yield self.bob.received.get()), f"id 1: still {self._said}")
-        self.assertIsNone(self.alice.closed_code)
 
     @inlineCallbacks
     def counting_peer(self):
@@ -397,24 +384,10 @@ class UnreadAnswersTests(UnreadAnswersMixin, TestCase):
 
 
 class UnreadAnswersOwnPortTests(UnreadAnswersMixin, TestCase):
-    @inlineCallbacks
-    def setUp(self):
-        yield self.start_api(own_port=True)
-        self.alice, self.bob = yield self.connect_many(2)
-        self._said = 0
+    own_port = True
 
 
 class UnreadAnswersTlsTests(UnreadAnswersMixin, TestCase):
     """The same behind TLS (an ``ssl:`` --port), as test_apiwire's TlsTests."""
 
     tls = True
-
-    @inlineCallbacks
-    def start_api(self, own_port: bool = False):
-        yield self.start_server(limits=self.limits)
-        self.api = ServerApi(self.factory, KEY.encode(), self.rate_limit)
-        yield self.port.stopListening()
-        self.port = yield self._tls_endpoint().listen(
-            make_site(self.factory, api=self.api)
-        )
-        self.api_port = self.port

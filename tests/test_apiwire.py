@@ -17,7 +17,7 @@ from twisted.internet.defer import Deferred, inlineCallbacks
 from twisted.trial.unittest import SynchronousTestCase, TestCase
 
 from tests.support import connect_raw, deferLater
-from tests.test_api import KEY, ApiMixin, Response
+from tests.test_api import KEY, BystanderApiMixin, Response
 from tests.test_timeouts import PEER, FakeClockMixin, Transport
 from webchat.api import ApiAnswer, ServerApi
 from webchat.apiwire import ApiWire
@@ -78,22 +78,8 @@ def _whole(data: bytes) -> bool:
     return True
 
 
-class LeanPathMixin(ApiMixin):
+class LeanPathMixin(BystanderApiMixin):
     limits = Limits(rate_limit=0, handshake_timeout=0.5)
-    own_port = False
-
-    @inlineCallbacks
-    def setUp(self):
-        yield self.start_api(own_port=self.own_port)
-        self.alice, self.bob = yield self.connect_many(2)
-        self._said = 0
-
-    @inlineCallbacks
-    def assert_bystanders_chat(self):
-        self._said += 1
-        self.alice.send_text(f"still {self._said}")
-        self.assertEqual((yield self.bob.received.get()), f"id 1: still {self._said}")
-        self.assertIsNone(self.alice.closed_code)
 
     @inlineCallbacks
     def peer(self):
@@ -344,17 +330,6 @@ class TlsTests(LeanPathMixin, TestCase):
     """The lean path behind TLS (an ``ssl:`` --port)."""
 
     tls = True
-
-    @inlineCallbacks
-    def start_api(self, own_port: bool = False):
-        yield self.start_server(limits=self.limits)
-        self.api = ServerApi(self.factory, KEY.encode(), self.rate_limit)
-        yield self.port.stopListening()
-        self.port = yield self._tls_endpoint().listen(
-            make_site(self.factory, api=self.api)
-        )
-        self.api_port = self.port
-        self.url = f"wss://127.0.0.1:{self.port.getHost().port}/"
 
     @inlineCallbacks
     def peer(self):
